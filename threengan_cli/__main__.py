@@ -1,0 +1,3 @@
+from threengan_cli.cli import main
+
+main()

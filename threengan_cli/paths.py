@@ -1,0 +1,61 @@
+"""Where threengan keeps its files.
+
+Everything lives under one home folder: the platform's user data dir
+(``platformdirs.user_data_dir("threengan")``), or ``$THREENGAN_HOME`` when set, which tests
+always set so they never touch a user's real data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ENV_HOME = "THREENGAN_HOME"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def home() -> Path:
+    override = os.environ.get(ENV_HOME)
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("threengan", appauthor=False))
+
+
+def datasets_dir() -> Path:
+    return home() / "datasets"
+
+
+def runs_dir() -> Path:
+    return home() / "runs"
+
+
+def check_name(name: str) -> str:
+    """A dataset or run name is one plain path component (no slashes, no dots first)."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)"
+        )
+    return name
+
+
+def resolve_dataset(name_or_path: str) -> Path:
+    """A prepared dataset given by name (under the data dir) or by folder path."""
+    candidate = Path(name_or_path).expanduser()
+    if (candidate / "manifest.json").is_file():
+        return candidate
+    if _NAME.match(name_or_path):
+        return datasets_dir() / name_or_path
+    return candidate
+
+
+def resolve_run(name_or_path: str) -> Path:
+    """A training run given by name (under the data dir) or by folder path."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_dir() and (candidate / "run.json").exists():
+        return candidate
+    if _NAME.match(name_or_path):
+        return runs_dir() / name_or_path
+    return candidate

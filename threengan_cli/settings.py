@@ -1,0 +1,184 @@
+"""Validated settings: one frozen pydantic model per command section.
+
+A TOML file may hold a table per section (``[prepare]``, ``[train]``, ...); flags given on
+the command line override the file; the result is validated once and passed down. A bad
+value becomes a :class:`SettingsError` whose message is one line naming the field and what
+it allows, which the CLI prints and exits 2 on.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Fit = Literal["squash", "crop", "pad"]
+Method = Literal["vanilla", "sgan", "ecgan", "3ngan"]
+Precision = Literal["fp32", "bf16", "fp16"]
+KLMode = Literal["batch-mean", "per-pair", "none"]
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareSettings(_Section):
+    image_size: int = Field(64, ge=8, le=1024, description="side of the square images, px")
+    fit: Fit = Field("squash", description="how a non-square image becomes square")
+    val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="share of train carved as val")
+    min_val: int = Field(
+        100, ge=0, description="a source val split smaller than this is replaced by a carved one"
+    )
+    seed: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
+    patient_pattern: str | None = Field(None, description="regex with one group: patient id")
+    strict: bool = False
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            import re
+
+            try:
+                compiled = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from exc
+            if compiled.groups < 1:
+                raise ValueError("needs one capturing group that matches the patient id")
+        return value
+
+
+class TrainSettings(_Section):
+    method: Method = "3ngan"
+    size: int | None = Field(None, ge=2, description="labelled images, half per class")
+    epochs: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(10, ge=1, le=4096)
+    tau: float = Field(0.9, ge=0.0, le=1.0, description="pseudo-label confidence threshold")
+    alpha: float = Field(0.3, ge=0.0, description="weight of the KL term")
+    lam: float = Field(0.01, ge=0.0, description="weight of the pseudo-label loss")
+    kl: KLMode = Field("batch-mean", description="how the KL term compares predictions")
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    width: int = Field(64, ge=1, le=1024, description="ngf = ndf")
+    latent: int = Field(100, ge=1, le=4096)
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    precision: Precision = "fp32"
+    use_generator_classifier_loss: bool = Field(
+        True, description="3ngan: train G against C as well as D (off = ablation)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class ClassifySettings(_Section):
+    batch_size: int = Field(64, ge=1, le=65536)
+    workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    device: str = "auto"
+    recursive: bool = False
+
+
+class GenerateSettings(_Section):
+    count: int = Field(64, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0)
+    tau: float = Field(0.9, ge=0.0, le=1.0)
+    device: str = "auto"
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "prepare": PrepareSettings,
+    "train": TrainSettings,
+    "classify": ClassifySettings,
+    "generate": GenerateSettings,
+}
+
+
+def _explain(exc: ValidationError, section: str) -> str:
+    """Turn pydantic's report into one line: field, what was given, what is allowed."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or section
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{section}.{field}: unknown setting"
+    bounds = {
+        "greater_than_equal": ">= {ge}",
+        "greater_than": "> {gt}",
+        "less_than_equal": "<= {le}",
+        "less_than": "< {lt}",
+    }
+    allowed = bounds[kind].format(**ctx) if kind in bounds else err["msg"]
+    if kind in bounds:
+        model = SECTIONS[section]
+        info = model.model_fields.get(str(err["loc"][0]))
+        lo = hi = None
+        for meta in getattr(info, "metadata", []):
+            lo = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else lo
+            lo = getattr(meta, "gt", None) if getattr(meta, "gt", None) is not None else lo
+            hi = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else hi
+            hi = getattr(meta, "lt", None) if getattr(meta, "lt", None) is not None else hi
+        if lo is not None and hi is not None:
+            allowed = f"must be between {lo} and {hi}"
+        else:
+            allowed = f"must be {allowed}"
+    elif kind == "literal_error":
+        allowed = f"must be one of {ctx.get('expected', '')}"
+    given = err.get("input")
+    given_text = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{section}.{field}: {allowed}{given_text}"
+
+
+def read_config(path: Path | None) -> dict[str, Any]:
+    """Read a TOML settings file; a missing or malformed file is a SettingsError."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {path} cannot be read: {exc}") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise SettingsError(
+            f"config file {path}: unknown section [{unknown[0]}] "
+            f"(known: {', '.join(SECTIONS)})"
+        )
+    return data
+
+
+def resolve(section: str, config: Path | None = None, **flags: Any):
+    """Build the settings of one section: defaults, then the file, then the flags.
+
+    Flags whose value is ``None`` were not given and leave the file's value in place.
+    """
+    model = SECTIONS[section]
+    values = dict(read_config(config).get(section, {}))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, section)) from None
+
+
+def dump(settings: BaseModel) -> str:
+    """Settings as pretty JSON, written next to every output."""
+    return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

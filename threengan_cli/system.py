@@ -1,0 +1,116 @@
+"""Facts about this machine: devices, CPU features, versions. Decided in one place."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from threengan_cli import __version__, paths
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 pays."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [
+            f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+        ]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def select_device(name: str = "auto"):
+    """The torch device for ``auto|cpu|cuda|cuda:N|mps``; a missing device is a ValueError."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps asked for, but MPS is not available here")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import PIL
+    import torch
+
+    return {
+        "threengan": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def describe() -> dict[str, object]:
+    import torch
+
+    flags = cpu_flags()
+    features = sorted(
+        f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"}
+    )
+    try:
+        import pydicom
+
+        dicom = f"pydicom {pydicom.__version__}"
+    except ImportError:
+        dicom = "not installed (pip install 'threengan[dicom]')"
+    return {
+        **library_versions(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "cpu features": features,
+        "bf16 on cpu": "native" if cpu_bf16() else "emulated (slow)",
+        "devices": available_devices(),
+        "cuda": torch.version.cuda or "none",
+        "dicom": dicom,
+        "data dir": str(paths.home()),
+    }
