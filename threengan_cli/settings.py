@@ -9,10 +9,10 @@ it allows, which the CLI prints and exits 2 on.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Fit = Literal["squash", "crop", "pad"]
@@ -110,39 +110,43 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+def _range(model: type[_Section], name: str) -> str | None:
+    """The allowed range of a numeric field, as ``a <= x <= b`` style text."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return None
+    lo = hi = None
+    for meta in info.metadata:
+        for attr, side in (("ge", "lo"), ("gt", "lo"), ("le", "hi"), ("lt", "hi")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                text = f"{value} {'<=' if attr in ('ge', 'le') else '<'}"
+                if side == "lo":
+                    lo = text
+                else:
+                    hi = text.split()[1] + " " + str(value)
+    if lo is None and hi is None:
+        return None
+    return f"{lo + ' ' if lo else ''}{name}{' ' + hi if hi else ''}"
+
+
 def _explain(exc: ValidationError, section: str) -> str:
     """Turn pydantic's report into one line: field, what was given, what is allowed."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or section
-    ctx = err.get("ctx") or {}
+    name = str(err["loc"][0]) if err["loc"] else section
+    given = err.get("input")
+    got = "" if isinstance(given, dict) else f" (got {given!r})"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{section}.{field}: unknown setting"
-    bounds = {
-        "greater_than_equal": ">= {ge}",
-        "greater_than": "> {gt}",
-        "less_than_equal": "<= {le}",
-        "less_than": "< {lt}",
-    }
-    allowed = bounds[kind].format(**ctx) if kind in bounds else err["msg"]
-    if kind in bounds:
-        model = SECTIONS[section]
-        info = model.model_fields.get(str(err["loc"][0]))
-        lo = hi = None
-        for meta in getattr(info, "metadata", []):
-            lo = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else lo
-            lo = getattr(meta, "gt", None) if getattr(meta, "gt", None) is not None else lo
-            hi = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else hi
-            hi = getattr(meta, "lt", None) if getattr(meta, "lt", None) is not None else hi
-        if lo is not None and hi is not None:
-            allowed = f"must be between {lo} and {hi}"
-        else:
-            allowed = f"must be {allowed}"
+        return f"{section}.{name}: unknown setting"
+    if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
+        allowed = f"must satisfy {_range(SECTIONS[section], name)}"
     elif kind == "literal_error":
-        allowed = f"must be one of {ctx.get('expected', '')}"
-    given = err.get("input")
-    given_text = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{section}.{field}: {allowed}{given_text}"
+        allowed = f"must be one of {err['ctx']['expected']}"
+    else:
+        allowed = err["msg"].removeprefix("Value error, ")
+        allowed = allowed[0].lower() + allowed[1:]
+    return f"{section}.{name}: {allowed}{got}"
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -159,8 +163,7 @@ def read_config(path: Path | None) -> dict[str, Any]:
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise SettingsError(
-            f"config file {path}: unknown section [{unknown[0]}] "
-            f"(known: {', '.join(SECTIONS)})"
+            f"config file {path}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})"
         )
     return data
 

@@ -1,0 +1,75 @@
+"""Settings: defaults, TOML file, flag overrides, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from threengan_cli.settings import SettingsError, TrainSettings, dump, resolve
+
+
+def test_defaults_are_the_papers_values():
+    cfg = resolve("train")
+    assert (cfg.tau, cfg.alpha, cfg.lam, cfg.epochs, cfg.batch_size) == (0.9, 0.3, 0.01, 100, 10)
+    assert (cfg.lr, cfg.beta1, cfg.width, cfg.latent) == (2e-4, 0.5, 64, 100)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nepochs = 7\ntau = 0.8\n[prepare]\nimage_size = 32\n")
+    cfg = resolve("train", config, epochs=3, tau=None)
+    assert cfg.epochs == 3  # flag wins
+    assert cfg.tau == 0.8  # file applies where no flag was given
+    assert resolve("prepare", config).image_size == 32
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"epochs": 0}, "train.epochs: must satisfy 1 <= epochs <= 100000 (got 0)"),
+        ({"tau": 1.5}, "train.tau: must satisfy 0.0 <= tau <= 1.0 (got 1.5)"),
+        ({"lr": 0}, "train.lr: must satisfy 0.0 < lr <= 1.0 (got 0)"),
+        ({"method": "gan"}, "train.method: must be one of"),
+        ({"device": "gpu"}, "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_field_and_range(flags, expected):
+    with pytest.raises(SettingsError) as info:
+        resolve("train", **flags)
+    assert str(info.value).startswith(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_keys_in_a_file_are_refused(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(SettingsError, match="train.epoch: unknown setting"):
+        resolve("train", config)
+    config.write_text("[trian]\nepochs = 3\n")
+    with pytest.raises(SettingsError, match=r"unknown section \[trian\]"):
+        resolve("train", config)
+
+
+def test_a_malformed_or_missing_file_is_a_settings_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(SettingsError, match="cannot be read"):
+        resolve("train", bad)
+    with pytest.raises(SettingsError, match="not found"):
+        resolve("train", tmp_path / "missing.toml")
+
+
+def test_settings_are_frozen_and_dump_round_trips():
+    cfg = resolve("train", epochs=5)
+    with pytest.raises(ValueError):
+        cfg.epochs = 6  # type: ignore[misc]
+    assert TrainSettings(**json.loads(dump(cfg))) == cfg
+
+
+def test_patient_pattern_must_compile_with_a_group():
+    with pytest.raises(SettingsError, match="patient_pattern"):
+        resolve("prepare", patient_pattern="(")
+    with pytest.raises(SettingsError, match="capturing group"):
+        resolve("prepare", patient_pattern=r"\d+")
+    assert resolve("prepare", patient_pattern=r"p(\d+)_").patient_pattern == r"p(\d+)_"

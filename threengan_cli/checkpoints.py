@@ -1,0 +1,178 @@
+"""Checkpoints: one safetensors file holding weights, optimizer and RNG state, and JSON metadata.
+
+Layout of one checkpoint file (``*.safetensors``):
+  tensors   ``net/<G|D|C>/<param>``            network weights (unwrapped modules)
+            ``opt/<G|D|C>/<index>/<key>``       optimizer state tensors (resume only)
+            ``rng/<name>``                      RNG states (resume only)
+            ``state/<name>``                    loop accumulators (resume only)
+  header    ``__metadata__["threengan"]``       JSON: format version, method, settings,
+                                                class names, image size, normalisation,
+                                                library versions, seed, position, and the
+                                                non-tensor parts of optimizer state
+
+Loading never unpickles anything: safetensors holds raw tensors and the metadata is JSON.
+A file written by a newer threengan, a truncated file, or a pickle (``torch.save``) file is
+refused with a :class:`CheckpointError` that says which.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from threengan_cli import fileio
+
+FORMAT_VERSION = 1
+_META_KEY = "threengan"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass
+class Checkpoint:
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    path: Path | None = None
+
+    def group(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under ``prefix/`` with the prefix removed."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + "/")}
+
+    @property
+    def network_names(self) -> list[str]:
+        return sorted({k.split("/")[1] for k in self.tensors if k.startswith("net/")})
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind ``torch.compile`` (so saved keys never carry ``_orig_mod.``)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = opt.state_dict()
+    tensors, plain = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"opt/{name}/{index}/{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def save(
+    path: Path,
+    meta: dict[str, Any],
+    nets: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a checkpoint atomically (temporary file, fsync, rename).
+
+    ``dtype`` stores floating-point weights in a smaller type (fp16 for shipped models).
+    """
+    from safetensors.torch import save as st_save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, net in nets.items():
+        for key, value in unwrap(net).state_dict().items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            tensors[f"net/{name}/{key}"] = value
+    opt_meta = {}
+    for name, opt in (optimizers or {}).items():
+        opt_tensors, opt_meta[name] = _optimizer_tensors(name, opt)
+        tensors.update(opt_tensors)
+    for name, value in (rng or {}).items():
+        tensors[f"rng/{name}"] = value
+    for name, value in (state or {}).items():
+        tensors[f"state/{name}"] = value
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {**meta, "format_version": FORMAT_VERSION, "optimizers": opt_meta}
+    blob = st_save(tensors, metadata={_META_KEY: json.dumps(header, default=str)})
+    fileio.write_bytes(Path(path), blob)
+
+
+def _sniff(path: Path, head: bytes) -> None:
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file; threengan loads only its own safetensors "
+            "checkpoints, never pickles (they can run code)"
+        )
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint file; refuse pickles, truncated files and newer formats."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
+    _sniff(path, head)
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
+            raw = (fh.metadata() or {}).get(_META_KEY)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
+        ) from None
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file without threengan metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has damaged metadata") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer threengan (format {version}, this one reads "
+            f"<= {FORMAT_VERSION}): upgrade with pip install -U threengan"
+        )
+    return Checkpoint(meta=meta, tensors=tensors, path=path)
+
+
+def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module]) -> None:
+    for name, net in nets.items():
+        weights = ckpt.group(f"net/{name}")
+        if not weights:
+            raise CheckpointError(f"{ckpt.path}: no weights for network {name}")
+        target = unwrap(net)
+        reference = target.state_dict()
+        weights = {k: v.to(reference[k].dtype) if k in reference else v for k, v in weights.items()}
+        try:
+            target.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit: {first}") from None
+
+
+def restore_optimizers(ckpt: Checkpoint, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    saved = ckpt.meta.get("optimizers", {})
+    for name, opt in optimizers.items():
+        if name not in saved:
+            raise CheckpointError(f"{ckpt.path}: no optimizer state for {name}; cannot resume")
+        state: dict[int, dict[str, Any]] = {}
+        for index, plain in saved[name]["plain"].items():
+            state.setdefault(int(index), {}).update(plain)
+        for key, value in ckpt.group(f"opt/{name}").items():
+            index, entry = key.split("/", 1)
+            state.setdefault(int(index), {})[entry] = value
+        opt.load_state_dict({"state": state, "param_groups": saved[name]["param_groups"]})
