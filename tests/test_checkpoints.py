@@ -38,7 +38,9 @@ def test_weights_optimizer_and_rng_round_trip(tmp_path):
     checkpoints.restore_networks(ckpt, fresh)
     checkpoints.restore_optimizers(ckpt, fresh_opts)
     for name in nets:
-        for a, b in zip(nets[name].state_dict().values(), fresh[name].state_dict().values()):
+        for a, b in zip(
+            nets[name].state_dict().values(), fresh[name].state_dict().values(), strict=True
+        ):
             assert torch.equal(a, b)
         sa, sb = opts[name].state_dict()["state"], fresh_opts[name].state_dict()["state"]
         assert sa.keys() == sb.keys()

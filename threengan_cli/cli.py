@@ -123,8 +123,798 @@ def info(as_json: JsonOpt = False) -> None:
 
     table = Table(show_header=False, box=None)
     for key, value in facts.items():
-        table.add_row(f"[bold]{key}[/]", ", ".join(value) if isinstance(value, list) else str(value))
+        shown = ", ".join(value) if isinstance(value, list) else str(value)
+        table.add_row(f"[bold]{key}[/]", shown)
     out.print(table)
+
+
+# ------------------------------------------------------------------------------------ prepare
+MAX_LISTED = 20
+
+
+@app.command()
+def prepare(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of class folders, a folder of train/ val/ test/ class folders, "
+            "a MedMNIST .npz, or a CSV of path,label[,split].",
+            exists=True, show_default=False,
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(help="Dataset name under the data dir \\[default: the source's name]."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the dataset to this folder instead (overrides --name).",
+                     file_okay=False),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Side of the square images, px \\[default: 64].")
+    ] = None,
+    fit: Annotated[
+        str | None,
+        typer.Option(help="Non-square images: squash (resize, as the paper), crop (centre "
+                     "square) or pad (black borders) \\[default: squash]."),
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of train carved as a patient-grouped val split when the "
+                     "source has none, or one smaller than min_val \\[default: 0.1]."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the val carve \\[default: 0].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes; 0 = all cores \\[default: 0].")
+    ] = None,
+    patient_pattern: Annotated[
+        str | None,
+        typer.Option(help="Regex whose first group is the patient id, searched in file names "
+                     "\\[default: Kermany's person<id>_ / IM-<id>-].")
+    ] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option("--strict", help="Fail (exit 1, nothing written) if any image file "
+                     "cannot be read. Non-image names such as .DS_Store never count."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing prepared dataset.")
+    ] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or notes; warnings only.")
+    ] = False,
+) -> None:
+    """Read a source of X-rays once into a dataset that training loads whole.
+
+    Every image becomes 8-bit grayscale at the model size: PNG, JPEG,
+    BMP, TIFF, 16-bit, and DICOM with the [bold]dicom[/] extra.
+
+    Exact duplicates are dropped from train/val; duplicates inside test/
+    are reported and kept; images in both train and test leave train.
+    A val split is carved from train, grouped by patient, when the
+    source has none or a tiny one (Kermany's public val/ has 16 images).
+
+    Unreadable files are skipped and listed: exit 0 with a warning,
+    or exit 1 (nothing written) under --strict.
+
+    [bold]Examples[/]
+
+      threengan prepare ~/data/chest_xray --name kermany
+
+      threengan prepare chestmnist.npz --image-size 28 --json > report.json
+
+      threengan prepare labels.csv --out ./prepared/xr --force
+    """
+    from threengan_cli import paths
+    from threengan_cli.datasets import DatasetError
+    from threengan_cli.datasets import prepare as run_prepare
+
+    cfg = settings_or_exit(
+        "prepare", config, image_size=image_size, fit=fit, val_fraction=val_fraction,
+        seed=seed, workers=workers, patient_pattern=patient_pattern, strict=strict,
+    )
+    if out_dir is not None:
+        target = out_dir
+    else:
+        try:
+            target = paths.datasets_dir() / paths.check_name(name or source.stem)
+        except ValueError as exc:
+            fail(f"{exc} (choose one with --name)", EXIT_USAGE)
+
+    progress = None
+    if not quiet and err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        progress = Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=err, transient=True,
+        )
+    task_id = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal task_id
+        if progress is None:
+            return
+        if task_id is None:
+            task_id = progress.add_task("decoding", total=total)
+        progress.update(task_id, completed=done)
+
+    try:
+        if progress is not None:
+            with progress:
+                report = run_prepare(source, target, cfg, force=force, on_progress=on_progress)
+        else:
+            report = run_prepare(source, target, cfg, force=force)
+    except DatasetError as exc:
+        fail(str(exc))
+
+    for path, reason in report.skipped[:MAX_LISTED]:
+        warn(f"skipped {path}: {reason}")
+    if len(report.skipped) > MAX_LISTED:
+        warn(f"... and {len(report.skipped) - MAX_LISTED} more skipped files")
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"{target.name}: {report.total} images, {cfg.image_size}px")
+        table.add_column("split")
+        for cls in report.classes:
+            table.add_column(cls, justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("patients", justify="right")
+        for split, row in report.counts.items():
+            table.add_row(split, *(str(row[c]) for c in report.classes), str(sum(row.values())),
+                          str(report.patients.get(split, 0)))
+        out.print(table)
+    if not quiet:
+        note(f"val: {report.val_note}")
+        note(f"duplicates dropped from train/val: {len(report.duplicates_dropped)}; "
+             f"duplicates inside test (kept): {len(report.test_duplicates)}; "
+             f"train/val images also in test (removed): {len(report.leakage_removed)}")
+        note(f"wrote {report.path} in {report.seconds:.1f} s")
+    if report.skipped:
+        warn(f"{len(report.skipped)} files skipped ({len(report.unreadable)} unreadable images)")
+
+
+# ----------------------------------------------------------------------------------- datasets
+@app.command()
+def datasets(as_json: JsonOpt = False) -> None:
+    """List the prepared datasets in the data dir.
+
+    [bold]Examples[/]
+
+      threengan datasets
+
+      threengan datasets --json
+    """
+    from threengan_cli.datasets import list_prepared
+
+    found = list_prepared()
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        note("no prepared datasets yet: run `threengan prepare SOURCE`")
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("name", "images", "train", "val", "test", "size", "classes", "path"):
+        table.add_column(column, justify="right" if column in ("images", "size") else "left")
+    for d in found:
+        if "error" in d:
+            table.add_row(d["name"], "", "", "", "", "", f"[red]{d['error']}[/]", d["path"])
+            continue
+        s = d["splits"]
+        table.add_row(d["name"], str(d["images"]), str(s.get("train", 0)), str(s.get("val", 0)),
+                      str(s.get("test", 0)), str(d["image_size"]), ", ".join(d["classes"]),
+                      d["path"])
+    out.print(table)
+
+
+# -------------------------------------------------------------------------------------- train
+def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> Path:
+    from threengan_cli import paths
+
+    if out_dir is not None:
+        return out_dir
+    if name is not None:
+        try:
+            return paths.runs_dir() / paths.check_name(name)
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
+    base = f"{Path(dataset).name}-{cfg.method}-n{cfg.size or 'all'}-s{cfg.seed}"
+    candidate, i = paths.runs_dir() / base, 2
+    while candidate.exists():
+        candidate, i = paths.runs_dir() / f"{base}-{i}", i + 1
+    return candidate
+
+
+class _TrainView:
+    """Renders training events: a live bar on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self.progress = None
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from threengan_cli import training as t
+
+        if self.quiet:
+            return
+        if isinstance(event, t.RunStarted):
+            what = "extending" if event.extended else "resuming" if event.resumed else "training"
+            note(
+                f"{what} {event.method} on {event.train_images} images, "
+                f"{event.steps_per_epoch} steps/epoch, epochs {event.start_epoch + 1}.."
+                f"{event.epochs}, device {event.device} -> {event.run_dir}"
+            )
+            if self.live:
+                self._start(event)
+        elif isinstance(event, t.StepDone) and self.progress is not None:
+            done = event.epoch * event.steps + event.step
+            self.progress.update(self.task, completed=done, epoch=f"{event.epoch + 1}")
+        elif isinstance(event, t.EpochDone):
+            line = _epoch_line(event)
+            if self.progress is not None:
+                self.progress.update(self.task, info=line)
+            else:
+                note(line)
+        elif isinstance(event, t.RunFinished):
+            self.close()
+
+    def _start(self, event) -> None:
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=err,
+            transient=False,
+        )
+        total = event.steps_per_epoch * event.epochs
+        self.task = self.progress.add_task(
+            "train", total=total, completed=event.start_epoch * event.steps_per_epoch,
+            epoch=str(event.start_epoch + 1), epochs=str(event.epochs), rate="", info="",
+        )
+        self.batch = event.train_images / max(event.steps_per_epoch, 1)
+        self.progress.start()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _epoch_line(event) -> str:
+    rec = event.record
+    losses = " ".join(f"{k}={v:.3f}" for k, v in rec["train"].items())
+    val = rec.get("val") or {}
+    acc = f" val_acc={val['accuracy']:.4f}" if "accuracy" in val else ""
+    auc = f" val_auc={val['auc']:.4f}" if val.get("auc") is not None else ""
+    return (
+        f"epoch {rec['epoch']}/{event.epochs} {losses}{acc}{auc} "
+        f"{rec['images_per_s']:.1f} img/s {rec['seconds']:.1f}s"
+    )
+
+
+@app.command()
+def train(
+    dataset: Annotated[
+        str | None,
+        typer.Argument(help="Prepared dataset: a name from `threengan datasets` or a folder."),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="3ngan, ecgan, sgan or vanilla. [default: 3ngan]")
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Labelled training images N (N/2 per class, by seed). [default: all]"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the N images. [default: 100]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size. [default: 10]")] = None,
+    tau: Annotated[float | None, typer.Option(help="Pseudo-label confidence. [default: 0.9]")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the KL term. [default: 0.3]")] = None,
+    lam: Annotated[
+        float | None, typer.Option(help="Weight of the pseudo-label loss. [default: 0.01]")
+    ] = None,
+    kl: Annotated[
+        str | None, typer.Option(help="KL term: batch-mean, per-pair or none. [default: batch-mean]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate. [default: 2e-4]")] = None,
+    width: Annotated[int | None, typer.Option(help="Network width ngf = ndf. [default: 64]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of subset, init and batches. [default: 0]")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue the run of this name or folder exactly where it stopped."),
+    ] = None,
+    config: ConfigOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a model on a prepared dataset; each epoch is evaluated on its val split.
+
+    The run folder gets settings.json, metrics.jsonl (one line per epoch), samples/ (images
+    from a fixed latent batch), last.safetensors (resumable), best.safetensors (best val
+    accuracy) and summary.json (test metrics, computed once at the end). Ctrl+C saves a
+    resumable checkpoint and exits 130.
+
+    [bold]Examples[/]
+
+      threengan train kermany --method 3ngan --size 200 --epochs 3
+
+      threengan train kermany --method vanilla --size 1000 --seed 1 --name van-1000-s1
+
+      threengan train --resume van-1000-s1 --epochs 150   [dim]# continue or extend a run[/]
+    """
+    import json as json_mod
+
+    from threengan_cli import paths
+
+    flags = dict(method=method, size=size, epochs=epochs, batch_size=batch_size, tau=tau,
+                 alpha=alpha, lam=lam, kl=kl, lr=lr, width=width, seed=seed, device=device,
+                 precision=precision)
+    if resume is not None:
+        run_dir = paths.resolve_run(resume)
+        if not (run_dir / "settings.json").is_file():
+            fail(f"no run to resume at {run_dir}", EXIT_USAGE)
+        changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
+        if changed or config is not None or dataset is not None:
+            fail(
+                "--resume continues a run with its own data and settings; only --epochs may "
+                f"be given (got {', '.join(changed) or 'a dataset or --config'})",
+                EXIT_USAGE,
+            )
+        saved = json_mod.loads((run_dir / "settings.json").read_text())
+        run_meta = json_mod.loads((run_dir / "run.json").read_text())
+        if epochs is not None:
+            saved["epochs"] = epochs
+        cfg = settings_or_exit("train", None, **saved)
+        dataset_dir = Path(run_meta["dataset"])
+    else:
+        if dataset is None:
+            fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
+        cfg = settings_or_exit("train", config, **flags)
+        dataset_dir = paths.resolve_dataset(dataset)
+        if not (dataset_dir / "manifest.json").is_file():
+            fail(
+                f"no prepared dataset {dataset!r} (looked in {dataset_dir}); "
+                "run `threengan prepare SOURCE --name NAME` first",
+                EXIT_USAGE,
+            )
+        run_dir = _run_dir_for(dataset, cfg, name, out_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            fail(f"{run_dir} already holds a run: use --resume {run_dir} or another --name",
+                 EXIT_USAGE)
+
+    from threengan_cli import training
+    from threengan_cli.checkpoints import CheckpointError
+    from threengan_cli.datasets import DatasetError
+
+    view = _TrainView(quiet)
+    try:
+        summary = training.train(dataset_dir, cfg, run_dir, resume=resume is not None,
+                                 on_event=view)
+    except training.Interrupted as exc:
+        view.close()
+        note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except (training.TrainingError, CheckpointError, DatasetError, ValueError) as exc:
+        view.close()
+        fail(str(exc))
+    finally:
+        view.close()
+    if summary.get("extended"):
+        note(f"extended the finished run to {cfg.epochs} epochs")
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        test = summary["test"]
+        note(
+            f"done in {summary['elapsed_s']:.0f}s: test accuracy {test.get('accuracy', 0):.4f}, "
+            f"AUC {test.get('auc') or float('nan'):.4f}, sensitivity "
+            f"{test.get('sensitivity', 0):.4f}, specificity {test.get('specificity', 0):.4f} "
+            f"(final epoch; summary in {run_dir / 'summary.json'})"
+        )
+
+
+# ----------------------------------------------------------------------------------- classify
+RunOpt = Annotated[
+    str | None,
+    typer.Option("--run", help="Use the best checkpoint of this training run (name or folder)."),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Use this .safetensors checkpoint file.", dir_okay=True),
+]
+FORMATS = ("table", "csv", "json", "jsonl")
+_SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
+    from threengan_cli.inference import ModelError, ModelNotFound, load_model
+
+    try:
+        return load_model(checkpoint, run, device)
+    except ModelNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ModelError as exc:
+        fail(str(exc))
+
+
+class _RowWriter:
+    """Streams classify rows as table, csv, json or jsonl; one row at a time, never all."""
+
+    def __init__(self, fmt: str, stream, model, threshold: float):
+        self.fmt, self.stream, self.model, self.threshold = fmt, stream, model, threshold
+        self.classes = list(model.classes)
+        self.columns = ["path", "label", *(f"p_{c}" for c in self.classes), "error"]
+        self.first = True
+        if fmt == "csv":
+            import csv
+
+            self.csv = csv.writer(stream, lineterminator="\n")
+
+    def begin(self) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(self.columns)
+        elif self.fmt == "json":
+            head = json.dumps(
+                {"model": self.model.model_id, "method": self.model.method,
+                 "threshold": self.threshold, "classes": self.classes,
+                 "image_size": self.model.image_size}
+            )
+            self.stream.write(head[:-1] + ', "rows": [')
+        elif self.fmt == "table":
+            self.widths = [max(5, *(len(c) for c in self.classes))] + [
+                max(6, len(f"p_{c}")) for c in self.classes
+            ]
+            heads = ["label", *(f"p_{c}" for c in self.classes)]
+            cells = [h.ljust(w) for h, w in zip(heads, self.widths, strict=True)]
+            self.stream.write("  ".join([*cells, "path"]) + "\n")
+
+    def record(self, row) -> dict[str, Any]:
+        probs = row.probabilities or {}
+        values = {f"p_{c}": round(probs[c], 6) if c in probs else None for c in self.classes}
+        return {"path": row.path, "label": row.label, **values, "error": row.error}
+
+    def write(self, row) -> None:
+        if self.fmt == "csv":
+            rec = self.record(row)
+            self.csv.writerow(["" if rec[k] is None else rec[k] for k in self.columns])
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(self.record(row)) + "\n")
+        elif self.fmt == "json":
+            sep = "\n  " if self.first else ",\n  "
+            self.stream.write(sep + json.dumps(self.record(row)))
+        else:
+            probs = row.probabilities or {}
+            cells = [(row.label or "-").ljust(self.widths[0])] + [
+                (f"{probs[c]:.4f}" if c in probs else "-").ljust(w)
+                for c, w in zip(self.classes, self.widths[1:], strict=True)
+            ]
+            tail = f"  (error: {row.error})" if row.error else ""
+            self.stream.write("  ".join([*cells, row.path]) + tail + "\n")
+        self.first = False
+
+    def end(self, summary: dict[str, int]) -> None:
+        if self.fmt == "json":
+            self.stream.write(("\n" if not self.first else "") + '], "summary": '
+                              + json.dumps(summary) + "}\n")
+        self.stream.flush()
+
+
+class _RateView:
+    """A live count with img/s on a terminal (stderr); nothing otherwise."""
+
+    def __init__(self, enabled: bool, total: int | None = None, what: str = "classifying"):
+        import time
+
+        self.progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        columns = [TextColumn(what), BarColumn()]
+        columns += [MofNCompleteColumn()] if total else [TextColumn("{task.completed} images")]
+        columns += [TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}")]
+        self.progress = Progress(*columns, console=err, transient=True)
+        self.task = self.progress.add_task(what, total=total, rate="", info="")
+        self.t0 = time.perf_counter()
+        self.progress.start()
+
+    def update(self, done: int, info: str = "") -> None:
+        import time
+
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = f"{done / elapsed:.0f} img/s" if elapsed > 0 else ""
+        self.progress.update(self.task, completed=done, rate=rate, info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@app.command()
+def classify(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="PATH...",
+            help="Image files, folders, glob patterns ('scans/*.jpg', quoted) or - to read "
+            "paths from stdin, one per line.",
+            show_default=False,
+        ),
+    ] = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    recursive: Annotated[
+        bool | None,
+        typer.Option("--recursive", "-r", help="Look in sub-folders of folders too."),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f",
+            help="table, csv, json or jsonl \\[default: from --output's suffix; else table "
+            "on a terminal, csv when piped].",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the results to this file (complete or not "
+                     "at all) instead of stdout.", dir_okay=False),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass and per decoding job "
+                                 "\\[default: 64].")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes; 0 = all cores \\[default: 0].")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Two classes: the second (pneumonia) when its probability is at "
+                     "least this \\[default: 0.5]."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps \\[default: auto].")
+    ] = None,
+    config: ConfigOpt = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")
+    ] = False,
+) -> None:
+    """Classify X-ray images with a trained model: one row per input file.
+
+    Without --run or --checkpoint the bundled default model is used.
+    Columns: path, label, p_<class> for each class, error. A file that
+    cannot be read gets a row with its error and no label. Rows come in
+    input order; folder contents sorted by name, files before sub-folders.
+
+    Data goes to stdout (or --output), messages to stderr. The model id
+    and threshold are printed on stderr; --format json also puts them in
+    its header: {"model", "method", "threshold", "classes", "image_size",
+    "rows": [...], "summary"}.
+
+    Exit codes: 0 every input classified, 3 some could not be read,
+    1 none could (or no model), 2 usage error (no PATH, bad option,
+    --checkpoint or --run that does not exist).
+
+    [bold]Examples[/]
+
+      threengan classify scan1.jpg scan2.png --run my-run
+
+      threengan classify ~/xrays -r -o results.csv
+
+      find /data -name '*.dcm' | threengan classify - -f jsonl > out.jsonl
+
+      threengan classify 'batch/*.jpg' --threshold 0.7 --format json
+    """
+    if not inputs:
+        fail("give at least one PATH (a file, folder or glob), or - to read paths from stdin",
+             EXIT_USAGE)
+    cfg = settings_or_exit(
+        "classify", config, batch_size=batch_size, workers=workers, threshold=threshold,
+        device=device, recursive=recursive,
+    )
+    if fmt is None:
+        if output is not None:
+            fmt = _SUFFIX_FORMATS.get(output.suffix.lower(), "csv")
+        else:
+            fmt = "table" if sys.stdout.isatty() else "csv"
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})", EXIT_USAGE)
+    if inputs.count("-") > 1:
+        fail("- (paths from stdin) may be given once", EXIT_USAGE)
+
+    from threengan_cli import fileio
+    from threengan_cli.classify import classify as run_classify
+    from threengan_cli.inference import ModelError
+
+    model = _load_model_or_exit(checkpoint, run, cfg.device)
+    try:
+        model.require_classifier()
+    except ModelError as exc:
+        fail(str(exc))
+    if not quiet:
+        note(f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
+             f"{', '.join(model.classes)}), threshold {cfg.threshold}, device {model.device}")
+
+    counts = {"inputs": 0, "classified": 0, "errors": 0}
+    listed = 0
+    view = _RateView(not quiet and err.is_terminal)
+
+    def consume(stream) -> None:
+        nonlocal listed
+        writer = _RowWriter(fmt, stream, model, cfg.threshold)
+        writer.begin()
+        rows = run_classify(inputs, model, batch_size=cfg.batch_size, workers=cfg.workers,
+                            threshold=cfg.threshold, recursive=cfg.recursive)
+        for row in rows:
+            writer.write(row)
+            counts["inputs"] += 1
+            if row.ok:
+                counts["classified"] += 1
+            else:
+                counts["errors"] += 1
+                if not quiet and listed < MAX_LISTED and fmt != "table":
+                    warn(f"{row.path}: {row.error}")
+                    listed += 1
+            view.update(counts["inputs"])
+        writer.end(counts)
+
+    try:
+        if output is not None:
+            with fileio.atomic_file(output, "w") as fh:
+                consume(fh)
+        else:
+            consume(sys.stdout)
+    except KeyboardInterrupt:
+        view.close()
+        kept = f"; nothing written to {output}" if output is not None else ""
+        note(f"interrupted after {counts['inputs']} inputs{kept}")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except ModelError as exc:
+        view.close()
+        fail(str(exc))
+    finally:
+        view.close()
+
+    if counts["inputs"] == 0:
+        fail("nothing to classify (no paths were given on stdin)")
+    if counts["classified"] == 0:
+        fail(f"none of the {counts['inputs']} inputs could be classified")
+    if not quiet:
+        where = f" -> {output}" if output is not None else ""
+        note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
+    if counts["errors"]:
+        if not quiet and listed < counts["errors"] and fmt != "table":
+            warn(f"... and {counts['errors'] - listed} more")
+        warn(f"{counts['errors']} inputs could not be classified (see the error column)")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# ----------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    count: Annotated[int | None, typer.Option(help="Images to make \\[default: 64].")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for gen_00000.png ...; must not exist or be empty "
+                     "\\[default: ./generated, unless only --grid is given].", file_okay=False),
+    ] = None,
+    grid: Annotated[
+        Path | None,
+        typer.Option("--grid", help="Also write a PNG grid of the first (up to 64) images.",
+                     dir_okay=False),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Same seed, same images \\[default: 0].")
+    ] = None,
+    label: Annotated[
+        bool,
+        typer.Option("--label", help="Label each image with the classifier: one sub-folder per "
+                     "class, uncertain/ below --tau, and labels.csv."),
+    ] = False,
+    tau: Annotated[
+        float | None,
+        typer.Option(help="With --label: least top probability to count as labelled "
+                     "\\[default: 0.9]."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps \\[default: auto].")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")
+    ] = False,
+) -> None:
+    """Make synthetic X-rays with a trained generator (8-bit grayscale PNGs).
+
+    Without --run or --checkpoint the bundled default model is used. The
+    output folder appears complete or not at all; the same seed gives the
+    same images. With --label the model's classifier sorts the images into
+    one sub-folder per class, and into uncertain/ where its top probability
+    is below --tau, and writes labels.csv (file, label, p_<class>...): the
+    pseudo-labels 3N-GAN trains its classifier on.
+
+    [bold]Examples[/]
+
+      threengan generate --run my-run --count 500 --out synth
+
+      threengan generate --run my-run --grid samples.png --seed 7
+
+      threengan generate --run my-run --count 1000 --label --out labelled
+    """
+    cfg = settings_or_exit("generate", config, count=count, seed=seed, tau=tau, device=device)
+    if out_dir is None and grid is None:
+        out_dir = Path("generated")
+    if label and out_dir is None:
+        fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
+
+    from threengan_cli.generate import GenerateError
+    from threengan_cli.generate import generate as run_generate
+    from threengan_cli.inference import ModelError
+
+    model = _load_model_or_exit(checkpoint, run, cfg.device)
+    total = cfg.count if out_dir is not None else min(cfg.count, 64)
+    view = _RateView(not quiet and err.is_terminal, total=total, what="generating")
+    try:
+        result = run_generate(model, cfg.count, cfg.seed, out_dir, grid, label=label,
+                              tau=cfg.tau, on_progress=view.update)
+    except KeyboardInterrupt:
+        view.close()
+        note("interrupted; nothing was written")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except GenerateError as exc:
+        view.close()
+        fail(str(exc), EXIT_USAGE)
+    except ModelError as exc:
+        view.close()
+        fail(str(exc))
+    finally:
+        view.close()
+    if as_json:
+        print_json(result.as_dict())
+    elif not quiet:
+        made = f"wrote {result.count} images to {result.out_dir}" if result.out_dir else ""
+        if result.labels:
+            made += " (" + ", ".join(f"{k}: {v}" for k, v in result.labels.items()) + ")"
+        if result.grid:
+            made += ("; " if made else "wrote ") + f"grid {result.grid}"
+        note(f"{made} with {model.model_id}, seed {result.seed}")
 
 
 def main() -> None:

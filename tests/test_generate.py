@@ -1,0 +1,137 @@
+"""generate: files, formats, determinism, labelling by the classifier, and the CLI command."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_factory import make_checkpoint
+from PIL import Image
+from typer.testing import CliRunner
+
+from threengan_cli.cli import app
+from threengan_cli.generate import GenerateError, generate, latents
+from threengan_cli.inference import ModelError, load_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, device="cpu")
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.rglob("gen_*.png"))}
+
+
+def test_writes_count_8bit_grayscale_pngs_at_model_size(tmp_path, model):
+    result = generate(model, 7, seed=0, out_dir=tmp_path / "out", batch_size=3)
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in files] == [f"gen_{i:05d}.png" for i in range(7)]
+    for f in files:
+        with Image.open(f) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "L", (32, 32))
+    assert result.count == 7 and result.labels == {}
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left behind
+
+
+def test_same_seed_gives_the_same_images_whatever_the_batch_size(tmp_path, model):
+    generate(model, 6, seed=3, out_dir=tmp_path / "a", batch_size=6)
+    generate(model, 6, seed=3, out_dir=tmp_path / "b", batch_size=4)
+    generate(model, 6, seed=4, out_dir=tmp_path / "c")
+    a, b, c = (_pixels(tmp_path / n) for n in "abc")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_latents_depend_only_on_seed_and_index():
+    whole = latents(5, 0, 600, 8)
+    assert whole.shape == (600, 8)
+    assert np.array_equal(whole[250:520].numpy(), latents(5, 250, 520, 8).numpy())
+
+
+def test_grid_alone_or_beside_the_folder(tmp_path, model):
+    generate(model, 10, out_dir=None, grid=tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.mode == "L" and img.width > 3 * 32  # 4 per row for 10 images
+    generate(model, 3, out_dir=tmp_path / "o", grid=tmp_path / "g2.png")
+    assert (tmp_path / "g2.png").is_file() and len(_pixels(tmp_path / "o")) == 3
+
+
+def test_label_sorts_into_class_folders_and_uncertain_with_a_csv(tmp_path, model):
+    # The tiny random model is about 50/50 on everything: tau 0 labels all, tau 1 none.
+    sure = generate(model, 5, out_dir=tmp_path / "sure", label=True, tau=0.0)
+    assert sum(sure.labels.values()) == 5 and sure.labels["uncertain"] == 0
+    unsure = generate(model, 5, out_dir=tmp_path / "unsure", label=True, tau=1.0)
+    assert unsure.labels == {"normal": 0, "pneumonia": 0, "uncertain": 5}
+    assert len(list((tmp_path / "unsure" / "uncertain").glob("gen_*.png"))) == 5
+
+    rows = list(csv.DictReader((tmp_path / "sure" / "labels.csv").open()))
+    assert list(rows[0]) == ["file", "label", "p_normal", "p_pneumonia"]
+    for row in rows:
+        assert (tmp_path / "sure" / row["file"]).is_file()
+        assert row["file"].split("/")[0] == row["label"]
+        probs = {c: float(row[f"p_{c}"]) for c in model.classes}
+        assert row["label"] == max(probs, key=probs.get)
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_labelled_images_match_their_unlabelled_twins(tmp_path, model):
+    generate(model, 4, seed=1, out_dir=tmp_path / "plain")
+    generate(model, 4, seed=1, out_dir=tmp_path / "lab", label=True, tau=0.5)
+    plain, lab = _pixels(tmp_path / "plain"), _pixels(tmp_path / "lab")
+    assert plain.keys() == lab.keys()
+    assert all(np.array_equal(plain[k], lab[k]) for k in plain)
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path, model):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(GenerateError, match="not an empty folder"):
+        generate(model, 2, out_dir=tmp_path / "busy")
+    (tmp_path / "empty").mkdir()
+    generate(model, 2, out_dir=tmp_path / "empty")
+    assert len(_pixels(tmp_path / "empty")) == 2
+
+
+def test_needs_g_and_for_labels_a_classifier(tmp_path):
+    only_c = load_model(make_checkpoint(tmp_path / "c.safetensors", keep=("C",)), device="cpu")
+    with pytest.raises(ModelError, match="no weights for G"):
+        generate(only_c, 2, out_dir=tmp_path / "x")
+    only_g = load_model(make_checkpoint(tmp_path / "g.safetensors", keep=("G",)), device="cpu")
+    generate(only_g, 2, out_dir=tmp_path / "y")
+    with pytest.raises(ModelError, match="no weights for C"):
+        generate(only_g, 2, out_dir=tmp_path / "z", label=True)
+
+
+# --------------------------------------------------------------------------------- CLI
+def test_cli_generate_json_and_files(tmp_path, ckpt):
+    out = tmp_path / "synth"
+    result = runner.invoke(app, ["generate", "--checkpoint", str(ckpt), "--count", "5", "--out",
+                                 str(out), "--grid", str(tmp_path / "g.png"), "--label",
+                                 "--tau", "0", "--seed", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["count"] == 5 and doc["seed"] == 2 and sum(doc["labels"].values()) == 5
+    assert (out / "labels.csv").is_file() and (tmp_path / "g.png").is_file()
+
+
+def test_cli_generate_exit_codes(tmp_path, ckpt):
+    def run(*args: str):
+        return runner.invoke(app, ["generate", "--checkpoint", str(ckpt), *args])
+
+    assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 0
+    assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 2  # not empty now
+    assert run("--grid", str(tmp_path / "g.png"), "--label").exit_code == 2
+    assert run("--count", "0").exit_code == 2
+    missing = runner.invoke(app, ["generate", "--count", "2", "--out", str(tmp_path / "b")])
+    assert missing.exit_code == 1 and "pass --run or --checkpoint" in missing.stderr

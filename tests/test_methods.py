@@ -1,0 +1,231 @@
+"""Methods: one step changes exactly the networks it should, and nothing else leaks."""
+
+from __future__ import annotations
+
+import copy
+import typing
+
+import pytest
+import torch
+
+from threengan_cli import methods
+from threengan_cli.methods import METHODS, StepOutput
+from threengan_cli.networks import Classifier, Discriminator, Generator, MultiTaskDiscriminator
+from threengan_cli.settings import Method, TrainSettings
+
+SIZE, BATCH, K = 32, 4, 2
+
+
+def _settings(method: str, **changes) -> TrainSettings:
+    return TrainSettings(method=method, width=4, latent=8, batch_size=BATCH, **changes)
+
+
+def _setup(method: str, seed: int = 0, **changes):
+    settings = _settings(method, **changes)
+    torch.manual_seed(seed)
+    nets = METHODS[method].networks(settings, num_classes=K, image_size=SIZE)
+    opts = METHODS[method].optimizers(nets, settings)
+    real = torch.rand(BATCH, 1, SIZE, SIZE) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 1])
+    return settings, nets, opts, real, labels
+
+
+def _params(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _step(method, settings, nets, opts, real, labels, seed=1, **kw) -> StepOutput:
+    torch.manual_seed(seed)
+    return METHODS[method].step(nets, opts, real, labels, settings, **kw)
+
+
+def test_registry_holds_every_method_the_settings_allow():
+    assert set(METHODS) == set(typing.get_args(Method))
+
+
+def test_vanilla_builds_only_the_classifier():
+    _, nets, opts, *_ = _setup("vanilla")
+    assert set(nets) == {"C"} and set(opts) == {"C"}
+    assert isinstance(nets["C"], Classifier)
+
+
+def test_sgan_builds_a_generator_and_a_multitask_discriminator_and_no_classifier():
+    _, nets, *_ = _setup("sgan")
+    assert set(nets) == {"G", "D"}
+    assert isinstance(nets["G"], Generator)
+    assert isinstance(nets["D"], MultiTaskDiscriminator)
+
+
+@pytest.mark.parametrize("method", ["ecgan", "3ngan"])
+def test_ecgan_and_3ngan_build_all_three_players(method):
+    _, nets, *_ = _setup(method)
+    assert set(nets) == {"G", "D", "C"}
+    assert isinstance(nets["D"], Discriminator) and not isinstance(nets["D"], Classifier)
+
+
+def test_optimizers_are_dcgan_adam_fused_on_cpu():
+    settings, _, opts, *_ = _setup("3ngan", lr=1e-3, beta1=0.4)
+    for opt in opts.values():
+        assert isinstance(opt, torch.optim.Adam)
+        assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.4, settings.beta2)
+        assert opt.defaults["fused"] is True
+
+
+@pytest.mark.parametrize(
+    ("method", "updated"),
+    [
+        ("vanilla", {"C"}),
+        ("sgan", {"G", "D"}),
+        ("ecgan", {"G", "D", "C"}),
+        ("3ngan", {"G", "D", "C"}),
+    ],
+)
+def test_one_step_changes_exactly_the_networks_of_the_method(method, updated):
+    settings, nets, opts, real, labels = _setup(method)
+    before = {name: _params(net) for name, net in nets.items()}
+    out = _step(method, settings, nets, opts, real, labels)
+    changed = {name for name, net in nets.items() if not _same(before[name], _params(net))}
+    assert changed == updated
+    present = set(out.as_dict())
+    expected = {f"loss_{n.lower()}" for n in updated}
+    if "C" in updated and "G" in updated:
+        expected.add("pseudo_rate")
+    assert present == expected
+    for value in out.as_dict().values():
+        assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value)
+
+
+def _with_other_classifier(nets):
+    other = copy.deepcopy(nets)
+    with torch.no_grad():
+        for p in other["C"].parameters():
+            p.add_(0.5 * torch.sign(torch.sin(torch.arange(p.numel(), dtype=p.dtype))).view_as(p))
+    return other
+
+
+def _generator_after_one_step(method, nets, **changes):
+    # tau=0 and lam=1 make every pseudo-label count strongly, so any path from C to G shows
+    settings = _settings(method, tau=0.0, lam=1.0, **changes)
+    opts = METHODS[method].optimizers(nets, settings)
+    torch.manual_seed(3)
+    real = torch.rand(BATCH, 1, SIZE, SIZE) * 2 - 1
+    _step(method, settings, nets, opts, real, torch.tensor([0, 1, 0, 1]))
+    return _params(nets["G"])
+
+
+def test_ecgan_generator_gets_no_gradient_from_the_classifier():
+    _, nets, *_ = _setup("ecgan")
+    other = _with_other_classifier(nets)
+    assert _same(
+        _generator_after_one_step("ecgan", nets), _generator_after_one_step("ecgan", other)
+    )
+
+
+def test_3ngan_generator_gets_gradient_from_the_classifier():
+    _, nets, *_ = _setup("3ngan")
+    other = _with_other_classifier(nets)
+    a = _generator_after_one_step("3ngan", copy.deepcopy(nets))
+    b = _generator_after_one_step("3ngan", copy.deepcopy(other))
+    assert not _same(a, b)
+    without = _generator_after_one_step("3ngan", nets, use_generator_classifier_loss=False)
+    assert not _same(a, without)
+
+
+def test_3ngan_ablation_trains_the_generator_against_the_discriminator_only():
+    _, nets, *_ = _setup("3ngan")
+    other = _with_other_classifier(nets)
+    off = {"use_generator_classifier_loss": False}
+    assert _same(
+        _generator_after_one_step("3ngan", nets, **off),
+        _generator_after_one_step("3ngan", other, **off),
+    )
+
+
+def _snapshot_after_step(opt, net, store):
+    original = opt.step
+
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        store["params"] = _params(net)
+        store["grads"] = [p.grad.detach().clone() for p in net.parameters()]
+        return result
+
+    opt.step = step
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_3ngan_generator_update_leaves_classifier_and_discriminator_untouched(autocast):
+    settings, nets, opts, real, labels = _setup("3ngan", tau=0.0, lam=1.0)
+    after_c, after_d, g_grads = {}, {}, {}
+    _snapshot_after_step(opts["C"], nets["C"], after_c)
+    _snapshot_after_step(opts["D"], nets["D"], after_d)
+    _snapshot_after_step(opts["G"], nets["G"], g_grads)
+    _step("3ngan", settings, nets, opts, real, labels, autocast=autocast)
+    # C and D were stepped once, by their own optimizers; G's update changed neither their
+    # weights nor the gradients their own step used
+    assert _same(after_c["params"], _params(nets["C"]))
+    assert _same(after_c["grads"], [p.grad for p in nets["C"].parameters()])
+    assert _same(after_d["params"], _params(nets["D"]))
+    assert _same(after_d["grads"], [p.grad for p in nets["D"].parameters()])
+    assert all(p.requires_grad for net in nets.values() for p in net.parameters())
+    assert any(g.abs().sum() > 0 for g in g_grads["grads"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_step_is_deterministic_under_a_fixed_seed(method):
+    runs = []
+    for _ in range(2):
+        settings, nets, opts, real, labels = _setup(method)
+        out = _step(method, settings, nets, opts, real, labels)
+        runs.append((out.as_dict(), [_params(net) for net in nets.values()]))
+    (out_a, params_a), (out_b, params_b) = runs
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+    assert all(_same(a, b) for a, b in zip(params_a, params_b, strict=True))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_steps_stay_finite_and_predict_gives_k_logits(method, autocast):
+    settings, nets, opts, real, labels = _setup(method, kl="per-pair")
+    for seed in range(2):
+        out = _step(method, settings, nets, opts, real, labels, seed=seed, autocast=autocast)
+        assert all(torch.isfinite(v) for v in out.as_dict().values())
+    assert all(torch.isfinite(p).all() for net in nets.values() for p in net.parameters())
+    logits = METHODS[method].predict(nets, real)
+    assert logits.shape == (BATCH, K)
+
+
+def test_step_never_reads_a_value_back_to_the_host(monkeypatch):
+    settings, nets, opts, real, labels = _setup("3ngan")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside the training step")
+
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    _step("3ngan", settings, nets, opts, real, labels)
+
+
+def test_pseudo_rate_is_the_share_of_confident_generated_images():
+    settings, nets, opts, real, labels = _setup("3ngan", tau=0.0)
+    assert _step("3ngan", settings, nets, opts, real, labels).pseudo_rate == 1.0
+    settings, nets, opts, real, labels = _setup("3ngan", tau=1.0)
+    assert _step("3ngan", settings, nets, opts, real, labels).pseudo_rate == 0.0
+
+
+def test_step_output_as_dict_lists_only_present_values():
+    out = StepOutput(loss_c=torch.tensor(1.0))
+    assert list(out.as_dict()) == ["loss_c"]
+
+
+def test_frozen_restores_requires_grad_even_after_an_error():
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError), methods._frozen(net):
+        assert not any(p.requires_grad for p in net.parameters())
+        raise RuntimeError
+    assert all(p.requires_grad for p in net.parameters())

@@ -1,0 +1,105 @@
+"""Networks: shapes on tiny sizes, output range, DCGAN initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from threengan_cli.networks import (
+    Classifier,
+    Discriminator,
+    DiscriminatorBody,
+    Generator,
+    MultiTaskDiscriminator,
+    init_dcgan_weights,
+)
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+@pytest.mark.parametrize("width", [4, 8])
+def test_generator_makes_images_of_the_requested_size(image_size, width):
+    g = Generator(latent=16, width=width, image_size=image_size, channels=1)
+    assert g(torch.randn(2, 16)).shape == (2, 1, image_size, image_size)
+    assert g(torch.randn(2, 16, 1, 1)).shape == (2, 1, image_size, image_size)
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+@pytest.mark.parametrize("width", [4, 8])
+def test_discriminator_body_ends_in_width_times_8_at_4x4(image_size, width):
+    body = DiscriminatorBody(width, image_size, channels=1)
+    assert body(torch.randn(2, 1, image_size, image_size)).shape == (2, width * 8, 4, 4)
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+def test_heads_give_one_logit_k_logits_and_k_plus_1_logits(image_size):
+    x = torch.randn(3, 1, image_size, image_size)
+    assert Discriminator(4, image_size, 1)(x).shape == (3,)
+    assert Classifier(2, 4, image_size, 1)(x).shape == (3, 2)
+    assert Classifier(5, 4, image_size, 1)(x).shape == (3, 5)
+    assert MultiTaskDiscriminator(2, 4, image_size, 1)(x).shape == (3, 3)
+
+
+def test_networks_accept_several_channels():
+    g = Generator(latent=8, width=4, image_size=32, channels=3)
+    fake = g(torch.randn(2, 8))
+    assert fake.shape == (2, 3, 32, 32)
+    assert Classifier(2, 4, 32, channels=3)(fake).shape == (2, 2)
+
+
+def test_at_64_pixels_the_layers_are_dcgans():
+    g = Generator(latent=100, width=64, image_size=64)
+    convs = [m for m in g.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (100, 512),
+        (512, 256),
+        (256, 128),
+        (128, 64),
+        (64, 1),
+    ]
+    d = DiscriminatorBody(64, 64, 1)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 64),
+        (64, 128),
+        (128, 256),
+        (256, 512),
+    ]
+    # DCGAN: no BatchNorm right after the first convolution of D
+    assert not isinstance(d.layers[1], nn.BatchNorm2d)
+
+
+def test_generator_output_lies_in_minus_one_to_one():
+    torch.manual_seed(0)
+    g = Generator(latent=8, width=4, image_size=32)
+    # large weights push tanh into saturation; it must still stay within [-1, 1]
+    for p in g.parameters():
+        p.data.mul_(50)
+    out = g(torch.randn(4, 8))
+    assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+def test_image_size_that_is_not_a_power_of_two_is_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        Generator(image_size=48)
+
+
+def test_dcgan_init_draws_conv_weights_around_0_and_batchnorm_weights_around_1():
+    torch.manual_seed(0)
+    g = Generator(latent=100, width=64, image_size=64)
+    g.apply(init_dcgan_weights)
+    conv = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.ConvTranspose2d)])
+    bn_w = torch.cat([m.weight for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
+    bn_b = torch.cat([m.bias for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert abs(conv.mean().item()) < 1e-3
+    assert conv.std().item() == pytest.approx(0.02, rel=0.02)
+    assert bn_w.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert bn_w.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.all(bn_b == 0)
+
+
+def test_dcgan_init_zeroes_the_classifier_head_bias():
+    c = Classifier(3, 4, 32, 1)
+    nn.init.ones_(c.head.bias)
+    c.apply(init_dcgan_weights)
+    assert torch.all(c.head.bias == 0)

@@ -1,0 +1,728 @@
+"""Prepare a dataset once, then load it whole into memory for training.
+
+``prepare`` reads a source (a folder of class folders, a folder of train/val/test folders
+of class folders, a MedMNIST ``.npz`` or a ``path,label[,split]`` CSV), decodes every image
+with :func:`threengan_cli.images.load_image` on all cores, checks the data's integrity and
+writes one folder:
+
+- ``data.safetensors``: ``images`` uint8 (N, H, W), ``labels`` int64 (N,), ``split`` uint8
+  (N,) with 0 = train, 1 = val, 2 = test; rows sorted by split, then source path.
+- ``manifest.json``: format version, source, settings, class names, counts, and for every
+  row its source path, sha256, label, split and patient id.
+- ``settings.json``: the resolved prepare settings.
+
+Integrity rules, in this order:
+
+1. Exact duplicates (same sha256 of the file bytes; of the pixel array for ``.npz``)
+   inside test/ are reported and kept: the 624-image Kermany test set is what published
+   numbers use.
+2. A train/val image whose bytes also occur in test is removed from train/val (leakage).
+3. Exact duplicates inside train + val are dropped, keeping the first in sorted path order.
+4. Validation: a source val split with at least ``min_val`` images is kept (train images
+   of its patients move to val, so no patient is on both sides). A smaller one (Kermany
+   ships 16 images) joins train, and ``val_fraction`` of train is carved out instead,
+   stratified by class, grouped by patient, drawn by ``seed``.
+
+Patient ids come from file names. Kermany: ``person<id>_...`` (pneumonia) and
+``IM-<id>-...`` / ``NORMAL2-IM-<id>-...`` (normal). Whether ``NORMAL2-IM-0115`` and
+``IM-0115`` are one patient cannot be read from the data (328 numbers occur in both
+series), so they are treated as one: a coarser group can only cost a little randomness
+in the split, while a wrong split would leak a patient between train and val. A file
+without a readable id is its own group. ``patient_pattern`` (a regex whose first group is
+the id, searched in the file name) replaces these rules.
+
+The engine never prints; progress goes through the ``on_progress(done, total)`` callback.
+Nothing here imports torch, so preparing stays quick to start.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threengan_cli import __version__, fileio, images
+from threengan_cli.settings import PrepareSettings, dump
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+NOT_AN_IMAGE = "not an image file"
+LINKED_FOLDER = "link to a folder (not followed)"
+OTHER_FOLDER = "folder outside train/, val/, test/"
+# Skip reasons that are not unreadable images, so never trip --strict.
+_HARMLESS = frozenset({NOT_AN_IMAGE, LINKED_FOLDER, OTHER_FOLDER})
+_KERMANY_PATIENT = (
+    (re.compile(r"^(?:NORMAL2-)?IM-(\d+)-"), "IM-"),
+    (re.compile(r"^person(\d+)_"), "person"),
+)
+
+
+class DatasetError(Exception):
+    """A source or prepared dataset that cannot be used as a whole; one line for the user."""
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class PrepareReport:
+    path: Path
+    source: str
+    source_kind: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    image_size: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates_dropped: list[tuple[str, str]] = field(default_factory=list)
+    test_duplicates: list[tuple[str, str]] = field(default_factory=list)
+    leakage_removed: list[tuple[str, str]] = field(default_factory=list)
+    val_carved: bool = False
+    val_note: str = ""
+    source_val_images: int = 0
+    val_patient_moves: int = 0
+    patients: dict[str, int] = field(default_factory=dict)
+    patients_shared_train_test: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+    @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Skipped files that looked like images but could not be used."""
+        return [s for s in self.skipped if s[1] not in _HARMLESS]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["total"] = self.total
+        for key in ("skipped", "duplicates_dropped", "test_duplicates", "leakage_removed"):
+            data[key] = [list(pair) for pair in data[key]]
+        return data
+
+
+@dataclass
+class PreparedDataset:
+    images: np.ndarray  # uint8 (N, H, W)
+    labels: np.ndarray  # int64 (N,)
+    split: np.ndarray  # uint8 (N,), 0 train / 1 val / 2 test
+    classes: list[str]
+    manifest: dict
+    path: Path
+
+    def subset(self, split_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, labels)`` of one split: ``train``, ``val`` or ``test``."""
+        if split_name not in SPLIT_CODES:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split_name!r}")
+        rows = self.split == SPLIT_CODES[split_name]
+        return self.images[rows], self.labels[rows]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+# ------------------------------------------------------------------------------ sources
+@dataclass
+class _Item:
+    path: str  # as recorded in the manifest (relative to the source where possible)
+    label: int
+    split: str
+    read: str | int = ""  # absolute file path, or the row index in an npz split
+    patient: str | None = None
+    sha256: str = ""
+
+
+@dataclass
+class _Source:
+    kind: str
+    classes: list[str]
+    items: list[_Item]
+    skipped: list[tuple[str, str]]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # npz: split -> images
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"cannot list {folder}: {exc.strerror or exc}") from None
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+
+
+def _loose_files(folder: Path, source: Path, why: str) -> list[tuple[str, str]]:
+    """Files lying beside the class folders: skipped, with the reason."""
+    out = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
+            rel = _rel(Path(entry.path), source)
+            out.append((rel, why if images.is_image_file(entry.path) else NOT_AN_IMAGE))
+    return out
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _walk_class(folder: Path, label: int, split: str, source: Path, items, skipped) -> None:
+    """Every file under one class folder; links to folders are not followed (no loops)."""
+
+    def on_error(exc: OSError) -> None:
+        reason = "permission denied" if isinstance(exc, PermissionError) else "unreadable folder"
+        skipped.append((_rel(Path(exc.filename or folder), source), reason))
+
+    for root, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
+        # plain strings, not Path objects: this loop runs once per file (5,860 for Kermany)
+        rel_root = _rel(Path(root), source)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(root, d)):
+                skipped.append((f"{rel_root}/{d}", LINKED_FOLDER))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            full = os.path.join(root, name)
+            rel = f"{rel_root}/{name}"
+            if images.is_image_file(full):
+                items.append(_Item(rel, label, split, full))
+            else:
+                skipped.append((rel, NOT_AN_IMAGE))
+
+
+def _scan_folder(source: Path) -> _Source:
+    top = _visible_dirs(source)
+    by_split: dict[str, Path] = {}
+    others: list[Path] = []
+    for d in top:
+        alias = SPLIT_ALIASES.get(d.name.lower())
+        if alias and alias not in by_split:
+            by_split[alias] = d
+        else:
+            others.append(d)
+    if "train" in by_split:
+        kind = "split-folders"
+        skipped = _loose_files(source, source, "outside train/, val/, test/")
+        skipped += [(_rel(d, source), OTHER_FOLDER) for d in others]
+        class_dirs = {split: _visible_dirs(d) for split, d in by_split.items()}
+        for d in by_split.values():
+            skipped += _loose_files(d, source, "outside a class folder")
+    elif by_split:
+        raise DatasetError(
+            f"{source} has {'/, '.join(sorted(by_split))}/ folders but no train/ folder"
+        )
+    else:
+        kind = "class-folders"
+        skipped = _loose_files(source, source, "outside a class folder")
+        class_dirs = {"train": top}
+    classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+    if not classes:
+        raise DatasetError(
+            f"{source} holds no class folders: expected one sub-folder per class "
+            "(or train/, val/, test/ folders that each hold class folders)"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    items: list[_Item] = []
+    for split, dirs in class_dirs.items():
+        for d in dirs:
+            _walk_class(d, index[d.name], split, source, items, skipped)
+    return _Source(kind, classes, items, skipped)
+
+
+def _scan_csv(source: Path) -> _Source:
+    base = source.parent
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read CSV {source}: {exc}") from None
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DatasetError(f"CSV {source} is empty")
+    header = [cell.strip().lower() for cell in rows[0]]
+    if "path" not in header or "label" not in header:
+        raise DatasetError(
+            f"CSV {source} needs a header row with path,label[,split] (got {','.join(header)})"
+        )
+    ip, il = header.index("path"), header.index("label")
+    isp = header.index("split") if "split" in header else None
+    parsed: list[tuple[int, str, str, str]] = []
+
+    def cell(row: list[str], i: int | None) -> str:
+        return row[i].strip() if i is not None and i < len(row) else ""
+
+    for n, row in enumerate(rows[1:], start=2):
+        path, label, split = cell(row, ip), cell(row, il), cell(row, isp).lower() or "train"
+        if not path:
+            raise DatasetError(f"CSV {source} line {n}: empty path")
+        if not label:
+            raise DatasetError(f"CSV {source} line {n}: empty label")
+        if split not in SPLIT_ALIASES:
+            raise DatasetError(f"CSV {source} line {n}: unknown split {split!r} (train, val, test)")
+        parsed.append((n, path, label, SPLIT_ALIASES[split]))
+    train_labels = sorted({label for _, _, label, split in parsed if split == "train"})
+    if not train_labels:
+        raise DatasetError(f"CSV {source} has no train rows")
+    for n, _, label, _ in parsed:
+        if label not in train_labels:
+            raise DatasetError(
+                f"CSV {source} line {n}: unknown label {label!r} "
+                f"(train labels: {', '.join(train_labels)})"
+            )
+    index = {name: i for i, name in enumerate(train_labels)}
+    items = []
+    for _, path, label, split in parsed:
+        full = Path(path).expanduser()
+        full = full if full.is_absolute() else base / full
+        items.append(_Item(_rel(full, base), index[label], split, str(full)))
+    return _Source("csv", train_labels, items, [])
+
+
+def _scan_npz(source: Path) -> _Source:
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key]) for key in data.files}
+    except Exception as exc:  # zipfile, ValueError, OSError: all mean "not a usable npz"
+        raise DatasetError(f"cannot read {source} as a .npz file: {exc}") from None
+    if "train_images" not in arrays or "train_labels" not in arrays:
+        raise DatasetError(
+            f"{source} has no train_images/train_labels (keys: {', '.join(sorted(arrays))})"
+        )
+    labels_by_split: dict[str, np.ndarray] = {}
+    image_arrays: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        if f"{split}_images" not in arrays:
+            continue
+        imgs, labels = arrays[f"{split}_images"], arrays.get(f"{split}_labels")
+        if labels is None:
+            raise DatasetError(f"{source} has {split}_images but no {split}_labels")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1:
+            raise DatasetError(f"{source}: {split}_labels has shape {labels.shape}; "
+                               "multi-label data is not supported")
+        if imgs.ndim not in (3, 4) or len(imgs) != len(labels):
+            raise DatasetError(f"{source}: {split}_images shape {imgs.shape} does not match "
+                               f"{len(labels)} labels")
+        labels_by_split[split] = labels.astype(np.int64)
+        image_arrays[split] = imgs
+    values = sorted({int(v) for labels in labels_by_split.values() for v in labels})
+    index = {v: i for i, v in enumerate(values)}
+    items = [
+        _Item(f"{source.name}:{split}/{i}", index[int(v)], split, i)
+        for split, labels in labels_by_split.items()
+        for i, v in enumerate(labels)
+    ]
+    return _Source("npz", [str(v) for v in values], items, [], image_arrays)
+
+
+def scan(source: Path) -> _Source:
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"{source} does not exist")
+    if source.is_dir():
+        return _scan_folder(source)
+    suffix = source.suffix.lower()
+    if suffix == ".npz":
+        return _scan_npz(source)
+    if suffix == ".csv":
+        return _scan_csv(source)
+    raise DatasetError(f"{source} is not a folder, a .npz or a .csv file")
+
+
+# ------------------------------------------------------------------------------ decoding
+def _init_worker(max_pixels: int | None) -> None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels  # the parent's limit, also under spawn/forkserver
+
+
+def _decode_file(task: tuple[str, int, str]) -> tuple[np.ndarray | None, str, str]:
+    path, size, fit = task
+    try:
+        pixels, digest = images.load_image_and_hash(path, size, fit)
+    except images.ImageReadError as exc:
+        return None, "", str(exc)
+    return pixels, digest, ""
+
+
+def _decode_files(
+    paths: list[str], size: int, fit: str, workers: int, on_progress
+) -> Iterable[tuple[np.ndarray | None, str, str]]:
+    from PIL import Image
+
+    tasks = [(p, size, fit) for p in paths]
+    total = len(tasks)
+    if workers <= 1 or total < 2 * workers:
+        for done, task in enumerate(tasks, start=1):
+            yield _decode_file(task)
+            if on_progress:
+                on_progress(done, total)
+        return
+    # A few chunks per worker keeps inter-process overhead small without leaving a core idle
+    # at the end; results come back in order.
+    chunksize = max(1, min(64, total // (workers * 8)))
+    executor = ProcessPoolExecutor(workers, initializer=_init_worker,
+                                   initargs=(Image.MAX_IMAGE_PIXELS,))
+    try:
+        for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):
+            yield result
+            if on_progress:
+                on_progress(done, total)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown()
+
+
+def _decode_npz(src: _Source, size: int, fit: str, on_progress) -> list[np.ndarray]:
+    total = len(src.items)
+    decoded = []
+    for done, item in enumerate(src.items, start=1):
+        raw = np.ascontiguousarray(src.arrays[item.split][item.read])
+        item.sha256 = hashlib.sha256(raw.tobytes()).hexdigest()
+        decoded.append(images.from_array(raw, size, fit))
+        if on_progress:
+            on_progress(done, total)
+    return decoded
+
+
+# ------------------------------------------------------------------------------ patients
+def patient_id(filename: str, pattern: str | None = None) -> str | None:
+    """The patient id read from a file name, or None (see the module docstring)."""
+    name = os.path.basename(filename)
+    if pattern is not None:
+        found = re.search(pattern, name)
+        return found.group(1) if found and found.group(1) else None
+    for regex, prefix in _KERMANY_PATIENT:
+        found = regex.match(name)
+        if found:
+            return f"{prefix}{found.group(1)}"
+    return None
+
+
+def _group(item: _Item) -> str:
+    return item.patient if item.patient is not None else f"file:{item.path}"
+
+
+def _carve_val(train: list[_Item], fraction: float, seed: int, n_classes: int) -> set[int]:
+    """Indices (into ``train``) of a stratified, patient-grouped, seeded validation carve."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(train):
+        groups[_group(item)].append(i)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for key in sorted(groups):
+        labels = Counter(train[i].label for i in groups[key])
+        major = min(labels, key=lambda c: (-labels[c], c))
+        by_class[major].append(key)
+    per_class = Counter(item.label for item in train)
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for c in range(n_classes):
+        keys = by_class.get(c, [])
+        target = round(fraction * per_class.get(c, 0))
+        taken = 0
+        for k in rng.permutation(len(keys)):
+            if taken >= target:
+                break
+            members = groups[keys[k]]
+            chosen.update(members)
+            taken += sum(1 for i in members if train[i].label == c)
+    return chosen
+
+
+# ------------------------------------------------------------------------------ prepare
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise DatasetError(f"{out} already exists; use --force to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists()):
+        raise DatasetError(
+            f"{out} exists and is not a prepared dataset; refusing to replace it even with --force"
+        )
+
+
+def prepare(
+    source: Path,
+    out: Path,
+    settings: PrepareSettings,
+    force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PrepareReport:
+    """Read ``source``, check it, and write a prepared dataset folder at ``out``."""
+    started = time.perf_counter()
+    source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
+    _check_out(out, force)
+    src = scan(source)
+    skipped = list(src.skipped)
+    size, fit = settings.image_size, settings.fit
+    workers = settings.workers or os.cpu_count() or 1
+
+    # ---- decode (and hash) every image
+    if src.kind == "npz":
+        decoded = _decode_npz(src, size, fit, on_progress)
+        kept_items, pixels = src.items, decoded
+    else:
+        results = _decode_files([str(i.read) for i in src.items], size, fit, workers, on_progress)
+        kept_items, pixels = [], []
+        for item, (arr, digest, reason) in zip(src.items, results, strict=True):
+            if arr is None:
+                skipped.append((item.path, reason))
+                continue
+            item.sha256 = digest
+            kept_items.append(item)
+            pixels.append(arr)
+    for item, arr in zip(kept_items, pixels, strict=True):
+        item.read = arr  # type: ignore[assignment]  # the decoded pixels travel with the item
+        if src.kind != "npz":
+            item.patient = patient_id(item.path, settings.patient_pattern)
+
+    unreadable = [s for s in skipped if s[1] not in _HARMLESS]
+    if not kept_items:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise DatasetError(f"nothing readable in {source}: {len(skipped)} files skipped{first}"
+                           if skipped else f"no images found in {source}")
+    if settings.strict and unreadable:
+        raise DatasetError(
+            f"{len(unreadable)} image files could not be read and --strict is set "
+            f"(first: {unreadable[0][0]}: {unreadable[0][1]}); nothing was written"
+        )
+    present = sorted({item.label for item in kept_items})
+    if len(present) < 2:
+        only = src.classes[present[0]]
+        raise DatasetError(
+            f"only one class ({only}) has readable images in {source}; at least two are needed"
+        )
+    empty = [src.classes[c] for c in range(len(src.classes)) if c not in present]
+    if empty:
+        raise DatasetError(f"class {empty[0]} has no readable images in {source}")
+
+    # ---- integrity: test duplicates kept, leakage removed, train/val duplicates dropped
+    kept_items.sort(key=lambda i: (SPLIT_CODES[i.split], i.path))
+    test = [i for i in kept_items if i.split == "test"]
+    test_first: dict[str, str] = {}
+    test_duplicates = []
+    for item in test:
+        if item.sha256 in test_first:
+            test_duplicates.append((item.path, test_first[item.sha256]))
+        else:
+            test_first[item.sha256] = item.path
+    seen: dict[str, str] = {}
+    leakage, dropped, trainval = [], [], []
+    for item in sorted((i for i in kept_items if i.split != "test"), key=lambda i: i.path):
+        if item.sha256 in test_first:
+            leakage.append((item.path, test_first[item.sha256]))
+        elif item.sha256 in seen:
+            dropped.append((item.path, seen[item.sha256]))
+        else:
+            seen[item.sha256] = item.path
+            trainval.append(item)
+
+    # ---- validation split
+    train = [i for i in trainval if i.split == "train"]
+    source_val = [i for i in trainval if i.split == "val"]
+    val_carved, moves = False, 0
+    if source_val and len(source_val) >= settings.min_val:
+        val = source_val
+        val_groups = {_group(i) for i in val}
+        movers = [i for i in train if _group(i) in val_groups]
+        moves = len(movers)
+        for item in movers:
+            item.split = "val"
+        train = [i for i in train if i.split == "train"]
+        val = val + movers
+        note = f"kept the source val split ({len(source_val)} images)"
+        if moves:
+            note += f"; {moves} train images of its patients moved to val"
+    elif settings.val_fraction > 0:
+        for item in source_val:
+            item.split = "train"
+        train = sorted(train + source_val, key=lambda i: i.path)
+        chosen = _carve_val(train, settings.val_fraction, settings.seed, len(src.classes))
+        val = [item for i, item in enumerate(train) if i in chosen]
+        train = [item for i, item in enumerate(train) if i not in chosen]
+        for item in val:
+            item.split = "val"
+        val_carved = True
+        note = (f"carved {len(val)} images ({settings.val_fraction:.0%} of train, stratified, "
+                f"patient-grouped, seed {settings.seed})")
+        if source_val:
+            note += (f"; the source val split ({len(source_val)} images, fewer than min_val "
+                     f"{settings.min_val}) joined train first")
+    else:
+        val = source_val
+        note = (f"kept the source val split ({len(val)} images)" if val
+                else "no val split (val_fraction is 0)")
+
+    final = (sorted(train, key=lambda i: i.path) + sorted(val, key=lambda i: i.path)
+             + sorted(test, key=lambda i: i.path))
+    counts = {s: dict.fromkeys(src.classes, 0) for s in SPLITS}
+    for item in final:
+        counts[item.split][src.classes[item.label]] += 1
+    patients = {
+        s: len({i.patient for i in final if i.split == s and i.patient is not None})
+        for s in SPLITS
+    }
+    train_patients = {i.patient for i in final if i.split == "train" and i.patient}
+    test_patients = {i.patient for i in final if i.split == "test" and i.patient}
+    shared_test = len(train_patients & test_patients)
+
+    report = PrepareReport(
+        path=out, source=str(source), source_kind=src.kind, classes=list(src.classes),
+        counts=counts, image_size=size, skipped=skipped, duplicates_dropped=dropped,
+        test_duplicates=test_duplicates, leakage_removed=leakage, val_carved=val_carved,
+        val_note=note, source_val_images=len(source_val), val_patient_moves=moves,
+        patients=patients, patients_shared_train_test=shared_test,
+    )
+    _write(out, final, src, settings, report, force)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _write(out: Path, final: list[_Item], src: _Source, settings: PrepareSettings,
+           report: PrepareReport, force: bool) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "images": np.stack([i.read for i in final]).astype(np.uint8),  # (N, H, W)
+        "labels": np.array([i.label for i in final], dtype=np.int64),
+        "split": np.array([SPLIT_CODES[i.split] for i in final], dtype=np.uint8),
+    }
+    summary = report.to_dict()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "threengan_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": report.source,
+        "source_kind": src.kind,
+        "settings": settings.model_dump(mode="json"),
+        "classes": list(src.classes),
+        "image_size": settings.image_size,
+        "counts": report.counts,
+        "report": {k: summary[k] for k in (
+            "skipped", "duplicates_dropped", "test_duplicates", "leakage_removed", "val_carved",
+            "val_note", "source_val_images", "val_patient_moves", "patients",
+            "patients_shared_train_test")},
+        "images": [
+            {"path": i.path, "sha256": i.sha256, "label": i.label, "class": src.classes[i.label],
+             "split": i.split, "patient": i.patient}
+            for i in final
+        ],
+    }
+    with fileio.atomic_dir(out, force=force) as tmp:
+        save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
+        # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's 5,830 rows
+        (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
+        (tmp / "settings.json").write_text(dump(settings))
+
+
+# ------------------------------------------------------------------------------ loading
+def _read_manifest(path: Path) -> dict:
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise DatasetError(f"{path} is not a prepared dataset (no manifest.json); "
+                           "run `threengan prepare` first")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{file} is corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int):
+        raise DatasetError(f"{file} is corrupt (no format_version)")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise DatasetError(
+            f"{path} was prepared by a newer threengan (format {manifest['format_version']}, "
+            f"this one reads {FORMAT_VERSION}); upgrade threengan or prepare it again"
+        )
+    return manifest
+
+
+def load_prepared(path: Path) -> PreparedDataset:
+    """Load a prepared dataset folder whole into memory."""
+    path = Path(path).expanduser()
+    manifest = _read_manifest(path)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path / "data.safetensors"))
+        imgs, labels, split = tensors["images"], tensors["labels"], tensors["split"]
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path / 'data.safetensors'} is missing or corrupt ({exc})") from None
+    classes = list(manifest.get("classes") or [])
+    n = len(labels)
+    if (imgs.dtype != np.uint8 or imgs.ndim != 3 or len(imgs) != n or len(split) != n
+            or labels.dtype != np.int64 or split.dtype != np.uint8 or len(classes) < 2
+            or (n and (labels.min() < 0 or labels.max() >= len(classes) or split.max() > 2))):
+        raise DatasetError(f"{path} is corrupt (tensors do not match the manifest)")
+    return PreparedDataset(imgs, labels, split, classes, manifest, path)
+
+
+def balanced_subset(labels: np.ndarray, n: int, seed: int,
+                    num_classes: int | None = None) -> np.ndarray:
+    """Indices of ``n // K`` images per class (K classes), drawn by ``seed`` without replacement.
+
+    The remainder of ``n`` that does not divide by K is not drawn. Indices come back sorted.
+    """
+    labels = np.asarray(labels)
+    k = num_classes if num_classes is not None else int(labels.max()) + 1 if len(labels) else 0
+    if k < 1 or n < k:
+        raise DatasetError(f"a balanced subset of {n} needs at least one image per class ({k})")
+    per = n // k
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(k):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < per:
+            raise DatasetError(
+                f"class {c} has only {len(pool)} images; a balanced subset of {n} needs {per}"
+            )
+        picks.append(rng.choice(pool, per, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def list_prepared(root: Path | None = None) -> list[dict]:
+    """One dict per prepared dataset under ``root`` (the data dir by default)."""
+    from threengan_cli import paths
+
+    root = Path(root) if root is not None else paths.datasets_dir()
+    if not root.is_dir():
+        return []
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entry: dict[str, Any] = {"name": d.name, "path": str(d)}
+        try:
+            m = _read_manifest(d)
+        except DatasetError as exc:
+            entry["error"] = str(exc)
+        else:
+            counts = m.get("counts", {})
+            entry.update(
+                classes=m.get("classes", []), image_size=m.get("image_size"),
+                images=sum(sum(c.values()) for c in counts.values()),
+                splits={s: sum(c.values()) for s, c in counts.items()},
+                source=m.get("source"), created=m.get("created"),
+            )
+        found.append(entry)
+    return found

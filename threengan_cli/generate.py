@@ -1,0 +1,190 @@
+"""Synthetic X-rays from a trained generator, optionally sorted by the classifier's label.
+
+Image ``i`` depends only on the seed and ``i``: latents are drawn in fixed blocks of
+:data:`Z_BLOCK`, each from its own ``torch.Generator`` seeded by (seed, block), so the same
+seed gives the same images whatever the count or batch size (``--count 10`` is the first
+ten images of ``--count 100``). G runs in eval mode, as for the sample grids saved during
+training.
+
+Files: ``gen_00000.png`` ... as 8-bit grayscale PNGs at the model's size. With ``label``
+the classifier labels each image: it goes into a sub-folder named for its class, or into
+``uncertain/`` where its highest probability is below ``tau``, and ``labels.csv`` lists
+``file,label,p_<class>...``. The folder is built under a temporary name and renamed into
+place at the end, so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from threengan_cli import fileio
+from threengan_cli.inference import Model
+
+Z_BLOCK = 256
+GRID_MAX = 64  # the grid shows the first images only: 10,000 thumbnails help no one
+UNCERTAIN = "uncertain"
+_SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+class GenerateError(Exception):
+    """Generation cannot start (output in the way, unusable class names); one line."""
+
+
+@dataclass
+class GenerateResult:
+    count: int
+    seed: int
+    model: str
+    out_dir: Path | None
+    grid: Path | None
+    labels: dict[str, int] = field(default_factory=dict)  # images per folder, with --label
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "count": self.count,
+            "seed": self.seed,
+            "out": str(self.out_dir) if self.out_dir else None,
+            "grid": str(self.grid) if self.grid else None,
+            "labels": self.labels or None,
+        }
+
+
+def latents(seed: int, start: int, stop: int, latent: int) -> torch.Tensor:
+    """z of images ``start..stop-1`` (CPU, float32), a pure function of (seed, index)."""
+    parts = []
+    for block in range(start // Z_BLOCK, math.ceil(stop / Z_BLOCK)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        z = torch.randn(Z_BLOCK, latent, generator=gen)
+        lo = max(start - block * Z_BLOCK, 0)
+        hi = min(stop - block * Z_BLOCK, Z_BLOCK)
+        parts.append(z[lo:hi])
+    return torch.cat(parts)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 1, H, W) -> uint8 (B, H, W), the inverse of ``training.to_model_range``."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+
+
+def _png(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _batches(model: Model, count: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Generated images in [-1, 1], (B, 1, S, S) on the model's device."""
+    G = model.nets["G"]
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            z = latents(seed, start, min(start + batch_size, count), model.latent)
+            yield G(z.to(model.device))
+
+
+def _check_classes(classes: list[str]) -> None:
+    for name in classes:
+        if not _SAFE_FOLDER.match(name) or name == UNCERTAIN:
+            raise GenerateError(
+                f"class name {name!r} cannot be a folder name; --label needs plain class names"
+            )
+
+
+def generate(
+    model: Model,
+    count: int,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    grid: Path | None = None,
+    label: bool = False,
+    tau: float = 0.9,
+    batch_size: int = 256,
+    on_progress: Callable[[int], None] | None = None,
+) -> GenerateResult:
+    """Write ``count`` images to ``out_dir`` and/or a grid of the first ones to ``grid``.
+
+    ``out_dir`` must not exist or be empty. ``on_progress(n)`` is called with the number of
+    images done after each batch.
+    """
+    from threengan_cli.training import save_grid
+
+    model.require("G")
+    if label:
+        model.require_classifier()
+        _check_classes(model.classes)
+    if out_dir is None and grid is None:
+        raise GenerateError("nothing to write: give an output folder, a grid file, or both")
+    busy = out_dir is not None and out_dir.exists()
+    if busy and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise GenerateError(f"{out_dir} already exists and is not an empty folder")
+
+    result = GenerateResult(count, seed, model.model_id, out_dir, grid)
+    grid_count = min(count, GRID_MAX)
+    grid_parts: list[torch.Tensor] = []
+    # Without an output folder only the grid's images are made.
+    total = count if out_dir is not None else grid_count
+    digits = max(5, len(str(total - 1)))
+    counts: Counter[str] = Counter()
+
+    def write_all(folder: Path | None, table: Any) -> None:
+        done = 0
+        for images in _batches(model, total, seed, batch_size):
+            kept = sum(len(part) for part in grid_parts)
+            if kept < grid_count:
+                grid_parts.append(images[: grid_count - kept].cpu())
+            if folder is not None:
+                write_batch(folder, table, images, done)
+            done += len(images)
+            if on_progress is not None:
+                on_progress(done)
+
+    def write_batch(folder: Path, table: Any, images: torch.Tensor, first: int) -> None:
+        pixels = to_uint8(images)
+        names: list[str] = []
+        probs: list[list[float]] = []
+        if table is not None:
+            p = model.predict_proba(pixels)  # the pixels as saved, as classify would see them
+            best, index = p.max(dim=1)
+            names = [
+                model.classes[i] if b >= tau else UNCERTAIN
+                for b, i in zip(best.tolist(), index.tolist(), strict=True)
+            ]
+            probs = p.tolist()
+        for k, img in enumerate(pixels.cpu().numpy()):
+            file = f"gen_{first + k:0{digits}d}.png"
+            if table is not None:
+                file = f"{names[k]}/{file}"
+                counts[names[k]] += 1
+                table.writerow([file, names[k], *(f"{v:.6f}" for v in probs[k])])
+            (folder / file).write_bytes(_png(img))
+
+    if out_dir is not None:
+        with fileio.atomic_dir(out_dir) as tmp:
+            if label:
+                for name in [*model.classes, UNCERTAIN]:
+                    (tmp / name).mkdir()
+                with open(tmp / "labels.csv", "w", newline="") as fh:
+                    table = csv.writer(fh)
+                    table.writerow(["file", "label", *(f"p_{c}" for c in model.classes)])
+                    write_all(tmp, table)
+            else:
+                write_all(tmp, None)
+    else:
+        write_all(None, None)
+    if grid is not None:
+        images = torch.cat(grid_parts)[:grid_count]
+        save_grid(images, grid, nrow=math.ceil(math.sqrt(len(images))))
+    if label:
+        result.labels = {name: counts.get(name, 0) for name in [*model.classes, UNCERTAIN]}
+    return result

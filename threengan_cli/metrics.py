@@ -1,0 +1,96 @@
+"""Classification metrics from labels and predicted probabilities, in numpy alone.
+
+``classification_metrics`` reports accuracy, balanced accuracy, AUC, sensitivity,
+specificity and F1 as plain Python numbers (JSON-ready). A metric that is undefined on the
+given labels (AUC, sensitivity or F1 without positives; specificity without negatives) is
+``None``, never NaN.
+
+Decision rule: for two classes an image is called ``positive`` when its probability for that
+class is >= ``threshold`` (default 0.5, DESIGN section 5); for more classes it is the argmax.
+Sensitivity, specificity, F1 and AUC are then about ``positive`` against all other classes
+(one-vs-rest); accuracy and balanced accuracy use every class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (K, K): row = true class, column = predicted class."""
+    flat = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
+def predict(probs: np.ndarray, threshold: float = 0.5, positive: int = 1) -> np.ndarray:
+    """Predicted class per row: threshold on ``positive`` for K=2, argmax otherwise."""
+    if probs.shape[1] == 2:
+        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+    return probs.argmax(axis=1)
+
+
+def _average_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied scores sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    mean_rank = last - (counts - 1) / 2.0
+    return mean_rank[inverse.reshape(-1)]
+
+
+def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney U statistic; ties count one half.
+
+    None when positives or negatives are missing, where the AUC is undefined, or when a
+    score is not finite (a diverged model has no ranking to measure).
+    """
+    if not np.isfinite(scores).all():
+        return None
+    n_pos = int(is_positive.sum())
+    n_neg = is_positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _average_ranks(scores)
+    u = ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, positive: int = 1
+) -> dict[str, Any]:
+    """accuracy, balanced_accuracy, auc, sensitivity, specificity, f1, n and the confusion
+    matrix (``confusion[true][predicted]``) of probabilities ``probs`` (N, K) for ``labels``."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be (N, K) with N = {labels.shape[0]}, got {probs.shape}")
+    num_classes = probs.shape[1]
+    if not 0 <= positive < num_classes:
+        raise ValueError(f"positive class {positive} is not one of the {num_classes} classes")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+
+    predictions = predict(probs, threshold, positive)
+    cm = confusion_matrix(labels, predictions, num_classes)
+    support = cm.sum(axis=1)
+    recalls = [cm[k, k] / support[k] for k in range(num_classes) if support[k]]
+
+    tp = cm[positive, positive]
+    fn = support[positive] - tp
+    fp = cm[:, positive].sum() - tp
+    tn = cm.sum() - tp - fn - fp
+    return {
+        "n": int(labels.size),
+        "accuracy": _ratio(np.trace(cm), cm.sum()),
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+        "auc": roc_auc(labels == positive, probs[:, positive]),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None,
+        "confusion": cm.tolist(),
+    }
