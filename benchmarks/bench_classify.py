@@ -48,9 +48,14 @@ def make_model(path: Path, width: int, image_size: int) -> Path:
     torch.manual_seed(0)
     nets = METHODS["3ngan"].networks(settings, 2, image_size)
     meta = {
-        "method": "3ngan", "settings": settings.model_dump(mode="json"),
-        "classes": ["normal", "pneumonia"], "num_classes": 2, "image_size": image_size,
-        "channels": 1, "fit": "squash", "normalisation": NORMALISATION,
+        "method": "3ngan",
+        "settings": settings.model_dump(mode="json"),
+        "classes": ["normal", "pneumonia"],
+        "num_classes": 2,
+        "image_size": image_size,
+        "channels": 1,
+        "fit": "squash",
+        "normalisation": NORMALISATION,
     }
     checkpoints.save(path, meta, {k: v for k, v in nets.items() if k in ("G", "C")})
     return path
@@ -100,8 +105,7 @@ def classify_run(paths: list[str], model, batch_size: int, workers: int) -> floa
     from threengan_cli.classify import classify
 
     t0 = time.perf_counter()
-    n = sum(1 for row in classify(paths, model, batch_size=batch_size, workers=workers)
-            if row.ok)
+    n = sum(1 for row in classify(paths, model, batch_size=batch_size, workers=workers) if row.ok)
     assert n == len(paths), n
     return time.perf_counter() - t0
 
@@ -109,8 +113,7 @@ def classify_run(paths: list[str], model, batch_size: int, workers: int) -> floa
 def inference_rate(model, batch_size: int, batches: int = 20) -> float:
     import torch
 
-    x = torch.randint(0, 256, (batch_size, model.image_size, model.image_size),
-                      dtype=torch.uint8)
+    x = torch.randint(0, 256, (batch_size, model.image_size, model.image_size), dtype=torch.uint8)
     model.predict_proba(x)  # warm-up
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -134,8 +137,9 @@ def throughput(args) -> None:
             mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
             source = f"{len(paths)} synthetic 1500x1300 JPEGs ({mb:.2f} MB each)"
         paths = [str(p) for p in paths]
-        model = load_model(make_model(tmp / "m.safetensors", args.width, args.image_size),
-                           device=args.device)
+        model = load_model(
+            make_model(tmp / "m.safetensors", args.width, args.image_size), device=args.device
+        )
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache
         floors, runs = [], []
         for _ in range(args.repeats):
@@ -144,15 +148,21 @@ def throughput(args) -> None:
         floor_s, run_s = statistics.median(floors), statistics.median(runs)
         n = len(paths)
         print(f"input:      {source}")
-        print(f"machine:    {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} torch threads, device {model.device}")
-        print(f"model:      3ngan C at width {args.width}, {args.image_size}px, batch "
-              f"{args.batch_size}, {workers} decoding workers, median of {args.repeats}")
+        print(
+            f"machine:    {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, device {model.device}"
+        )
+        print(
+            f"model:      3ngan C at width {args.width}, {args.image_size}px, batch "
+            f"{args.batch_size}, {workers} decoding workers, median of {args.repeats}"
+        )
         print(f"floor:      {n / floor_s:8.1f} img/s  (decode+resize only, {floor_s:.2f} s)")
         print(f"classify:   {n / run_s:8.1f} img/s  ({run_s:.2f} s)")
         print(f"ratio:      {run_s / floor_s:8.2f}x  (target <= 1.2x)")
-        print(f"inference:  {inference_rate(model, args.batch_size):8.1f} img/s  "
-              "(model alone on ready batches, all torch threads)")
+        print(
+            f"inference:  {inference_rate(model, args.batch_size):8.1f} img/s  "
+            "(model alone on ready batches, all torch threads)"
+        )
 
 
 def _rss_of(cmd: list[str], stdin_path: Path) -> tuple[float, float]:
@@ -178,17 +188,36 @@ def memory(args) -> None:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (72, 80), dtype=np.uint8), "L").save(path)
             tiny.append(str(path))
-        cmd = [sys.executable, "-m", "threengan_cli", "classify", "-", "--checkpoint", str(ckpt),
-               "--format", "csv", "--quiet", "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--device", args.device]
-        print(f"peak RSS of `threengan classify -` (main process or largest worker), "
-              f"{os.cpu_count()} cores, width {args.width}:")
+        cmd = [
+            sys.executable,
+            "-m",
+            "threengan_cli",
+            "classify",
+            "-",
+            "--checkpoint",
+            str(ckpt),
+            "--format",
+            "csv",
+            "--quiet",
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--device",
+            args.device,
+        ]
+        print(
+            f"peak RSS of `threengan classify -` (main process or largest worker), "
+            f"{os.cpu_count()} cores, width {args.width}:"
+        )
         for n in (1_000, 100_000):
             listing = tmp / f"list_{n}.txt"
             listing.write_text("".join(f"{tiny[i % 100]}\n" for i in range(n)))
             seconds, peak = _rss_of(cmd, listing)
-            print(f"  {n:>7,} paths: {peak:7.1f} MB peak RSS, {seconds:6.1f} s "
-                  f"({n / seconds:.0f} img/s)")
+            print(
+                f"  {n:>7,} paths: {peak:7.1f} MB peak RSS, {seconds:6.1f} s "
+                f"({n / seconds:.0f} img/s)"
+            )
 
 
 def main() -> None:

@@ -77,8 +77,9 @@ def main() -> int:
         times["plain floor"].append(floor(files, args.image_size, workers, draft=False))
         times["prepare"].append(run_prepare(args.source, args.image_size, workers))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{len(files)} images, {workers} workers, size {args.image_size}, "
-          f"median of {args.repeats}")
+    print(
+        f"{len(files)} images, {workers} workers, size {args.image_size}, median of {args.repeats}"
+    )
     for key, value in med.items():
         print(f"  {key:12s} {value:7.2f} s   ({', '.join(f'{t:.2f}' for t in times[key])})")
     print(f"  prepare / draft floor = {med['prepare'] / med['draft floor']:.2f}x")

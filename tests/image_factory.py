@@ -13,8 +13,9 @@ def pixels(seed: int, h: int = 24, w: int = 24) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
 
 
-def save(path: Path, seed: int = 0, mode: str = "L", size: tuple[int, int] = (24, 24),
-         **kwargs) -> Path:
+def save(
+    path: Path, seed: int = 0, mode: str = "L", size: tuple[int, int] = (24, 24), **kwargs
+) -> Path:
     """Write an image of ``mode`` at ``size`` (w, h); the format follows the suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,8 +25,9 @@ def save(path: Path, seed: int = 0, mode: str = "L", size: tuple[int, int] = (24
     return path
 
 
-def class_tree(root: Path, counts: dict[str, int], prefix: str = "img", seed: int = 0,
-               suffix: str = ".png") -> Path:
+def class_tree(
+    root: Path, counts: dict[str, int], prefix: str = "img", seed: int = 0, suffix: str = ".png"
+) -> Path:
     """``root/<class>/<prefix>-<i>.png`` with distinct content; returns ``root``."""
     for c, (name, n) in enumerate(sorted(counts.items())):
         for i in range(n):

@@ -74,8 +74,9 @@ def test_folder_without_images_is_an_error_row_with_a_hint(tmp_path, model):
 def test_glob_patterns_are_expanded_sorted_and_an_empty_match_is_an_error(tmp_path, model):
     root = _tree(tmp_path / "data")
     rows = list(
-        classify([str(root / "*.png"), str(root / "**" / "*.png"), str(root / "*.bmp")],
-                 model, workers=1)
+        classify(
+            [str(root / "*.png"), str(root / "**" / "*.png"), str(root / "*.bmp")], model, workers=1
+        )
     )
     assert _paths(rows) == ["b.png", "b.png", "c.png", "d.png", "*.bmp"]
     assert rows[-1].error == "no file matches this pattern"
@@ -93,8 +94,9 @@ def test_paths_are_read_lazily_from_stdin_with_dash(tmp_path, model):
 def test_inputs_are_streamed_not_collected_first(tmp_path, model):
     """An endless input stream still yields rows: nothing waits for the end of the input."""
     path = str(write_image(tmp_path / "a.png"))
-    rows = list(itertools.islice(classify(itertools.repeat(path), model, batch_size=4,
-                                          workers=2), 10))
+    rows = list(
+        itertools.islice(classify(itertools.repeat(path), model, batch_size=4, workers=2), 10)
+    )
     assert len(rows) == 10 and all(r.ok for r in rows)
 
 
@@ -210,8 +212,7 @@ def test_checkpoint_without_the_classifier_is_a_clear_error(tmp_path):
 
 
 def test_default_shape_checkpoint_with_g_and_c_classifies(tmp_path):
-    small = load_model(make_checkpoint(tmp_path / "gc.safetensors", keep=("G", "C")),
-                       device="cpu")
+    small = load_model(make_checkpoint(tmp_path / "gc.safetensors", keep=("G", "C")), device="cpu")
     row = next(classify([str(write_image(tmp_path / "x.png"))], small, workers=1))
     assert row.ok
 
@@ -254,8 +255,18 @@ def test_cli_csv_is_the_default_when_piped_with_one_column_per_class(tmp_path, c
 
 def test_cli_json_has_a_header_with_model_and_threshold(tmp_path, ckpt):
     write_image(tmp_path / "a.png")
-    result = _cli(str(tmp_path / "a.png"), str(tmp_path / "gone.png"), "--checkpoint",
-                  str(ckpt), "-f", "json", "--threshold", "0.7", "--workers", "1")
+    result = _cli(
+        str(tmp_path / "a.png"),
+        str(tmp_path / "gone.png"),
+        "--checkpoint",
+        str(ckpt),
+        "-f",
+        "json",
+        "--threshold",
+        "0.7",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 3, result.stderr
     doc = json.loads(result.stdout)
     assert doc["model"].startswith("m.safetensors@") and doc["threshold"] == 0.7
@@ -266,11 +277,13 @@ def test_cli_json_has_a_header_with_model_and_threshold(tmp_path, ckpt):
 
 def test_cli_jsonl_and_table_formats(tmp_path, ckpt):
     write_image(tmp_path / "a.png")
-    lines = _cli(str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-f", "jsonl",
-                 "--workers", "1").stdout.splitlines()
+    lines = _cli(
+        str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-f", "jsonl", "--workers", "1"
+    ).stdout.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["label"] in ("normal", "pneumonia")
-    table = _cli(str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-f", "table",
-                 "--workers", "1").stdout.splitlines()
+    table = _cli(
+        str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-f", "table", "--workers", "1"
+    ).stdout.splitlines()
     assert table[0].split() == ["label", "p_normal", "p_pneumonia", "path"]
     assert table[1].endswith("a.png")
 
@@ -278,8 +291,9 @@ def test_cli_jsonl_and_table_formats(tmp_path, ckpt):
 def test_cli_output_file_takes_its_format_from_the_suffix(tmp_path, ckpt):
     write_image(tmp_path / "a.png")
     out = tmp_path / "res" / "out.json"
-    result = _cli(str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-o", str(out),
-                  "--workers", "1")
+    result = _cli(
+        str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-o", str(out), "--workers", "1"
+    )
     assert result.exit_code == 0 and result.stdout == ""
     assert json.loads(out.read_text())["rows"][0]["path"].endswith("a.png")
 
@@ -325,8 +339,9 @@ def test_cli_settings_come_from_a_config_file(tmp_path, ckpt):
     write_image(tmp_path / "d" / "sub" / "a.png")
     config = tmp_path / "c.toml"
     config.write_text("[classify]\nrecursive = true\nthreshold = 0.25\nworkers = 1\n")
-    result = _cli(str(tmp_path / "d"), "--checkpoint", str(ckpt), "--config", str(config),
-                  "-f", "json")
+    result = _cli(
+        str(tmp_path / "d"), "--checkpoint", str(ckpt), "--config", str(config), "-f", "json"
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["threshold"] == 0.25 and len(doc["rows"]) == 1

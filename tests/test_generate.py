@@ -116,9 +116,26 @@ def test_needs_g_and_for_labels_a_classifier(tmp_path):
 # --------------------------------------------------------------------------------- CLI
 def test_cli_generate_json_and_files(tmp_path, ckpt):
     out = tmp_path / "synth"
-    result = runner.invoke(app, ["generate", "--checkpoint", str(ckpt), "--count", "5", "--out",
-                                 str(out), "--grid", str(tmp_path / "g.png"), "--label",
-                                 "--tau", "0", "--seed", "2", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--checkpoint",
+            str(ckpt),
+            "--count",
+            "5",
+            "--out",
+            str(out),
+            "--grid",
+            str(tmp_path / "g.png"),
+            "--label",
+            "--tau",
+            "0",
+            "--seed",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["count"] == 5 and doc["seed"] == 2 and sum(doc["labels"].values()) == 5

@@ -42,8 +42,7 @@ def test_prepare_class_folders_writes_a_loadable_dataset(tmp_path):
     assert ds.images.shape == (10, 16, 16) and ds.images.dtype == np.uint8
     assert ds.labels.dtype == np.int64 and ds.split.dtype == np.uint8
     assert sorted(ds.labels.tolist()) == [0] * 4 + [1] * 6
-    assert {p.name for p in out.iterdir()} == {"data.safetensors", "manifest.json",
-                                                 "settings.json"}
+    assert {p.name for p in out.iterdir()} == {"data.safetensors", "manifest.json", "settings.json"}
     assert ds.manifest["format_version"] == 1 and len(ds.manifest["images"]) == 10
     assert ds.subset("train")[0].shape == (10, 16, 16) and len(ds.subset("test")[0]) == 0
 
@@ -59,8 +58,9 @@ def test_prepare_in_parallel_matches_in_process(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 8, "b": 8})
     prepare(src, tmp_path / "one", settings(workers=1))
     prepare(src, tmp_path / "two", settings(workers=2))
-    np.testing.assert_array_equal(load_prepared(tmp_path / "one").images,
-                                  load_prepared(tmp_path / "two").images)
+    np.testing.assert_array_equal(
+        load_prepared(tmp_path / "one").images, load_prepared(tmp_path / "two").images
+    )
 
 
 def test_kermany_layout_keeps_test_and_carves_val_by_patient(tmp_path):
@@ -71,8 +71,10 @@ def test_kermany_layout_keeps_test_and_carves_val_by_patient(tmp_path):
     assert report.val_carved and report.source_val_images == 4
     assert "joined train" in report.val_note
     ds = load_prepared(tmp_path / "ds")
-    patients = {s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
-                for s in ("train", "val")}
+    patients = {
+        s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
+        for s in ("train", "val")
+    }
     assert patients["val"] and not patients["train"] & patients["val"]
     assert sum(report.counts["train"].values()) + sum(report.counts["val"].values()) == 44
 
@@ -94,12 +96,15 @@ def test_duplicates_are_dropped_from_train_but_kept_in_test_and_leakage_removed(
     shutil.copy(test_normal / "IM-0900-0001.jpeg", test_normal / "IM-0999-0001.jpeg")  # test dup
     shutil.copy(test_normal / "IM-0901-0001.jpeg", normal / "IM-0098-0001.jpeg")  # leak
     report = prepare(src, tmp_path / "ds", settings(val_fraction=0.0))
-    assert report.duplicates_dropped == [("train/NORMAL/IM-0099-0001.jpeg",
-                                          "train/NORMAL/IM-0000-0001.jpeg")]
-    assert report.test_duplicates == [("test/NORMAL/IM-0999-0001.jpeg",
-                                       "test/NORMAL/IM-0900-0001.jpeg")]
-    assert report.leakage_removed == [("train/NORMAL/IM-0098-0001.jpeg",
-                                       "test/NORMAL/IM-0901-0001.jpeg")]
+    assert report.duplicates_dropped == [
+        ("train/NORMAL/IM-0099-0001.jpeg", "train/NORMAL/IM-0000-0001.jpeg")
+    ]
+    assert report.test_duplicates == [
+        ("test/NORMAL/IM-0999-0001.jpeg", "test/NORMAL/IM-0900-0001.jpeg")
+    ]
+    assert report.leakage_removed == [
+        ("train/NORMAL/IM-0098-0001.jpeg", "test/NORMAL/IM-0901-0001.jpeg")
+    ]
     assert report.counts["test"]["NORMAL"] == 5 and report.counts["train"]["NORMAL"] == 6
 
 
@@ -119,8 +124,12 @@ def test_prepare_skips_unreadable_files_and_counts_them(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     report = prepare(src, tmp_path / "ds", settings())
     reasons = dict(report.skipped)
-    assert reasons[".DS_Store"] == reasons["a/.DS_Store"] == reasons["a/notes.txt"] == (
-        "not an image file")
+    assert (
+        reasons[".DS_Store"]
+        == reasons["a/.DS_Store"]
+        == reasons["a/notes.txt"]
+        == ("not an image file")
+    )
     assert reasons["a/empty.png"] == "zero-byte file"
     assert reasons["a/text.png"] == "not an image"
     assert reasons["b/cut.jpg"] == "truncated image"
@@ -166,8 +175,12 @@ def test_strict_fails_on_unreadable_images_and_writes_nothing(tmp_path):
         (lambda p: p.mkdir(), "no class folders"),
         (lambda p: class_tree(p, {"only": 3}), "only one class"),
         (lambda p: (p.mkdir(), (p / "a").mkdir(), (p / "b").mkdir()), "no images found"),
-        (lambda p: [(p / c).mkdir(parents=True) or (p / c / "x.png").write_text("no")
-                    for c in "ab"], "nothing readable"),
+        (
+            lambda p: [
+                (p / c).mkdir(parents=True) or (p / c / "x.png").write_text("no") for c in "ab"
+            ],
+            "nothing readable",
+        ),
     ],
     ids=["missing", "empty", "one-class", "empty-classes", "nothing-readable"],
 )
@@ -220,15 +233,21 @@ def test_npz_source_with_column_labels_and_rgb_images(tmp_path):
     )
     report = prepare(tmp_path / "mini.npz", tmp_path / "ds", settings(min_val=2))
     assert report.source_kind == "npz" and report.classes == ["0", "1"]
-    assert report.counts == {"train": {"0": 5, "1": 5}, "val": {"0": 2, "1": 2},
-                             "test": {"0": 3, "1": 3}}
+    assert report.counts == {
+        "train": {"0": 5, "1": 5},
+        "val": {"0": 2, "1": 2},
+        "test": {"0": 3, "1": 3},
+    }
     assert load_prepared(tmp_path / "ds").images.shape == (20, 16, 16)
 
 
 def test_npz_gray_source(tmp_path):
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "g.npz", train_images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
-             train_labels=np.array([0, 1] * 4))
+    np.savez(
+        tmp_path / "g.npz",
+        train_images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+        train_labels=np.array([0, 1] * 4),
+    )
     report = prepare(tmp_path / "g.npz", tmp_path / "ds", settings(val_fraction=0.25))
     assert sum(report.counts["val"].values()) == 2
 
@@ -281,11 +300,16 @@ def test_custom_patient_pattern_groups_the_val_carve(tmp_path):
         for p in range(5):
             for v in range(3):
                 save(tmp_path / "src" / c / f"{c}pt{p}-v{v}.png", seed=hash((c, p, v)) % 10**6)
-    prepare(tmp_path / "src", tmp_path / "ds", settings(patient_pattern=r"(\w+pt\d+)-",
-                                                        val_fraction=0.4))
+    prepare(
+        tmp_path / "src",
+        tmp_path / "ds",
+        settings(patient_pattern=r"(\w+pt\d+)-", val_fraction=0.4),
+    )
     ds = load_prepared(tmp_path / "ds")
-    by_split = {s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
-                for s in ("train", "val")}
+    by_split = {
+        s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
+        for s in ("train", "val")
+    }
     assert by_split["val"] and not by_split["train"] & by_split["val"]
     assert all(len(by_split[s]) for s in by_split)
 

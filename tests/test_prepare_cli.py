@@ -35,8 +35,9 @@ def test_prepare_prints_a_table_and_lands_under_the_home(tmp_path, threengan_hom
 
 def test_prepare_json_report_is_machine_readable(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 3, "b": 3})
-    result = run("prepare", src, "--out", tmp_path / "ds", "--json", "--image-size", "16",
-                 "--workers", "1")
+    result = run(
+        "prepare", src, "--out", tmp_path / "ds", "--json", "--image-size", "16", "--workers", "1"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["counts"]["train"] == {"a": 3, "b": 3} and report["image_size"] == 16
@@ -77,11 +78,22 @@ def test_bad_setting_is_a_usage_error(tmp_path):
 def test_config_file_applies_and_flags_override_it(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     (tmp_path / "c.toml").write_text("[prepare]\nimage_size = 8\nworkers = 1\n")
-    result = run("prepare", src, "--out", tmp_path / "ds", "--config", tmp_path / "c.toml",
-                 "--json")
+    result = run(
+        "prepare", src, "--out", tmp_path / "ds", "--config", tmp_path / "c.toml", "--json"
+    )
     assert json.loads(result.stdout)["image_size"] == 8
-    result = run("prepare", src, "--out", tmp_path / "ds", "--config", tmp_path / "c.toml",
-                 "--image-size", "12", "--json", "--force")
+    result = run(
+        "prepare",
+        src,
+        "--out",
+        tmp_path / "ds",
+        "--config",
+        tmp_path / "c.toml",
+        "--image-size",
+        "12",
+        "--json",
+        "--force",
+    )
     assert json.loads(result.stdout)["image_size"] == 12
 
 
@@ -123,8 +135,10 @@ def test_real_kermany_download_prepares_with_its_known_properties(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert sorted(report["skipped"]) == [
-        [".DS_Store", "not an image file"], ["test/.DS_Store", "not an image file"],
-        ["train/.DS_Store", "not an image file"]]
+        [".DS_Store", "not an image file"],
+        ["test/.DS_Store", "not an image file"],
+        ["train/.DS_Store", "not an image file"],
+    ]
     assert len(report["duplicates_dropped"]) == 26
     assert len(report["test_duplicates"]) == 6 and report["leakage_removed"] == []
     assert report["counts"]["test"] == {"NORMAL": 234, "PNEUMONIA": 390}
@@ -132,7 +146,9 @@ def test_real_kermany_download_prepares_with_its_known_properties(tmp_path):
     from threengan_cli.datasets import load_prepared
 
     ds = load_prepared(tmp_path / "kermany")
-    by_split = {s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
-                for s in ("train", "val")}
+    by_split = {
+        s: {m["patient"] for m in ds.manifest["images"] if m["split"] == s}
+        for s in ("train", "val")
+    }
     assert by_split["val"] and not by_split["train"] & by_split["val"]
     assert ds.images.shape == (5830, 64, 64)

@@ -180,7 +180,9 @@ def _executor(workers: int) -> Executor:
     fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
     context = multiprocessing.get_context("fork" if fork else None)
     return ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker,
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
         initargs=(Image.MAX_IMAGE_PIXELS,),
     )
 

@@ -34,8 +34,7 @@ app = typer.Typer(
     "and a classifier trained together.\n\n"
     "Typical use: [bold]threengan prepare[/] a folder of X-rays, [bold]threengan train[/] "
     "a model on it, then [bold]threengan classify[/] new images.",
-    epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, "
-    "130 interrupted.",
+    epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, 130 interrupted.",
 )
 
 # Messages and progress go to stderr; stdout carries only data (JSON, CSV, tables asked for).
@@ -94,7 +93,9 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", help="Show the version and exit.", callback=_version_callback,
+            "--version",
+            help="Show the version and exit.",
+            callback=_version_callback,
             is_eager=True,
         ),
     ] = False,
@@ -139,7 +140,8 @@ def prepare(
         typer.Argument(
             help="A folder of class folders, a folder of train/ val/ test/ class folders, "
             "a MedMNIST .npz, or a CSV of path,label[,split].",
-            exists=True, show_default=False,
+            exists=True,
+            show_default=False,
         ),
     ],
     name: Annotated[
@@ -148,21 +150,28 @@ def prepare(
     ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="Write the dataset to this folder instead (overrides --name).",
-                     file_okay=False),
+        typer.Option(
+            "--out",
+            help="Write the dataset to this folder instead (overrides --name).",
+            file_okay=False,
+        ),
     ] = None,
     image_size: Annotated[
         int | None, typer.Option(help="Side of the square images, px \\[default: 64].")
     ] = None,
     fit: Annotated[
         str | None,
-        typer.Option(help="Non-square images: squash (resize, as the paper), crop (centre "
-                     "square) or pad (black borders) \\[default: squash]."),
+        typer.Option(
+            help="Non-square images: squash (resize, as the paper), crop (centre "
+            "square) or pad (black borders) \\[default: squash]."
+        ),
     ] = None,
     val_fraction: Annotated[
         float | None,
-        typer.Option(help="Share of train carved as a patient-grouped val split when the "
-                     "source has none, or one smaller than min_val \\[default: 0.1]."),
+        typer.Option(
+            help="Share of train carved as a patient-grouped val split when the "
+            "source has none, or one smaller than min_val \\[default: 0.1]."
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the val carve \\[default: 0].")] = None,
     workers: Annotated[
@@ -170,13 +179,18 @@ def prepare(
     ] = None,
     patient_pattern: Annotated[
         str | None,
-        typer.Option(help="Regex whose first group is the patient id, searched in file names "
-                     "\\[default: Kermany's person<id>_ / IM-<id>-].")
+        typer.Option(
+            help="Regex whose first group is the patient id, searched in file names "
+            "\\[default: Kermany's person<id>_ / IM-<id>-]."
+        ),
     ] = None,
     strict: Annotated[
         bool | None,
-        typer.Option("--strict", help="Fail (exit 1, nothing written) if any image file "
-                     "cannot be read. Non-image names such as .DS_Store never count."),
+        typer.Option(
+            "--strict",
+            help="Fail (exit 1, nothing written) if any image file "
+            "cannot be read. Non-image names such as .DS_Store never count.",
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing prepared dataset.")
@@ -213,8 +227,15 @@ def prepare(
     from threengan_cli.datasets import prepare as run_prepare
 
     cfg = settings_or_exit(
-        "prepare", config, image_size=image_size, fit=fit, val_fraction=val_fraction,
-        seed=seed, workers=workers, patient_pattern=patient_pattern, strict=strict,
+        "prepare",
+        config,
+        image_size=image_size,
+        fit=fit,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=workers,
+        patient_pattern=patient_pattern,
+        strict=strict,
     )
     if out_dir is not None:
         target = out_dir
@@ -229,8 +250,12 @@ def prepare(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
         progress = Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), console=err, transient=True,
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
         )
     task_id = None
 
@@ -267,14 +292,20 @@ def prepare(
         table.add_column("total", justify="right")
         table.add_column("patients", justify="right")
         for split, row in report.counts.items():
-            table.add_row(split, *(str(row[c]) for c in report.classes), str(sum(row.values())),
-                          str(report.patients.get(split, 0)))
+            table.add_row(
+                split,
+                *(str(row[c]) for c in report.classes),
+                str(sum(row.values())),
+                str(report.patients.get(split, 0)),
+            )
         out.print(table)
     if not quiet:
         note(f"val: {report.val_note}")
-        note(f"duplicates dropped from train/val: {len(report.duplicates_dropped)}; "
-             f"duplicates inside test (kept): {len(report.test_duplicates)}; "
-             f"train/val images also in test (removed): {len(report.leakage_removed)}")
+        note(
+            f"duplicates dropped from train/val: {len(report.duplicates_dropped)}; "
+            f"duplicates inside test (kept): {len(report.test_duplicates)}; "
+            f"train/val images also in test (removed): {len(report.leakage_removed)}"
+        )
         note(f"wrote {report.path} in {report.seconds:.1f} s")
     if report.skipped:
         warn(f"{len(report.skipped)} files skipped ({len(report.unreadable)} unreadable images)")
@@ -310,9 +341,16 @@ def datasets(as_json: JsonOpt = False) -> None:
             table.add_row(d["name"], "", "", "", "", "", f"[red]{d['error']}[/]", d["path"])
             continue
         s = d["splits"]
-        table.add_row(d["name"], str(d["images"]), str(s.get("train", 0)), str(s.get("val", 0)),
-                      str(s.get("test", 0)), str(d["image_size"]), ", ".join(d["classes"]),
-                      d["path"])
+        table.add_row(
+            d["name"],
+            str(d["images"]),
+            str(s.get("train", 0)),
+            str(s.get("val", 0)),
+            str(s.get("test", 0)),
+            str(d["image_size"]),
+            ", ".join(d["classes"]),
+            d["path"],
+        )
     out.print(table)
 
 
@@ -371,7 +409,11 @@ class _TrainView:
 
     def _start(self, event) -> None:
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
@@ -389,8 +431,13 @@ class _TrainView:
         )
         total = event.steps_per_epoch * event.epochs
         self.task = self.progress.add_task(
-            "train", total=total, completed=event.start_epoch * event.steps_per_epoch,
-            epoch=str(event.start_epoch + 1), epochs=str(event.epochs), rate="", info="",
+            "train",
+            total=total,
+            completed=event.start_epoch * event.steps_per_epoch,
+            epoch=str(event.start_epoch + 1),
+            epochs=str(event.epochs),
+            rate="",
+            info="",
         )
         self.batch = event.train_images / max(event.steps_per_epoch, 1)
         self.progress.start()
@@ -426,19 +473,30 @@ def train(
         int | None,
         typer.Option(help="Labelled training images N (N/2 per class, by seed). [default: all]"),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the N images. [default: 100]")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Passes over the N images. [default: 100]")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size. [default: 10]")] = None,
-    tau: Annotated[float | None, typer.Option(help="Pseudo-label confidence. [default: 0.9]")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of the KL term. [default: 0.3]")] = None,
+    tau: Annotated[
+        float | None, typer.Option(help="Pseudo-label confidence. [default: 0.9]")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Weight of the KL term. [default: 0.3]")
+    ] = None,
     lam: Annotated[
         float | None, typer.Option(help="Weight of the pseudo-label loss. [default: 0.01]")
     ] = None,
     kl: Annotated[
-        str | None, typer.Option(help="KL term: batch-mean, per-pair or none. [default: batch-mean]")
+        str | None,
+        typer.Option(help="KL term: batch-mean, per-pair or none. [default: batch-mean]"),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate. [default: 2e-4]")] = None,
-    width: Annotated[int | None, typer.Option(help="Network width ngf = ndf. [default: 64]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of subset, init and batches. [default: 0]")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Network width ngf = ndf. [default: 64]")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of subset, init and batches. [default: 0]")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
     ] = None,
@@ -476,9 +534,21 @@ def train(
 
     from threengan_cli import paths
 
-    flags = dict(method=method, size=size, epochs=epochs, batch_size=batch_size, tau=tau,
-                 alpha=alpha, lam=lam, kl=kl, lr=lr, width=width, seed=seed, device=device,
-                 precision=precision)
+    flags = {
+        "method": method,
+        "size": size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "tau": tau,
+        "alpha": alpha,
+        "lam": lam,
+        "kl": kl,
+        "lr": lr,
+        "width": width,
+        "seed": seed,
+        "device": device,
+        "precision": precision,
+    }
     if resume is not None:
         run_dir = paths.resolve_run(resume)
         if not (run_dir / "settings.json").is_file():
@@ -509,8 +579,10 @@ def train(
             )
         run_dir = _run_dir_for(dataset, cfg, name, out_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
-            fail(f"{run_dir} already holds a run: use --resume {run_dir} or another --name",
-                 EXIT_USAGE)
+            fail(
+                f"{run_dir} already holds a run: use --resume {run_dir} or another --name",
+                EXIT_USAGE,
+            )
 
     from threengan_cli import training
     from threengan_cli.checkpoints import CheckpointError
@@ -518,8 +590,9 @@ def train(
 
     view = _TrainView(quiet)
     try:
-        summary = training.train(dataset_dir, cfg, run_dir, resume=resume is not None,
-                                 on_event=view)
+        summary = training.train(
+            dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
+        )
     except training.Interrupted as exc:
         view.close()
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
@@ -585,9 +658,13 @@ class _RowWriter:
             self.csv.writerow(self.columns)
         elif self.fmt == "json":
             head = json.dumps(
-                {"model": self.model.model_id, "method": self.model.method,
-                 "threshold": self.threshold, "classes": self.classes,
-                 "image_size": self.model.image_size}
+                {
+                    "model": self.model.model_id,
+                    "method": self.model.method,
+                    "threshold": self.threshold,
+                    "classes": self.classes,
+                    "image_size": self.model.image_size,
+                }
             )
             self.stream.write(head[:-1] + ', "rows": [')
         elif self.fmt == "table":
@@ -624,8 +701,9 @@ class _RowWriter:
 
     def end(self, summary: dict[str, int]) -> None:
         if self.fmt == "json":
-            self.stream.write(("\n" if not self.first else "") + '], "summary": '
-                              + json.dumps(summary) + "}\n")
+            self.stream.write(
+                ("\n" if not self.first else "") + '], "summary": ' + json.dumps(summary) + "}\n"
+            )
         self.stream.flush()
 
 
@@ -683,27 +761,34 @@ def classify(
     fmt: Annotated[
         str | None,
         typer.Option(
-            "--format", "-f",
+            "--format",
+            "-f",
             help="table, csv, json or jsonl \\[default: from --output's suffix; else table "
             "on a terminal, csv when piped].",
         ),
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write the results to this file (complete or not "
-                     "at all) instead of stdout.", dir_okay=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the results to this file (complete or not at all) instead of stdout.",
+            dir_okay=False,
+        ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward pass and per decoding job "
-                                 "\\[default: 64].")
+        int | None,
+        typer.Option(help="Images per forward pass and per decoding job \\[default: 64]."),
     ] = None,
     workers: Annotated[
         int | None, typer.Option(help="Decoding processes; 0 = all cores \\[default: 0].")
     ] = None,
     threshold: Annotated[
         float | None,
-        typer.Option(help="Two classes: the second (pneumonia) when its probability is at "
-                     "least this \\[default: 0.5]."),
+        typer.Option(
+            help="Two classes: the second (pneumonia) when its probability is at "
+            "least this \\[default: 0.5]."
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps \\[default: auto].")
@@ -740,11 +825,18 @@ def classify(
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
     """
     if not inputs:
-        fail("give at least one PATH (a file, folder or glob), or - to read paths from stdin",
-             EXIT_USAGE)
+        fail(
+            "give at least one PATH (a file, folder or glob), or - to read paths from stdin",
+            EXIT_USAGE,
+        )
     cfg = settings_or_exit(
-        "classify", config, batch_size=batch_size, workers=workers, threshold=threshold,
-        device=device, recursive=recursive,
+        "classify",
+        config,
+        batch_size=batch_size,
+        workers=workers,
+        threshold=threshold,
+        device=device,
+        recursive=recursive,
     )
     if fmt is None:
         if output is not None:
@@ -766,8 +858,10 @@ def classify(
     except ModelError as exc:
         fail(str(exc))
     if not quiet:
-        note(f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
-             f"{', '.join(model.classes)}), threshold {cfg.threshold}, device {model.device}")
+        note(
+            f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
+            f"{', '.join(model.classes)}), threshold {cfg.threshold}, device {model.device}"
+        )
 
     counts = {"inputs": 0, "classified": 0, "errors": 0}
     listed = 0
@@ -777,8 +871,14 @@ def classify(
         nonlocal listed
         writer = _RowWriter(fmt, stream, model, cfg.threshold)
         writer.begin()
-        rows = run_classify(inputs, model, batch_size=cfg.batch_size, workers=cfg.workers,
-                            threshold=cfg.threshold, recursive=cfg.recursive)
+        rows = run_classify(
+            inputs,
+            model,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            threshold=cfg.threshold,
+            recursive=cfg.recursive,
+        )
         for row in rows:
             writer.write(row)
             counts["inputs"] += 1
@@ -831,26 +931,33 @@ def generate(
     count: Annotated[int | None, typer.Option(help="Images to make \\[default: 64].")] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for gen_00000.png ...; must not exist or be empty "
-                     "\\[default: ./generated, unless only --grid is given].", file_okay=False),
+        typer.Option(
+            "--out",
+            help="Folder for gen_00000.png ...; must not exist or be empty "
+            "\\[default: ./generated, unless only --grid is given].",
+            file_okay=False,
+        ),
     ] = None,
     grid: Annotated[
         Path | None,
-        typer.Option("--grid", help="Also write a PNG grid of the first (up to 64) images.",
-                     dir_okay=False),
+        typer.Option(
+            "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
+        ),
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Same seed, same images \\[default: 0].")
-    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same images \\[default: 0].")] = None,
     label: Annotated[
         bool,
-        typer.Option("--label", help="Label each image with the classifier: one sub-folder per "
-                     "class, uncertain/ below --tau, and labels.csv."),
+        typer.Option(
+            "--label",
+            help="Label each image with the classifier: one sub-folder per "
+            "class, uncertain/ below --tau, and labels.csv.",
+        ),
     ] = False,
     tau: Annotated[
         float | None,
-        typer.Option(help="With --label: least top probability to count as labelled "
-                     "\\[default: 0.9]."),
+        typer.Option(
+            help="With --label: least top probability to count as labelled \\[default: 0.9]."
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps \\[default: auto].")
@@ -892,8 +999,16 @@ def generate(
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
     view = _RateView(not quiet and err.is_terminal, total=total, what="generating")
     try:
-        result = run_generate(model, cfg.count, cfg.seed, out_dir, grid, label=label,
-                              tau=cfg.tau, on_progress=view.update)
+        result = run_generate(
+            model,
+            cfg.count,
+            cfg.seed,
+            out_dir,
+            grid,
+            label=label,
+            tau=cfg.tau,
+            on_progress=view.update,
+        )
     except KeyboardInterrupt:
         view.close()
         note("interrupted; nothing was written")

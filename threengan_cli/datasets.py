@@ -59,9 +59,14 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 NOT_AN_IMAGE = "not an image file"
 LINKED_FOLDER = "link to a folder (not followed)"
@@ -320,11 +325,14 @@ def _scan_npz(source: Path) -> _Source:
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1:
-            raise DatasetError(f"{source}: {split}_labels has shape {labels.shape}; "
-                               "multi-label data is not supported")
+            raise DatasetError(
+                f"{source}: {split}_labels has shape {labels.shape}; "
+                "multi-label data is not supported"
+            )
         if imgs.ndim not in (3, 4) or len(imgs) != len(labels):
-            raise DatasetError(f"{source}: {split}_images shape {imgs.shape} does not match "
-                               f"{len(labels)} labels")
+            raise DatasetError(
+                f"{source}: {split}_images shape {imgs.shape} does not match {len(labels)} labels"
+            )
         labels_by_split[split] = labels.astype(np.int64)
         image_arrays[split] = imgs
     values = sorted({int(v) for labels in labels_by_split.values() for v in labels})
@@ -383,8 +391,9 @@ def _decode_files(
     # A few chunks per worker keeps inter-process overhead small without leaving a core idle
     # at the end; results come back in order.
     chunksize = max(1, min(64, total // (workers * 8)))
-    executor = ProcessPoolExecutor(workers, initializer=_init_worker,
-                                   initargs=(Image.MAX_IMAGE_PIXELS,))
+    executor = ProcessPoolExecutor(
+        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,)
+    )
     try:
         for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):
             yield result
@@ -502,8 +511,11 @@ def prepare(
     unreadable = [s for s in skipped if s[1] not in _HARMLESS]
     if not kept_items:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise DatasetError(f"nothing readable in {source}: {len(skipped)} files skipped{first}"
-                           if skipped else f"no images found in {source}")
+        raise DatasetError(
+            f"nothing readable in {source}: {len(skipped)} files skipped{first}"
+            if skipped
+            else f"no images found in {source}"
+        )
     if settings.strict and unreadable:
         raise DatasetError(
             f"{len(unreadable)} image files could not be read and --strict is set "
@@ -566,43 +578,69 @@ def prepare(
         for item in val:
             item.split = "val"
         val_carved = True
-        note = (f"carved {len(val)} images ({settings.val_fraction:.0%} of train, stratified, "
-                f"patient-grouped, seed {settings.seed})")
+        note = (
+            f"carved {len(val)} images ({settings.val_fraction:.0%} of train, stratified, "
+            f"patient-grouped, seed {settings.seed})"
+        )
         if source_val:
-            note += (f"; the source val split ({len(source_val)} images, fewer than min_val "
-                     f"{settings.min_val}) joined train first")
+            note += (
+                f"; the source val split ({len(source_val)} images, fewer than min_val "
+                f"{settings.min_val}) joined train first"
+            )
     else:
         val = source_val
-        note = (f"kept the source val split ({len(val)} images)" if val
-                else "no val split (val_fraction is 0)")
+        note = (
+            f"kept the source val split ({len(val)} images)"
+            if val
+            else "no val split (val_fraction is 0)"
+        )
 
-    final = (sorted(train, key=lambda i: i.path) + sorted(val, key=lambda i: i.path)
-             + sorted(test, key=lambda i: i.path))
+    final = (
+        sorted(train, key=lambda i: i.path)
+        + sorted(val, key=lambda i: i.path)
+        + sorted(test, key=lambda i: i.path)
+    )
     counts = {s: dict.fromkeys(src.classes, 0) for s in SPLITS}
     for item in final:
         counts[item.split][src.classes[item.label]] += 1
     patients = {
-        s: len({i.patient for i in final if i.split == s and i.patient is not None})
-        for s in SPLITS
+        s: len({i.patient for i in final if i.split == s and i.patient is not None}) for s in SPLITS
     }
     train_patients = {i.patient for i in final if i.split == "train" and i.patient}
     test_patients = {i.patient for i in final if i.split == "test" and i.patient}
     shared_test = len(train_patients & test_patients)
 
     report = PrepareReport(
-        path=out, source=str(source), source_kind=src.kind, classes=list(src.classes),
-        counts=counts, image_size=size, skipped=skipped, duplicates_dropped=dropped,
-        test_duplicates=test_duplicates, leakage_removed=leakage, val_carved=val_carved,
-        val_note=note, source_val_images=len(source_val), val_patient_moves=moves,
-        patients=patients, patients_shared_train_test=shared_test,
+        path=out,
+        source=str(source),
+        source_kind=src.kind,
+        classes=list(src.classes),
+        counts=counts,
+        image_size=size,
+        skipped=skipped,
+        duplicates_dropped=dropped,
+        test_duplicates=test_duplicates,
+        leakage_removed=leakage,
+        val_carved=val_carved,
+        val_note=note,
+        source_val_images=len(source_val),
+        val_patient_moves=moves,
+        patients=patients,
+        patients_shared_train_test=shared_test,
     )
     _write(out, final, src, settings, report, force)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
-def _write(out: Path, final: list[_Item], src: _Source, settings: PrepareSettings,
-           report: PrepareReport, force: bool) -> None:
+def _write(
+    out: Path,
+    final: list[_Item],
+    src: _Source,
+    settings: PrepareSettings,
+    report: PrepareReport,
+    force: bool,
+) -> None:
     from safetensors.numpy import save_file
 
     tensors = {
@@ -621,13 +659,30 @@ def _write(out: Path, final: list[_Item], src: _Source, settings: PrepareSetting
         "classes": list(src.classes),
         "image_size": settings.image_size,
         "counts": report.counts,
-        "report": {k: summary[k] for k in (
-            "skipped", "duplicates_dropped", "test_duplicates", "leakage_removed", "val_carved",
-            "val_note", "source_val_images", "val_patient_moves", "patients",
-            "patients_shared_train_test")},
+        "report": {
+            k: summary[k]
+            for k in (
+                "skipped",
+                "duplicates_dropped",
+                "test_duplicates",
+                "leakage_removed",
+                "val_carved",
+                "val_note",
+                "source_val_images",
+                "val_patient_moves",
+                "patients",
+                "patients_shared_train_test",
+            )
+        },
         "images": [
-            {"path": i.path, "sha256": i.sha256, "label": i.label, "class": src.classes[i.label],
-             "split": i.split, "patient": i.patient}
+            {
+                "path": i.path,
+                "sha256": i.sha256,
+                "label": i.label,
+                "class": src.classes[i.label],
+                "split": i.split,
+                "patient": i.patient,
+            }
             for i in final
         ],
     }
@@ -642,8 +697,9 @@ def _write(out: Path, final: list[_Item], src: _Source, settings: PrepareSetting
 def _read_manifest(path: Path) -> dict:
     file = path / "manifest.json"
     if not file.is_file():
-        raise DatasetError(f"{path} is not a prepared dataset (no manifest.json); "
-                           "run `threengan prepare` first")
+        raise DatasetError(
+            f"{path} is not a prepared dataset (no manifest.json); run `threengan prepare` first"
+        )
     try:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
@@ -672,15 +728,23 @@ def load_prepared(path: Path) -> PreparedDataset:
         raise DatasetError(f"{path / 'data.safetensors'} is missing or corrupt ({exc})") from None
     classes = list(manifest.get("classes") or [])
     n = len(labels)
-    if (imgs.dtype != np.uint8 or imgs.ndim != 3 or len(imgs) != n or len(split) != n
-            or labels.dtype != np.int64 or split.dtype != np.uint8 or len(classes) < 2
-            or (n and (labels.min() < 0 or labels.max() >= len(classes) or split.max() > 2))):
+    if (
+        imgs.dtype != np.uint8
+        or imgs.ndim != 3
+        or len(imgs) != n
+        or len(split) != n
+        or labels.dtype != np.int64
+        or split.dtype != np.uint8
+        or len(classes) < 2
+        or (n and (labels.min() < 0 or labels.max() >= len(classes) or split.max() > 2))
+    ):
         raise DatasetError(f"{path} is corrupt (tensors do not match the manifest)")
     return PreparedDataset(imgs, labels, split, classes, manifest, path)
 
 
-def balanced_subset(labels: np.ndarray, n: int, seed: int,
-                    num_classes: int | None = None) -> np.ndarray:
+def balanced_subset(
+    labels: np.ndarray, n: int, seed: int, num_classes: int | None = None
+) -> np.ndarray:
     """Indices of ``n // K`` images per class (K classes), drawn by ``seed`` without replacement.
 
     The remainder of ``n`` that does not divide by K is not drawn. Indices come back sorted.
@@ -719,10 +783,12 @@ def list_prepared(root: Path | None = None) -> list[dict]:
         else:
             counts = m.get("counts", {})
             entry.update(
-                classes=m.get("classes", []), image_size=m.get("image_size"),
+                classes=m.get("classes", []),
+                image_size=m.get("image_size"),
                 images=sum(sum(c.values()) for c in counts.values()),
                 splits={s: sum(c.values()) for s, c in counts.items()},
-                source=m.get("source"), created=m.get("created"),
+                source=m.get("source"),
+                created=m.get("created"),
             )
         found.append(entry)
     return found

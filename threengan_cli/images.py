@@ -222,7 +222,9 @@ def _fit(img: Image.Image, size: int, fit: str) -> np.ndarray:
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         img = img.resize(
-            (size, size), _RESAMPLE, box=(left, top, left + side, top + side),
+            (size, size),
+            _RESAMPLE,
+            box=(left, top, left + side, top + side),
             reducing_gap=_REDUCING_GAP,
         )
     else:  # pad: letterbox on black
