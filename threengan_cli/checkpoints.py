@@ -104,6 +104,10 @@ def save(
 
 
 def _sniff(path: Path, head: bytes) -> None:
+    # safetensors starts with an 8-byte header length, then the JSON header's "{"; a pickle
+    # starts with the PROTO opcode 0x80, a torch.save file is a zip ("PK").
+    if head[8:9] == b"{":
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path} is a pickle/torch.save file; threengan loads only its own safetensors "

@@ -1,0 +1,154 @@
+"""The training loop end to end on a tiny prepared dataset made from an on-the-fly .npz."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from threengan_cli import training
+from threengan_cli.datasets import prepare
+from threengan_cli.settings import PrepareSettings, TrainSettings
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """32x32 two-class images: class 1 has a bright centre, so a model can learn something."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
+        images[labels == 1, 10:22, 10:22] += 120
+        return images, labels.reshape(-1, 1)
+
+    arrays = {}
+    for name, n in (("train", 24), ("val", 8), ("test", 8)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    np.savez(root / "tiny.npz", **arrays)
+    out = root / "prepared"
+    prepare(root / "tiny.npz", out, PrepareSettings(image_size=32, min_val=0, workers=1))
+    return out
+
+
+def _settings(**kw):
+    base = {"width": 4, "latent": 8, "batch_size": 4, "epochs": 2, "device": "cpu", "seed": 3}
+    return TrainSettings(**{**base, **kw})
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "sgan", "ecgan", "3ngan"])
+def test_a_run_folder_holds_everything_the_issue_lists(dataset, tmp_path, method):
+    run = tmp_path / "run"
+    summary = training.train(dataset, _settings(method=method), run)
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "settings.json",
+        "run.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "summary.json",
+        "samples",
+    } <= names
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "loss",
+    } <= set(records[0]["val"])
+    assert summary["test"]["n"] == 8
+    samples = sorted(p.name for p in (run / "samples").iterdir())
+    assert samples == ([] if method == "vanilla" else ["epoch_0001.png", "epoch_0002.png"])
+
+
+def test_two_identical_cpu_runs_give_identical_metrics(dataset, tmp_path):
+    training.train(dataset, _settings(), tmp_path / "a")
+    training.train(dataset, _settings(), tmp_path / "b")
+    assert _metrics(tmp_path / "a") == [
+        {**r, "seconds": a["seconds"], "images_per_s": a["images_per_s"]}
+        for r, a in zip(_metrics(tmp_path / "b"), _metrics(tmp_path / "a"), strict=True)
+    ]
+
+
+def test_an_interrupted_run_resumes_exactly_like_an_uninterrupted_one(dataset, tmp_path):
+    full = tmp_path / "full"
+    training.train(dataset, _settings(epochs=3), full)
+
+    stopped = tmp_path / "stopped"
+    calls = {"n": 0}
+
+    def stop_mid_epoch(event):
+        if isinstance(event, training.StepDone):
+            calls["n"] += 1
+            if calls["n"] == 9:  # epoch 2 (6 steps per epoch), third step
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(dataset, _settings(epochs=3), stopped, on_event=stop_mid_epoch)
+    # The last checkpoint is from the end of epoch 1; resume replays epoch 2 identically.
+    training.train(dataset, _settings(epochs=3), stopped, resume=True)
+
+    def strip(records):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records
+        ]
+
+    assert strip(_metrics(stopped)) == strip(_metrics(full))
+    a = training.checkpoints.load(full / "last.safetensors").group("net")
+    b = training.checkpoints.load(stopped / "last.safetensors").group("net")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_request_saves_a_mid_epoch_checkpoint_that_resumes(dataset, tmp_path):
+    run = tmp_path / "run"
+
+    def request_stop(event):
+        if isinstance(event, training.StepDone) and event.epoch == 0 and event.step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(training.Interrupted) as info:
+        training.train(dataset, _settings(), run, on_event=request_stop)
+    assert info.value.step == 2
+    summary = training.train(dataset, _settings(), run, resume=True)
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+    assert summary["epochs"] == 2
+
+
+def test_a_finished_run_is_extended_by_a_larger_epoch_count(dataset, tmp_path):
+    run = tmp_path / "run"
+    training.train(dataset, _settings(epochs=1), run)
+    with pytest.raises(training.TrainingError, match="already has 1 epochs"):
+        training.train(dataset, _settings(epochs=1), run, resume=True)
+    summary = training.train(dataset, _settings(epochs=2), run, resume=True)
+    assert summary["extended"] is True
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    run = tmp_path / "run"
+    training.train(dataset, _settings(epochs=1), run)
+    good = (run / "last.safetensors").read_bytes()
+    with pytest.raises(training.NonFiniteLoss, match=r"loss_\w became nan at epoch 2 step \d+"):
+        training.train(dataset, _settings(epochs=2, lr=1.0, alpha=1e38, lam=1e38), run, resume=True)
+    assert (run / "last.safetensors").read_bytes() == good
+
+
+def test_fp16_is_refused_with_a_clear_message():
+    with pytest.raises(training.TrainingError, match="fp16"):
+        training.autocast_dtype("fp16", torch.device("cpu"))
