@@ -152,3 +152,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
 def test_fp16_is_refused_with_a_clear_message():
     with pytest.raises(training.TrainingError, match="fp16"):
         training.autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(training.system, "cpu_bf16", lambda: False)
+    with pytest.raises(training.TrainingError, match="no native bf16"):
+        training.autocast_dtype("bf16", torch.device("cpu"))
+    monkeypatch.setattr(training.system, "cpu_bf16", lambda: True)
+    assert training.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
