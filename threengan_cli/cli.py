@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from threengan_cli import __version__
 
@@ -38,8 +37,26 @@ app = typer.Typer(
 )
 
 # Messages and progress go to stderr; stdout carries only data (JSON, CSV, tables asked for).
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+class _LazyConsole:
+    """A rich Console made on first use: importing rich.console costs ~40 ms of every start."""
+
+    def __init__(self, **options: Any):
+        self._options, self._console = options, None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+err = _LazyConsole(stderr=True, highlight=False)
+out = _LazyConsole(highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -254,7 +271,7 @@ def prepare(
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            console=err,
+            console=err.console,
             transient=True,
         )
     task_id = None
@@ -426,7 +443,7 @@ class _TrainView:
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            console=err,
+            console=err.console,
             transient=False,
         )
         total = event.steps_per_epoch * event.epochs
@@ -721,7 +738,7 @@ class _RateView:
         columns = [TextColumn(what), BarColumn()]
         columns += [MofNCompleteColumn()] if total else [TextColumn("{task.completed} images")]
         columns += [TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}")]
-        self.progress = Progress(*columns, console=err, transient=True)
+        self.progress = Progress(*columns, console=err.console, transient=True)
         self.task = self.progress.add_task(what, total=total, rate="", info="")
         self.t0 = time.perf_counter()
         self.progress.start()
