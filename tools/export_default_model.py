@@ -34,7 +34,8 @@ def main() -> None:
         TrainSettings(**meta["settings"]), meta["num_classes"], meta["image_size"]
     )
     checkpoints.restore_networks(ckpt, nets)
-    keep = {name: net for name, net in nets.items() if name in ("G", "C")} or nets
+    # D is only needed where it is the classifier (sgan); otherwise G and C suffice.
+    keep = {k: v for k, v in nets.items() if k in ("G", "C")} if "C" in nets else nets
     summary = json.loads((args.run / "summary.json").read_text())
     shipped = {
         **{k: v for k, v in meta.items() if k not in ("optimizers", "position", "dataset")},
