@@ -62,7 +62,7 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML file with settings ([prepare], [train], ... tables); flags override it.",
+        help="TOML file with settings (\\[prepare], \\[train], ... tables); flags override it.",
         dir_okay=False,
     ),
 ]
@@ -484,38 +484,38 @@ def train(
         typer.Argument(help="Prepared dataset: a name from `threengan datasets` or a folder."),
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="3ngan, ecgan, sgan or vanilla. [default: 3ngan]")
+        str | None, typer.Option(help="3ngan, ecgan, sgan or vanilla. \\[default: 3ngan]")
     ] = None,
     size: Annotated[
         int | None,
-        typer.Option(help="Labelled training images N (N/2 per class, by seed). [default: all]"),
+        typer.Option(help="Labelled training images N (N/2 per class, by seed). \\[default: all]"),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Passes over the N images. [default: 100]")
+        int | None, typer.Option(help="Passes over the N images. \\[default: 100]")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size. [default: 10]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size. \\[default: 10]")] = None,
     tau: Annotated[
-        float | None, typer.Option(help="Pseudo-label confidence. [default: 0.9]")
+        float | None, typer.Option(help="Pseudo-label confidence. \\[default: 0.9]")
     ] = None,
     alpha: Annotated[
-        float | None, typer.Option(help="Weight of the KL term. [default: 0.3]")
+        float | None, typer.Option(help="Weight of the KL term. \\[default: 0.3]")
     ] = None,
     lam: Annotated[
-        float | None, typer.Option(help="Weight of the pseudo-label loss. [default: 0.01]")
+        float | None, typer.Option(help="Weight of the pseudo-label loss. \\[default: 0.01]")
     ] = None,
     kl: Annotated[
         str | None,
-        typer.Option(help="KL term: batch-mean, per-pair or none. [default: batch-mean]"),
+        typer.Option(help="KL term: batch-mean, per-pair or none. \\[default: batch-mean]"),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate. [default: 2e-4]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate. \\[default: 2e-4]")] = None,
     width: Annotated[
-        int | None, typer.Option(help="Network width ngf = ndf. [default: 64]")
+        int | None, typer.Option(help="Network width ngf = ndf. \\[default: 64]")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of subset, init and batches. [default: 0]")
+        int | None, typer.Option(help="Seed of subset, init and batches. \\[default: 0]")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]")
     ] = None,
     precision: Annotated[
         str | None, typer.Option(help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX).")
