@@ -160,3 +160,12 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
         training.autocast_dtype("bf16", torch.device("cpu"))
     monkeypatch.setattr(training.system, "cpu_bf16", lambda: True)
     assert training.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_over(dataset, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    training.train(dataset, _settings(epochs=1), full)
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text("")  # what a SIGKILL in epoch 1 leaves behind
+    training.train(dataset, _settings(epochs=1), killed, resume=True)
+    assert [r["val"] for r in _metrics(killed)] == [r["val"] for r in _metrics(full)]

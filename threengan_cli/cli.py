@@ -1049,6 +1049,365 @@ def generate(
         note(f"{made} with {model.model_id}, seed {result.seed}")
 
 
+# ---------------------------------------------------------------------------------- benchmark
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
+
+
+class _BenchView:
+    """Renders benchmark events: the grid (run i of n) with an ETA from measured speed.
+
+    A live bar on a terminal; otherwise one line per run and per epoch (cluster logs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self.progress = None
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from threengan_cli import benchmark as b
+        from threengan_cli import training as t
+
+        if self.quiet:
+            return
+        if isinstance(event, b.GridPlanned):
+            shard = f" (shard {event.shard[0]}/{event.shard[1]})" if event.shard[1] > 1 else ""
+            note(
+                f"benchmark{shard}: {event.slice_runs} of {event.total} runs; "
+                f"{len(event.finished)} already finished (skipped), {len(event.todo)} to train "
+                f"-> {event.out}"
+            )
+            if self.live and event.todo:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.progress = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(),
+                    TextColumn("eta {task.fields[eta]}"),
+                    TextColumn("{task.fields[info]}"),
+                    console=err.console,
+                )
+                self.task = self.progress.add_task("grid", total=1.0, eta="?", info="")
+                self.progress.start()
+        elif isinstance(event, b.RunBegins):
+            what = "resuming" if event.resumed else "training"
+            line = f"run {event.position}/{event.count} {event.spec.name}"
+            if self.progress is not None:
+                self.progress.update(self.task, description=line, info=what)
+            else:
+                note(f"{line}: {what} (seed {event.spec.settings.seed})")
+        elif isinstance(event, b.RunProgress):
+            if self.progress is not None:
+                info = ""
+                if isinstance(event.event, t.StepDone):
+                    info = f"epoch {event.event.epoch + 1}/{event.spec.settings.epochs}"
+                self.progress.update(
+                    self.task,
+                    completed=event.fraction,
+                    eta=_duration(event.eta_s),
+                    **({"info": info} if info else {}),
+                )
+            elif isinstance(event.event, t.EpochDone):
+                rec = event.event.record
+                val = (rec.get("val") or {}).get("accuracy")
+                shown = f" val_acc={val:.4f}" if val is not None else ""
+                note(
+                    f"  {event.spec.name} epoch {rec['epoch']}/{event.event.epochs}{shown} "
+                    f"{rec['images_per_s']:.1f} img/s; grid {100 * event.fraction:.0f}%, "
+                    f"eta {_duration(event.eta_s)}"
+                )
+        elif isinstance(event, b.RunEnds):
+            rec = event.record
+            if rec["status"] == "failed":
+                line = f"{rec['name']} failed: {rec.get('error')}"
+            else:
+                acc = rec["test"].get("accuracy")
+                line = (
+                    f"{rec['name']} done: test accuracy {acc:.4f} (final epoch), "
+                    f"{rec.get('elapsed_s') or 0:.0f}s; eta {_duration(event.eta_s)}"
+                )
+            prefix = f"run {event.position}/{event.count} "
+            if self.progress is not None:
+                self.progress.console.print(prefix + line, highlight=False)
+            else:
+                note(prefix + line)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _bench_table(results: dict) -> None:
+    """Two tables that fit 80 columns: accuracy beside the paper, then the other metrics."""
+    from rich import box
+    from rich.table import Table
+
+    from threengan_cli import benchmark as b
+
+    cfg = results["settings"]
+
+    def short(stat: dict) -> str:
+        if stat["mean"] is None:
+            return "–"
+        std = f"±{100 * stat['std']:.1f}" if stat["std"] is not None else ""
+        return f"{100 * stat['mean']:.1f}{std}"
+
+    first = Table(
+        title=f"{cfg['profile']} profile: test accuracy %, final-epoch model, mean ± std",
+        caption="best epoch on test selects on test: optimistic, shown for comparison only",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("method", "N", "runs", "ours", "paper", "Δ pts", "best ep. on test", "Δ pts"):
+        first.add_column(column, justify="left" if column == "method" else "right")
+    second = Table(title="other test metrics %, final-epoch model", box=box.SIMPLE_HEAD)
+    for column in ("method", "N", "bal. acc", "AUC", "sens.", "spec.", "F1", "wall s", "img/s"):
+        second.add_column(column, justify="left" if column == "method" else "right")
+    for r in results["results"]:
+        paper = f"{100 * r['paper_accuracy']:.2f}" if r["paper_accuracy"] is not None else "–"
+        failed = f" ({r['failed']} failed)" if r["failed"] else ""
+        first.add_row(
+            r["method"],
+            str(r["size"]),
+            f"{r['runs']}{failed}",
+            b.percent(r["accuracy"]),
+            paper,
+            b.points(r["accuracy_diff_points"]),
+            b.percent(r["optimistic_best_epoch_accuracy"]),
+            b.points(r["optimistic_diff_points"]),
+        )
+        second.add_row(
+            r["method"],
+            str(r["size"]),
+            *(short(r[m]) for m in b.METRICS[1:]),
+            b.plain(r["wall_s"], 0),
+            b.plain(r["images_per_s"]),
+        )
+    out.print(first)
+    out.print(second)
+
+
+@app.command()
+def benchmark(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="DATASET | merge DIR...",
+            help="A prepared dataset (name or folder) to benchmark on; or the word merge "
+            "followed by benchmark folders (shards) to join into one report.",
+            show_default=False,
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="smoke (seconds; tests), quick (a reduced grid for about 30 minutes on 2 CPU "
+            "cores: see docs/benchmark-protocol.md) or paper (the full protocol). "
+            "\\[default: quick]"
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: vanilla, sgan, ecgan, 3ngan, 3ngan-nokl, 3ngan-nogc, "
+            "3ngan-pairkl. \\[default: the profile's]"
+        ),
+    ] = None,
+    sizes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated training sizes N. \\[default: the profile's]"),
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Repeats per cell; repeat r uses seed + r.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
+    width: Annotated[int | None, typer.Option(help="Network width ngf = ndf.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed. \\[default: 0]")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 or bf16. \\[default: fp32]")] = None,
+    ablate: Annotated[
+        bool,
+        typer.Option(
+            "--ablate",
+            help="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
+            "against C), 3ngan-pairkl (per-pair KL).",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: train only the runs whose grid index is I-1 modulo N (e.g. a SLURM "
+            "array task); join the shards with `benchmark merge`."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Benchmark folder \\[default: <data dir>/benchmarks/<dataset>-<profile>]; "
+            "required for merge.",
+            file_okay=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")
+    ] = False,
+) -> None:
+    """Benchmark methods x training sizes x repeats and compare with the paper's Table 1.
+
+    Every run is an ordinary training run in <out>/runs/<method>-n<N>-r<repeat>/.
+    Reported: mean ± std over repeats of accuracy, balanced accuracy, AUC,
+    sensitivity, specificity and F1 of the final-epoch model on the test
+    split, and, labelled optimistic, the best test accuracy over epochs.
+    Writes results.json, results.csv, report.md (beside the paper's Table 1)
+    and accuracy_vs_size.png (with the [bold]plot[/] extra).
+
+    Re-running the same command skips finished runs and resumes an
+    unfinished one; a run folder written with other settings is refused.
+    Ctrl+C keeps what is finished and exits 130. Exit 3 when some runs
+    failed (a loss became non-finite); they are counted in the report.
+
+    [bold]Examples[/]
+
+      threengan benchmark kermany --profile quick
+
+      threengan benchmark kermany --profile paper --shard 3/10 --out bench/s3
+
+      threengan benchmark merge bench/s* --out bench/all
+
+      threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
+    """
+    from threengan_cli import paths
+    from threengan_cli.settings import SettingsError
+
+    if not args:
+        fail("give a prepared DATASET, or: merge DIR... --out DIR", EXIT_USAGE)
+    from threengan_cli import benchmark as bench
+
+    if args[0] == "merge":
+        given = {
+            "--profile": profile,
+            "--methods": methods,
+            "--sizes": sizes,
+            "--repeats": repeats,
+            "--epochs": epochs,
+            "--batch-size": batch_size,
+            "--width": width,
+            "--seed": seed,
+            "--device": device,
+            "--precision": precision,
+            "--shard": shard,
+            "--ablate": ablate or None,
+        }
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            fail(f"merge takes only DIR... --out DIR (got {', '.join(extra)})", EXIT_USAGE)
+        if len(args) < 2 or out_dir is None:
+            fail("merge needs the benchmark folders to join and --out DIR", EXIT_USAGE)
+        target = out_dir
+        try:
+            results = bench.merge([Path(a) for a in args[1:]], target)
+        except bench.BenchmarkError as exc:
+            fail(str(exc))
+    else:
+        if len(args) > 1:
+            fail(
+                f"give one DATASET (got {len(args)} arguments); to join shards use: "
+                "benchmark merge DIR... --out DIR",
+                EXIT_USAGE,
+            )
+        dataset = args[0]
+        try:
+            cfg = bench.resolve_settings(
+                profile or "quick",
+                methods=_comma_list(methods, "--methods"),
+                sizes=_comma_list(sizes, "--sizes", int),
+                repeats=repeats,
+                epochs=epochs,
+                batch_size=batch_size,
+                width=width,
+                seed=seed,
+                device=device,
+                precision=precision,
+                ablate=ablate,
+            )
+            shard_ij = bench.parse_shard(shard) if shard is not None else (1, 1)
+        except (SettingsError, ValueError) as exc:
+            fail(str(exc), EXIT_USAGE)
+        dataset_dir = paths.resolve_dataset(dataset)
+        if not (dataset_dir / "manifest.json").is_file():
+            fail(
+                f"no prepared dataset {dataset!r} (looked in {dataset_dir}); "
+                "run `threengan prepare SOURCE --name NAME` first",
+                EXIT_USAGE,
+            )
+        target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
+
+        from threengan_cli import training
+        from threengan_cli.checkpoints import CheckpointError
+        from threengan_cli.datasets import DatasetError
+
+        view = _BenchView(quiet)
+        hint = f"finished runs are kept in {target}; run the same command again to resume"
+        try:
+            results = bench.run(dataset_dir, cfg, target, shard=shard_ij, on_event=view)
+        except (training.Interrupted, KeyboardInterrupt):
+            view.close()
+            note(f"interrupted: {hint}")
+            raise typer.Exit(EXIT_INTERRUPT) from None
+        except (
+            bench.BenchmarkError,
+            training.TrainingError,
+            CheckpointError,
+            DatasetError,
+        ) as exc:
+            view.close()
+            fail(str(exc))
+        finally:
+            view.close()
+        if shard_ij[1] > 1 and not quiet:
+            note(f"shard {shard}: join the shards with: threengan benchmark merge DIR... --out DIR")
+
+    if as_json:
+        print_json(results)
+    else:
+        _bench_table(results)
+    if not quiet:
+        made = "results.json, results.csv, report.md"
+        if results.get("plot"):
+            made += ", accuracy_vs_size.png"
+        else:
+            from rich.markup import escape
+
+            note(escape(f"no plot: {results.get('plot_note')}"))
+        note(f"wrote {made} in {target}")
+    failed = results["counts"]["failed"]
+    if failed:
+        warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -338,6 +338,10 @@ def train(
         "seed": settings.seed,
     }
 
+    if resume and not (run_dir / LAST).exists():
+        # Killed before the first checkpoint: nothing was kept, so start over from scratch,
+        # which is exactly what the uninterrupted run did.
+        resume = False
     if resume:
         ckpt = checkpoints.load(run_dir / LAST, map_location=device)
         checkpoints.restore_networks(ckpt, nets)
