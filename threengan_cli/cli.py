@@ -36,6 +36,7 @@ app = typer.Typer(
     epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, 130 interrupted.",
 )
 
+
 # Messages and progress go to stderr; stdout carries only data (JSON, CSV, tables asked for).
 class _LazyConsole:
     """A rich Console made on first use: importing rich.console costs ~40 ms of every start."""

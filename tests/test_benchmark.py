@@ -1,0 +1,348 @@
+"""The benchmark grid end to end on a tiny prepared dataset: outputs, aggregation, skip and
+resume, shards and merge, refusal of mixed settings, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from threengan_cli import benchmark, training
+from threengan_cli import settings as settings_mod
+from threengan_cli.cli import app
+from threengan_cli.datasets import prepare
+from threengan_cli.settings import PrepareSettings
+
+runner = CliRunner()
+TIMING = ("wall_s", "images_per_s")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """32x32 two-class images (12 per class in train): class 1 has a bright centre."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
+        images[labels == 1, 10:22, 10:22] += 120
+        return images, labels.reshape(-1, 1)
+
+    arrays = {}
+    for name, n in (("train", 24), ("val", 8), ("test", 8)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    np.savez(root / "tiny.npz", **arrays)
+    out = root / "prepared"
+    prepare(root / "tiny.npz", out, PrepareSettings(image_size=32, min_val=0, workers=1))
+    return out
+
+
+def _smoke(**flags):
+    return benchmark.resolve_settings("smoke", device="cpu", **flags)
+
+
+@pytest.fixture(scope="module")
+def smoke(dataset, tmp_path_factory):
+    """The smoke profile (vanilla + 3ngan at N = 8, 16; one repeat), trained once."""
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    events = []
+    results = benchmark.run(dataset, _smoke(), out, on_event=events.append)
+    return out, results, events
+
+
+def _numbers(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _count_train_calls(monkeypatch):
+    calls = []
+    real = training.train
+
+    def counting(dataset, settings, run_dir, **kw):
+        calls.append((Path(run_dir).name, kw.get("resume", False)))
+        return real(dataset, settings, run_dir, **kw)
+
+    monkeypatch.setattr(training, "train", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------- end to end
+def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
+    out, results, events = smoke
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "3ngan-n16-r0",
+        "3ngan-n8-r0",
+        "vanilla-n16-r0",
+        "vanilla-n8-r0",
+    ]
+    assert results["counts"] == {"grid": 4, "finished": 4, "failed": 0, "missing": 0}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["profile"] == "smoke"
+    assert {"torch", "numpy", "threengan"} <= set(saved["versions"])
+    assert "cpu cores" in saved["machine"]
+    run = saved["runs"][0]
+    assert run["seed"] == 0 and run["test"]["n"] == 8
+    assert [e["epoch"] for e in run["epochs"]] == [1]
+    assert run["epochs"][0]["test_optimistic"]["n"] == 8  # every epoch's test metrics kept
+    assert run["best_epoch_on_test"]["epoch"] == 1
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["size"]) for r in rows] == [
+        ("vanilla", "8"),
+        ("vanilla", "16"),
+        ("3ngan", "8"),
+        ("3ngan", "16"),
+    ]
+    report = (out / "report.md").read_text()
+    assert "Profile **smoke**" in report and "beside the paper's Table 1" in report
+    assert "optimistic" in report and "epochs 1 instead of 100" in report
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "pip install 'threengan[plot]'" in report
+    else:
+        assert (out / "accuracy_vs_size.png").is_file()
+    planned = [e for e in events if isinstance(e, benchmark.GridPlanned)]
+    assert planned[0].total == 4 and len(planned[0].todo) == 4
+    ends = [e for e in events if isinstance(e, benchmark.RunEnds)]
+    assert [e.position for e in ends] == [1, 2, 3, 4] and ends[-1].eta_s == pytest.approx(0)
+
+
+def test_repeat_r_uses_seed_base_plus_r_in_its_own_folder():
+    specs = benchmark.grid(_smoke(repeats=2, seed=10, sizes=(8,), methods=("vanilla",)))
+    assert [(s.name, s.settings.seed) for s in specs] == [
+        ("vanilla-n8-r0", 10),
+        ("vanilla-n8-r1", 11),
+    ]
+
+
+def test_ablate_adds_three_named_3ngan_variants():
+    cfg = _smoke(ablate=True)
+    assert cfg.methods == ("vanilla", "3ngan", "3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
+    by_name = {s.method: s.settings for s in benchmark.grid(cfg) if s.size == 8}
+    assert by_name["3ngan-nokl"].kl == "none"
+    assert by_name["3ngan-nogc"].use_generator_classifier_loss is False
+    assert by_name["3ngan-pairkl"].kl == "per-pair"
+    assert {by_name[m].method for m in cfg.methods[1:]} == {"3ngan"}
+
+
+# --------------------------------------------------------------------------- aggregation
+def _fake_run(method, size, repeat, acc, auc=0.9, best=None, status="finished"):
+    test = dict.fromkeys(benchmark.METRICS, 0.5) | {"accuracy": acc, "auc": auc}
+    return {
+        "name": benchmark.run_name(method, size, repeat),
+        "method": method,
+        "size": size,
+        "repeat": repeat,
+        "status": status,
+        "test": test,
+        "best_epoch_on_test": {"epoch": 3, "accuracy": best if best is not None else acc},
+        "elapsed_s": 10.0 * (repeat + 1),
+        "images_per_s": 100.0,
+    }
+
+
+def test_aggregation_is_mean_and_sample_std_over_finished_repeats():
+    runs = [
+        _fake_run("3ngan", 200, 0, 0.80, auc=0.9, best=0.85),
+        _fake_run("3ngan", 200, 1, 0.90, auc=None, best=0.95),
+        _fake_run("3ngan", 200, 2, 1.00, auc=0.7, best=1.00),
+        _fake_run("3ngan", 200, 3, 0.0, status="failed"),
+        _fake_run("vanilla", 200, 0, 0.75),
+    ]
+    rows = benchmark.aggregate(runs, ["vanilla", "3ngan"], [200])
+    assert [(r["method"], r["runs"], r["failed"]) for r in rows] == [
+        ("vanilla", 1, 0),
+        ("3ngan", 3, 1),
+    ]
+    row = rows[1]
+    assert row["accuracy"]["mean"] == pytest.approx(0.9)
+    assert row["accuracy"]["std"] == pytest.approx(0.1)  # sample std: sqrt(0.02 / 2)
+    assert row["auc"] == {
+        "mean": pytest.approx(0.8),
+        "std": pytest.approx(0.1414, abs=1e-4),
+        "n": 2,
+    }
+    assert row["optimistic_best_epoch_accuracy"]["mean"] == pytest.approx(0.9333, abs=1e-4)
+    assert row["wall_s"]["mean"] == pytest.approx(20.0)
+    assert row["paper_accuracy"] == pytest.approx(0.9152)
+    assert row["accuracy_diff_points"] == pytest.approx(90.0 - 91.52)
+    assert rows[0]["accuracy"]["std"] is None  # one repeat: no spread to report
+    assert benchmark.mean_std([]) == {"mean": None, "std": None, "n": 0}
+
+
+# ---------------------------------------------------------------------- skip and resume
+def test_rerunning_skips_finished_runs_and_gives_the_same_report(
+    smoke, dataset, tmp_path, monkeypatch
+):
+    out = tmp_path / "again"
+    shutil.copytree(smoke[0], out)
+    calls = _count_train_calls(monkeypatch)
+    results = benchmark.run(dataset, _smoke(), out)
+    assert calls == []
+    assert _numbers(results["results"]) == _numbers(smoke[1]["results"])
+
+
+def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
+    dataset, tmp_path, monkeypatch
+):
+    cfg = _smoke(methods=("vanilla",), sizes=(8, 16), epochs=2)
+    out = tmp_path / "bench"
+
+    def stop_after_first_epoch(event):
+        if isinstance(event, benchmark.RunProgress) and isinstance(event.event, training.EpochDone):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run(dataset, cfg, out, on_event=stop_after_first_epoch)
+    first = out / "runs" / "vanilla-n8-r0"
+    assert (first / "last.safetensors").is_file() and not (first / "summary.json").exists()
+    # A folder that got its settings but no checkpoint (stopped during start-up).
+    second = out / "runs" / "vanilla-n16-r0"
+    second.mkdir(parents=True)
+    spec = benchmark.grid(cfg)[1]
+    (second / "settings.json").write_text(settings_mod.dump(spec.settings))
+
+    calls = _count_train_calls(monkeypatch)
+    results = benchmark.run(dataset, cfg, out)
+    assert calls == [("vanilla-n8-r0", True), ("vanilla-n16-r0", False)]
+    assert results["counts"]["finished"] == 2
+    epochs = [json.loads(x)["epoch"] for x in (first / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_a_run_folder_written_with_other_settings_is_refused(smoke, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "mixed"
+    shutil.copytree(smoke[0], out)
+    calls = _count_train_calls(monkeypatch)
+    with pytest.raises(benchmark.BenchmarkError, match=r"other settings \(epochs = 1 there, 2"):
+        benchmark.run(dataset, _smoke(epochs=2), out)
+    assert calls == []
+
+
+def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_path, monkeypatch):
+    real = training.train
+
+    def diverge_3ngan(dataset, settings, run_dir, **kw):
+        if settings.method == "3ngan":
+            raise training.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
+        return real(dataset, settings, run_dir, **kw)
+
+    monkeypatch.setattr(training, "train", diverge_3ngan)
+    cfg = _smoke(sizes=(8,))
+    results = benchmark.run(dataset, cfg, tmp_path / "b")
+    assert results["counts"] == {"grid": 2, "finished": 1, "failed": 1, "missing": 0}
+    assert [r["failed"] for r in results["results"]] == [0, 1]
+    # Deterministic divergence would recur: a re-run skips it.
+    calls = _count_train_calls(monkeypatch)
+    benchmark.run(dataset, cfg, tmp_path / "b")
+    assert calls == []
+
+
+# ------------------------------------------------------------------------ shards, merge
+def test_two_shards_merged_equal_the_unsharded_report(smoke, dataset, tmp_path):
+    specs = benchmark.grid(_smoke())
+    one = benchmark.shard_of(specs, (1, 2))
+    two = benchmark.shard_of(specs, (2, 2))
+    assert [s.index for s in one] == [0, 2] and [s.index for s in two] == [1, 3]
+
+    a = benchmark.run(dataset, _smoke(), tmp_path / "s1", shard=(1, 2))
+    b = benchmark.run(dataset, _smoke(), tmp_path / "s2", shard=(2, 2))
+    assert b["shard"] == "2/2"
+    assert a["shard"] == "1/2" and a["counts"]["grid"] == 2
+    merged = benchmark.merge([tmp_path / "s1", tmp_path / "s2"], tmp_path / "all")
+    assert merged["counts"] == smoke[1]["counts"]
+    assert _numbers(merged["results"]) == _numbers(smoke[1]["results"])
+    assert (tmp_path / "all" / "report.md").is_file()
+
+    partial = benchmark.merge([tmp_path / "s1"], tmp_path / "half")
+    assert partial["missing"] == [s.name for s in two]
+
+
+def test_merging_different_grids_is_refused(smoke, dataset, tmp_path):
+    benchmark.run(dataset, _smoke(methods=("vanilla",), sizes=(8,), seed=5), tmp_path / "other")
+    with pytest.raises(benchmark.BenchmarkError, match="different benchmark"):
+        benchmark.merge([smoke[0], tmp_path / "other"], tmp_path / "m")
+
+
+def test_shard_text_is_parsed_or_refused():
+    assert benchmark.parse_shard("2/8") == (2, 8)
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(ValueError, match="shard"):
+            benchmark.parse_shard(bad)
+
+
+# -------------------------------------------------------------------------------- CLI
+def _cli(*args):
+    return runner.invoke(app, ["benchmark", *map(str, args)])
+
+
+def test_cli_runs_a_grid_and_prints_json_on_stdout(dataset, tmp_path):
+    result = _cli(
+        dataset, "--profile", "smoke", "--methods", "vanilla", "--sizes", "8",
+        "--device", "cpu", "--out", tmp_path / "b", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["counts"]["finished"] == 1 and data["results"][0]["method"] == "vanilla"
+    table = _cli(
+        dataset, "--profile", "smoke", "--methods", "vanilla", "--sizes", "8",
+        "--device", "cpu", "--out", tmp_path / "b",
+    )  # fmt: skip
+    assert table.exit_code == 0 and "best ep. on test" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["{ds}", "--methods", "vanilla,nope"],
+        ["{ds}", "--sizes", "8,x"],
+        ["{ds}", "--shard", "3/2"],
+        ["{ds}", "--profile", "huge"],
+        ["{ds}", "--device", "tpu"],
+        ["no-such-dataset"],
+        ["{ds}", "{ds}"],
+        ["merge", "somewhere"],
+        ["merge", "a", "--out", "b", "--profile", "quick"],
+    ],
+)
+def test_cli_usage_errors_exit_2(dataset, args):
+    result = _cli(*(a.format(ds=dataset) for a in args))
+    assert result.exit_code == 2, result.output
+
+
+def test_cli_merge_and_a_settings_mismatch(smoke, dataset, tmp_path):
+    result = _cli("merge", smoke[0], "--out", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["finished"] == 4
+    mixed = _cli(
+        dataset, "--profile", "smoke", "--epochs", "3", "--device", "cpu", "--out", smoke[0]
+    )
+    assert mixed.exit_code == 1 and "other settings" in mixed.output
+
+
+def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch):
+    def interrupted(dataset, settings, run_dir, **kw):
+        raise training.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
+
+    monkeypatch.setattr(training, "train", interrupted)
+    result = _cli(dataset, "--profile", "smoke", "--device", "cpu", "--out", tmp_path / "b")
+    assert result.exit_code == 130
+    assert "run the same command again to resume" in result.output
+
+
+def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
+    def diverge(dataset, settings, run_dir, **kw):
+        raise training.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
+
+    monkeypatch.setattr(training, "train", diverge)
+    result = _cli(
+        dataset, "--profile", "smoke", "--sizes", "8", "--device", "cpu", "--out", tmp_path / "b"
+    )
+    assert result.exit_code == 3, result.output
+    assert "failed" in result.output
