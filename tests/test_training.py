@@ -169,3 +169,23 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_over(datase
     (killed / "metrics.jsonl").write_text("")  # what a SIGKILL in epoch 1 leaves behind
     training.train(dataset, _settings(epochs=1), killed, resume=True)
     assert [r["val"] for r in _metrics(killed)] == [r["val"] for r in _metrics(full)]
+
+
+def test_a_run_stopped_before_its_summary_resumes_into_the_final_evaluation(
+    dataset, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    real_finish = training.finish
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(dataset, _settings(epochs=1), run)
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(training, "finish", real_finish)
+    summary = training.train(dataset, _settings(epochs=1), run, resume=True)
+    assert summary["extended"] is False
+    assert [r["epoch"] for r in _metrics(run)] == [1]
+    assert (run / "summary.json").exists()

@@ -353,7 +353,7 @@ def _same_dataset(a: str | Path, b: str | Path) -> bool:
 
 def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
     """State of a run folder: ``new``, ``fresh`` (no checkpoint yet), ``resume``,
-    ``restart`` (trained but stopped before its summary), ``finished`` or ``failed``.
+    ``finished`` or ``failed``.
 
     A folder written with other settings, or on another dataset, is a BenchmarkError.
     """
@@ -388,16 +388,8 @@ def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
         return "failed"
     last = run_dir / "last.safetensors"
     if saved_path.is_file() and last.is_file():
-        from threengan_cli import checkpoints
-
-        try:
-            position = checkpoints.load(last).meta.get("position", {})
-        except checkpoints.CheckpointError:
-            return "fresh"  # a damaged checkpoint: the run starts again
-        # Stopped after the last epoch but before summary.json (during the final test
-        # evaluation): training.train cannot resume past its last epoch, so train again.
-        if position.get("epoch", 0) >= spec.settings.epochs and position.get("step", 0) == 0:
-            return "restart"
+        # Also a run stopped after its last epoch but before summary.json: resuming it only
+        # runs the final evaluation.
         return "resume"
     return "fresh"
 
@@ -847,9 +839,6 @@ def run(
     for position, spec in enumerate(todo, start=1):
         run_dir = out / "runs" / spec.name
         state = states[spec.name]
-        if state == "restart":
-            for name in (training.LAST, training.BEST):
-                (run_dir / name).unlink(missing_ok=True)
         resume = state == "resume"
         emit(RunBegins(spec, position, len(todo), resume))
         clock.start_run()

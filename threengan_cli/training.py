@@ -321,7 +321,7 @@ def train(
     start_epoch, start_step = 0, 0
     sums = torch.zeros(8, device=device)  # running loss sums of the epoch; last slot: steps
     best_acc, best_epoch = -1.0, None
-    extended = False
+    extended = finished_before = False
     elapsed_before = 0.0
     meta = {
         "kind": "threengan-run",
@@ -355,7 +355,8 @@ def train(
         best_acc = ckpt.meta.get("best_val_accuracy", -1.0)
         best_epoch = ckpt.meta.get("best_epoch")
         elapsed_before = ckpt.meta.get("elapsed_s", 0.0)
-        extended = start_epoch >= settings.epochs or ckpt.meta.get("finished", False)
+        finished_before = ckpt.meta.get("finished", False)
+        extended = finished_before and start_epoch < settings.epochs
         history = _read_metrics(metrics_path, start_epoch)
         fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     else:
@@ -376,7 +377,9 @@ def train(
             + "\n",
         )
         metrics_path.write_text("")
-    if start_epoch >= settings.epochs and start_step == 0:
+    # A run stopped after its last epoch but before its summary just runs the final
+    # evaluation; only a finished run needs a larger --epochs to go on.
+    if resume and finished_before and start_epoch >= settings.epochs:
         raise TrainingError(
             f"the run already has {start_epoch} epochs; pass --epochs larger than that to extend it"
         )
