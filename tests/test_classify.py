@@ -232,9 +232,18 @@ def test_run_name_loads_the_best_checkpoint(threengan_home):
         load_model(run="nope", device="cpu")
 
 
-def test_without_a_model_the_missing_default_is_named():
+def test_without_a_model_the_missing_default_is_named(monkeypatch):
+    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
     with pytest.raises(ModelError, match="no bundled default model found"):
         load_model(device="cpu")
+
+
+def test_the_bundled_default_model_loads_and_classifies_without_any_data(tmp_path):
+    model = load_model(device="cpu")
+    assert (model.method, model.classes, model.image_size) == ("3ngan", ["NORMAL", "PNEUMONIA"], 64)
+    probs = model.predict_proba(torch.zeros(2, 64, 64, dtype=torch.uint8))
+    assert probs.shape == (2, 2)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2))
 
 
 # --------------------------------------------------------------------------------- CLI
@@ -322,7 +331,8 @@ def test_cli_exit_codes(tmp_path, ckpt):
     assert _cli("-", *m, input="").exit_code == 1  # nothing to classify
 
 
-def test_cli_without_a_model_fails_with_a_clear_message(tmp_path):
+def test_cli_without_a_model_fails_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
     result = _cli(str(write_image(tmp_path / "a.png")))
     assert result.exit_code == 1
     assert "pass --run or --checkpoint" in result.stderr

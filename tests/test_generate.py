@@ -142,7 +142,7 @@ def test_cli_generate_json_and_files(tmp_path, ckpt):
     assert (out / "labels.csv").is_file() and (tmp_path / "g.png").is_file()
 
 
-def test_cli_generate_exit_codes(tmp_path, ckpt):
+def test_cli_generate_exit_codes(tmp_path, ckpt, monkeypatch):
     def run(*args: str):
         return runner.invoke(app, ["generate", "--checkpoint", str(ckpt), *args])
 
@@ -150,5 +150,16 @@ def test_cli_generate_exit_codes(tmp_path, ckpt):
     assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 2  # not empty now
     assert run("--grid", str(tmp_path / "g.png"), "--label").exit_code == 2
     assert run("--count", "0").exit_code == 2
+    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
     missing = runner.invoke(app, ["generate", "--count", "2", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 1 and "pass --run or --checkpoint" in missing.stderr
+
+
+def test_the_bundled_default_model_generates_a_grid_right_after_install(tmp_path):
+    grid = tmp_path / "g.png"
+    result = runner.invoke(app, ["generate", "--count", "16", "--grid", str(grid)])
+    assert result.exit_code == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(grid) as img:
+        assert img.mode == "L" and img.width > 64 * 4
