@@ -78,22 +78,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "latent": 8,
     },
     # A reduced grid that fits 30 minutes on the project's 2-core CPU (Kermany, 64 px).
-    # FLOPs per step at batch 10 (torch FlopCounterMode): width 64 -> vanilla 6.08,
-    # sgan 22.37, ecgan 34.53, 3ngan 38.60 GFLOP; width 32 -> 1.53, 5.65, 8.71, 9.74
-    # (3.96x fewer for 3ngan). One step of each method at width 32: 25.6 GFLOP.
-    # Steps per epoch: (200 + 1000) / 10 = 120 per method and repeat; x 2 repeats = 240.
-    # Training: 240 x 25.6 = 6,150 GFLOP per epoch of the whole grid. Evaluation per run
-    # and epoch: ~1,150 val + test images x 0.051 GFLOP = 59 GFLOP; x 16 runs = 950 GFLOP.
-    # At 81 GFLOP/s (measured at width 64) that is 88 s per epoch; at a pessimistic
-    # 60 GFLOP/s for the smaller convolutions, 118 s. 10 epochs: 15-20 minutes, plus ~1 s of
-    # start-up and the final evaluations per run: under 30 minutes with a margin.
-    # Reduced against the paper: width 64 -> 32, sizes 5 -> 2 (200, 1000),
-    # repeats 5 -> 2, epochs 100 -> 10. Kept: all four methods, batch 10, latent 100.
+    # Reduced against the paper: width 64 -> 32, sizes 5 -> 2 (200, 1000), repeats 5 -> 2,
+    # epochs 100 -> 8. Kept: all four methods, batch 10, latent 100, the full val/test splits.
+    # Measured here (session 2, 10-epoch trial): one repeat of the 8 (method, size) runs took
+    # 830 s of which 3ngan n1000 ~250 s; small convolutions at width 32 run at ~50 GFLOP/s
+    # (3ngan 9.74 GFLOP/step, ~200 ms). 8 epochs x 2 repeats: ~22 minutes.
     "quick": {
         "methods": ("vanilla", "sgan", "ecgan", "3ngan"),
         "sizes": (200, 1000),
         "repeats": 2,
-        "epochs": 10,
+        "epochs": 8,
         "batch_size": 10,
         "width": 32,
         "latent": 100,
