@@ -1,12 +1,18 @@
 """Time one training step per method at the paper's settings and compare with a matmul.
 
     python benchmarks/bench_step.py [--repeats 20] [--methods 3ngan,ecgan] [--precisions fp32,bf16]
+    python benchmarks/bench_step.py --device cuda [--modes eager,graphs]
 
 For each method and precision: warm-up steps, then the median wall time of ``--repeats``
 steps; the FLOPs of one step (forward + backward, counted by torch's FlopCounterMode; the
 optimizer update is not counted) and the rate they imply. A large matmul measured in the same
 run gives the machine's practical FLOP rate in each precision, so "% of matmul" says how close
 the step runs to what this CPU can do. Prints a Markdown table.
+
+On CUDA each figure is the median over ``--repeats`` blocks of 20 steps (synchronised at the
+end of a block, as the training loop never synchronises inside an epoch), and ``--modes``
+compares eager steps with steps replayed from a captured CUDA graph (the training loop's
+default there), in the same run.
 
 Without native bf16 (no AVX512-BF16/AMX) torch emulates bf16 convolutions and a bf16 step is
 10-20x slower than fp32: there use ``--precisions fp32`` or ``--repeats 1`` for bf16.
@@ -25,59 +31,89 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
+from threengan_cli.training import StepRunner
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> float:
+def _median_seconds(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call; on CUDA per call of blocks of 20 calls, synchronised."""
+    block = 20 if device.type == "cuda" else 1
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(block):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / block)
     return statistics.median(times)
 
 
-def matmul_gflops(largest: int, dtype: torch.dtype, repeats: int) -> tuple[int, float]:
+def matmul_gflops(
+    largest: int, dtype: torch.dtype, repeats: int, device: torch.device
+) -> tuple[int, float]:
     """(side, GFLOP/s) of a square matmul, growing the side up to ``largest`` while one call
     stays under a second: without native bf16 a 2048 bf16 matmul takes about a minute."""
     n = 256
     while True:
-        a = torch.randn(n, n, dtype=dtype)
-        b = torch.randn(n, n, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         once = time.perf_counter() - t0
         if n >= largest or once * 8 > 1.0:
             break
         n *= 2
-    seconds = _median_seconds(lambda: torch.mm(a, b), repeats, warmup=1)
+    seconds = _median_seconds(lambda: torch.mm(a, b), repeats, 1, device)
     return n, 2 * n**3 / seconds / 1e9
 
 
-def bench_method(name: str, precision: str, args) -> dict:
+def bench_method(name: str, precision: str, mode: str, args) -> dict:
+    device = torch.device(args.device)
     settings = TrainSettings(
         method=name, batch_size=args.batch, width=args.width, seed=0, precision=precision
     )
     method = METHODS[name]
     torch.manual_seed(0)
     nets = method.networks(settings, num_classes=2, image_size=args.image_size)
+    nets = {k: v.to(device) for k, v in nets.items()}
     opts = method.optimizers(nets, settings)
-    real = torch.rand(args.batch, 1, args.image_size, args.image_size) * 2 - 1
-    labels = torch.arange(args.batch) % 2
+    size = args.image_size
+    real = torch.rand(args.batch, 1, size, size, device=device) * 2 - 1
+    labels = torch.arange(args.batch, device=device) % 2
     dtype = DTYPES[precision]
 
-    def step():
-        return method.step(nets, opts, real, labels, settings, autocast=dtype)
+    def eager_step(idx=None):
+        return method.step(nets, opts, real, labels, settings, autocast=dtype).as_dict()
 
-    step()  # first call: allocator and kernel selection, outside both measurements
+    eager_step()  # first call: allocator and kernel selection, outside both measurements
     with FlopCounterMode(display=False) as counter:
-        step()
+        eager_step()
     flops = counter.get_total_flops()
-    seconds = _median_seconds(step, args.repeats, args.warmup)
-    return {"method": name, "precision": precision, "ms": seconds * 1e3, "gflop": flops / 1e9}
+    step = eager_step
+    if mode == "graphs":
+        runner = StepRunner(eager_step, graphs=True)
+        idx = torch.arange(args.batch, device=device)
+        step = lambda: runner(idx)  # noqa: E731
+    warmup = max(args.warmup, 5) if mode == "graphs" else args.warmup  # capture in warm-up
+    seconds = _median_seconds(step, args.repeats, warmup, device)
+    return {
+        "method": name,
+        "precision": precision,
+        "mode": mode,
+        "ms": seconds * 1e3,
+        "gflop": flops / 1e9,
+    }
 
 
 def main() -> None:
@@ -90,31 +126,50 @@ def main() -> None:
     parser.add_argument("--methods", default="vanilla,sgan,ecgan,3ngan")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--matmul", type=int, default=2048, help="side of the reference matmul")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--modes", default="eager", help="eager and/or graphs (CUDA only)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     precisions = args.precisions.split(",")
+    modes = args.modes.split(",")
 
-    peak = {p: matmul_gflops(args.matmul, DTYPES[p] or torch.float32, 3) for p in precisions}
-    rows = [bench_method(m, p, args) for p in precisions for m in args.methods.split(",")]
+    peak = {
+        p: matmul_gflops(args.matmul, DTYPES[p] or torch.float32, 3, device) for p in precisions
+    }
+    rows = [
+        bench_method(m, p, mode, args)
+        for p in precisions
+        for mode in modes
+        for m in args.methods.split(",")
+    ]
 
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"torch {torch.__version__}, {where}; "
         f"batch {args.batch}, width {args.width}, image {args.image_size}, "
-        f"median of {args.repeats} steps after {args.warmup} warm-up"
+        f"median of {args.repeats} {'blocks of 20 steps' if device.type == 'cuda' else 'steps'} "
+        f"after {args.warmup} warm-up"
     )
     print()
     for p in precisions:
         side, rate = peak[p]
         print(f"- {side}x{side} matmul, {p}: {rate:.1f} GFLOP/s")
     print()
-    print("| method | precision | ms/step | GFLOP/step | GFLOP/s | % of matmul |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| method | precision | mode | ms/step | GFLOP/step | GFLOP/s | % of matmul |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         rate = r["gflop"] / (r["ms"] / 1e3)
         share = 100 * rate / peak[r["precision"]][1]
         print(
-            f"| {r['method']} | {r['precision']} | {r['ms']:.1f} | {r['gflop']:.2f} "
-            f"| {rate:.1f} | {share:.0f}% |"
+            f"| {r['method']} | {r['precision']} | {r['mode']} | {r['ms']:.2f} | {r['gflop']:.2f} "
+            f"| {rate:.1f} | {share:.1f}% |"
         )
 
 

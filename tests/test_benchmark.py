@@ -192,6 +192,7 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
 ):
     cfg = _smoke(methods=("vanilla",), sizes=(8, 16), epochs=2)
     out = tmp_path / "bench"
+    monkeypatch.setattr(benchmark, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
 
     def stop_after_first_epoch(event):
         if isinstance(event, benchmark.RunProgress) and isinstance(event.event, training.EpochDone):

@@ -189,3 +189,72 @@ def test_a_run_stopped_before_its_summary_resumes_into_the_final_evaluation(
     assert summary["extended"] is False
     assert [r["epoch"] for r in _metrics(run)] == [1]
     assert (run / "summary.json").exists()
+
+
+def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val(
+    dataset, tmp_path, monkeypatch
+):
+    writes = []
+    real_save = training.checkpoints.save
+    monkeypatch.setattr(
+        training.checkpoints,
+        "save",
+        lambda path, *a, **k: (writes.append(path.name), real_save(path, *a, **k)),
+    )
+    run = tmp_path / "run"
+    summary = training.train(dataset, _settings(epochs=3), run, checkpoint_every_s=3600)
+    # one best (the best epoch's weights, kept in memory until then), then last twice: after
+    # the last epoch and once more, marked finished, after the final evaluation
+    assert writes == ["best.safetensors", "last.safetensors", "last.safetensors"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0003.png"]
+    best = training.checkpoints.load(run / "best.safetensors")
+    assert best.meta["position"]["epoch"] == summary["best_epoch_on_val"]
+    vals = [r["val"]["accuracy"] for r in _metrics(run)]
+    assert best.meta["best_val_accuracy"] == max(vals)
+    assert summary["best_epoch_on_val"] == vals.index(max(vals)) + 1
+
+
+def test_a_stop_request_writes_the_pending_best_checkpoint_too(dataset, tmp_path):
+    run = tmp_path / "run"
+
+    def request_stop(event):
+        if isinstance(event, training.StepDone) and event.epoch == 1 and event.step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(training.Interrupted):
+        training.train(dataset, _settings(), run, on_event=request_stop, checkpoint_every_s=3600)
+    assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file()
+    summary = training.train(dataset, _settings(), run, resume=True, checkpoint_every_s=3600)
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2]
+    assert summary["epochs"] == 2
+
+
+def test_the_eager_step_runner_calls_the_step_as_is():
+    seen = []
+    runner = training.StepRunner(lambda idx: seen.append(idx.tolist()) or {"x": idx}, graphs=False)
+    assert runner(torch.tensor([1, 2]))["x"].tolist() == [1, 2]
+    assert seen == [[1, 2]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("method", ["vanilla", "3ngan"])
+def test_a_run_with_cuda_graphs_matches_the_eager_run_on_cuda(dataset, tmp_path, method):
+    # vanilla draws no random numbers: replayed graphs must do the same updates as eager
+    # steps, up to the order of floating-point reductions. 3ngan draws z inside the graph
+    # (graph-safe philox), so its random stream may differ: it must run and stay finite.
+    def run(name, graphs):
+        cfg = _settings(method=method, device="cuda", cuda_graphs=graphs, epochs=4)
+        return training.train(dataset, cfg, tmp_path / name), _metrics(tmp_path / name)
+
+    (eager, eager_m), (graphed, graphed_m) = run("eager", False), run("graphs", True)
+    assert [r["epoch"] for r in graphed_m] == [1, 2, 3, 4]
+    for a, b in zip(eager_m, graphed_m, strict=True):
+        assert set(a["train"]) == set(b["train"])
+        assert all(np.isfinite(v) for v in b["train"].values())
+        if method == "vanilla":
+            assert b["train"]["loss_c"] == pytest.approx(a["train"]["loss_c"], rel=1e-3)
+    if method == "vanilla":
+        assert graphed["test"]["accuracy"] == eager["test"]["accuracy"]

@@ -168,6 +168,9 @@ def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module]) -> None:
             raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit: {first}") from None
 
 
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
 def restore_optimizers(ckpt: Checkpoint, optimizers: dict[str, torch.optim.Optimizer]) -> None:
     saved = ckpt.meta.get("optimizers", {})
     for name, opt in optimizers.items():
@@ -179,4 +182,10 @@ def restore_optimizers(ckpt: Checkpoint, optimizers: dict[str, torch.optim.Optim
         for key, value in ckpt.group(f"opt/{name}").items():
             index, entry = key.split("/", 1)
             state.setdefault(int(index), {})[entry] = value
-        opt.load_state_dict({"state": state, "param_groups": saved[name]["param_groups"]})
+        # Hyperparameters come from the checkpoint; how the update runs (fused, capturable...)
+        # stays this machine's: a CPU checkpoint resumed on a GPU must still be capturable.
+        groups = [
+            {**group, **{k: current[k] for k in _IMPLEMENTATION if k in current}}
+            for group, current in zip(saved[name]["param_groups"], opt.param_groups, strict=True)
+        ]
+        opt.load_state_dict({"state": state, "param_groups": groups})

@@ -521,6 +521,13 @@ def train(
     precision: Annotated[
         str | None, typer.Option(help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX).")
     ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="On CUDA, replay each step from a captured CUDA graph. \\[default: on]",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
@@ -566,6 +573,7 @@ def train(
         "seed": seed,
         "device": device,
         "precision": precision,
+        "cuda_graphs": cuda_graphs,
     }
     if resume is not None:
         run_dir = paths.resolve_run(resume)

@@ -76,6 +76,9 @@ class TrainSettings(_Section):
     use_generator_classifier_loss: bool = Field(
         True, description="3ngan: train G against C as well as D (off = ablation)"
     )
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay each training step from a captured CUDA graph"
+    )
 
     @field_validator("device")
     @classmethod
