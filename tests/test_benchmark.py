@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from threengan_cli import benchmark, training
@@ -347,3 +348,54 @@ def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
     )
     assert result.exit_code == 3, result.output
     assert "failed" in result.output
+
+
+# ---------------------------------------------------------------------- parallel repeats
+def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(dataset, tmp_path):
+    cfg = _smoke(methods=("3ngan", "vanilla"), sizes=(16,), repeats=3)
+    alone = benchmark.run(dataset, cfg, tmp_path / "alone", parallel=1)
+    together = benchmark.run(dataset, cfg, tmp_path / "together", parallel=3)
+    assert together["counts"]["finished"] == 6
+    assert _numbers(together["results"]) == _numbers(alone["results"])
+    for name in ("3ngan-n16-r0", "3ngan-n16-r2", "vanilla-n16-r1"):
+        a = training.checkpoints.load(tmp_path / "alone" / "runs" / name / "last.safetensors")
+        b = training.checkpoints.load(tmp_path / "together" / "runs" / name / "last.safetensors")
+        assert all(torch.equal(a.group("net")[k], b.group("net")[k]) for k in a.group("net"))
+
+
+def test_repeats_in_parallel_are_taken_cell_by_cell(dataset, tmp_path):
+    cfg = _smoke(methods=("vanilla", "3ngan"), sizes=(8, 16), repeats=2)
+    events = []
+    benchmark.run(dataset, cfg, tmp_path / "b", parallel=2, on_event=events.append)
+    planned = next(e for e in events if isinstance(e, benchmark.GridPlanned))
+    assert planned.todo[:4] == ("vanilla-n8-r0", "vanilla-n8-r1", "3ngan-n8-r0", "3ngan-n8-r1")
+    ends = [e.position for e in events if isinstance(e, benchmark.RunEnds)]
+    assert sorted(ends) == list(range(1, 9))
+
+
+def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_path):
+    cfg = _smoke(methods=("3ngan",), sizes=(16,), repeats=2, epochs=3)
+    out = tmp_path / "b"
+
+    sent = []
+
+    def stop_on_second_epoch(event):  # one Ctrl+C, as a user would press it
+        if (
+            not sent
+            and isinstance(event, benchmark.RunProgress)
+            and isinstance(event.event, training.StepDone)
+            and event.event.epoch == 1
+        ):
+            import os
+            import signal
+
+            sent.append(event.spec.name)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises((training.Interrupted, KeyboardInterrupt)):
+        benchmark.run(dataset, cfg, out, parallel=2, on_event=stop_on_second_epoch)
+    stopped = out / "runs" / sent[0]
+    assert (stopped / "last.safetensors").is_file() and not (stopped / "summary.json").exists()
+    resumed = benchmark.run(dataset, cfg, out, parallel=2)
+    alone = benchmark.run(dataset, cfg, tmp_path / "alone", parallel=1)
+    assert _numbers(resumed["results"]) == _numbers(alone["results"])

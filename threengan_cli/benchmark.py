@@ -24,6 +24,7 @@ import io
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -297,41 +298,45 @@ BenchEvent = GridPlanned | RunBegins | RunProgress | RunEnds
 
 
 class _Clock:
-    """Grid progress in work units (steps x relative step time); ETA from measured speed."""
+    """Grid progress in work units (steps x relative step time); ETA from measured speed.
+
+    Keeps one entry per run in progress, so runs trained in parallel threads each count."""
 
     def __init__(self, specs: list[RunSpec]):
         self.total = sum(s.work for s in specs) or 1.0
         self.done = 0.0
         self.t0 = time.perf_counter()
-        self.current = 0.0  # work done in the current run this session
-        self.baseline: float | None = None
+        self.current: dict[str, float] = {}  # work done this session, per run in progress
+        self.baseline: dict[str, float | None] = {}
 
-    def start_run(self) -> None:
-        self.current, self.baseline = 0.0, None
+    def start_run(self, spec: RunSpec) -> None:
+        self.current[spec.name], self.baseline[spec.name] = 0.0, None
 
     def step(self, spec: RunSpec, event) -> None:
         run_fraction = (event.epoch * event.steps + event.step) / (
             spec.settings.epochs * event.steps
         )
-        if self.baseline is None:  # a resumed run: the part done before is not this session's
-            self.baseline = run_fraction - 1 / (spec.settings.epochs * event.steps)
-            self.total -= self.baseline * spec.work
-        self.current = (run_fraction - self.baseline) * spec.work
+        if self.baseline.get(spec.name) is None:  # resumed: work done before is not this session's
+            self.baseline[spec.name] = run_fraction - 1 / (spec.settings.epochs * event.steps)
+            self.total -= self.baseline[spec.name] * spec.work
+        self.current[spec.name] = (run_fraction - self.baseline[spec.name]) * spec.work
 
     def end_run(self, spec: RunSpec) -> None:
-        if self.baseline is None:
+        if self.baseline.get(spec.name) is None:
             self.total -= spec.work  # nothing trained (e.g. a failure before the first step)
         else:
-            self.done += self.current
-        self.current, self.baseline = 0.0, None
+            self.done += self.current.get(spec.name, 0.0)
+        self.current.pop(spec.name, None)
+        self.baseline.pop(spec.name, None)
 
     @property
     def fraction(self) -> float:
-        return min(1.0, (self.done + self.current) / max(self.total, 1e-9))
+        done = self.done + sum(self.current.values())
+        return min(1.0, done / max(self.total, 1e-9))
 
     @property
     def eta_s(self) -> float | None:
-        done = self.done + self.current
+        done = self.done + sum(self.current.values())
         if done <= 0:
             return None
         elapsed = time.perf_counter() - self.t0
@@ -800,6 +805,13 @@ def _manifest(cfg: BenchmarkSettings, dataset: Path, shard: tuple[int, int]) -> 
     )
 
 
+def parallel_default(cfg: BenchmarkSettings) -> int:
+    """Runs trained at once: on a GPU the repeats of a cell (a run at batch 10 fills a small
+    part of it); on a CPU one, since a run already uses every core."""
+    device = system.select_device(cfg.device)
+    return min(cfg.repeats, 8) if device.type == "cuda" else 1
+
+
 def run(
     dataset: Path,
     cfg: BenchmarkSettings,
@@ -807,21 +819,36 @@ def run(
     *,
     shard: tuple[int, int] = (1, 1),
     on_event: Callable[[BenchEvent], None] | None = None,
+    parallel: int | None = None,
 ) -> dict[str, Any]:
     """Train the (shard's) runs of the grid not finished yet, then write the outputs.
 
+    ``parallel`` runs train at once in threads (default :func:`parallel_default`), taken cell
+    by cell so the repeats of one (method, size) run together. Each is the same run as when
+    trained alone: its own seed, data order, random generator and CUDA stream.
+
     Raises BenchmarkError (bad folder, sizes too large), DatasetError, TrainingError and
-    training.Interrupted (Ctrl+C; every finished run is kept, the current one resumable).
+    training.Interrupted (Ctrl+C; every finished run is kept, the ones in progress resumable).
     """
     from threengan_cli import training
 
-    emit = on_event or (lambda event: None)
+    lock = threading.Lock()  # events come from several threads; the view sees one at a time
+
+    def emit(event: BenchEvent) -> None:
+        if on_event is not None:
+            with lock:
+                on_event(event)
+
     dataset, out = Path(dataset), Path(out)
     specs = grid(cfg)
     mine = shard_of(specs, shard)
     _check_sizes(dataset, mine)
     states = {s.name: check_run_folder(out / "runs" / s.name, s, dataset) for s in mine}
     todo = [s for s in mine if states[s.name] not in ("finished", "failed")]
+    parallel = max(1, parallel or parallel_default(cfg))
+    if parallel > 1:  # cell by cell: the repeats of one (method, size) side by side
+        cells = list(dict.fromkeys((s.method, s.size) for s in todo))
+        todo.sort(key=lambda s: (cells.index((s.method, s.size)), s.repeat))
     fileio.write_text(out / "benchmark.json", _manifest(cfg, dataset, shard))
     emit(
         GridPlanned(
@@ -835,27 +862,30 @@ def run(
     )
 
     clock = _Clock(todo)
-    for position, spec in enumerate(todo, start=1):
-        run_dir = out / "runs" / spec.name
-        state = states[spec.name]
-        resume = state == "resume"
-        emit(RunBegins(spec, position, len(todo), resume))
-        clock.start_run()
 
-        def forward(event, spec=spec, position=position) -> None:
-            if isinstance(event, training.StepDone):
-                clock.step(spec, event)
-            emit(RunProgress(spec, position, len(todo), event, clock.fraction, clock.eta_s))
+    def train_one(position: int, spec: RunSpec, stop: threading.Event) -> None:
+        run_dir = out / "runs" / spec.name
+        emit(RunBegins(spec, position, len(todo), states[spec.name] == "resume"))
+        with lock:
+            clock.start_run(spec)
+
+        def forward(event) -> None:
+            with lock:
+                if isinstance(event, training.StepDone):
+                    clock.step(spec, event)
+                fraction, eta = clock.fraction, clock.eta_s
+            emit(RunProgress(spec, position, len(todo), event, fraction, eta))
 
         try:
             training.train(
                 dataset,
                 spec.settings,
                 run_dir,
-                resume=resume,
+                resume=states[spec.name] == "resume",
                 on_event=forward,
                 test_every_epoch=True,
                 checkpoint_every_s=CHECKPOINT_EVERY_S,
+                stop_flag=stop,
             )
         except training.NonFiniteLoss as exc:
             # A diverged run is a result of the method, not a reason to stop the grid; it
@@ -864,8 +894,19 @@ def run(
                 run_dir / "failed.json",
                 json.dumps({"error": str(exc), "settings": spec.settings.model_dump()}) + "\n",
             )
-        clock.end_run(spec)
-        emit(RunEnds(spec, position, len(todo), read_run(run_dir), clock.eta_s))
+        with lock:
+            clock.end_run(spec)
+            eta = clock.eta_s
+        emit(RunEnds(spec, position, len(todo), read_run(run_dir), eta))
+
+    with training.stop_requests() as stop:
+        if parallel == 1:
+            for position, spec in enumerate(todo, start=1):
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                train_one(position, spec, stop)
+        else:
+            _in_threads(train_one, list(enumerate(todo, start=1)), parallel, stop)
 
     runs = [read_run(out / "runs" / s.name) for s in mine]
     return write_outputs(
@@ -876,6 +917,40 @@ def run(
         runs,
         shard=None if shard[1] == 1 else f"{shard[0]}/{shard[1]}",
     )
+
+
+def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> None:
+    """Run ``train_one(position, spec, stop)`` for every job, ``parallel`` at a time.
+
+    The first error stops the others (they save a resumable checkpoint) and is raised once all
+    have ended; Ctrl+C, which the main thread receives, reaches every run through ``stop``.
+    """
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from threengan_cli.training import Interrupted
+
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run") as pool:
+        pending = set()
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < parallel and not stop.is_set():
+                position, spec = queue.pop(0)
+                pending.add(pool.submit(train_one, position, spec, stop))
+            if not pending:
+                break
+            # a timeout, so that the main thread runs its Ctrl+C handler promptly
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                    stop.set()
+    if errors:
+        # a real failure first; the Interrupted it caused in the other runs after
+        errors.sort(key=lambda e: isinstance(e, Interrupted))
+        raise errors[0]
+    if stop.is_set():
+        raise KeyboardInterrupt
 
 
 def merge(dirs: list[Path], out: Path) -> dict[str, Any]:

@@ -1262,6 +1262,15 @@ def benchmark(
             "against C), 3ngan-pairkl (per-pair KL).",
         ),
     ] = False,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Runs trained at once, in threads; results are the same as one at a time. "
+            "\\[default: the repeats of a cell on a GPU (at most 8), 1 on a CPU]",
+        ),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -1328,6 +1337,7 @@ def benchmark(
             "--precision": precision,
             "--shard": shard,
             "--ablate": ablate or None,
+            "--parallel": parallel,
         }
         extra = [k for k, v in given.items() if v is not None]
         if extra:
@@ -1380,7 +1390,9 @@ def benchmark(
         view = _BenchView(quiet)
         hint = f"finished runs are kept in {target}; run the same command again to resume"
         try:
-            results = bench.run(dataset_dir, cfg, target, shard=shard_ij, on_event=view)
+            results = bench.run(
+                dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
+            )
         except (training.Interrupted, KeyboardInterrupt):
             view.close()
             note(f"interrupted: {hint}")

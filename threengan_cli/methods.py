@@ -7,7 +7,8 @@ step, and which logits classify an image at evaluation time.
 A step reads top to bottom: (1) update D on ``fake.detach()``, (2) update C on real images and
 confident fakes, (3) update G on the same ``fake``. It never reads a value back to the host
 (no ``.item()``) and returns detached scalar tensors; the loop decides when to look at them.
-z is drawn from torch's global RNG, whose state the training loop saves for exact resume.
+z is drawn from the run's own generator ``rng`` (torch's global RNG when none is given), whose
+state the training loop saves for exact resume; runs in parallel threads never share one.
 
 During G's update (3) the gradient flows through D and C into G, but D and C have
 ``requires_grad`` switched off for that forward: their weights are neither stepped nor given
@@ -141,6 +142,7 @@ class Method:
         labels: torch.Tensor,
         settings: TrainSettings,
         autocast: torch.dtype | None = None,
+        rng: torch.Generator | None = None,
     ) -> StepOutput:
         raise NotImplementedError
 
@@ -171,7 +173,7 @@ class Vanilla(Method):
     players = ("C",)
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None) -> StepOutput:
+    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
         with _autocast(real.device, autocast):
             logits = nets["C"](real)
         loss_c = F.cross_entropy(logits.float(), labels)
@@ -200,9 +202,9 @@ class SGAN(Method):
         }
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None) -> StepOutput:
+    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
         G, D = nets["G"], nets["D"]
-        z = torch.randn(real.shape[0], settings.latent, device=real.device)
+        z = torch.randn(real.shape[0], settings.latent, device=real.device, generator=rng)
         with _autocast(real.device, autocast):
             fake = G(z)
 
@@ -236,11 +238,11 @@ class ThreeNGAN(Method):
     classifier_trains_generator: ClassVar[bool] = True
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None) -> StepOutput:
+    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
         G, D, C = nets["G"], nets["D"], nets["C"]
         use_kl = cls.kl_in_classifier
         use_c_for_g = cls.classifier_trains_generator and settings.use_generator_classifier_loss
-        z = torch.randn(real.shape[0], settings.latent, device=real.device)
+        z = torch.randn(real.shape[0], settings.latent, device=real.device, generator=rng)
         with _autocast(real.device, autocast):
             fake = G(z)
 

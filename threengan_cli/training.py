@@ -136,17 +136,43 @@ def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+# Network initialisation draws from torch's global RNG; runs started in parallel threads
+# (the benchmark's repeats on a GPU) take turns, so each gets exactly its seed's weights.
+_INIT_LOCK = threading.Lock()
 
 
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8), device)
+def run_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The run's own generator for z, continuing the stream a run on the global RNG had.
+
+    Called right after the networks are built: on the CPU it takes over the global RNG's state
+    at that point, on CUDA it is seeded like the CUDA default generator. A run therefore draws
+    the same z as before runs had generators of their own (the shipped model reproduces).
+    """
+    gen = torch.Generator(device)
+    if device.type == "cpu":
+        gen.set_state(torch.get_rng_state())
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def get_rng_state(rng: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"run": rng.get_state()}
+
+
+def set_rng_state(state: dict[str, torch.Tensor], rng: torch.Generator, reseed: int) -> bool:
+    """Restore the run's generator; False when the saved state is from another kind of device
+    (or an older checkpoint without one), where the stream goes on from ``reseed`` instead."""
+    legacy = "cuda" if rng.device.type == "cuda" else "torch"  # before runs had generators
+    saved = state.get("run", state.get(legacy))
+    if saved is not None:
+        try:
+            rng.set_state(saved.to(torch.uint8))
+            return True
+        except RuntimeError:
+            pass
+    rng.manual_seed(reseed)
+    return False
 
 
 @torch.no_grad()
@@ -231,9 +257,14 @@ class StepRunner:
     """
 
     def __init__(
-        self, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], graphs: bool, warmup: int = 3
+        self,
+        fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        graphs: bool,
+        warmup: int = 3,
+        generators: tuple[torch.Generator, ...] = (),
     ):
         self.fn, self.graphs, self.warmup = fn, graphs, warmup
+        self.generators = [g for g in generators if g.device.type == "cuda"]
         self._seen: dict[int, int] = {}
         self._captured: dict[int, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
 
@@ -252,7 +283,12 @@ class StepRunner:
                 return out
             static_idx = idx.clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            for gen in self.generators:  # z drawn inside the graph advances the run's stream
+                graph.register_generator_state(gen)
+            # A capture stream of its own and thread-local capture: other threads' runs keep
+            # working on the GPU while this one captures.
+            capture = torch.cuda.Stream(idx.device)
+            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
                 static_out = self.fn(static_idx)
             self._captured[size] = (graph, static_idx, static_out)
         graph, static_idx, static_out = self._captured[size]
@@ -346,8 +382,13 @@ def train(
     on_event: Callable[[Event], None] | None = None,
     test_every_epoch: bool = False,
     checkpoint_every_s: float | None = None,
+    stop_flag: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Train one run in ``run_dir`` (new, or continued with ``resume``); return its summary.
+
+    On CUDA the run works on a CUDA stream of its own, so runs in parallel threads overlap on
+    the GPU. ``stop_flag`` replaces the Ctrl+C handler (which only the main thread can own):
+    the benchmark sets it for all its parallel runs.
 
     By default the last and best checkpoints and a sample grid are written after every
     epoch. With ``checkpoint_every_s`` they are written once that many seconds have passed
@@ -355,22 +396,47 @@ def train(
     an epoch of 200 images takes less time than writing 100 MB of optimizer state); a better
     model on val is kept in memory until then, so last and best on disk always agree.
     """
-    emit = on_event or (lambda event: None)
+    device = system.select_device(settings.device)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        return _train(
+            dataset_path,
+            settings,
+            Path(run_dir),
+            resume,
+            on_event or (lambda event: None),
+            test_every_epoch,
+            checkpoint_every_s,
+            stop_flag,
+        )
+
+
+def _train(
+    dataset_path: Path,
+    settings: TrainSettings,
+    run_dir: Path,
+    resume: bool,
+    emit: Callable[[Event], None],
+    test_every_epoch: bool,
+    checkpoint_every_s: float | None,
+    stop_flag: threading.Event | None,
+) -> dict[str, Any]:
     device = system.select_device(settings.device)
     amp = autocast_dtype(settings.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     method = METHODS[settings.method]()
-    run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
 
     dataset = load_prepared(Path(dataset_path))
-    system.seed_everything(settings.seed)
     data = load_run_data(dataset, settings.size, settings.seed, device)
     if data.train_y.numel() < 2:
         raise TrainingError("the training split has fewer than 2 images")
     num_classes = len(data.classes)
-    nets = method.networks(settings, num_classes, data.image_size)
+    with _INIT_LOCK:
+        system.seed_everything(settings.seed)
+        nets = method.networks(settings, num_classes, data.image_size)
+        rng = run_generator(settings.seed, device)
     nets = {name: net.to(device) for name, net in nets.items()}
     opts = method.optimizers(nets, settings)
     # A fixed latent batch from its own generator: sample grids are comparable across epochs
@@ -409,9 +475,9 @@ def train(
         ckpt = checkpoints.load(run_dir / LAST, map_location=device)
         checkpoints.restore_networks(ckpt, nets)
         checkpoints.restore_optimizers(ckpt, opts)
-        set_rng_state(ckpt.group("rng"), device)
         pos = ckpt.meta["position"]
         start_epoch, start_step = pos["epoch"], pos["step"]
+        set_rng_state(ckpt.group("rng"), rng, settings.seed + 1_000_003 * start_epoch + start_step)
         state = ckpt.group("state")
         if "sums" in state:
             sums = state["sums"].to(device)
@@ -474,7 +540,7 @@ def train(
             },
             nets,
             optimizers=opts if full else None,
-            rng=get_rng_state(device) if full else None,
+            rng=get_rng_state(rng) if full else None,
             state={"sums": sums} if full else None,
         )
 
@@ -551,17 +617,18 @@ def train(
     def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather the batch, update the networks, add the losses to the epoch's sums."""
         real = to_model_range(data.train_x[idx])
-        out = method.step(nets, opts, real, data.train_y[idx], settings, autocast=amp)
+        out = method.step(nets, opts, real, data.train_y[idx], settings, autocast=amp, rng=rng)
         losses = out.as_dict()
         values = torch.stack([v.detach().float() for v in losses.values()])
         sums[: len(values)] += values
         sums[-1] += 1
         return losses
 
-    run_step = StepRunner(one_step, graphs=device.type == "cuda" and settings.cuda_graphs)
+    graphs = device.type == "cuda" and settings.cuda_graphs
+    run_step = StepRunner(one_step, graphs=graphs, generators=(rng,))
     t0 = time.perf_counter()
     check_every_step = device.type == "cpu"  # a host sync is free on CPU, costly on a GPU
-    with stop_requests() as stop:
+    with nullcontext(stop_flag) if stop_flag is not None else stop_requests() as stop:
         for epoch in range(start_epoch, settings.epochs):
             epoch_t0 = time.perf_counter()
             order = batch_order(settings.seed, epoch, n, device)
