@@ -244,6 +244,9 @@ class _Weights:
         return self._state
 
 
+_CAPTURE_LOCK = threading.Lock()
+
+
 class StepRunner:
     """Runs the loop's step function eagerly, or on CUDA replays it from CUDA graphs.
 
@@ -287,8 +290,13 @@ class StepRunner:
                 graph.register_generator_state(gen)
             # A capture stream of its own and thread-local capture: other threads' runs keep
             # working on the GPU while this one captures.
+            # One capture at a time in the process: entering a capture synchronises the device
+            # and empties the allocator's cache, which must not happen inside another's.
             capture = torch.cuda.Stream(idx.device)
-            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
+            with (
+                _CAPTURE_LOCK,
+                torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"),
+            ):
                 static_out = self.fn(static_idx)
             self._captured[size] = (graph, static_idx, static_out)
         graph, static_idx, static_out = self._captured[size]
