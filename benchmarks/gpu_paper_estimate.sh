@@ -30,8 +30,8 @@ bench() {  # bench NAME ARGS...
   timeout 240 $py -m threengan_cli benchmark kermany --profile paper --out "$out/$name" \
     --json "$@" >"$out/$name.json" 2>"$out/$name.log"
 }
-timed slice-p1 bench slice-p1 --sizes 200,1000 --epochs 5 --parallel 1
 timed slice-p5 bench slice-p5 --sizes 200,1000 --epochs 5 --parallel 5
 timed paper-e2 bench paper-e2 --epochs 2 --parallel 5
 timed paper-e4 bench paper-e4 --epochs 4 --parallel 5
+timed slice-p1 bench slice-p1 --sizes 200,1000 --epochs 5 --parallel 1
 tail -3 "$out"/*.log

@@ -258,3 +258,27 @@ def test_a_run_with_cuda_graphs_matches_the_eager_run_on_cuda(dataset, tmp_path,
             assert b["train"]["loss_c"] == pytest.approx(a["train"]["loss_c"], rel=1e-3)
     if method == "vanilla":
         assert graphed["test"]["accuracy"] == eager["test"]["accuracy"]
+
+
+def test_gpu_turns_are_first_come_first_served_and_passed_on_between_steps():
+    import threading
+    import time
+
+    turns, order = training.GpuTurns(), []
+    turns.acquire()
+
+    def other():
+        turns.acquire()
+        order.append("other")
+        turns.release()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    while turns._next_ticket < 2:  # the other thread is waiting for its turn
+        time.sleep(0.001)
+    turns.pass_on()  # returns only after the waiting thread has had its turn
+    order.append("first")
+    turns.pass_on()  # nobody waits: keeps the turn
+    turns.release()
+    thread.join()
+    assert order == ["other", "first"]

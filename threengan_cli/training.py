@@ -244,7 +244,49 @@ class _Weights:
         return self._state
 
 
-_CAPTURE_LOCK = threading.Lock()
+class GpuTurns:
+    """Runs trained in parallel threads take turns at asking the GPU for work.
+
+    A run holds its turn for everything it asks of CUDA and passes it on after each step,
+    first come first served. Some CUDA calls (the allocator's bookkeeping, cuDNN's kernel
+    search) are refused in one thread while another captures a graph: measured on an H200,
+    parallel runs without turns failed with "operation not permitted when stream is
+    capturing". Launches return at once, so the GPU still runs the runs' kernels side by side
+    on their own streams; only the launching takes turns.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._holder: int | None = None
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._cond.wait()
+            self._holder = threading.get_ident()
+
+    def release(self) -> None:
+        with self._cond:
+            if self._holder != threading.get_ident():
+                return  # not ours (e.g. interrupted while waiting in pass_on)
+            self._holder = None
+            self._serving += 1
+            self._cond.notify_all()
+
+    def pass_on(self) -> None:
+        """Let the runs waiting for a turn go first, then take it back."""
+        with self._cond:
+            if self._next_ticket == self._serving + 1:
+                return  # nobody is waiting
+        self.release()
+        self.acquire()
+
+
+GPU_TURNS = GpuTurns()
 
 
 class StepRunner:
@@ -288,15 +330,10 @@ class StepRunner:
             graph = torch.cuda.CUDAGraph()
             for gen in self.generators:  # z drawn inside the graph advances the run's stream
                 graph.register_generator_state(gen)
-            # A capture stream of its own and thread-local capture: other threads' runs keep
-            # working on the GPU while this one captures.
-            # One capture at a time in the process: entering a capture synchronises the device
-            # and empties the allocator's cache, which must not happen inside another's.
+            # A capture stream of its own; the run holds its GPU turn (GpuTurns), so no other
+            # thread calls CUDA while this one captures.
             capture = torch.cuda.Stream(idx.device)
-            with (
-                _CAPTURE_LOCK,
-                torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"),
-            ):
+            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
                 static_out = self.fn(static_idx)
             self._captured[size] = (graph, static_idx, static_out)
         graph, static_idx, static_out = self._captured[size]
@@ -405,18 +442,24 @@ def train(
     model on val is kept in memory until then, so last and best on disk always agree.
     """
     device = system.select_device(settings.device)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        return _train(
-            dataset_path,
-            settings,
-            Path(run_dir),
-            resume,
-            on_event or (lambda event: None),
-            test_every_epoch,
-            checkpoint_every_s,
-            stop_flag,
-        )
+    args = (
+        dataset_path,
+        settings,
+        Path(run_dir),
+        resume,
+        on_event or (lambda event: None),
+        test_every_epoch,
+        checkpoint_every_s,
+        stop_flag,
+    )
+    if device.type != "cuda":
+        return _train(*args, None)
+    GPU_TURNS.acquire()
+    try:
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            return _train(*args, GPU_TURNS)
+    finally:
+        GPU_TURNS.release()
 
 
 def _train(
@@ -428,6 +471,7 @@ def _train(
     test_every_epoch: bool,
     checkpoint_every_s: float | None,
     stop_flag: threading.Event | None,
+    turns: GpuTurns | None,
 ) -> dict[str, Any]:
     device = system.select_device(settings.device)
     amp = autocast_dtype(settings.precision, device)
@@ -651,6 +695,8 @@ def _train(
                     raise Interrupted(path, epoch, step)
                 lo, hi = spans[step]
                 losses = run_step(order[lo:hi])
+                if turns is not None:
+                    turns.pass_on()
                 if not loss_names:
                     loss_names = list(losses)
                 if check_every_step:
