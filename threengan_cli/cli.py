@@ -42,9 +42,14 @@ def _defer_rich_markdown() -> None:
         def __new__(cls, *args: Any, **kwargs: Any) -> Any:
             return real().Markdown(*args, **kwargs)
 
+    def attribute(name: str) -> Any:
+        if name.startswith("__"):  # the import system probing (__path__, __file__...)
+            raise AttributeError(name)
+        return getattr(real(), name)
+
     placeholder = types.ModuleType("rich.markdown")
     placeholder.Markdown = Markdown  # type: ignore[attr-defined]
-    placeholder.__getattr__ = lambda name: getattr(real(), name)  # type: ignore[method-assign]
+    placeholder.__getattr__ = attribute  # type: ignore[method-assign]
     sys.modules["rich.markdown"] = placeholder
 
 
