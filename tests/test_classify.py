@@ -17,7 +17,7 @@ from model_factory import make_checkpoint, make_run, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from threengan_cli import images
+from threengan_cli import images, npclassifier
 from threengan_cli.classify import classify, decide, expand
 from threengan_cli.cli import app
 from threengan_cli.inference import ModelError, ModelNotFound, load_model
@@ -190,7 +190,7 @@ def test_threshold_decides_between_the_two_classes(tmp_path, model):
 
 
 def test_more_than_two_classes_take_the_most_probable():
-    probs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    probs = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
     assert decide(probs, threshold=0.9).tolist() == [1, 0]
 
 
@@ -233,7 +233,7 @@ def test_run_name_loads_the_best_checkpoint(threengan_home):
 
 
 def test_without_a_model_the_missing_default_is_named(monkeypatch):
-    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
     with pytest.raises(ModelError, match="no bundled default model found"):
         load_model(device="cpu")
 
@@ -332,7 +332,7 @@ def test_cli_exit_codes(tmp_path, ckpt):
 
 
 def test_cli_without_a_model_fails_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
     result = _cli(str(write_image(tmp_path / "a.png")))
     assert result.exit_code == 1
     assert "pass --run or --checkpoint" in result.stderr
@@ -363,3 +363,60 @@ def test_decoded_arrays_are_uint8_at_model_size(tmp_path):
     arrays, errors = decode_chunk([str(write_image(tmp_path / "a.png")), "nope"], 32, "squash")
     assert arrays.shape == (2, 32, 32) and arrays.dtype == np.uint8
     assert errors == [None, "file not found"]
+
+
+# ------------------------------------------------------------------ the NumPy classifier
+@pytest.mark.parametrize(
+    ("method", "classes", "width"),
+    [("3ngan", ("NORMAL", "PNEUMONIA"), 4), ("sgan", ("a", "b"), 4), ("ecgan", ("a", "b", "c"), 8)],
+)
+def test_the_numpy_classifier_gives_torch_s_probabilities(tmp_path, method, classes, width):
+    path = make_checkpoint(tmp_path / "m.safetensors", method=method, classes=classes, width=width)
+    torch_model = load_model(path, device="cpu")
+    numpy_model = npclassifier.load(path)
+    assert (numpy_model.classes, numpy_model.image_size) == (
+        torch_model.classes,
+        torch_model.image_size,
+    )
+    assert numpy_model.model_id == torch_model.model_id
+    size = torch_model.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (5, size, size), dtype=np.uint8)
+    expected = torch_model.probabilities_of(pixels)
+    got = numpy_model.probabilities_of(pixels)
+    assert got.shape == (5, len(classes))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_numpy_classifier_matches_torch_on_the_bundled_model_and_real_looking_images(tmp_path):
+    torch_model, numpy_model = load_model(device="cpu"), npclassifier.load()
+    paths = [str(write_image(tmp_path / f"{i}.png", size=(90, 70), seed=i)) for i in range(6)]
+    a = [r.probabilities for r in classify(paths, torch_model, workers=1)]
+    b = [r.probabilities for r in classify(paths, numpy_model, workers=1)]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        assert all(abs(x[k] - y[k]) < 1e-5 for k in x)
+
+
+def test_the_numpy_classifier_refuses_a_checkpoint_without_its_classifier(tmp_path):
+    only_g = make_checkpoint(tmp_path / "g.safetensors", keep=("G",))
+    with pytest.raises(ModelError, match="no weights for C"):
+        npclassifier.load(only_g)
+    (tmp_path / "p.safetensors").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelError, match="pickle"):
+        npclassifier.load(tmp_path / "p.safetensors")
+
+
+def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):
+    import subprocess
+
+    image = write_image(tmp_path / "a.png")
+    code = (
+        "import sys\n"
+        "from threengan_cli.cli import main\n"
+        f"sys.argv = ['threengan', 'classify', {str(image)!r}, '-f', 'csv', '-q']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,error"

@@ -150,7 +150,7 @@ def test_cli_generate_exit_codes(tmp_path, ckpt, monkeypatch):
     assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 2  # not empty now
     assert run("--grid", str(tmp_path / "g.png"), "--label").exit_code == 2
     assert run("--count", "0").exit_code == 2
-    monkeypatch.setattr("threengan_cli.inference.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
     missing = runner.invoke(app, ["generate", "--count", "2", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 1 and "pass --run or --checkpoint" in missing.stderr
 

@@ -26,13 +26,10 @@ import torch
 from torch import nn
 
 from threengan_cli import fileio
+from threengan_cli.modelfile import FORMAT_VERSION, CheckpointError, check_file, parse_meta
+from threengan_cli.modelfile import META_KEY as _META_KEY
 
-FORMAT_VERSION = 1
-_META_KEY = "threengan"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line meant for the user."""
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "load", "save"]
 
 
 @dataclass
@@ -103,33 +100,12 @@ def save(
     fileio.write_bytes(Path(path), blob)
 
 
-def _sniff(path: Path, head: bytes) -> None:
-    # safetensors starts with an 8-byte header length, then the JSON header's "{"; a pickle
-    # starts with the PROTO opcode 0x80, a torch.save file is a zip ("PK").
-    if head[8:9] == b"{":
-        return
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(
-            f"{path} is a pickle/torch.save file; threengan loads only its own safetensors "
-            "checkpoints, never pickles (they can run code)"
-        )
-
-
 def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint file; refuse pickles, truncated files and newer formats."""
     from safetensors import safe_open
 
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
-    _sniff(path, head)
+    check_file(path)
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
             raw = (fh.metadata() or {}).get(_META_KEY)
@@ -138,18 +114,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
         ) from None
-    if raw is None:
-        raise CheckpointError(f"{path} is a safetensors file without threengan metadata")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path} has damaged metadata") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer threengan (format {version}, this one reads "
-            f"<= {FORMAT_VERSION}): upgrade with pip install -U threengan"
-        )
+    meta = parse_meta(raw, path, FORMAT_VERSION)
     return Checkpoint(meta=meta, tensors=tensors, path=path)
 
 

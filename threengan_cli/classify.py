@@ -37,9 +37,10 @@ from PIL import Image
 from threengan_cli import images
 
 if TYPE_CHECKING:
-    import torch
-
     from threengan_cli.inference import Model
+    from threengan_cli.npclassifier import NumpyClassifier
+
+    Classifier = Model | NumpyClassifier  # both have probabilities_of(uint8 images)
 
 STDIN = "-"
 # Batches in flight beyond the one being classified: enough for the pool to stay busy while
@@ -199,18 +200,16 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
 
 
 # ----------------------------------------------------------------------------- deciding
-def decide(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def decide(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class indices (B,) from probabilities (B, K): see the module docstring."""
     if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] >= threshold).long()
-    return probabilities.argmax(dim=1)
+        return (probabilities[:, 1] >= threshold).astype(np.int64)
+    return probabilities.argmax(axis=1)
 
 
 def _rows(
-    chunk: list[Item], decoded: list[Future], model: Model, threshold: float
+    chunk: list[Item], decoded: list[Future], model: Classifier, threshold: float
 ) -> Iterator[Row]:
-    import torch
-
     parts = [future.result() for future in decoded]
     errors = [error for _, part_errors in parts for error in part_errors]
     arrays = np.concatenate([a for a, _ in parts]) if parts else None
@@ -218,7 +217,7 @@ def _rows(
     probs: list[list[float]] = []
     labels: list[int] = []
     if ok:
-        p = model.predict_proba(torch.from_numpy(arrays[ok]))
+        p = model.probabilities_of(arrays[ok])
         labels = decide(p, threshold).tolist()
         probs = p.tolist()
     results = iter(errors)
@@ -237,7 +236,7 @@ def _rows(
 
 def classify(
     inputs: Iterable[str],
-    model: Model,
+    model: Classifier,
     batch_size: int = 64,
     workers: int = 0,
     threshold: float = 0.5,

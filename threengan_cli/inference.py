@@ -13,29 +13,26 @@ G) gets a :class:`ModelError` that says which.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from threengan_cli import checkpoints, paths, system
+from threengan_cli import checkpoints, system
 from threengan_cli.methods import METHODS
+from threengan_cli.modelfile import (
+    ModelError,
+    ModelNotFound,
+    file_id,
+    resolve_checkpoint,
+)
+from threengan_cli.modelfile import meta_value as _meta_value
 from threengan_cli.settings import TrainSettings
 
-BEST, LAST = "best.safetensors", "last.safetensors"
-DEFAULT_MODEL = "default.safetensors"
-
-
-class ModelError(Exception):
-    """A model that cannot be loaded or lacks a network the job needs; one line for the user."""
-
-
-class ModelNotFound(ModelError):
-    """The checkpoint or run the user named does not exist (a usage error, not a failure)."""
+__all__ = ["Model", "ModelError", "ModelNotFound", "classifier_of", "load_model"]
 
 
 @dataclass
@@ -71,6 +68,10 @@ class Model:
     def require_classifier(self) -> None:
         self.require(self.classifier)
 
+    def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
+        return self.predict_proba(torch.from_numpy(images_u8)).numpy()
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1)
 
@@ -88,62 +89,6 @@ class Model:
 def classifier_of(method: str) -> str:
     """The network whose logits classify: C, or D for methods without C (sgan)."""
     return "C" if "C" in METHODS[method].players else "D"
-
-
-def bundled_model() -> Path | None:
-    """The default model shipped inside the package, or ``None`` where it is not installed."""
-    try:
-        candidate = resources.files("threengan_cli") / "models" / DEFAULT_MODEL
-    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover - broken install
-        return None
-    if not candidate.is_file():
-        return None
-    return Path(str(candidate))
-
-
-def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -> Path:
-    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default."""
-    if checkpoint is not None and run is not None:
-        raise ModelNotFound("give either --checkpoint or --run, not both")
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint).expanduser()
-        if checkpoint.is_dir():  # a run folder passed as a checkpoint: take its best
-            return resolve_checkpoint(run=str(checkpoint))
-        if not checkpoint.is_file():
-            raise ModelNotFound(f"checkpoint not found: {checkpoint}")
-        return checkpoint
-    if run is not None:
-        run_dir = paths.resolve_run(run)
-        if not run_dir.is_dir():
-            raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
-        for name in (BEST, LAST):
-            if (run_dir / name).is_file():
-                return run_dir / name
-        raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
-    found = bundled_model()
-    if found is None:
-        raise ModelError(
-            "no model given and no bundled default model found: pass --run or --checkpoint"
-        )
-    return found
-
-
-def file_id(path: Path) -> str:
-    """A short, content-based name of a checkpoint: ``file name@first 12 hex of sha256``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    name = path.name
-    if path.name in (BEST, LAST):
-        name = f"{path.parent.name}/{path.name}"
-    return f"{name}@{digest.hexdigest()[:12]}"
-
-
-def _meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
-    return meta[key]
 
 
 def load_model(

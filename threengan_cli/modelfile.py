@@ -1,0 +1,156 @@
+"""Finding and reading model files without importing torch.
+
+Importing torch takes 3 to 4 seconds on a small CPU, longer than classifying a few images.
+This module knows where a model comes from (``--checkpoint FILE``, ``--run NAME|DIR``, or
+the default bundled with the package), how to check a checkpoint file before trusting it
+(never a pickle, not truncated, not from a newer format) and how to read its metadata and
+weights as NumPy arrays. :mod:`checkpoints` (torch) uses the same checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threengan_cli import paths
+
+FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
+META_KEY = "threengan"
+BEST, LAST = "best.safetensors", "last.safetensors"
+DEFAULT_MODEL = "default.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line meant for the user."""
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or lacks a network the job needs; one line for the user."""
+
+
+class ModelNotFound(ModelError):
+    """The checkpoint or run the user named does not exist (a usage error, not a failure)."""
+
+
+# ------------------------------------------------------------------------ checking a file
+def check_file(path: Path) -> None:
+    """Refuse a missing file, a folder and a pickle before any parser sees the file.
+
+    safetensors starts with an 8-byte header length, then the JSON header's "{"; a pickle
+    starts with the PROTO opcode 0x80, a torch.save file is a zip ("PK").
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
+    if head[8:9] == b"{":
+        return
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file; threengan loads only its own safetensors "
+            "checkpoints, never pickles (they can run code)"
+        )
+
+
+def parse_meta(raw: str | None, path: Path, newest: int) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, refused when missing, damaged or newer than ``newest``."""
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file without threengan metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has damaged metadata") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > newest:
+        raise CheckpointError(
+            f"{path} was written by a newer threengan (format {version}, this one reads "
+            f"<= {newest}): upgrade with pip install -U threengan"
+        )
+    return meta
+
+
+def read_arrays(
+    path: Path, prefix: str, newest: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metadata and the float32 arrays under ``prefix`` (e.g. ``net/C/``), prefix removed."""
+    from safetensors import safe_open
+
+    check_file(path)
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+            keys = [k for k in fh.keys() if k.startswith(prefix)]  # noqa: SIM118
+            arrays = {k[len(prefix) :]: fh.get_tensor(k) for k in keys}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
+        ) from None
+    meta = parse_meta(raw, path, newest)
+    return meta, {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+
+
+# ----------------------------------------------------------------------- where it comes from
+def bundled_model() -> Path | None:
+    """The default model shipped inside the package, or ``None`` where it is not installed."""
+    try:
+        candidate = resources.files("threengan_cli") / "models" / DEFAULT_MODEL
+    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover - broken install
+        return None
+    if not candidate.is_file():
+        return None
+    return Path(str(candidate))
+
+
+def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -> Path:
+    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default."""
+    if checkpoint is not None and run is not None:
+        raise ModelNotFound("give either --checkpoint or --run, not both")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser()
+        if checkpoint.is_dir():  # a run folder passed as a checkpoint: take its best
+            return resolve_checkpoint(run=str(checkpoint))
+        if not checkpoint.is_file():
+            raise ModelNotFound(f"checkpoint not found: {checkpoint}")
+        return checkpoint
+    if run is not None:
+        run_dir = paths.resolve_run(run)
+        if not run_dir.is_dir():
+            raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
+        for name in (BEST, LAST):
+            if (run_dir / name).is_file():
+                return run_dir / name
+        raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
+    found = bundled_model()
+    if found is None:
+        raise ModelError(
+            "no model given and no bundled default model found: pass --run or --checkpoint"
+        )
+    return found
+
+
+def file_id(path: Path) -> str:
+    """A short, content-based name of a checkpoint: ``file name@first 12 hex of sha256``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    name = path.name
+    if path.name in (BEST, LAST):
+        name = f"{path.parent.name}/{path.name}"
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
+    return meta[key]

@@ -1,0 +1,143 @@
+"""The classifier's forward pass in NumPy: ``threengan classify`` on a CPU without torch.
+
+A classify of a few images is mostly start-up, and importing torch alone takes 3 to 4
+seconds on a small CPU. The classifier (:class:`networks.Classifier`, or ``sgan``'s
+multi-task discriminator) is a short stack of 4x4 stride-2 convolutions, BatchNorm in eval
+mode and LeakyReLU(0.2), then a 4x4 "valid" convolution to the class logits: a few matrix
+products, which NumPy does as fast as torch does on a CPU. The layer stack is read from the
+checkpoint's weights (``body.layers.<i>.*``, ``head.*``), the same names torch's modules
+save, and a test checks that this forward pass gives torch's probabilities.
+
+Images go through exactly the preprocessing recorded in the checkpoint: ``prepare``'s and
+``classify``'s shared :func:`images.load_image`, then uint8 -> [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threengan_cli import modelfile
+
+_K = 4  # every convolution is 4x4
+_LEAK = 0.2
+_BN_EPS = 1e-5
+# Which network classifies, and how many of its logits are classes (sgan's D adds "fake").
+_CLASSIFIER = {"sgan": ("D", -1)}
+
+
+def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
+    """x (B, H, W, C) channels-last, ``kernel`` (k*k*C, O) from :func:`_kernel` -> (B, H', W', O).
+
+    im2col with the channels innermost (each window is copied in runs of C contiguous values,
+    not gathered value by value), then one matrix product.
+    """
+    if pad:
+        x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    windows = windows[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)  # (B, H', W', k, k, C)
+    b, h, w = windows.shape[:3]
+    columns = windows.reshape(b * h * w, -1)
+    return (columns @ kernel).reshape(b, h, w, kernel.shape[1])
+
+
+def _kernel(weight: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """torch's (O, C, k, k) weight as the (k*k*C, O) matrix :func:`_conv` multiplies by,
+    with an eval-mode BatchNorm's per-channel ``scale`` folded in."""
+    out_ch = weight.shape[0]
+    if scale is not None:
+        weight = weight * scale.reshape(out_ch, 1, 1, 1)
+    return np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(out_ch, -1).T)
+
+
+@dataclass
+class NumpyClassifier:
+    """The classifier of one checkpoint, with what ``classify`` needs to report on it."""
+
+    method: str
+    classes: list[str]
+    image_size: int
+    fit: str
+    model_id: str
+    path: Path
+    layers: list[tuple[np.ndarray, np.ndarray | None]] = field(repr=False)  # (kernel, shift)
+    head: tuple[np.ndarray, np.ndarray | None] = field(repr=False)  # (kernel, bias)
+    keep: int | None = None  # logits kept (sgan drops its last, "fake")
+    device: str = "cpu (numpy)"
+
+    def require_classifier(self) -> None:
+        """Loading already checked that the classifier's weights are there."""
+
+    def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
+        x = images_u8.astype(np.float32)[..., None] * np.float32(1 / 127.5) - np.float32(1.0)
+        for kernel, shift in self.layers:
+            x = _conv(x, kernel, _K, stride=2, pad=1)
+            if shift is not None:
+                x += shift
+            np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
+        kernel, bias = self.head
+        logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
+        if bias is not None:
+            logits = logits + bias
+        logits = logits[:, : self.keep]
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassifier:
+    """The classifier of ``--checkpoint``, ``--run`` or the bundled model, read without torch."""
+    path = modelfile.resolve_checkpoint(checkpoint, run)
+    try:
+        meta, nets = modelfile.read_arrays(path, "net/", modelfile.FORMAT_VERSION)
+    except modelfile.CheckpointError as exc:
+        raise modelfile.ModelError(str(exc)) from None
+    method = str(modelfile.meta_value(meta, "method", path))
+    name, keep = _CLASSIFIER.get(method, ("C", None))
+    weights = {k[len(name) + 1 :]: v for k, v in nets.items() if k.startswith(f"{name}/")}
+    if not weights:
+        held = ", ".join(sorted({k.split("/")[0] for k in nets})) or "none"
+        raise modelfile.ModelError(
+            f"{modelfile.file_id(path)} holds no weights for {name} (it has {held}); "
+            "use a checkpoint of a run that trained that network"
+        )
+    return NumpyClassifier(
+        method=method,
+        classes=[str(c) for c in modelfile.meta_value(meta, "classes", path)],
+        image_size=int(modelfile.meta_value(meta, "image_size", path)),
+        fit=str(meta.get("fit", "squash")),
+        model_id=modelfile.file_id(path),
+        path=path,
+        layers=_layers(weights, path),
+        head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
+        keep=keep,
+    )
+
+
+def _layers(weights: dict[str, np.ndarray], path: Path) -> list[tuple[Any, Any]]:
+    """(kernel, shift or None) per stage of ``body.layers``: conv, [BatchNorm,] LeakyReLU."""
+    index = sorted({int(k.split(".")[2]) for k in weights if k.startswith("body.layers.")})
+    convs: list[list[Any]] = []  # [weight, BatchNorm scale, BatchNorm shift]
+    for i in index:
+        w = weights.get(f"body.layers.{i}.weight")
+        if f"body.layers.{i}.running_mean" in weights:  # BatchNorm after the last conv
+            if not convs or convs[-1][1] is not None:
+                raise modelfile.ModelError(f"{path}: unexpected layer layout at body.layers.{i}")
+            mean = weights[f"body.layers.{i}.running_mean"]
+            var = weights[f"body.layers.{i}.running_var"]
+            scale = w / np.sqrt(var + np.float32(_BN_EPS))
+            convs[-1][1:] = [scale, weights[f"body.layers.{i}.bias"] - mean * scale]
+        elif w is not None and w.ndim == 4:
+            if w.shape[2:] != (_K, _K):
+                raise modelfile.ModelError(f"{path}: body.layers.{i} is not a 4x4 convolution")
+            convs.append([w, None, None])
+    if not convs or "head.weight" not in weights:
+        raise modelfile.ModelError(f"{path}: the classifier's weights are incomplete")
+    return [
+        (_kernel(w, scale), None if shift is None else shift.astype(np.float32))
+        for w, scale, shift in convs
+    ]
