@@ -420,3 +420,18 @@ def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,error"
+
+
+def test_cli_engines_agree_and_a_bad_engine_is_a_usage_error(tmp_path):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        write_image(folder / f"{i}.png", seed=i)
+    rows = {}
+    for engine in ("numpy", "torch"):
+        result = _cli(str(folder), "-f", "csv", "--engine", engine)
+        assert result.exit_code == 0, result.stderr
+        rows[engine] = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["label"] for r in rows["numpy"]] == [r["label"] for r in rows["torch"]]
+    for a, b in zip(rows["numpy"], rows["torch"], strict=True):
+        assert abs(float(a["p_PNEUMONIA"]) - float(b["p_PNEUMONIA"])) < 1e-5
+    assert _cli(str(folder), "--engine", "jax").exit_code == 2

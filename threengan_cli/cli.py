@@ -703,11 +703,11 @@ def _load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
         fail(str(exc))
 
 
-def _load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str):
-    """On the CPU (``auto`` or ``cpu``) the NumPy classifier, which never imports torch (3-4 s
-    of start-up on a small CPU); on ``cuda``/``mps`` torch's model."""
-    if device not in ("auto", "cpu"):
-        return _load_model_or_exit(checkpoint, run, device)
+def _load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
+    """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
+    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
+    if device not in ("auto", "cpu") or engine == "torch":
+        return _load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
     from threengan_cli import npclassifier
     from threengan_cli.modelfile import ModelError, ModelNotFound
 
@@ -872,8 +872,15 @@ def classify(
     device: Annotated[
         str | None,
         typer.Option(
-            help="auto or cpu: NumPy on the CPU, no torch start-up (decoding dominates at "
-            "64 px); cuda, cuda:N or mps: torch on that device \\[default: auto]."
+            help="auto or cpu: the CPU (decoding dominates at 64 px); cuda, cuda:N or mps: "
+            "torch on that device \\[default: auto]."
+        ),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="On the CPU: numpy starts in under a second (no torch import); torch "
+            "starts 3-4 s later and classifies long lists about 15% faster \\[default: numpy]."
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -919,6 +926,7 @@ def classify(
         workers=workers,
         threshold=threshold,
         device=device,
+        engine=engine,
         recursive=recursive,
     )
     if fmt is None:
@@ -935,7 +943,7 @@ def classify(
     from threengan_cli.classify import classify as run_classify
     from threengan_cli.modelfile import ModelError
 
-    model = _load_classifier_or_exit(checkpoint, run, cfg.device)
+    model = _load_classifier_or_exit(checkpoint, run, cfg.device, cfg.engine)
     try:
         model.require_classifier()
     except ModelError as exc:

@@ -95,6 +95,9 @@ class ClassifySettings(_Section):
     workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     device: str = "auto"
+    engine: Literal["numpy", "torch"] = Field(
+        "numpy", description="on the CPU: numpy (starts in under a second) or torch"
+    )
     recursive: bool = False
 
 
