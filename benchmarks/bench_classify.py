@@ -190,7 +190,13 @@ def _rss_of(cmd: list[str], stdin_path: Path) -> tuple[float, float]:
 def memory(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = make_model(tmp / "m.safetensors", args.width, args.image_size)
+        # Made in a child process: this one must not import torch, because a child started
+        # by fork + exec keeps the parent's resident size in its ru_maxrss.
+        ckpt = tmp / "m.safetensors"
+        subprocess.run(
+            [sys.executable, __file__, "--make-model", str(ckpt), "--width", str(args.width)],
+            check=True,
+        )
         rng = np.random.default_rng(0)
         tiny = []
         for i in range(100):
@@ -241,8 +247,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory", action="store_true", help="peak RSS over 1k and 100k paths")
+    parser.add_argument("--make-model", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    memory(args) if args.memory else throughput(args)
+    if args.make_model:
+        make_model(Path(args.make_model), args.width, args.image_size)
+    elif args.memory:
+        memory(args)
+    else:
+        throughput(args)
 
 
 if __name__ == "__main__":
