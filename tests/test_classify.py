@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fresh_process import run_without_torch
 from model_factory import make_checkpoint, make_run, write_image
 from PIL import Image
 from typer.testing import CliRunner
@@ -407,17 +408,7 @@ def test_the_numpy_classifier_refuses_a_checkpoint_without_its_classifier(tmp_pa
 
 
 def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):
-    import subprocess
-
-    image = write_image(tmp_path / "a.png")
-    code = (
-        "import sys\n"
-        "from threengan_cli.cli import main\n"
-        f"sys.argv = ['threengan', 'classify', {str(image)!r}, '-f', 'csv', '-q']\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = run_without_torch("classify", str(write_image(tmp_path / "a.png")), "-f", "csv", "-q")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,error"
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fresh_process import run_without_torch
 from image_factory import class_tree
 from typer.testing import CliRunner
 
@@ -118,13 +117,7 @@ def test_invalid_default_name_asks_for_one(tmp_path):
 
 def test_prepare_does_not_import_torch(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
-    code = (
-        "import sys; from threengan_cli.cli import main; sys.argv = ['threengan', 'prepare', "
-        f"{str(src)!r}, '--out', {str(tmp_path / 'ds')!r}, '--quiet']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = run_without_torch("prepare", str(src), "--out", str(tmp_path / "ds"), "--quiet")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ds" / "manifest.json").is_file()
 
