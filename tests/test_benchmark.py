@@ -399,3 +399,16 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
     resumed = benchmark.run(dataset, cfg, out, parallel=2)
     alone = benchmark.run(dataset, cfg, tmp_path / "alone", parallel=1)
     assert _numbers(resumed["results"]) == _numbers(alone["results"])
+
+
+def test_the_eta_counts_each_epoch_s_evaluation_as_well_as_its_steps():
+    quick = {s.name: s for s in benchmark.grid(benchmark.resolve_settings("quick"))}
+    small, large = quick["vanilla-n200-r0"], quick["3ngan-n1000-r0"]
+    assert small.work(0) == 8 * 20 * benchmark.STEP_MS["vanilla"]
+    evaluated = 523 + 624
+    assert small.work(evaluated) == pytest.approx(
+        8 * (20 * benchmark.STEP_MS["vanilla"] + evaluated * benchmark.EVAL_MS_PER_IMAGE)
+    )
+    # measured on the 2-core CPU: 13 s and 148 s; counting evaluation brings the estimated
+    # ratio from 32x to 14x
+    assert 10 < large.work(evaluated) / small.work(evaluated) < 20

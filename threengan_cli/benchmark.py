@@ -64,6 +64,9 @@ ABLATIONS = ("3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
 # Measured ms per step at batch 10, width 64, 64 px on the project's 2-core CPU
 # (docs/benchmarks.md). Only their ratios are used: to weigh runs for the ETA.
 STEP_MS = {"vanilla": 74.9, "sgan": 285.2, "ecgan": 387.2, "3ngan": 476.3}
+# The classifier's forward pass per image in the same units (benchmarks/bench_classify.py:
+# 577 img/s on the same 2 cores, 1.7 ms).
+EVAL_MS_PER_IMAGE = 1.7
 
 Profile = Literal["smoke", "quick", "paper"]
 
@@ -211,11 +214,13 @@ class RunSpec:
     repeat: int
     settings: TrainSettings
 
-    @property
-    def work(self) -> float:
-        """Relative cost, for the ETA: steps x measured step time of the method."""
-        steps = math.ceil(self.size / self.settings.batch_size) * self.settings.epochs
-        return steps * STEP_MS[self.settings.method]
+    def work(self, eval_images: int = 0) -> float:
+        """Relative cost, for the ETA: per epoch, steps x the method's measured step time,
+        plus the classifier over the ``eval_images`` evaluated after each epoch (val and
+        test): at width 32 and N = 200 that evaluation costs more than the training."""
+        steps = math.ceil(self.size / self.settings.batch_size)
+        per_epoch = steps * STEP_MS[self.settings.method] + eval_images * EVAL_MS_PER_IMAGE
+        return per_epoch * self.settings.epochs
 
 
 def run_name(method: str, size: int, repeat: int) -> str:
@@ -302,8 +307,9 @@ class _Clock:
 
     Keeps one entry per run in progress, so runs trained in parallel threads each count."""
 
-    def __init__(self, specs: list[RunSpec]):
-        self.total = sum(s.work for s in specs) or 1.0
+    def __init__(self, specs: list[RunSpec], eval_images: int = 0):
+        self.eval_images = eval_images
+        self.total = sum(s.work(eval_images) for s in specs) or 1.0
         self.done = 0.0
         self.t0 = time.perf_counter()
         self.current: dict[str, float] = {}  # work done this session, per run in progress
@@ -318,12 +324,16 @@ class _Clock:
         )
         if self.baseline.get(spec.name) is None:  # resumed: work done before is not this session's
             self.baseline[spec.name] = run_fraction - 1 / (spec.settings.epochs * event.steps)
-            self.total -= self.baseline[spec.name] * spec.work
-        self.current[spec.name] = (run_fraction - self.baseline[spec.name]) * spec.work
+            self.total -= self.baseline[spec.name] * spec.work(self.eval_images)
+        self.current[spec.name] = (run_fraction - self.baseline[spec.name]) * spec.work(
+            self.eval_images
+        )
 
     def end_run(self, spec: RunSpec) -> None:
         if self.baseline.get(spec.name) is None:
-            self.total -= spec.work  # nothing trained (e.g. a failure before the first step)
+            self.total -= spec.work(
+                self.eval_images
+            )  # nothing trained (e.g. a failure before the first step)
         else:
             self.done += self.current.get(spec.name, 0.0)
         self.current.pop(spec.name, None)
@@ -398,8 +408,10 @@ def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
     return "fresh"
 
 
-def _check_sizes(dataset_path: Path, specs: list[RunSpec]) -> None:
-    """Every size must fit the train split, half per class; say which does not, up front."""
+def _check_sizes(dataset_path: Path, specs: list[RunSpec]) -> int:
+    """Every size must fit the train split, half per class; say which does not, up front.
+
+    Returns how many images each run evaluates after every epoch (val and test)."""
     import numpy as np
 
     from threengan_cli.datasets import load_prepared
@@ -415,6 +427,7 @@ def _check_sizes(dataset_path: Path, specs: list[RunSpec]) -> None:
                 f"size {size} needs {size // k} train images per class, but {short!r} has "
                 f"{int(counts.min())} in {dataset_path}: choose smaller --sizes"
             )
+    return sum(len(data.subset(split)[1]) for split in ("val", "test"))
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -842,7 +855,7 @@ def run(
     dataset, out = Path(dataset), Path(out)
     specs = grid(cfg)
     mine = shard_of(specs, shard)
-    _check_sizes(dataset, mine)
+    eval_images = _check_sizes(dataset, mine)
     states = {s.name: check_run_folder(out / "runs" / s.name, s, dataset) for s in mine}
     todo = [s for s in mine if states[s.name] not in ("finished", "failed")]
     parallel = max(1, parallel or parallel_default(cfg))
@@ -861,7 +874,7 @@ def run(
         )
     )
 
-    clock = _Clock(todo)
+    clock = _Clock(todo, eval_images)
 
     def train_one(position: int, spec: RunSpec, stop: threading.Event) -> None:
         run_dir = out / "runs" / spec.name
