@@ -26,3 +26,25 @@ def test_cli_reference_is_current(tmp_path):
         "docs/cli.md is stale: run typer threengan_cli.cli utils docs --name threengan "
         "--output docs/cli.md"
     )
+
+
+def test_help_defers_markdown_and_traceback_but_they_still_work():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from threengan_cli.cli import main\n"
+        "sys.argv = ['threengan', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'markdown_it' not in sys.modules and 'pygments' not in sys.modules\n"
+        "from rich.markdown import Markdown\n"
+        "from rich.traceback import Traceback\n"
+        "assert type(Markdown('# x')).__module__ == 'rich.markdown'\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError as exc:\n"
+        "    tb = Traceback.from_exception(type(exc), exc, exc.__traceback__)\n"
+        "assert type(tb).__name__ == 'Traceback' and 'pygments' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout

@@ -21,39 +21,44 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 
-def _defer_rich_markdown() -> None:
-    """Keep ``rich.markdown`` from loading until something uses it.
+def _defer_import(module: str, *names: str) -> None:
+    """Keep ``module`` from loading until one of ``names`` from it is used.
 
-    typer's help renderer imports it (and markdown-it with it) when it is imported, for the
-    "markdown" markup mode, which threengan does not use; measured with ``python -X importtime
-    -m threengan_cli --help`` that import is about a third of ``threengan --help``'s time. The
-    placeholder loads the real module the moment a name from it is used, so nothing changes
-    for code that does use it.
+    typer's help renderer imports ``rich.markdown`` (and markdown-it with it), for a markup
+    mode threengan does not use, and ``rich.traceback`` (and pygments with it), for crashes
+    only. Measured with ``python -X importtime -m threengan_cli --help``, the two are about
+    40% of ``threengan --help``. Each name is a stand-in class: calling it, or reading an
+    attribute of it (``Traceback.from_exception``), loads the real module and hands over.
     """
-    if "rich.markdown" in sys.modules:
+    if module in sys.modules:
         return
 
     def real() -> types.ModuleType:
-        if sys.modules.get("rich.markdown") is placeholder:
-            del sys.modules["rich.markdown"]
-        return importlib.import_module("rich.markdown")
+        if sys.modules.get(module) is placeholder:
+            del sys.modules[module]
+        return importlib.import_module(module)
 
-    class Markdown:  # stands in for rich.markdown.Markdown until one is made
-        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-            return real().Markdown(*args, **kwargs)
+    class Forward(type):
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            return getattr(real(), cls.__name__)(*args, **kwargs)
+
+        def __getattr__(cls, attr: str) -> Any:
+            return getattr(getattr(real(), cls.__name__), attr)
 
     def attribute(name: str) -> Any:
         if name.startswith("__"):  # the import system probing (__path__, __file__...)
             raise AttributeError(name)
         return getattr(real(), name)
 
-    placeholder = types.ModuleType("rich.markdown")
-    placeholder.Markdown = Markdown  # type: ignore[attr-defined]
+    placeholder = types.ModuleType(module)
+    for name in names:
+        setattr(placeholder, name, Forward(name, (), {}))
     placeholder.__getattr__ = attribute  # type: ignore[method-assign]
-    sys.modules["rich.markdown"] = placeholder
+    sys.modules[module] = placeholder
 
 
-_defer_rich_markdown()
+_defer_import("rich.markdown", "Markdown")
+_defer_import("rich.traceback", "Traceback")
 
 import typer  # noqa: E402  (after the placeholder above)
 
