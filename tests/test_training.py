@@ -282,3 +282,20 @@ def test_gpu_turns_are_first_come_first_served_and_passed_on_between_steps():
     turns.release()
     thread.join()
     assert order == ["other", "first"]
+
+
+def test_gpu_turns_are_lent_for_host_work_and_taken_back():
+    import threading
+
+    turns, order = training.GpuTurns(), []
+    turns.acquire()
+    with turns.lent():  # another run can take its turn while this one writes files
+        thread = threading.Thread(
+            target=lambda: (turns.acquire(), order.append("other"), turns.release())
+        )
+        thread.start()
+        thread.join(timeout=5)
+        order.append("host work")
+    order.append("back")
+    turns.release()
+    assert order == ["other", "host work", "back"]

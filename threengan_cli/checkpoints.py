@@ -18,6 +18,7 @@ refused with a :class:`CheckpointError` that says which.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,13 @@ def save(
     rng: dict[str, torch.Tensor] | None = None,
     state: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    host_work: AbstractContextManager[Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
     ``dtype`` stores floating-point weights in a smaller type (fp16 for shipped models).
+    ``host_work`` is entered once every tensor is on the CPU, around serialising and
+    writing: a run trained beside others hands its GPU turn on there.
     """
     from safetensors.torch import save as st_save
 
@@ -96,8 +100,9 @@ def save(
         tensors[f"state/{name}"] = value
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {**meta, "format_version": FORMAT_VERSION, "optimizers": opt_meta}
-    blob = st_save(tensors, metadata={_META_KEY: json.dumps(header, default=str)})
-    fileio.write_bytes(Path(path), blob)
+    with host_work or nullcontext():
+        blob = st_save(tensors, metadata={_META_KEY: json.dumps(header, default=str)})
+        fileio.write_bytes(Path(path), blob)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -22,7 +22,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +276,15 @@ class GpuTurns:
             self._holder = None
             self._serving += 1
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[None]:
+        """Host-only work (serialising, writing files): the other runs use the GPU meanwhile."""
+        self.release()
+        try:
+            yield
+        finally:
+            self.acquire()
 
     def pass_on(self) -> None:
         """Let the runs waiting for a turn go first, then take it back."""
@@ -594,6 +603,7 @@ def _train(
             optimizers=opts if full else None,
             rng=get_rng_state(rng) if full else None,
             state={"sums": sums} if full else None,
+            host_work=turns.lent() if turns is not None else None,
         )
 
     best_pending: tuple[int, dict[str, dict[str, torch.Tensor]]] | None = None
@@ -613,6 +623,7 @@ def _train(
                     "weights": "best-on-val",
                 },
                 {name: _Weights(w) for name, w in weights.items()},
+                host_work=turns.lent() if turns is not None else None,
             )
             best_pending = None
 
