@@ -84,7 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # A reduced grid that fits 30 minutes on the project's 2-core CPU (Kermany, 64 px).
     # Reduced against the paper: width 64 -> 32, sizes 5 -> 2 (200, 1000), repeats 5 -> 2,
     # epochs 100 -> 8. Kept: all four methods, batch 10, latent 100, the full val/test splits.
-    # Measured here (session 2, 10-epoch trial): one repeat of the 8 (method, size) runs took
+    # Measured here (a 10-epoch trial): one repeat of the 8 (method, size) runs took
     # 830 s of which 3ngan n1000 ~250 s; small convolutions at width 32 run at ~50 GFLOP/s
     # (3ngan 9.74 GFLOP/step, ~200 ms). 8 epochs x 2 repeats, measured: 18 min 8 s
     # (docs/benchmarks.md).
