@@ -1,8 +1,16 @@
-"""Shared test setup: every test gets its own threengan home, never the user's real one."""
+"""Shared test setup: every test gets its own threengan home, never the user's real one;
+a tiny prepared dataset and a tiny model, made once, for the tests that train or classify."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+from model_factory import make_checkpoint
+
+from threengan_cli.datasets import prepare
+from threengan_cli.settings import PrepareSettings
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +19,38 @@ def threengan_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("threengan-home")
     monkeypatch.setenv("THREENGAN_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """32x32 two-class images (12 per class in train, 8 in val and in test): class 1 has a
+    bright centre, so a model can learn something."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
+        images[labels == 1, 10:22, 10:22] += 120
+        return images, labels.reshape(-1, 1)
+
+    arrays = {}
+    for name, n in (("train", 24), ("val", 8), ("test", 8)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    np.savez(root / "tiny.npz", **arrays)
+    out = root / "prepared"
+    prepare(root / "tiny.npz", out, PrepareSettings(image_size=32, min_val=0, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised 3ngan checkpoint (G, D and C at width 4, 32 px)."""
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors")
+
+
+@pytest.fixture(scope="session")
+def model(ckpt):
+    from threengan_cli.inference import load_model
+
+    return load_model(ckpt, device="cpu")

@@ -9,7 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -17,32 +16,9 @@ from typer.testing import CliRunner
 from threengan_cli import benchmark, training
 from threengan_cli import settings as settings_mod
 from threengan_cli.cli import app
-from threengan_cli.datasets import prepare
-from threengan_cli.settings import PrepareSettings
 
 runner = CliRunner()
 TIMING = ("wall_s", "images_per_s")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """32x32 two-class images (12 per class in train): class 1 has a bright centre."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
-        images[labels == 1, 10:22, 10:22] += 120
-        return images, labels.reshape(-1, 1)
-
-    arrays = {}
-    for name, n in (("train", 24), ("val", 8), ("test", 8)):
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
-    np.savez(root / "tiny.npz", **arrays)
-    out = root / "prepared"
-    prepare(root / "tiny.npz", out, PrepareSettings(image_size=32, min_val=0, workers=1))
-    return out
 
 
 def _smoke(**flags):

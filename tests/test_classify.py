@@ -26,16 +26,6 @@ from threengan_cli.inference import ModelError, ModelNotFound, load_model
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors")
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, device="cpu")
-
-
 def _tree(root: Path) -> Path:
     """root/b.png root/a.jpg root/notes.txt root/.hidden.png root/sub/c.png root/sub/deep/d.png"""
     write_image(root / "b.png", seed=1)

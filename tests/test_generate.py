@@ -19,16 +19,6 @@ from threengan_cli.inference import ModelError, load_model
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors")
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, device="cpu")
-
-
 def _pixels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.rglob("gen_*.png"))}
 

@@ -9,29 +9,7 @@ import pytest
 import torch
 
 from threengan_cli import training
-from threengan_cli.datasets import prepare
-from threengan_cli.settings import PrepareSettings, TrainSettings
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """32x32 two-class images: class 1 has a bright centre, so a model can learn something."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 120, (n, 32, 32), dtype=np.uint8)
-        images[labels == 1, 10:22, 10:22] += 120
-        return images, labels.reshape(-1, 1)
-
-    arrays = {}
-    for name, n in (("train", 24), ("val", 8), ("test", 8)):
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
-    np.savez(root / "tiny.npz", **arrays)
-    out = root / "prepared"
-    prepare(root / "tiny.npz", out, PrepareSettings(image_size=32, min_val=0, workers=1))
-    return out
+from threengan_cli.settings import TrainSettings
 
 
 def _settings(**kw):

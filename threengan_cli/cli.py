@@ -112,6 +112,9 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as JSON on stdout (messages on stderr).")
 ]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]")
+]
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
@@ -432,14 +435,24 @@ def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> P
     return candidate
 
 
-class _TrainView:
-    """Renders training events: a live bar on a terminal, one line per epoch otherwise."""
+class _LiveView:
+    """Progress of a long command on stderr: a live bar on a terminal (``self.progress``,
+    started by the subclass), plain lines otherwise, nothing with ``quiet``."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.live = err.is_terminal and not quiet
-        self.progress = None
-        self.task = None
+        self.progress: Any = None
+        self.task: Any = None
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class _TrainView(_LiveView):
+    """Renders training events: a live bar on a terminal, one line per epoch otherwise."""
 
     def __call__(self, event) -> None:
         from threengan_cli import training as t
@@ -502,11 +515,6 @@ class _TrainView:
         self.batch = event.train_images / max(event.steps_per_epoch, 1)
         self.progress.start()
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
 
 def _epoch_line(event) -> str:
     rec = event.record
@@ -557,9 +565,7 @@ def train(
     seed: Annotated[
         int | None, typer.Option(help="Seed of subset, init and batches. \\[default: 0]")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]")
-    ] = None,
+    device: DeviceOpt = None,
     precision: Annotated[
         str | None, typer.Option(help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX).")
     ] = None,
@@ -697,15 +703,22 @@ FORMATS = ("table", "csv", "json", "jsonl")
 _SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def _load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
-    from threengan_cli.inference import ModelError, ModelNotFound, load_model
+def _loaded_or_exit(load: Any) -> Any:
+    """``load()``, with a missing model as a usage error (2) and a bad one as a failure (1)."""
+    from threengan_cli.modelfile import ModelError, ModelNotFound
 
     try:
-        return load_model(checkpoint, run, device)
+        return load()
     except ModelNotFound as exc:
         fail(str(exc), EXIT_USAGE)
     except ModelError as exc:
         fail(str(exc))
+
+
+def _load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
+    from threengan_cli.inference import load_model
+
+    return _loaded_or_exit(lambda: load_model(checkpoint, run, device))
 
 
 def _load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
@@ -714,14 +727,8 @@ def _load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: s
     if device not in ("auto", "cpu") or engine == "torch":
         return _load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
     from threengan_cli import npclassifier
-    from threengan_cli.modelfile import ModelError, ModelNotFound
 
-    try:
-        return npclassifier.load(checkpoint, run)
-    except ModelNotFound as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
+    return _loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
 
 
 class _RowWriter:
@@ -791,13 +798,13 @@ class _RowWriter:
         self.stream.flush()
 
 
-class _RateView:
+class _RateView(_LiveView):
     """A live count with img/s on a terminal (stderr); nothing otherwise."""
 
     def __init__(self, enabled: bool, total: int | None = None, what: str = "classifying"):
         import time
 
-        self.progress = None
+        super().__init__(quiet=not enabled)
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -818,11 +825,6 @@ class _RateView:
         elapsed = time.perf_counter() - self.t0
         rate = f"{done / elapsed:.0f} img/s" if elapsed > 0 else ""
         self.progress.update(self.task, completed=done, rate=rate, info=info)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 @app.command()
@@ -1055,9 +1057,7 @@ def generate(
             help="With --label: least top probability to count as labelled \\[default: 0.9]."
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps \\[default: auto].")
-    ] = None,
+    device: DeviceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[
@@ -1147,16 +1147,10 @@ def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
         fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
 
 
-class _BenchView:
+class _BenchView(_LiveView):
     """Renders benchmark events: the grid (run i of n) with an ETA from measured speed.
 
     A live bar on a terminal; otherwise one line per run and per epoch (cluster logs)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.live = err.is_terminal and not quiet
-        self.progress = None
-        self.task = None
 
     def __call__(self, event) -> None:
         from threengan_cli import benchmark as b
@@ -1227,11 +1221,6 @@ class _BenchView:
                 self.progress.console.print(prefix + line, highlight=False)
             else:
                 note(prefix + line)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 def _bench_table(results: dict) -> None:
@@ -1320,9 +1309,7 @@ def benchmark(
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
     width: Annotated[int | None, typer.Option(help="Network width ngf = ndf.")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed. \\[default: 0]")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. \\[default: auto]")
-    ] = None,
+    device: DeviceOpt = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or bf16. \\[default: fp32]")] = None,
     ablate: Annotated[
         bool,

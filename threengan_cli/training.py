@@ -160,19 +160,18 @@ def get_rng_state(rng: torch.Generator) -> dict[str, torch.Tensor]:
     return {"run": rng.get_state()}
 
 
-def set_rng_state(state: dict[str, torch.Tensor], rng: torch.Generator, reseed: int) -> bool:
-    """Restore the run's generator; False when the saved state is from another kind of device
-    (or an older checkpoint without one), where the stream goes on from ``reseed`` instead."""
+def set_rng_state(state: dict[str, torch.Tensor], rng: torch.Generator, reseed: int) -> None:
+    """Restore the run's generator; where the saved state is from another kind of device (or
+    an older checkpoint has none), the stream goes on from ``reseed`` instead."""
     legacy = "cuda" if rng.device.type == "cuda" else "torch"  # before runs had generators
     saved = state.get("run", state.get(legacy))
     if saved is not None:
         try:
             rng.set_state(saved.to(torch.uint8))
-            return True
+            return
         except RuntimeError:
             pass
     rng.manual_seed(reseed)
-    return False
 
 
 @torch.no_grad()
@@ -452,6 +451,7 @@ def train(
     """
     device = system.select_device(settings.device)
     args = (
+        device,
         dataset_path,
         settings,
         Path(run_dir),
@@ -472,6 +472,7 @@ def train(
 
 
 def _train(
+    device: torch.device,
     dataset_path: Path,
     settings: TrainSettings,
     run_dir: Path,
@@ -482,7 +483,6 @@ def _train(
     stop_flag: threading.Event | None,
     turns: GpuTurns | None,
 ) -> dict[str, Any]:
-    device = system.select_device(settings.device)
     amp = autocast_dtype(settings.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
