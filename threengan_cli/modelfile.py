@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -80,23 +81,27 @@ def parse_meta(raw: str | None, path: Path, newest: int) -> dict[str, Any]:
 
 
 def read_arrays(
-    path: Path, prefix: str, newest: int
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Metadata and the float32 arrays under ``prefix`` (e.g. ``net/C/``), prefix removed."""
+    path: Path, newest: int, prefix: Callable[[dict[str, Any]], str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+    """Metadata, the float32 arrays under ``prefix(metadata)`` (e.g. ``net/C/``, prefix
+    removed; nothing else is read) and the names of all the file's tensors."""
     from safetensors import safe_open
 
     check_file(path)
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
-            keys = [k for k in fh.keys() if k.startswith(prefix)]  # noqa: SIM118
-            arrays = {k[len(prefix) :]: fh.get_tensor(k) for k in keys}
+            meta = parse_meta((fh.metadata() or {}).get(META_KEY), path, newest)
+            keys = list(fh.keys())
+            cut = prefix(meta)
+            arrays = {k[len(cut) :]: fh.get_tensor(k) for k in keys if k.startswith(cut)}
+    except (CheckpointError, ModelError):
+        raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
         ) from None
-    meta = parse_meta(raw, path, newest)
-    return meta, {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    floats = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    return meta, floats, keys
 
 
 # ----------------------------------------------------------------------- where it comes from

@@ -92,17 +92,23 @@ class NumpyClassifier:
 def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassifier:
     """The classifier of ``--checkpoint``, ``--run`` or the bundled model, read without torch."""
     path = modelfile.resolve_checkpoint(checkpoint, run)
+
+    def classifier_prefix(meta: dict[str, Any]) -> str:
+        method = str(modelfile.meta_value(meta, "method", path))
+        return f"net/{_CLASSIFIER.get(method, ('C', None))[0]}/"
+
     try:
-        meta, nets = modelfile.read_arrays(path, "net/", modelfile.FORMAT_VERSION)
+        meta, weights, keys = modelfile.read_arrays(
+            path, modelfile.FORMAT_VERSION, classifier_prefix
+        )
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
-    method = str(modelfile.meta_value(meta, "method", path))
+    method = str(meta["method"])
     name, keep = _CLASSIFIER.get(method, ("C", None))
-    weights = {k[len(name) + 1 :]: v for k, v in nets.items() if k.startswith(f"{name}/")}
     if not weights:
-        held = ", ".join(sorted({k.split("/")[0] for k in nets})) or "none"
+        held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith("net/")}))
         raise modelfile.ModelError(
-            f"{modelfile.file_id(path)} holds no weights for {name} (it has {held}); "
+            f"{modelfile.file_id(path)} holds no weights for {name} (it has {held or 'none'}); "
             "use a checkpoint of a run that trained that network"
         )
     return NumpyClassifier(
