@@ -887,7 +887,7 @@ def classify(
         str | None,
         typer.Option(
             help="On the CPU: numpy starts in under a second (no torch import); torch "
-            "starts 3-4 s later and classifies long lists about 15% faster \\[default: numpy]."
+            "starts 3-4 s later and classifies long lists about 18% faster \\[default: numpy]."
         ),
     ] = None,
     config: ConfigOpt = None,
