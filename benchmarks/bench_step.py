@@ -1,13 +1,15 @@
 """Time one training step per method at the paper's settings and compare with a matmul.
 
     python benchmarks/bench_step.py [--repeats 20] [--methods 3ngan,ecgan] [--precisions fp32,bf16]
+    python benchmarks/bench_step.py --modes eager,unpaired
     python benchmarks/bench_step.py --device cuda [--modes eager,graphs]
 
-For each method and precision: warm-up steps, then the median wall time of ``--repeats``
-steps; the FLOPs of one step (forward + backward, counted by torch's FlopCounterMode; the
-optimizer update is not counted) and the rate they imply. A large matmul measured in the same
-run gives the machine's practical FLOP rate in each precision, so "% of matmul" says how close
-the step runs to what this CPU can do. Prints a Markdown table.
+For each method, precision and mode: warm-up steps, then the median wall time of ``--repeats``
+steps, the steps of all of them timed in turn (a slow moment on a shared machine slows all
+alike); the FLOPs of one step (forward + backward, counted by torch's FlopCounterMode; the
+optimizer update is not counted) and the rate they imply. A large matmul, timed in turn with
+the steps, gives the machine's practical FLOP rate in each precision, so "% of matmul" says
+how close the step runs to what this CPU can do. Prints a Markdown table.
 
 On CUDA each figure is the median over ``--repeats`` blocks of 20 steps (synchronised at the
 end of a block, as the training loop never synchronises inside an epoch), and ``--modes``
@@ -21,6 +23,7 @@ Without native bf16 (no AVX512-BF16/AMX) torch emulates bf16 convolutions and a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -29,6 +32,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from threengan_cli import methods
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
 from threengan_cli.training import StepRunner
@@ -36,49 +40,61 @@ from threengan_cli.training import StepRunner
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _median_seconds(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call; on CUDA per call of blocks of 20 calls, synchronised."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds per call of each function, timed in turn (one call, or on CUDA one
+    block of 20 calls, of each per round), so that a slow minute on a shared machine slows
+    all of them alike and their ratios stay fair."""
     block = 20 if device.type == "cuda" else 1
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(block):
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        sync()
-        times.append((time.perf_counter() - t0) / block)
-    return statistics.median(times)
+    _sync(device)
+    times: dict = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            _sync(device)
+            times[key].append((time.perf_counter() - t0) / block)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
-def matmul_gflops(
-    largest: int, dtype: torch.dtype, repeats: int, device: torch.device
-) -> tuple[int, float]:
-    """(side, GFLOP/s) of a square matmul, growing the side up to ``largest`` while one call
-    stays under a second: without native bf16 a 2048 bf16 matmul takes about a minute."""
+def matmul(largest: int, dtype: torch.dtype, device: torch.device) -> tuple[int, object]:
+    """(side, a function running it) of a square matmul, growing the side up to ``largest``
+    while one call stays under 1/8 s: without native bf16 a 2048 bf16 matmul takes a minute."""
     n = 256
     while True:
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         once = time.perf_counter() - t0
         if n >= largest or once * 8 > 1.0:
-            break
+            return n, lambda: torch.mm(a, b)  # noqa: B023 (returned at once)
         n *= 2
-    seconds = _median_seconds(lambda: torch.mm(a, b), repeats, 1, device)
-    return n, 2 * n**3 / seconds / 1e9
 
 
-def bench_method(name: str, precision: str, mode: str, args) -> dict:
+@contextlib.contextmanager
+def _one_call_per_batch():
+    """The earlier step, for the ``unpaired`` mode: D and C called once on real and once on
+    generated images, instead of once on both (``networks.separately``)."""
+    saved = methods.separately
+    methods.separately = lambda net, *batches: tuple(net(b) for b in batches)
+    try:
+        yield
+    finally:
+        methods.separately = saved
+
+
+def prepare_step(name: str, precision: str, mode: str, args) -> tuple:
+    """(a function running one step, GFLOP per step) for one method, precision and mode."""
     device = torch.device(args.device)
     settings = TrainSettings(
         method=name, batch_size=args.batch, width=args.width, seed=0, precision=precision
@@ -92,28 +108,23 @@ def bench_method(name: str, precision: str, mode: str, args) -> dict:
     real = torch.rand(args.batch, 1, size, size, device=device) * 2 - 1
     labels = torch.arange(args.batch, device=device) % 2
     dtype = DTYPES[precision]
+    variant = _one_call_per_batch if mode == "unpaired" else contextlib.nullcontext
 
     def eager_step(idx=None):
-        return method.step(nets, opts, real, labels, settings, autocast=dtype).as_dict()
+        with variant():
+            return method.step(nets, opts, real, labels, settings, autocast=dtype).as_dict()
 
     eager_step()  # first call: allocator and kernel selection, outside both measurements
     with FlopCounterMode(display=False) as counter:
         eager_step()
-    flops = counter.get_total_flops()
     step = eager_step
     if mode == "graphs":
         runner = StepRunner(eager_step, graphs=True)
         idx = torch.arange(args.batch, device=device)
         step = lambda: runner(idx)  # noqa: E731
-    warmup = max(args.warmup, 5) if mode == "graphs" else args.warmup  # capture in warm-up
-    seconds = _median_seconds(step, args.repeats, warmup, device)
-    return {
-        "method": name,
-        "precision": precision,
-        "mode": mode,
-        "ms": seconds * 1e3,
-        "gflop": flops / 1e9,
-    }
+        for _ in range(5):  # the runner captures after its warm-up steps
+            step()
+    return step, counter.get_total_flops() / 1e9
 
 
 def main() -> None:
@@ -127,7 +138,12 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--matmul", type=int, default=2048, help="side of the reference matmul")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--modes", default="eager", help="eager and/or graphs (CUDA only)")
+    parser.add_argument(
+        "--modes",
+        default="eager",
+        help="eager, unpaired (eager, D and C called once per batch, the earlier step), "
+        "graphs (CUDA only)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -135,14 +151,15 @@ def main() -> None:
     precisions = args.precisions.split(",")
     modes = args.modes.split(",")
 
-    peak = {
-        p: matmul_gflops(args.matmul, DTYPES[p] or torch.float32, 3, device) for p in precisions
-    }
+    mms = {p: matmul(args.matmul, DTYPES[p] or torch.float32, device) for p in precisions}
+    configs = [(m, p, mode) for p in precisions for mode in modes for m in args.methods.split(",")]
+    steps = {c: prepare_step(*c, args) for c in configs}
+    fns = {("matmul", p): fn for p, (_, fn) in mms.items()} | {c: f for c, (f, _) in steps.items()}
+    seconds = _interleaved(fns, args.repeats, args.warmup, device)
+    peak = {p: (n, 2 * n**3 / seconds[("matmul", p)] / 1e9) for p, (n, _) in mms.items()}
     rows = [
-        bench_method(m, p, mode, args)
-        for p in precisions
-        for mode in modes
-        for m in args.methods.split(",")
+        {"method": c[0], "precision": c[1], "mode": c[2], "ms": seconds[c] * 1e3, "gflop": g}
+        for c, (_, g) in steps.items()
     ]
 
     where = (

@@ -1,6 +1,8 @@
-"""Networks: shapes on tiny sizes, output range, DCGAN initialisation."""
+"""Networks: shapes on tiny sizes, output range, DCGAN initialisation, stacked batches."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from threengan_cli.networks import (
     Generator,
     MultiTaskDiscriminator,
     init_dcgan_weights,
+    separately,
 )
 
 
@@ -103,3 +106,38 @@ def test_dcgan_init_zeroes_the_classifier_head_bias():
     nn.init.ones_(c.head.bias)
     c.apply(init_dcgan_weights)
     assert torch.all(c.head.bias == 0)
+
+
+@pytest.mark.parametrize("sizes", [(3, 3), (4, 2), (2, 3, 1)])
+def test_separately_equals_one_call_per_batch_outputs_gradients_and_running_stats(sizes):
+    torch.manual_seed(0)
+    one = Classifier(2, width=4, image_size=16, channels=1)
+    one.apply(init_dcgan_weights)
+    stacked = copy.deepcopy(one)
+    batches = [torch.randn(n, 1, 16, 16) for n in sizes]
+
+    expected = [one(b) for b in batches]
+    got = separately(stacked, *batches)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    sum(e.square().sum() * (i + 1) for i, e in enumerate(expected)).backward()
+    sum(g.square().sum() * (i + 1) for i, g in enumerate(got)).backward()
+    for (name, p), q in zip(one.named_parameters(), stacked.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(one.named_buffers(), stacked.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)  # incl. batch counts
+    # BatchNorm is back to one batch afterwards: a plain call normalises all images together
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(stacked(x), one(x), rtol=1e-5, atol=1e-6)
+
+
+def test_separately_is_not_the_same_as_normalising_the_stacked_batch_together():
+    """The test above would pass for any network without BatchNorm: this one shows it has to
+    split the statistics (real and generated images normalised together give other logits)."""
+    torch.manual_seed(0)
+    net = Discriminator(width=4, image_size=16, channels=1)
+    real, fake = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16) * 3 + 1
+    split = torch.cat(separately(net, real, fake))
+    together = net(torch.cat([real, fake]))
+    assert not torch.allclose(split, together, atol=1e-3)

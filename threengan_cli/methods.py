@@ -5,7 +5,9 @@ Every method answers four questions: which networks it builds, their optimizers,
 step, and which logits classify an image at evaluation time.
 
 A step reads top to bottom: (1) update D on ``fake.detach()``, (2) update C on real images and
-confident fakes, (3) update G on the same ``fake``. It never reads a value back to the host
+confident fakes, (3) update G on the same ``fake``. Where one network sees real and generated
+images in the same update, it sees them in one call (:func:`networks.separately`), each
+batch still normalised on its own as DCGAN does. It never reads a value back to the host
 (no ``.item()``) and returns detached scalar tensors; the loop decides when to look at them.
 z is drawn from the run's own generator ``rng`` (torch's global RNG when none is given), whose
 state the training loop saves for exact resume; runs in parallel threads never share one.
@@ -35,6 +37,7 @@ from threengan_cli.networks import (
     Generator,
     MultiTaskDiscriminator,
     init_dcgan_weights,
+    separately,
 )
 from threengan_cli.settings import TrainSettings
 
@@ -210,7 +213,7 @@ class SGAN(Method):
 
         # (1) Update D: classify the labelled real images, call the generated ones fake
         with _autocast(real.device, autocast):
-            d_real, d_fake = D(real), D(fake.detach())
+            d_real, d_fake = separately(D, real, fake.detach())
         loss_d = losses.sgan_discriminator_loss(d_real.float(), labels, d_fake.float())
         _update(opts["D"], loss_d)
 
@@ -248,13 +251,13 @@ class ThreeNGAN(Method):
 
         # (1) Update D: real -> 1, generated -> 0
         with _autocast(real.device, autocast):
-            d_real, d_fake = D(real), D(fake.detach())
+            d_real, d_fake = separately(D, real, fake.detach())
         loss_d = losses.discriminator_loss(d_real.float(), d_fake.float())
         _update(opts["D"], loss_d)
 
         # (2) Update C: labelled real images, confident generated ones (eq. 1)
         with _autocast(real.device, autocast):
-            c_real, c_fake = C(real), C(fake.detach())
+            c_real, c_fake = separately(C, real, fake.detach())
         c_real, c_fake = c_real.float(), c_fake.float()
         pseudo, weights = losses.pseudo_labels(c_fake, settings.tau)
         loss_c = losses.classifier_loss(

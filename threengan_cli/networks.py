@@ -9,12 +9,51 @@ LeakyReLU(0.2) in D. At ``image_size=64`` the layers are exactly DCGAN's; other 
 
 D and C share one body (:class:`DiscriminatorBody`) and differ only in the head: one
 real/fake logit, K class logits, or K+1 logits for the multi-task discriminator of ``sgan``.
+
+:func:`separately` runs one network on several batches (D on real and on generated images)
+in one call, each batch normalised with its own statistics exactly as separate calls would:
+the convolutions then see one batch twice as large, which runs faster on a CPU and launches
+half the kernels on a GPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state dict) that, inside
+    :func:`separately`, normalises each part of a stacked batch on its own: the same outputs,
+    gradients and running statistics as one call per part, in order."""
+
+    parts: Sequence[int] | None = None  # batch sizes of the stacked parts, set by separately()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts is None or not self.training:
+            return super().forward(x)
+        one = super().forward  # (a comprehension cannot call super() itself)
+        return torch.cat([one(part) for part in x.split(self.parts)])
+
+
+def separately(net: nn.Module, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(net(b) for b in batches)`` computed in one call of ``net`` on the stacked batch.
+
+    Exact for these networks: convolutions, activations and heads act on each image alone,
+    and every BatchNorm layer is a :class:`BatchNorm2d` that splits the batch back into its
+    parts in training mode (in eval mode it uses running statistics, per image anyway)."""
+    sizes = [b.shape[0] for b in batches]
+    norms = [m for m in net.modules() if isinstance(m, BatchNorm2d)]
+    for m in norms:
+        m.parts = sizes
+    try:
+        out = net(torch.cat(batches))
+    finally:
+        for m in norms:
+            m.parts = None
+    return out.split(sizes)
 
 
 def _resolutions(image_size: int) -> list[int]:
@@ -43,7 +82,7 @@ class Generator(nn.Module):
         self.latent = latent
         self.project = nn.Sequential(
             nn.ConvTranspose2d(latent, width * 8, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(width * 8),
+            BatchNorm2d(width * 8),
             nn.ReLU(inplace=True),
         )
         grow = []
@@ -51,7 +90,7 @@ class Generator(nn.Module):
             c_in, c_out = width * _multiplier(side), width * _multiplier(2 * side)
             grow += [
                 nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(c_out),
+                BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
         self.grow = nn.Sequential(*grow)
@@ -82,7 +121,7 @@ class DiscriminatorBody(nn.Module):
             c_in, c_out = width * _multiplier(2 * side), width * _multiplier(side)
             layers += [
                 nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(c_out),
+                BatchNorm2d(c_out),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
         self.layers = nn.Sequential(*layers)
