@@ -1,7 +1,7 @@
 """Time one training step per method at the paper's settings and compare with a matmul.
 
     python benchmarks/bench_step.py [--repeats 20] [--methods 3ngan,ecgan] [--precisions fp32,bf16]
-    python benchmarks/bench_step.py --modes eager,unpaired
+    python benchmarks/bench_step.py --modes eager,unpaired,nchw
     python benchmarks/bench_step.py --device cuda [--modes eager,graphs]
 
 For each method, precision and mode: warm-up steps, then the median wall time of ``--repeats``
@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from threengan_cli import methods
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
-from threengan_cli.training import StepRunner
+from threengan_cli.training import StepRunner, place
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -102,7 +102,10 @@ def prepare_step(name: str, precision: str, mode: str, args) -> tuple:
     method = METHODS[name]
     torch.manual_seed(0)
     nets = method.networks(settings, num_classes=2, image_size=args.image_size)
-    nets = {k: v.to(device) for k, v in nets.items()}
+    if mode == "nchw":
+        nets = {k: v.to(device) for k, v in nets.items()}
+    else:
+        nets = place(nets, device)  # as training does: channels-last on a CPU
     opts = method.optimizers(nets, settings)
     size = args.image_size
     real = torch.rand(args.batch, 1, size, size, device=device) * 2 - 1
@@ -141,8 +144,8 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         default="eager",
-        help="eager, unpaired (eager, D and C called once per batch, the earlier step), "
-        "graphs (CUDA only)",
+        help="eager (as training runs it), unpaired (D and C called once per batch, the "
+        "earlier step), nchw (networks not channels-last on a CPU), graphs (CUDA only)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)

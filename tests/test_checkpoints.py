@@ -52,6 +52,43 @@ def test_weights_optimizer_and_rng_round_trip(tmp_path):
     assert ckpt.network_names == ["C", "G"]
 
 
+def test_restored_adam_moments_take_their_channels_last_parameters_layout(tmp_path):
+    """Training on a CPU keeps the networks channels-last; checkpoints store contiguous
+    tensors. Fused Adam walks parameter and moments as flat memory, so a moment restored in
+    the other layout would be applied to the wrong elements: the resumed step must equal the
+    uninterrupted one exactly."""
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3))
+        net = net.to(memory_format=torch.channels_last)
+        return net, torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def step(net, opt):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+
+    net, opt = make()
+    step(net, opt)
+    path = tmp_path / "last.safetensors"
+    checkpoints.save(path, {}, {"C": net}, {"C": opt})
+    step(net, opt)
+
+    fresh, fresh_opt = make()
+    ckpt = checkpoints.load(path)
+    checkpoints.restore_networks(ckpt, {"C": fresh})
+    checkpoints.restore_optimizers(ckpt, {"C": fresh_opt})
+    for param in fresh.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fresh_opt.state[param][key].stride() == param.stride()
+    step(fresh, fresh_opt)
+    for a, b in zip(net.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_fp16_storage_loads_into_fp32_networks(tmp_path):
     nets = _nets()
     path = tmp_path / "small.safetensors"

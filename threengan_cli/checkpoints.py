@@ -159,3 +159,19 @@ def restore_optimizers(ckpt: Checkpoint, optimizers: dict[str, torch.optim.Optim
             for group, current in zip(saved[name]["param_groups"], opt.param_groups, strict=True)
         ]
         opt.load_state_dict({"state": state, "param_groups": groups})
+        _follow_parameter_layouts(opt)
+
+
+def _follow_parameter_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    Checkpoints store contiguous tensors, and ``load_state_dict`` keeps them so; a fused
+    optimizer walks parameter, gradient and moments as flat memory, so a channels-last
+    parameter with a contiguous moment would be updated element against the wrong element."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            entries = opt.state.get(param, {})
+            for key, value in entries.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    if value.stride() != param.stride():
+                        entries[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
