@@ -13,7 +13,7 @@ real/fake logit, K class logits, or K+1 logits for the multi-task discriminator 
 :func:`separately` runs one network on several batches (D on real and on generated images)
 in one call, each batch normalised with its own statistics exactly as separate calls would:
 the convolutions then see one batch twice as large, which runs faster on a CPU and launches
-half the kernels on a GPU.
+one convolution per layer instead of two on a GPU.
 """
 
 from __future__ import annotations
