@@ -4,7 +4,8 @@
 #   THREENGAN_HOME=... benchmarks/gpu_suite.sh OUT_DIR
 #
 # Needs the dataset `kermany` prepared under THREENGAN_HOME. Writes into OUT_DIR: the CUDA
-# tests' log, the step benchmark (eager vs CUDA graphs, fp32 and bf16), a timed slice of
+# tests' log, the host CPU's fp32 and bf16 step, the step benchmark on the GPU (eager vs
+# CUDA graphs, fp32 and bf16), a timed slice of
 # the `paper` profile, and the `quick` profile in fp32 and bf16 (accuracy comparison).
 set -u -o pipefail
 out=${1:?give an output folder}
@@ -18,8 +19,13 @@ $py -m threengan_cli info >>"$out/gpu.txt" 2>&1
 # 1. The CUDA-only tests (graphs vs eager) and the training tests on a GPU machine.
 timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_training.py 2>&1 | tail -15 | tee "$out/tests.txt"
 
+# 1b. The host CPU's bf16 (AMX/AVX512-BF16 there, not on the project's VM): one step in fp32
+#     and bf16 on the CPU, channels-last (as training runs) and not, next to both matmuls.
+timeout 200 $py benchmarks/bench_step.py --device cpu --methods vanilla,3ngan \
+  --precisions fp32,bf16 --modes eager,nchw --repeats 10 | tee "$out/bench_step_cpu_bf16.md"
+
 # 2. One training step, eager vs replayed from a CUDA graph, next to a large matmul.
-timeout 150 $py benchmarks/bench_step.py --device cuda --modes eager,graphs \
+timeout 150 $py benchmarks/bench_step.py --device cuda --modes eager,graphs,unpaired \
   --precisions fp32,bf16 --repeats 10 --matmul 8192 | tee "$out/bench_step_cuda.md"
 
 # 3. A slice of the paper profile, timed end to end (all four methods, one repeat).
