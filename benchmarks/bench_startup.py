@@ -54,7 +54,7 @@ def median_walls(cmds: dict[str, list[str]], repeats: int) -> dict[str, tuple[fl
 
 
 PHASES = """
-import contextlib, io, sys, time
+import contextlib, io, time
 t = [time.perf_counter()]
 import typer
 t.append(time.perf_counter())
@@ -76,7 +76,9 @@ PHASE_NAMES = ["import typer", "import CLI module", "build commands", "import ri
 def phases(python: str, repeats: int) -> None:
     """Median milliseconds of each part of ``--help``, over ``repeats`` fresh processes."""
     runs = []
-    with tempfile.TemporaryDirectory() as empty:  # cwd: `-c` would import ./threengan_cli
+    # `python -c` puts the working directory first on sys.path: run from the repository it
+    # would import the source tree instead of the installation being measured.
+    with tempfile.TemporaryDirectory() as empty:
         for _ in range(repeats):
             cmd = [python, "-c", PHASES]
             out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=empty)
