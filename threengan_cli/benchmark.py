@@ -62,7 +62,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 ABLATIONS = ("3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
 
 # Measured ms per step at batch 10, width 64, 64 px on the project's 2-core CPU
-# (docs/benchmarks.md). Only their ratios are used: to weigh runs for the ETA.
+# (benchmarks/bench_step.py, 2026-11-25; later runs in docs/benchmarks.md keep these ratios
+# within 10%). Only their ratios are used: to weigh runs for the ETA.
 STEP_MS = {"vanilla": 74.9, "sgan": 285.2, "ecgan": 387.2, "3ngan": 476.3}
 # The classifier's forward pass per image in the same units (benchmarks/bench_classify.py:
 # 577 img/s on the same 2 cores, 1.7 ms).
@@ -313,32 +314,31 @@ class _Clock:
         self.total = sum(s.work(eval_images) for s in specs) or 1.0
         self.done = 0.0
         self.t0 = time.perf_counter()
-        self.current: dict[str, float] = {}  # work done this session, per run in progress
-        self.baseline: dict[str, float | None] = {}
+        self.work: dict[str, float] = {}  # per run in progress: its whole work
+        self.current: dict[str, float] = {}  # ... and the part done this session
+        self.baseline: dict[str, float] = {}  # ... and the fraction done before this session
 
     def start_run(self, spec: RunSpec) -> None:
-        self.current[spec.name], self.baseline[spec.name] = 0.0, None
+        self.work[spec.name] = spec.work(self.eval_images)
+        self.current[spec.name] = 0.0
 
     def step(self, spec: RunSpec, event) -> None:
         run_fraction = (event.epoch * event.steps + event.step) / (
             spec.settings.epochs * event.steps
         )
-        if self.baseline.get(spec.name) is None:  # resumed: work done before is not this session's
+        work = self.work[spec.name]
+        if spec.name not in self.baseline:  # resumed: work done before is not this session's
             self.baseline[spec.name] = run_fraction - 1 / (spec.settings.epochs * event.steps)
-            self.total -= self.baseline[spec.name] * spec.work(self.eval_images)
-        self.current[spec.name] = (run_fraction - self.baseline[spec.name]) * spec.work(
-            self.eval_images
-        )
+            self.total -= self.baseline[spec.name] * work
+        self.current[spec.name] = (run_fraction - self.baseline[spec.name]) * work
 
     def end_run(self, spec: RunSpec) -> None:
-        if self.baseline.get(spec.name) is None:
-            self.total -= spec.work(
-                self.eval_images
-            )  # nothing trained (e.g. a failure before the first step)
+        work = self.work.pop(spec.name)
+        done = self.current.pop(spec.name)
+        if self.baseline.pop(spec.name, None) is None:
+            self.total -= work  # nothing trained (e.g. a failure before the first step)
         else:
-            self.done += self.current.get(spec.name, 0.0)
-        self.current.pop(spec.name, None)
-        self.baseline.pop(spec.name, None)
+            self.done += done
 
     @property
     def fraction(self) -> float:
@@ -861,8 +861,10 @@ def run(
     todo = [s for s in mine if states[s.name] not in ("finished", "failed")]
     parallel = max(1, parallel or parallel_default(cfg))
     if parallel > 1:  # cell by cell: the repeats of one (method, size) side by side
-        cells = list(dict.fromkeys((s.method, s.size) for s in todo))
-        todo.sort(key=lambda s: (cells.index((s.method, s.size)), s.repeat))
+        cell_rank = {
+            cell: i for i, cell in enumerate(dict.fromkeys((s.method, s.size) for s in todo))
+        }
+        todo.sort(key=lambda s: (cell_rank[(s.method, s.size)], s.repeat))
     fileio.write_text(out / "benchmark.json", _manifest(cfg, dataset, shard))
     emit(
         GridPlanned(

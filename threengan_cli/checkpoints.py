@@ -69,7 +69,7 @@ def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dic
 def save(
     path: Path,
     meta: dict[str, Any],
-    nets: dict[str, nn.Module],
+    nets: dict[str, nn.Module | dict[str, torch.Tensor]],
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
     state: dict[str, torch.Tensor] | None = None,
@@ -78,6 +78,7 @@ def save(
 ) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
+    ``nets`` maps names to modules or to their state dicts (a copy of earlier weights).
     ``dtype`` stores floating-point weights in a smaller type (fp16 for shipped models).
     ``host_work`` is entered once every tensor is on the CPU, around serialising and
     writing: a run trained beside others hands its GPU turn on there.
@@ -86,7 +87,8 @@ def save(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, net in nets.items():
-        for key, value in unwrap(net).state_dict().items():
+        weights = net if isinstance(net, dict) else unwrap(net).state_dict()
+        for key, value in weights.items():
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             tensors[f"net/{name}/{key}"] = value
@@ -119,7 +121,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
         ) from None
-    meta = parse_meta(raw, path, FORMAT_VERSION)
+    meta = parse_meta(raw, path)
     return Checkpoint(meta=meta, tensors=tensors, path=path)
 
 

@@ -63,8 +63,8 @@ def check_file(path: Path) -> None:
         )
 
 
-def parse_meta(raw: str | None, path: Path, newest: int) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, refused when missing, damaged or newer than ``newest``."""
+def parse_meta(raw: str | None, path: Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, refused when missing, damaged or of a newer format."""
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file without threengan metadata")
     try:
@@ -72,16 +72,16 @@ def parse_meta(raw: str | None, path: Path, newest: int) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has damaged metadata") from None
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > newest:
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer threengan (format {version}, this one reads "
-            f"<= {newest}): upgrade with pip install -U threengan"
+            f"<= {FORMAT_VERSION}): upgrade with pip install -U threengan"
         )
     return meta
 
 
 def read_arrays(
-    path: Path, newest: int, prefix: Callable[[dict[str, Any]], str]
+    path: Path, prefix: Callable[[dict[str, Any]], str]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
     """Metadata, the float32 arrays under ``prefix(metadata)`` (e.g. ``net/C/``, prefix
     removed; nothing else is read) and the names of all the file's tensors."""
@@ -90,7 +90,7 @@ def read_arrays(
     check_file(path)
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            meta = parse_meta((fh.metadata() or {}).get(META_KEY), path, newest)
+            meta = parse_meta((fh.metadata() or {}).get(META_KEY), path)
             keys = list(fh.keys())
             cut = prefix(meta)
             arrays = {k[len(cut) :]: fh.get_tensor(k) for k in keys if k.startswith(cut)}

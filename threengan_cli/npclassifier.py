@@ -25,8 +25,12 @@ from threengan_cli import modelfile
 _K = 4  # every convolution is 4x4
 _LEAK = 0.2
 _BN_EPS = 1e-5
-# Which network classifies, and how many of its logits are classes (sgan's D adds "fake").
-_CLASSIFIER = {"sgan": ("D", -1)}
+
+
+def _classifier(method: str) -> tuple[str, int | None]:
+    """Which network classifies, and how many of its logits are classes (sgan's D adds
+    "fake"; ``None``: all)."""
+    return ("D", -1) if method == "sgan" else ("C", None)
 
 
 def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
@@ -95,16 +99,14 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
 
     def classifier_prefix(meta: dict[str, Any]) -> str:
         method = str(modelfile.meta_value(meta, "method", path))
-        return f"net/{_CLASSIFIER.get(method, ('C', None))[0]}/"
+        return f"net/{_classifier(method)[0]}/"
 
     try:
-        meta, weights, keys = modelfile.read_arrays(
-            path, modelfile.FORMAT_VERSION, classifier_prefix
-        )
+        meta, weights, keys = modelfile.read_arrays(path, classifier_prefix)
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
     method = str(meta["method"])
-    name, keep = _CLASSIFIER.get(method, ("C", None))
+    name, keep = _classifier(method)
     if not weights:
         held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith("net/")}))
         raise modelfile.ModelError(

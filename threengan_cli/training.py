@@ -233,16 +233,6 @@ def _finite_or_raise(losses: dict[str, torch.Tensor], epoch: int, step: int) -> 
             )
 
 
-class _Weights:
-    """A copy of a network's weights that :func:`checkpoints.save` can store like a module."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self._state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
 class GpuTurns:
     """Runs trained in parallel threads take turns at asking the GPU for work.
 
@@ -600,22 +590,29 @@ def _train(
         )
     )
 
-    def checkpoint(path: Path, epoch: int, step: int, full: bool, **extra: Any) -> None:
+    def run_meta(epoch: int, step: int, **extra: Any) -> dict[str, Any]:
+        return {
+            **meta,
+            "position": {"epoch": epoch, "step": step},
+            "best_val_accuracy": best_acc,
+            "best_epoch": best_epoch,
+            **extra,
+        }
+
+    def host_work():
+        return turns.lent() if turns is not None else None
+
+    def checkpoint(path: Path, epoch: int, step: int, **extra: Any) -> None:
+        """The last checkpoint: everything a resume needs."""
+        elapsed = elapsed_before + time.perf_counter() - t0
         checkpoints.save(
             path,
-            {
-                **meta,
-                "position": {"epoch": epoch, "step": step},
-                "best_val_accuracy": best_acc,
-                "best_epoch": best_epoch,
-                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                **extra,
-            },
+            run_meta(epoch, step, elapsed_s=elapsed, **extra),
             nets,
-            optimizers=opts if full else None,
-            rng=get_rng_state(rng) if full else None,
-            state={"sums": sums} if full else None,
-            host_work=turns.lent() if turns is not None else None,
+            optimizers=opts,
+            rng=get_rng_state(rng),
+            state={"sums": sums},
+            host_work=host_work(),
         )
 
     best_pending: tuple[int, dict[str, dict[str, torch.Tensor]]] | None = None
@@ -627,15 +624,9 @@ def _train(
             position, weights = best_pending
             checkpoints.save(
                 run_dir / BEST,
-                {
-                    **meta,
-                    "position": {"epoch": position, "step": 0},
-                    "best_val_accuracy": best_acc,
-                    "best_epoch": best_epoch,
-                    "weights": "best-on-val",
-                },
-                {name: _Weights(w) for name, w in weights.items()},
-                host_work=turns.lent() if turns is not None else None,
+                run_meta(position, 0, weights="best-on-val"),
+                weights,
+                host_work=host_work(),
             )
             best_pending = None
 
@@ -683,7 +674,7 @@ def _train(
             best_pending = (epoch + 1, weights)
         if due:
             write_pending_best()
-            checkpoint(run_dir / LAST, epoch + 1, 0, full=True)
+            checkpoint(run_dir / LAST, epoch + 1, 0)
             last_write = time.perf_counter()
         emit(EpochDone(epoch, settings.epochs, record))
 
@@ -714,7 +705,7 @@ def _train(
                 if stop.is_set():
                     write_pending_best()
                     path = run_dir / LAST
-                    checkpoint(path, epoch, step, full=True)
+                    checkpoint(path, epoch, step)
                     raise Interrupted(path, epoch, step)
                 lo, hi = spans[step]
                 losses = run_step(order[lo:hi])
@@ -739,7 +730,7 @@ def _train(
         best_epoch,
         extended,
     )
-    checkpoint(run_dir / LAST, settings.epochs, 0, full=True, finished=True)
+    checkpoint(run_dir / LAST, settings.epochs, 0, finished=True)
     emit(RunFinished(summary))
     return summary
 
