@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py [--repeats 20] [--methods 3ngan,ecgan] [--precisions fp32,bf16]
     python benchmarks/bench_step.py --modes eager,unpaired,nchw
+    python benchmarks/bench_step.py --methods 3ngan --precisions fp32 --profile 10
     python benchmarks/bench_step.py --device cuda [--modes eager,graphs]
 
 For each method, precision and mode: warm-up steps, then the median wall time of ``--repeats``
@@ -130,6 +131,30 @@ def prepare_step(name: str, precision: str, mode: str, args) -> tuple:
     return step, counter.get_total_flops() / 1e9
 
 
+def profile(step, gflop: float, steps: int) -> None:
+    """Where a step's time goes: self CPU time per op kind (torch.profiler) over ``steps``
+    steps, and the rate of the convolutions alone (the step's FLOPs are nearly all theirs)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(3):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ms = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+    ms = {k: v for k, v in ms.items() if k.startswith("aten::")}
+    total = sum(ms.values())
+    conv = sum(v for k, v in ms.items() if "convolution" in k)
+    print(f"profile of {steps} steps: {total:.1f} ms/step in aten ops (with profiler overhead)\n")
+    print("| op | ms/step | share |")
+    print("| --- | ---: | ---: |")
+    for key, value in sorted(ms.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"| {key} | {value:.2f} | {100 * value / total:.1f}% |")
+    rate = gflop / (conv / 1e3)
+    print(f"\nconvolutions: {100 * conv / total:.1f}% of the time, {rate:.1f} GFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -147,6 +172,13 @@ def main() -> None:
         help="eager (as training runs it), unpaired (D and C called once per batch, the "
         "earlier step), nchw (networks not channels-last on a CPU), graphs (CUDA only)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="STEPS",
+        help="instead of timing: profile STEPS steps of the first method (its first precision "
+        "and mode) and print where the time goes",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -154,6 +186,14 @@ def main() -> None:
     precisions = args.precisions.split(",")
     modes = args.modes.split(",")
 
+    if args.profile:
+        config = (args.methods.split(",")[0], precisions[0], modes[0])
+        n, mm = matmul(args.matmul, DTYPES[precisions[0]] or torch.float32, device)
+        rates = [2 * n**3 / _interleaved({"mm": mm}, 5, 1, device)["mm"] / 1e9]
+        profile(*prepare_step(*config, args), args.profile)
+        rates.append(2 * n**3 / _interleaved({"mm": mm}, 5, 1, device)["mm"] / 1e9)
+        print(f"{n}x{n} matmul, {config[1]}: {rates[0]:.1f} GFLOP/s before, {rates[1]:.1f} after")
+        return
     mms = {p: matmul(args.matmul, DTYPES[p] or torch.float32, device) for p in precisions}
     configs = [(m, p, mode) for p in precisions for mode in modes for m in args.methods.split(",")]
     steps = {c: prepare_step(*c, args) for c in configs}

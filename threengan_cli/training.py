@@ -417,7 +417,7 @@ def load_run_data(
 
 def place(nets: dict[str, torch.nn.Module], device: torch.device) -> dict[str, torch.nn.Module]:
     """The networks on ``device``; on a CPU in channels-last layout, where oneDNN runs these
-    convolutions 5-6% faster per 3N-GAN step (``benchmarks/bench_step.py --modes eager,nchw``).
+    convolutions faster: 1.05-1.08x per 3N-GAN step (``bench_step.py --modes eager,nchw``).
     Images need no conversion: with one channel both layouts are the same. Checkpoints store
     contiguous tensors either way, and restored optimizer state takes its parameter's layout
     (:func:`checkpoints.restore_optimizers`)."""
