@@ -1,7 +1,7 @@
 """Start-up time of the command line, as a user feels it: a fresh process each time.
 
-    python benchmarks/bench_startup.py [--repeats 10] [--exe PATH/TO/threengan]
-    python benchmarks/bench_startup.py --phases [--exe PATH/TO/threengan]
+    python benchmarks/bench_startup.py [--repeats 10] [--exe PATH/TO/threengan ...]
+    python benchmarks/bench_startup.py --phases [--exe PATH/TO/threengan ...]
 
 Prints the median wall time of ``threengan --version``, ``threengan --help`` and
 ``threengan classify ONE.png`` (the bundled model, one 1500x1300 JPEG made here, CSV to
@@ -12,7 +12,8 @@ round, so that a slow moment on a shared machine slows all of them alike.
 ``--exe`` measures another installation, e.g. one from the wheel in a fresh virtual
 environment, which is what users run: an editable install (``pip install -e``) adds a path
 finder to every start of its interpreter, about 30 ms here. The floor uses the interpreter
-beside the measured ``threengan``.
+beside the measured ``threengan``. Given several times, it compares installations (two
+versions, say) with all their commands timed in turn.
 
 ``--phases`` splits ``threengan --help`` into its parts instead, timed inside fresh processes
 of the same interpreter: importing typer, importing threengan's CLI module, building the
@@ -73,36 +74,49 @@ print(" ".join(f"{1e3 * (b - a):.1f}" for a, b in zip(t, t[1:])))
 PHASE_NAMES = ["import typer", "import CLI module", "build commands", "import rich", "render"]
 
 
-def phases(python: str, repeats: int) -> None:
-    """Median milliseconds of each part of ``--help``, over ``repeats`` fresh processes."""
-    runs = []
+def phases(pythons: list[str], repeats: int) -> None:
+    """Median milliseconds of each part of ``--help`` per interpreter, over ``repeats`` fresh
+    processes each, the interpreters taking turns."""
+    runs: dict[str, list[list[float]]] = {python: [] for python in pythons}
     # `python -c` puts the working directory first on sys.path: run from the repository it
     # would import the source tree instead of the installation being measured.
     with tempfile.TemporaryDirectory() as empty:
         for _ in range(repeats):
-            cmd = [python, "-c", PHASES]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=empty)
-            runs.append([float(v) for v in out.stdout.split()])
-    print(f"{python}: parts of `threengan --help`, median of {repeats} fresh processes\n")
-    print("| part | median ms |")
-    print("| --- | ---: |")
-    for name, values in zip(PHASE_NAMES, zip(*runs, strict=True), strict=True):
-        print(f"| {name} | {statistics.median(values):.1f} |")
+            for python in pythons:
+                cmd = [python, "-c", PHASES]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=empty)
+                runs[python].append([float(v) for v in out.stdout.split()])
+    print(f"parts of `threengan --help`, median ms of {repeats} fresh processes each\n")
+    print("| part | " + " | ".join(f"`{p}`" for p in pythons) + " |")
+    print("| --- |" + " ---: |" * len(pythons))
+    columns = {p: list(zip(*runs[p], strict=True)) for p in pythons}
+    for i, name in enumerate(PHASE_NAMES):
+        cells = " | ".join(f"{statistics.median(columns[p][i]):.1f}" for p in pythons)
+        print(f"| {name} | {cells} |")
+
+
+def _python_beside(exe: str) -> str:
+    """The interpreter of the environment ``exe`` is installed in (else this one)."""
+    python = Path(exe).with_name("python")
+    return str(python) if python.exists() else sys.executable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--exe", help="the threengan to measure (default: the one on PATH)")
+    parser.add_argument(
+        "--exe",
+        action="append",
+        help="a threengan to measure; repeat to compare installations (default: the one on PATH)",
+    )
     parser.add_argument("--phases", action="store_true", help="time the parts of --help")
     args = parser.parse_args()
-    exe = args.exe or shutil.which("threengan")
-    if not exe:
+    exes = args.exe or [shutil.which("threengan")]
+    if not all(exes):
         sys.exit("threengan is not on PATH: pip install -e .")
-    python = Path(exe).with_name("python")
-    python = str(python) if python.exists() else sys.executable
+    pythons = {exe: _python_beside(exe) for exe in exes}
     if args.phases:
-        phases(python, args.repeats)
+        phases(list(pythons.values()), args.repeats)
         return
 
     import numpy as np
@@ -112,14 +126,17 @@ def main() -> None:
         image = Path(tmp) / "xray.jpg"
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 256, (1300, 1500), dtype=np.uint8)).save(image)
-        cmds = {
-            "python -c pass (floor)": [python, "-c", "pass"],
-            "threengan --version": [exe, "--version"],
-            "threengan --help": [exe, "--help"],
-            "threengan classify ONE.jpg": [exe, "classify", str(image), "-f", "csv"],
-        }
+        cmds = {}
+        for exe, python in pythons.items():
+            tag = f" [{exe}]" if len(exes) > 1 else ""
+            cmds |= {
+                f"python -c pass (floor){tag}": [python, "-c", "pass"],
+                f"threengan --version{tag}": [exe, "--version"],
+                f"threengan --help{tag}": [exe, "--help"],
+                f"threengan classify ONE.jpg{tag}": [exe, "classify", str(image), "-f", "csv"],
+            }
         walls = median_walls(cmds, args.repeats)
-        print(f"{exe}: {args.repeats} fresh processes each, output to a pipe\n")
+        print(f"{', '.join(exes)}: {args.repeats} fresh processes each, output to a pipe\n")
         print("| command | median s | slowest s |")
         print("| --- | ---: | ---: |")
         for label, (median, slowest) in walls.items():
