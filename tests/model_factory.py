@@ -10,7 +10,7 @@ import torch
 from threengan_cli import checkpoints
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
-from threengan_cli.training import NORMALISATION
+from threengan_cli.images import NORMALISATION
 
 CLASSES = ("normal", "pneumonia")
 
