@@ -578,6 +578,38 @@ def train(
             help="On CUDA, replay each step from a captured CUDA graph. \\[default: on]",
         ),
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="paper: the paper's protocol exactly; robust: precise BN, EMA, augmentation "
+            "and the unlabelled rest of train (docs/method.md). \\[default: robust]"
+        ),
+    ] = None,
+    precise_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--precise-bn/--no-precise-bn",
+            help="Recompute BatchNorm statistics for the weights used. \\[default: by recipe]",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(help="Decay of the weights' moving average, 0 = off. \\[default: by recipe]"),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="translation,cutout,color,flip or none, alike for real and generated images. "
+            "\\[default: by recipe]"
+        ),
+    ] = None,
+    unlabelled: Annotated[
+        str | None,
+        typer.Option(
+            help="Unlabelled X-rays: rest (train images outside the N), a prepared dataset or "
+            "a folder; 'none' for none. \\[default: by recipe]"
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
@@ -624,7 +656,17 @@ def train(
         "device": device,
         "precision": precision,
         "cuda_graphs": cuda_graphs,
+        "recipe": recipe,
+        "precise_bn": precise_bn,
+        "ema": ema,
+        "augment": augment,
+        "unlabelled": unlabelled,
     }
+    if unlabelled is not None and unlabelled.lower() == "none":
+        flags["unlabelled"] = None
+        unlabelled_off = True
+    else:
+        unlabelled_off = False
     if resume is not None:
         run_dir = paths.resolve_run(resume)
         if not (run_dir / "settings.json").is_file():
@@ -636,7 +678,8 @@ def train(
                 f"be given (got {', '.join(changed) or 'a dataset or --config'})",
                 EXIT_USAGE,
             )
-        saved = json_mod.loads((run_dir / "settings.json").read_text())
+        # Runs from before recipes existed were trained with the paper's protocol.
+        saved = {"recipe": "paper", **json_mod.loads((run_dir / "settings.json").read_text())}
         run_meta = json_mod.loads((run_dir / "run.json").read_text())
         if epochs is not None:
             saved["epochs"] = epochs
@@ -646,6 +689,8 @@ def train(
         if dataset is None:
             fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
         cfg = settings_or_exit("train", config, **flags)
+        if unlabelled_off:
+            cfg = cfg.model_copy(update={"unlabelled": None})
         dataset_dir = paths.resolve_dataset(dataset)
         if not (dataset_dir / "manifest.json").is_file():
             fail(
@@ -892,6 +937,13 @@ def classify(
             "starts 3-4 s later and classifies long lists about 18% faster \\[default: numpy]."
         ),
     ] = None,
+    adapt: Annotated[
+        str,
+        typer.Option(
+            help="bn: first recompute the classifier's BatchNorm statistics on these images "
+            "(no labels used; transductive; needs 32 or more images; uses the torch engine)."
+        ),
+    ] = "none",
     config: ConfigOpt = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")
@@ -952,11 +1004,30 @@ def classify(
     from threengan_cli.classify import classify as run_classify
     from threengan_cli.modelfile import ModelError
 
-    model = _load_classifier_or_exit(checkpoint, run, cfg.device, cfg.engine)
+    if adapt not in ("none", "bn"):
+        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
+    engine_name = "torch" if adapt == "bn" else cfg.engine
+    model = _load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
     try:
         model.require_classifier()
     except ModelError as exc:
         fail(str(exc))
+    if adapt == "bn":
+        from threengan_cli.classify import AdaptError, adapt_bn
+
+        if "-" in inputs:  # stdin is read once: keep its paths for both passes
+            inputs = [p for p in inputs if p != "-"] + [
+                line.strip() for line in sys.stdin if line.strip()
+            ]
+        try:
+            adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive)
+        except AdaptError as exc:
+            fail(str(exc), EXIT_USAGE)
+        if not quiet:
+            note(
+                f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
+                "(transductive, no labels used)"
+            )
     if not quiet:
         note(
             f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
@@ -1230,7 +1301,7 @@ def _bench_table(results: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    from threengan_cli import benchmark as b
+    from threengan_cli import report as b
 
     cfg = results["settings"]
 
