@@ -296,6 +296,25 @@ def cells(cfg: BenchmarkSettings) -> list[str]:
     return [cell_of({"method": m, "recipe": r}) for m, r in _pairs(cfg)]
 
 
+def comparison_pairs(cfg: BenchmarkSettings) -> list[tuple[str, str]]:
+    """Which cells the report compares, a - b on the same seeds: each method against vanilla
+    under the same recipe, each recipe against the paper's for the same method, and each rung
+    of the ladder against the one below it (the robust recipe is the ladder's top rung)."""
+    present = cells(cfg)
+    pairs = []
+    for cell in present:
+        method, _, recipe = cell.partition("+")
+        base = "vanilla" + (f"+{recipe}" if recipe else "")
+        if method in METHODS and method != "vanilla" and base in present:
+            pairs.append((cell, base))
+        if recipe and method in present:
+            pairs.append((cell, method))
+    rungs = [r for r in ("3ngan", *LADDER, "3ngan+robust") if r in present]
+    steps = zip(rungs, rungs[1:], strict=False)
+    pairs += [(upper, lower) for lower, upper in steps if (upper, lower) not in pairs]
+    return pairs
+
+
 def grid(cfg: BenchmarkSettings) -> list[RunSpec]:
     """Every run, in a fixed order: repeat, then size, then recipe and method. Repeat-major,
     so a partial benchmark has one repeat of every cell before the second of any."""
@@ -690,6 +709,7 @@ def run(
         str(dataset),
         [s.name for s in mine],
         cells(cfg),
+        comparison_pairs(cfg),
         runs,
         reductions(cfg, PROFILES["paper"]),
         shard=None if shard[1] == 1 else f"{shard[0]}/{shard[1]}",
@@ -769,6 +789,7 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
         dataset or "",
         [s.name for s in specs],
         cells(cfg),
+        comparison_pairs(cfg),
         runs,
         reductions(cfg, PROFILES["paper"]),
         merged_from=[str(d) for d in dirs],

@@ -1384,6 +1384,13 @@ def benchmark(
     seed: Annotated[int | None, typer.Option(help="Base seed. \\[default: 0]")] = None,
     device: DeviceOpt = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or bf16. \\[default: fp32]")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of recipes, each a cell of its own: paper, robust. "
+            "\\[default: the profile's; study: paper,robust; others: paper]"
+        ),
+    ] = None,
     ablate: Annotated[
         bool,
         typer.Option(
@@ -1500,6 +1507,7 @@ def benchmark(
                 device=device,
                 precision=precision,
                 ablate=ablate,
+                recipes=_comma_list(recipe, "--recipe"),
             )
             shard_ij = bench.parse_shard(shard) if shard is not None else (1, 1)
         except (SettingsError, ValueError) as exc:

@@ -180,18 +180,9 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, size: int) -> dict[str, A
     return {"a": a, "b": b, "size": size, "pairs": len(common), **stat, "verdict": verdict}
 
 
-def comparisons(runs: list[dict[str, Any]], cells: list[str], sizes: list[int]) -> list:
-    """The paired differences a reader asks first: each method against vanilla under the same
-    recipe, and each recipe against the paper's for the same method."""
-    out = []
-    for size in sizes:
-        for cell in cells:
-            method, _, recipe = cell.partition("+")
-            base = "vanilla" + (f"+{recipe}" if recipe else "")
-            if method != "vanilla" and base in cells:
-                out.append(paired(runs, cell, base, size))
-            if recipe and method in cells:
-                out.append(paired(runs, cell, method, size))
+def comparisons(runs: list[dict[str, Any]], pairs: list[tuple[str, str]], sizes: list[int]):
+    """The paired differences ``a - b`` for each (a, b) in ``pairs`` and each size."""
+    out = [paired(runs, a, b, size) for size in sizes for a, b in pairs]
     return [c for c in out if c is not None]
 
 
@@ -491,13 +482,15 @@ def write_outputs(
     dataset: str,
     names: list[str],
     cells: list[str],
+    pairs: list[tuple[str, str]],
     runs: list[dict[str, Any]],
     reduced: list[str],
     shard: str | None = None,
     merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
     """results.json, results.csv, report.md and accuracy_vs_size.png from run records;
-    ``names`` are the grid's run names, ``cells`` its cell labels in order."""
+    ``names`` are the grid's run names, ``cells`` its cell labels in order, ``pairs`` the
+    cells to compare by paired differences."""
     out = Path(out)
     have = {r["name"] for r in runs}
     results: dict[str, Any] = {
@@ -517,7 +510,7 @@ def write_outputs(
         },
         "missing": [n for n in names if n not in have],
         "results": aggregate(runs, cells, cfg.sizes),
-        "comparisons": comparisons(runs, cells, list(cfg.sizes)),
+        "comparisons": comparisons(runs, pairs, list(cfg.sizes)),
         "runs": runs,
         "versions": system.library_versions(),
         "machine": system.describe(),
