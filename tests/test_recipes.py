@@ -33,7 +33,7 @@ def _settings(**kw) -> TrainSettings:
 # ------------------------------------------------------------------------------- settings
 def test_a_recipe_fills_only_the_settings_not_given():
     robust = TrainSettings(recipe="robust", ema=0.5)
-    assert robust.ema == 0.5 and robust.precise_bn is True and robust.unlabelled == "rest"
+    assert robust.ema == 0.5 and robust.precise_bn is True and robust.unlabelled is None
     paper = TrainSettings(recipe="paper")
     assert {k: getattr(paper, k) for k in RECIPES["paper"]} == RECIPES["paper"]
 
@@ -165,7 +165,7 @@ def _stop_at(epoch: int, step: int, flag: threading.Event):
 
 
 def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
-    settings = _settings(recipe="robust", size=8, epochs=3)
+    settings = _settings(recipe="robust", unlabelled="rest", size=8, epochs=3)
     full = tmp_path / "full"
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"

@@ -581,8 +581,8 @@ def train(
     recipe: Annotated[
         str | None,
         typer.Option(
-            help="paper: the paper's protocol exactly; robust: precise BN, EMA, augmentation "
-            "and the unlabelled rest of train (docs/method.md). \\[default: robust]"
+            help="paper: the paper's protocol exactly; robust: precise BN, EMA and "
+            "augmentation (docs/method.md). \\[default: robust]"
         ),
     ] = None,
     precise_bn: Annotated[

@@ -65,9 +65,11 @@ class PrepareSettings(_Section):
 
 # What a recipe sets, unless a flag or the config file sets it too. ``paper`` is the paper's
 # protocol exactly (docs/method.md); ``robust`` adds what the study in docs/benchmarks.md
-# measured to make the final model stable: BatchNorm statistics recomputed for the weights
-# used (precise BN), an exponential moving average of the weights, augmentation alike of
-# real and generated images, and the unlabelled rest of the train split.
+# measured to make the final model stable and better: BatchNorm statistics recomputed for the
+# weights used (precise BN), an exponential moving average of the weights, and augmentation
+# alike of real and generated images. The unlabelled rest of the train split is an option
+# (``unlabelled = "rest"``), not part of it: in the study it cost 1.6 points of test accuracy
+# (95% CI 0.5 to 2.7) and 1.8 of val accuracy at N = 200.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {
         "precise_bn": False,
@@ -79,7 +81,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "precise_bn": True,
         "ema": 0.999,
         "augment": "translation,cutout,color",
-        "unlabelled": "rest",
+        "unlabelled": None,
     },
 }
 DEFAULT_RECIPE: Recipe = "robust"
