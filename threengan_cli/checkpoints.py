@@ -1,7 +1,7 @@
 """Checkpoints: one safetensors file holding weights, optimizer and RNG state, and JSON metadata.
 
 Layout of one checkpoint file (``*.safetensors``):
-  tensors   ``net/<G|D|C>/<param>``            network weights (unwrapped modules)
+  tensors   ``net/<G|D|C>/<param>``            network weights
             ``opt/<G|D|C>/<index>/<key>``       optimizer state tensors (resume only)
             ``rng/<name>``                      RNG states (resume only)
             ``state/<name>``                    loop accumulators (resume only)
@@ -49,11 +49,6 @@ class Checkpoint:
         return sorted({k.split("/")[1] for k in self.tensors if k.startswith("net/")})
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module behind ``torch.compile`` (so saved keys never carry ``_orig_mod.``)."""
-    return getattr(module, "_orig_mod", module)
-
-
 def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = opt.state_dict()
     tensors, plain = {}, {}
@@ -87,7 +82,7 @@ def save(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, net in nets.items():
-        weights = net if isinstance(net, dict) else unwrap(net).state_dict()
+        weights = net if isinstance(net, dict) else net.state_dict()
         for key, value in weights.items():
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
@@ -130,11 +125,10 @@ def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module]) -> None:
         weights = ckpt.group(f"net/{name}")
         if not weights:
             raise CheckpointError(f"{ckpt.path}: no weights for network {name}")
-        target = unwrap(net)
-        reference = target.state_dict()
+        reference = net.state_dict()
         weights = {k: v.to(reference[k].dtype) if k in reference else v for k, v in weights.items()}
         try:
-            target.load_state_dict(weights, strict=True)
+            net.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit: {first}") from None

@@ -34,7 +34,6 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -267,6 +266,3 @@ def _dicom_pixels(data: bytes) -> np.ndarray:
     except Exception as exc:  # pydicom raises many kinds for broken files
         raise ImageReadError(f"unreadable DICOM ({exc})") from None
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
