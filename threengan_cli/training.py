@@ -393,7 +393,7 @@ def load_run_data(
     train_x, train_y = dataset.subset("train")
     train_index = np.flatnonzero(dataset.split == 0)
     if size is not None:
-        pick = balanced_subset(train_y, size, seed)
+        pick = balanced_subset(train_y, size, seed, classes=list(dataset.classes))
         train_x, train_y, train_index = train_x[pick], train_y[pick], train_index[pick]
     val_x, val_y = dataset.subset("val")
     test_x, test_y = dataset.subset("test")
