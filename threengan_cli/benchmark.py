@@ -693,7 +693,8 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines += [
         "- Independent runs of this protocol on this data land near 80% accuracy (AUC about "
         "0.90) for the vanilla classifier, and careful published results on this test set "
-        "stay at or under about 93% even with all 5,216 training images (DESIGN section 5); "
+        "stay at or under about 93% even with all 5,216 training images "
+        "(docs/benchmark-protocol.md); "
         "the paper's row is higher than both.",
         "- Sensitivity and specificity are of the second class (pneumonia) against the first.",
     ]
