@@ -29,7 +29,7 @@ views.defer_import("rich.markdown", "Markdown")
 views.defer_import("rich.traceback", "Traceback")
 
 import typer  # noqa: E402  (after the placeholders above)
-from typer.core import TyperArgument, TyperCommand  # noqa: E402
+from typer.core import TyperArgument, TyperCommand, TyperGroup  # noqa: E402
 
 from threengan_cli import __version__  # noqa: E402
 from threengan_cli.helptext import shown  # noqa: E402
@@ -39,9 +39,20 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPT = 0, 1, 2, 3, 130
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
 
 
+def _plain_flags(params: list) -> list:
+    """Flags (``--json``, ``--help``...) take no value: show none (typer shows ``<bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 class Command(TyperCommand):
     """Usage lines as man pages write them: ``SOURCE``, ``[PATH]...`` (typer writes
-    ``{source}`` for a required argument)."""
+    ``{source}`` for a required argument); flags without a value type."""
+
+    def get_params(self, ctx) -> list:
+        return _plain_flags(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -55,8 +66,14 @@ class Command(TyperCommand):
         return pieces
 
 
+class Group(TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="threengan",
+    cls=Group,
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -66,12 +83,15 @@ app = typer.Typer(
     "a model on it, then [bold]threengan classify[/] new images.",
     epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, 130 interrupted.",
 )
-command = app.command  # commands with arguments use cls=Command
+
+
+def command(**options: Any):
+    return app.command(cls=Command, **options)
 
 
 def flag(*names: str, help: str) -> Any:
-    """A plain on/off flag: no ``<bool>`` value shown (``--json true`` is a usage error)."""
-    return typer.Option(*names, help=help, metavar="")
+    """An on/off flag: ``--json``, never ``--json true`` (a usage error)."""
+    return typer.Option(*names, help=help)
 
 
 def config_opt(section: str) -> Any:
@@ -130,7 +150,6 @@ def _root(
             help="Show the version and exit.",
             callback=_version_callback,
             is_eager=True,
-            metavar="",
         ),
     ] = False,
 ) -> None:
@@ -192,7 +211,7 @@ def _prepare_notes(report, quiet: bool) -> None:
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
-@command(cls=Command)
+@command()
 def prepare(
     source: Annotated[
         Path,
@@ -403,8 +422,8 @@ def prepared_or_exit(dataset: str) -> Path:
 # here, in pipeline order, which is the order of the help.
 from threengan_cli import cli_classify, cli_train  # noqa: E402
 
-command(cls=Command)(cli_train.train)
-command(cls=Command)(cli_classify.classify)
+command()(cli_train.train)
+command()(cli_classify.classify)
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -518,7 +537,7 @@ def generate(
         note(f"{made} with {model.model_id}, seed {result.seed}")
 
 
-command(cls=Command)(cli_train.benchmark)
+command()(cli_train.benchmark)
 
 
 def main() -> None:

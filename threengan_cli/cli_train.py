@@ -165,7 +165,6 @@ def train(
             "--cuda-graphs/--no-cuda-graphs",
             help="On CUDA, replay each step from a captured CUDA graph. "
             f"{shown('train', 'cuda_graphs')}",
-            metavar="",
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
