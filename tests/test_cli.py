@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from image_factory import class_tree
@@ -194,3 +195,25 @@ def test_info_says_which_cuda_torch_was_built_with():
     result = run("info")
     assert result.exit_code == 0
     assert "torch built with CUDA" in result.stdout
+
+
+def test_prepare_warns_when_a_split_comes_out_empty(tmp_path):
+    src = class_tree(tmp_path / "src", {"a": 3, "b": 3})
+    result = run("prepare", src, "--out", tmp_path / "ds", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: the test split is empty" in result.stderr
+
+
+def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
+    import re
+
+    from threengan_cli import benchmark
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
+    config = tmp_path / "c.toml"
+    config.write_text(block)
+    for section in settings.SECTIONS:
+        settings.resolve(section, config)
+    values = dict(settings.read_config(config)["benchmark"])
+    benchmark.resolve_settings(values.pop("profile"), **values)
