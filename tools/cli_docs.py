@@ -16,8 +16,18 @@ import sys
 _TAG = re.compile(r"\[(/?)([a-z ]*)\]")
 
 
+def _no_tags(text: str) -> str:
+    """``<out>`` outside code spans as ``\\<out>``, or Markdown would take it for an HTML tag."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "\\<") for i, p in enumerate(parts))
+
+
 def plain(text: str) -> str:
     """rich markup -> Markdown: ``[bold]x[/]`` -> ``**x**``, other styles dropped."""
+    return _no_tags(_markup(text))
+
+
+def _markup(text: str) -> str:
     out, stack, i = [], [], 0
     for match in _TAG.finditer(text):
         start = match.start()
