@@ -404,7 +404,6 @@ def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: st
     return loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
 
 
-
 def prepared_or_exit(dataset: str) -> Path:
     from threengan_cli import paths
 

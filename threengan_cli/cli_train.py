@@ -46,7 +46,6 @@ def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> P
     return candidate
 
 
-
 def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool):
     """(settings, dataset folder, run folder) of the run to continue; only --epochs may
     change."""
