@@ -339,6 +339,14 @@ def test_balanced_subset_draws_half_per_class_by_seed():
         balanced_subset(labels, 24, seed=0)
 
 
+def test_balanced_subset_names_classes_and_refuses_a_size_that_does_not_divide():
+    labels = np.array([0] * 10 + [1] * 30)
+    with pytest.raises(DatasetError, match="class NORMAL has only 10 training images"):
+        balanced_subset(labels, 24, seed=0, classes=["NORMAL", "PNEUMONIA"])
+    with pytest.raises(DatasetError, match="such as 8 or 10"):
+        balanced_subset(labels, 9, seed=0)
+
+
 def test_list_prepared_lists_datasets_and_broken_ones(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     prepare(src, tmp_path / "root" / "one", settings())
