@@ -217,3 +217,31 @@ def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
         settings.resolve(section, config)
     values = dict(settings.read_config(config)["benchmark"])
     benchmark.resolve_settings(values.pop("profile"), **values)
+
+
+def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from threengan_cli import training as t
+    from threengan_cli import views
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, highlight=False)
+    monkeypatch.setattr(views.err, "_console", console)
+    view = views.TrainView(quiet=False)
+    view(t.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
+    record = {"epoch": 1, "train": {"loss_c": 0.5}, "val": {"accuracy": 0.75},
+              "images_per_s": 10.0, "seconds": 2.4}  # fmt: skip
+    view(t.StepDone(0, 6, 6))
+    view(t.EpochDone(0, 2, record))
+    view(t.StepDone(1, 3, 6))
+    bar = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+    with bar.capture() as captured:
+        bar.print(view.progress.get_renderable())
+    shown = captured.get().strip()
+    view.close()
+    assert shown.startswith("epoch 2/2") and " 3/6 " in shown and "eta" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    assert "epoch 1/2 loss_c=0.500 val_acc=0.7500" in screen.getvalue()  # kept, not overwritten
