@@ -91,6 +91,27 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
         consume(sys.stdout)
 
 
+def _adapt_bn(inputs: list[str], model, cfg, quiet: bool) -> list[str]:
+    """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
+    stdin's paths read once (both passes need them)."""
+    from threengan_cli.classify import AdaptError, adapt_bn
+
+    if "-" in inputs:
+        inputs = [p for p in inputs if p != "-"] + [
+            line.strip() for line in sys.stdin if line.strip()
+        ]
+    try:
+        adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive)
+    except AdaptError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if not quiet:
+        note(
+            f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
+            "(transductive, no labels used)"
+        )
+    return inputs
+
+
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
 def classify(
     inputs: Annotated[
@@ -159,6 +180,13 @@ def classify(
             f"{shown('classify', 'engine')}"
         ),
     ] = None,
+    adapt: Annotated[
+        str,
+        typer.Option(
+            help="bn: first recompute the classifier's BatchNorm statistics on these images "
+            "(no labels used; transductive; needs 32 or more images; uses the torch engine)."
+        ),
+    ] = "none",
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -210,11 +238,16 @@ def classify(
 
     from threengan_cli.modelfile import ModelError
 
-    model = load_classifier_or_exit(checkpoint, run, cfg.device, cfg.engine)
+    if adapt not in ("none", "bn"):
+        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
+    engine_name = "torch" if adapt == "bn" else cfg.engine
+    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
     try:
         model.require_classifier()
     except ModelError as exc:
         fail(str(exc))
+    if adapt == "bn":
+        inputs = _adapt_bn(inputs, model, cfg, quiet)
     if not quiet:
         note(
             f"model {model.model_id} ({model.method}, {model.image_size}px, classes "

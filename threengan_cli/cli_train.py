@@ -64,7 +64,8 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool):
             EXIT_USAGE,
         )
     try:
-        saved = json.loads((run_dir / "settings.json").read_text())
+        # Runs from before recipes existed were trained with the paper's protocol.
+        saved = {"recipe": "paper", **json.loads((run_dir / "settings.json").read_text())}
         run_meta = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError) as exc:
         fail(f"cannot resume {run_dir}: {exc}")
@@ -166,6 +167,38 @@ def train(
             f"{shown('train', 'cuda_graphs')}",
         ),
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="paper: the paper's protocol exactly; robust: precise BN, EMA, augmentation "
+            f"and the unlabelled rest of train (docs/method.md). {shown('train', 'recipe')}"
+        ),
+    ] = None,
+    precise_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--precise-bn/--no-precise-bn",
+            help="Recompute BatchNorm statistics for the weights used. \\[default: by recipe]",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(help="Decay of the weights' moving average, 0 = off. \\[default: by recipe]"),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="translation,cutout,color,flip or none, alike for real and generated images. "
+            "\\[default: by recipe]"
+        ),
+    ] = None,
+    unlabelled: Annotated[
+        str | None,
+        typer.Option(
+            help="Unlabelled X-rays: rest (train images outside the N), a prepared dataset or "
+            "a folder; 'none' for none. \\[default: by recipe]"
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
@@ -208,12 +241,22 @@ def train(
         "device": device,
         "precision": precision,
         "cuda_graphs": cuda_graphs,
+        "recipe": recipe,
+        "precise_bn": precise_bn,
+        "ema": ema,
+        "augment": augment,
+        "unlabelled": unlabelled,
     }
+    unlabelled_off = unlabelled is not None and unlabelled.lower() == "none"
+    if unlabelled_off:
+        flags["unlabelled"] = None
     if resume is not None:
         given_other = config is not None or dataset is not None
         cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other)
     else:
         cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir)
+        if unlabelled_off:
+            cfg = cfg.model_copy(update={"unlabelled": None})
 
     from threengan_cli import training
     from threengan_cli.checkpoints import CheckpointError
@@ -366,6 +409,13 @@ def benchmark(
     precision: Annotated[
         str | None, typer.Option(help=f"fp32 or bf16. {shown('benchmark', 'precision')}")
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of recipes, each a cell of its own: paper, robust. "
+            "\\[default: the profile's; study: paper,robust; others: paper]"
+        ),
+    ] = None,
     ablate: Annotated[
         bool | None,
         flag(
@@ -440,9 +490,11 @@ def benchmark(
         "device": device,
         "precision": precision,
         "ablate": ablate,
+        "recipes": _comma_list(recipe, "--recipe"),
     }
     if args[0] == "merge":
         given = {f"--{k.replace('_', '-')}": v for k, v in flags.items()}
+        given["--recipe"] = given.pop("--recipes")
         given.update({"--profile": profile, "--shard": shard, "--parallel": parallel})
         given["--config"] = config
         results, target = _bench_merge(args, out_dir, given)

@@ -51,8 +51,18 @@ def _defaults(module: str, cls: str) -> dict[str, Any]:
             if given is None:
                 continue  # required: the profile or the caller supplies it
             value = given
+        if isinstance(value, ast.Name):  # a module constant, e.g. DEFAULT_RECIPE
+            value = _constant(lines, value.id)
         found[node.target.id] = ast.literal_eval(value)
     return found
+
+
+def _constant(lines: list[str], name: str) -> ast.expr:
+    """The value of the module-level ``name = literal`` (or ``name: T = literal``)."""
+    line = next(x for x in lines if x.startswith((f"{name} =", f"{name}:")))
+    node = ast.parse(line).body[0]
+    assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
+    return node.value
 
 
 def default_of(section: str, field: str) -> Any:

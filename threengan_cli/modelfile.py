@@ -155,6 +155,38 @@ def file_id(path: Path) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
+def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int]:
+    """Which network classifies and how many of its first logits are the classes, from the
+    checkpoint's ``classifier`` entry. Files written before that entry existed name only their
+    method: sgan's multi-task D classifies (its last logit is "fake"), every other method's C.
+    """
+    num_classes = len(meta_value(meta, "classes", path))
+    spec = meta.get("classifier")
+    if spec is None:
+        legacy = "D" if meta.get("method") == "sgan" else "C"
+        return legacy, num_classes
+    if not isinstance(spec, dict) or not isinstance(spec.get("network"), str):
+        raise ModelError(f"{path}: damaged metadata (classifier)")
+    return spec["network"], int(spec.get("logits", num_classes))
+
+
+def weights_prefix(meta: dict[str, Any]) -> str:
+    """The tensor group holding the weights to use: ``use/`` where a run's last checkpoint
+    keeps averaged weights with recomputed BatchNorm statistics apart from the live ones."""
+    return "use/" if meta.get("weights") == "use" else "net/"
+
+
+def normalisation(meta: dict[str, Any], path: Path) -> tuple[float, float]:
+    """(scale, offset) mapping uint8 pixels to the model's input range, as recorded."""
+    from threengan_cli.images import NORMALISATION
+
+    norm = meta.get("normalisation", NORMALISATION)
+    try:
+        return float(norm["scale"]), float(norm["offset"])
+    except (TypeError, KeyError, ValueError):
+        raise ModelError(f"{path}: damaged metadata (normalisation)") from None
+
+
 def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
     if key not in meta:
         raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")

@@ -170,7 +170,7 @@ def bench_tables(results: dict) -> None:
     """Two tables that fit 80 columns: accuracy beside the paper, then the other metrics."""
     from rich import box
 
-    from threengan_cli import benchmark as b
+    from threengan_cli import report as b
 
     cfg = results["settings"]
 
