@@ -1,7 +1,7 @@
 """Checkpoints: one safetensors file holding weights, optimizer and RNG state, and JSON metadata.
 
 Layout of one checkpoint file (``*.safetensors``):
-  tensors   ``net/<G|D|C>/<param>``            network weights (unwrapped modules)
+  tensors   ``net/<G|D|C>/<param>``            network weights
             ``avg/<G|C|D>/<param>``             moving averages of weights (resume only)
             ``use/<G|C|D>/<param>``             the weights to use (averaged, BatchNorm
                                                 statistics recomputed) where
@@ -141,11 +141,10 @@ def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module], prefix: str =
         weights = ckpt.group(f"{prefix}/{name}")
         if not weights:
             raise CheckpointError(f"{ckpt.path}: no weights for network {name}")
-        target = net
-        reference = target.state_dict()
+        reference = net.state_dict()
         weights = {k: v.to(reference[k].dtype) if k in reference else v for k, v in weights.items()}
         try:
-            target.load_state_dict(weights, strict=True)
+            net.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit: {first}") from None

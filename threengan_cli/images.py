@@ -34,7 +34,6 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -271,10 +270,6 @@ def _dicom_pixels(data: bytes) -> np.ndarray:
         raise
     except Exception as exc:  # pydicom raises many kinds for broken files
         raise ImageReadError(f"unreadable DICOM ({exc})") from None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def grid_png(pixels: np.ndarray, nrow: int = 8, pad: int = 2) -> bytes:

@@ -24,7 +24,8 @@ from pydantic import (
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
-Precision = Literal["fp32", "bf16", "fp16"]
+# fp16 is not offered: training would need a loss scaler (training.autocast_dtype).
+Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
 
 
@@ -47,6 +48,13 @@ class PrepareSettings(_Section):
     workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
     patient_pattern: str | None = Field(None, description="regex with one group: patient id")
     strict: bool = False
+
+    @field_validator("image_size")
+    @classmethod
+    def _trainable(cls, value: int) -> int:
+        if value & (value - 1):  # networks.py builds stride-2 stages from 4 px up
+            raise ValueError("must be a power of two (8, 16, 32, 64, ...): the sizes train builds")
+        return value
 
     @field_validator("patient_pattern")
     @classmethod
@@ -190,6 +198,9 @@ class ClassifySettings(_Section):
         "numpy", description="on the CPU: numpy (starts in under a second) or torch"
     )
     recursive: bool = False
+    format: Literal["table", "csv", "json", "jsonl"] | None = Field(
+        None, description="output format; none: from the output's suffix, else by terminal"
+    )
 
 
 class GenerateSettings(_Section):
@@ -205,6 +216,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "classify": ClassifySettings,
     "generate": GenerateSettings,
 }
+# A config file may also hold a [benchmark] table. Its model, benchmark.BenchmarkSettings,
+# lives beside the profiles that fill its required fields (the CLI resolves it there).
+SECTION_NAMES = (*SECTIONS, "benchmark")
 
 
 def _range(model: type[_Section], name: str) -> str | None:
@@ -257,10 +271,11 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise SettingsError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"config file {path} cannot be read: {exc}") from None
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTION_NAMES))
     if unknown:
         raise SettingsError(
-            f"config file {path}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})"
+            f"config file {path}: unknown section [{unknown[0]}] "
+            f"(known: {', '.join(SECTION_NAMES)})"
         )
     return data
 

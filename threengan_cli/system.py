@@ -110,7 +110,8 @@ def describe() -> dict[str, object]:
         "cpu features": features,
         "bf16 on cpu": "native" if cpu_bf16() else "emulated (slow)",
         "devices": available_devices(),
-        "cuda": torch.version.cuda or "none",
+        # What torch was built with, not what this machine has ("devices" says that).
+        "torch built with CUDA": torch.version.cuda or "no (a CPU-only build)",
         "dicom": dicom,
         "data dir": str(paths.home()),
     }
