@@ -18,7 +18,7 @@ from threengan_cli.averaging import Averager, recompute_bn
 from threengan_cli.cli import app
 from threengan_cli.datasets import load_prepared
 from threengan_cli.inference import load_model
-from threengan_cli.networks import Classifier
+from threengan_cli.networks import Classifier, to_model_range
 from threengan_cli.rundata import load_run_data
 from threengan_cli.settings import RECIPES, SettingsError, TrainSettings, resolve
 
@@ -266,3 +266,36 @@ def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_pa
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert 0.2 < record["val"]["specificity"] and 0.2 < record["val"]["sensitivity"], record
+
+
+# ------------------------------------------------------------------------- paper recipe
+@pytest.mark.parametrize("method", ["vanilla", "3ngan"])
+def test_the_paper_recipe_is_the_bare_method_steps_and_nothing_more(dataset, tmp_path, method):
+    """Replay the paper's protocol by hand (seed, init, batch order, one method step per
+    batch, no averaging, augmentation or extra data) and get the loop's weights to the bit.
+    (`benchmarks/hash_runs.py --set recipe=paper` shows the same against the code of 8c54e5c.)"""
+    from threengan_cli import accel, system
+    from threengan_cli.rundata import batch_order, batches
+
+    settings = _settings(method=method, recipe="paper", size=8, epochs=2)
+    training.train(dataset, settings, tmp_path / "run")
+
+    data = load_run_data(load_prepared(dataset), settings, torch.device("cpu"))
+    cls = methods.METHODS[method]
+    system.seed_everything(settings.seed)
+    nets = cls.networks(settings, 2, data.image_size)
+    rng = accel.run_generator(settings.seed, torch.device("cpu"))
+    nets = accel.place(nets, torch.device("cpu"))
+    opts = cls.optimizers(nets, settings)
+    spans = batches(len(data.train_y), settings.batch_size)
+    for epoch in range(settings.epochs):
+        order = batch_order(settings.seed, epoch, len(data.train_y), torch.device("cpu"))
+        for lo, hi in spans:
+            idx = order[lo:hi]
+            real = to_model_range(data.train_x[idx])
+            cls.step(nets, opts, real, data.train_y[idx], settings, rng=rng)
+    saved = checkpoints.load(tmp_path / "run" / "last.safetensors")
+    for name, net in nets.items():
+        mine = net.state_dict()
+        theirs = saved.group(f"net/{name}")
+        assert all(torch.equal(mine[k].contiguous(), theirs[k]) for k in mine), name
