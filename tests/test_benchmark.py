@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, report, training
+from threengan_cli import benchmark, grid, report, training
 from threengan_cli import settings as settings_mod
 from threengan_cli.cli import app
 from threengan_cli.methods import METHODS
@@ -384,7 +384,7 @@ def test_the_eta_counts_each_epoch_s_evaluation_as_well_as_its_steps():
     assert small.work(0) == 8 * 20 * METHODS["vanilla"].step_ms
     evaluated = 523 + 624
     assert small.work(evaluated) == pytest.approx(
-        8 * (20 * METHODS["vanilla"].step_ms + evaluated * benchmark.EVAL_MS_PER_IMAGE)
+        8 * (20 * METHODS["vanilla"].step_ms + evaluated * grid.EVAL_MS_PER_IMAGE)
     )
     # measured on the 2-core CPU: 13 s and 148 s; counting evaluation brings the estimated
     # ratio from 32x to 14x

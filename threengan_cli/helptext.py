@@ -21,7 +21,7 @@ _MODELS = {
     "train": ("settings.py", "TrainSettings"),
     "classify": ("settings.py", "ClassifySettings"),
     "generate": ("settings.py", "GenerateSettings"),
-    "benchmark": ("benchmark.py", "BenchmarkSettings"),
+    "benchmark": ("grid.py", "BenchmarkSettings"),
 }
 _MISSING = object()
 
@@ -29,7 +29,7 @@ _MISSING = object()
 @cache
 def _defaults(module: str, cls: str) -> dict[str, Any]:
     """Field name -> default of the class ``cls`` in ``module``; fields without one left out."""
-    # Only the class's own lines are parsed: the whole of benchmark.py takes ~40 ms.
+    # Only the class's own lines are parsed: the whole of grid.py takes tens of ms.
     lines = (_HERE / module).read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"class {cls}("))
     end = next(

@@ -285,6 +285,8 @@ def _pp(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+# Over 80 lines: the report's sections one after another, each a few table rows; split into
+# functions it would read the same, with the ``results`` plumbing repeated in each.
 def report_markdown(results: dict[str, Any]) -> str:
     """The Markdown report: accuracy beside the paper's Table 1, every metric with its 95%
     interval, stability and the transductive column, and the paired differences."""
