@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from threengan_cli import fileio
+from threengan_cli import fileio, system
 from threengan_cli.images import grid_png
 from threengan_cli.inference import Model
 from threengan_cli.networks import from_model_range
@@ -67,7 +67,7 @@ def latents(seed: int, start: int, stop: int, latent: int) -> torch.Tensor:
     """z of images ``start..stop-1`` (CPU, float32), a pure function of (seed, index)."""
     parts = []
     for block in range(start // Z_BLOCK, math.ceil(stop / Z_BLOCK)):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        gen = torch.Generator().manual_seed(system.stream_seed(seed, block))
         z = torch.randn(Z_BLOCK, latent, generator=gen)
         lo = max(start - block * Z_BLOCK, 0)
         hi = min(stop - block * Z_BLOCK, Z_BLOCK)

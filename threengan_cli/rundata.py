@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threengan_cli import paths
+from threengan_cli import paths, system
 from threengan_cli.datasets import PreparedDataset, balanced_subset, load_prepared
 from threengan_cli.images import ImageReadError, is_image_file, load_image
 from threengan_cli.settings import TrainSettings
@@ -21,7 +21,7 @@ class DataError(Exception):
 
 def batch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
     """The permutation of epoch ``epoch``: a pure function of (seed, epoch), so resume is exact."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed(system.stream_seed(seed, epoch))
     return torch.randperm(n, generator=gen).to(device)
 
 

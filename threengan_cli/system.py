@@ -115,3 +115,11 @@ def describe() -> dict[str, object]:
         "dicom": dicom,
         "data dir": str(paths.home()),
     }
+
+
+def stream_seed(seed: int, index: int, offset: int = 0) -> int:
+    """The seed of sub-stream ``index`` (an epoch's batch order, a block of latents) of
+    something seeded ``seed``; ``offset`` separates kinds of streams. A pure function, so a
+    resumed run or a second call draws the same numbers; distinct for every (seed, index)
+    with fewer than 1,000,003 indices."""
+    return seed * 1_000_003 + index + offset

@@ -425,7 +425,7 @@ def _epoch_indices(loop: Loop, epoch: int) -> torch.Tensor | None:
     pool = loop.data.unlabelled
     if pool is None:
         return None
-    gen = torch.Generator().manual_seed(loop.settings.seed * 1_000_003 + epoch + 500_009)
+    gen = torch.Generator().manual_seed(system.stream_seed(loop.settings.seed, epoch, 500_009))
     shape = (len(loop.spans), loop.settings.batch_size)
     return torch.randint(0, len(pool), shape, generator=gen).to(loop.device)
 
