@@ -351,6 +351,8 @@ def scan(source: Path) -> _Source:
         raise DatasetError(f"{source} does not exist")
     if source.is_dir():
         return _scan_folder(source)
+    if not source.is_file():  # a FIFO or a device would hang or never end
+        raise DatasetError(f"{source} is not a regular file, a folder, a .npz or a .csv")
     suffix = source.suffix.lower()
     if suffix == ".npz":
         return _scan_npz(source)
@@ -360,9 +362,12 @@ def scan(source: Path) -> _Source:
 
 
 # ------------------------------------------------------------------------------ decoding
-def _init_worker(max_pixels: int | None) -> None:
+def _init_worker(max_pixels: int | None, parent: int) -> None:
     from PIL import Image
 
+    from threengan_cli.workers import die_with_parent
+
+    die_with_parent(parent)
     Image.MAX_IMAGE_PIXELS = max_pixels  # the parent's limit, also under spawn/forkserver
 
 
@@ -392,7 +397,7 @@ def _decode_files(
     # at the end; results come back in order.
     chunksize = max(1, min(64, total // (workers * 8)))
     executor = ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,)
+        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS, os.getpid())
     )
     try:
         for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):

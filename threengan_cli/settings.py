@@ -19,6 +19,7 @@ Fit = Literal["squash", "crop", "pad"]
 Method = Literal["vanilla", "sgan", "ecgan", "3ngan"]
 Precision = Literal["fp32", "bf16", "fp16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
+MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
 class SettingsError(ValueError):
@@ -159,12 +160,24 @@ def read_config(path: Path | None) -> dict[str, Any]:
     """Read a TOML settings file; a missing or malformed file is a SettingsError."""
     if path is None:
         return {}
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"config file {path} is not a regular file")
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise SettingsError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise SettingsError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SettingsError(f"config file {path} line {line} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} cannot be read: {exc}") from None
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
