@@ -125,6 +125,36 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _os_failure(exc: OSError, doing: str, resume: Path | None = None) -> str:
+    """One line for an OS error (full disk, read-only or missing folder...)."""
+    import errno
+
+    what = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free some space"
+        if resume is not None:
+            hint += f", then continue with: threengan train --resume {resume}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
+    return f"{doing} failed: {what}{where}{hint}"
+
+
+def _lock_or_exit(stack, folder: Path, what: str = "run") -> None:
+    """Take ``folder``'s writer lock into ``stack``, or exit 1 saying who holds it."""
+    from threengan_cli import runs
+
+    try:
+        stack.enter_context(runs.lock(folder, what))
+    except runs.RunLocked as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(_os_failure(exc, f"creating {folder}"))
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
@@ -605,9 +635,9 @@ def train(
 
       threengan train --resume van-1000-s1 --epochs 150   [dim]# continue or extend a run[/]
     """
-    import json as json_mod
+    import contextlib
 
-    from threengan_cli import paths
+    from threengan_cli import paths, runs
 
     flags = {
         "method": method,
@@ -625,10 +655,11 @@ def train(
         "precision": precision,
         "cuda_graphs": cuda_graphs,
     }
+    # The run folder is locked before it is looked at, so that two commands cannot both
+    # find it free (or both resume it) and then write into it together.
+    held = contextlib.ExitStack()
     if resume is not None:
         run_dir = paths.resolve_run(resume)
-        if not (run_dir / "settings.json").is_file():
-            fail(f"no run to resume at {run_dir}", EXIT_USAGE)
         changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
         if changed or config is not None or dataset is not None:
             fail(
@@ -636,8 +667,25 @@ def train(
                 f"be given (got {', '.join(changed) or 'a dataset or --config'})",
                 EXIT_USAGE,
             )
-        saved = json_mod.loads((run_dir / "settings.json").read_text())
-        run_meta = json_mod.loads((run_dir / "run.json").read_text())
+        state = runs.state(run_dir)
+        if state == "unstarted":
+            fail(
+                f"the run at {run_dir} was stopped before it had started (no {runs.RUN}); "
+                f"start it again in place: threengan train DATASET --out {run_dir}",
+                EXIT_USAGE,
+            )
+        if state not in ("started", "resumable", "finished", "failed"):
+            fail(f"no run to resume at {run_dir}", EXIT_USAGE)
+        _lock_or_exit(held, run_dir)
+        try:
+            saved = runs.read_json(run_dir / runs.SETTINGS)
+            run_meta = runs.read_json(run_dir / runs.RUN)
+        except runs.RunError as exc:
+            fail(str(exc))
+        if not isinstance(saved, dict) or not isinstance(run_meta, dict):
+            fail(f"{run_dir}: {runs.SETTINGS} and {runs.RUN} must hold JSON objects")
+        if not isinstance(run_meta.get("dataset"), str):
+            fail(f"{run_dir / runs.RUN} does not name the run's dataset")
         if epochs is not None:
             saved["epochs"] = epochs
         cfg = settings_or_exit("train", None, **saved)
@@ -654,7 +702,15 @@ def train(
                 EXIT_USAGE,
             )
         run_dir = _run_dir_for(dataset, cfg, name, out_dir)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not run_dir.is_dir():
+            fail(f"{run_dir} is a file, not a run folder", EXIT_USAGE)
+        if runs.holds_run(run_dir):
+            fail(
+                f"{run_dir} already holds a run: use --resume {run_dir} or another --name",
+                EXIT_USAGE,
+            )
+        _lock_or_exit(held, run_dir)
+        if runs.holds_run(run_dir):  # made by another command between the check and the lock
             fail(
                 f"{run_dir} already holds a run: use --resume {run_dir} or another --name",
                 EXIT_USAGE,
@@ -666,16 +722,26 @@ def train(
 
     view = _TrainView(quiet)
     try:
-        summary = training.train(
-            dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
-        )
+        with held:
+            summary = training.train(
+                dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
+            )
     except training.Interrupted as exc:
         view.close()
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except (training.TrainingError, CheckpointError, DatasetError, ValueError) as exc:
+    except (
+        training.TrainingError,
+        CheckpointError,
+        DatasetError,
+        runs.RunError,
+        ValueError,
+    ) as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:
+        view.close()
+        fail(_os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
     finally:
         view.close()
     if summary.get("extended"):
@@ -1404,10 +1470,16 @@ def benchmark(
         if len(args) < 2 or out_dir is None:
             fail("merge needs the benchmark folders to join and --out DIR", EXIT_USAGE)
         target = out_dir
-        try:
-            results = bench.merge([Path(a) for a in args[1:]], target)
-        except bench.BenchmarkError as exc:
-            fail(str(exc))
+        import contextlib
+
+        with contextlib.ExitStack() as held:
+            _lock_or_exit(held, target, "benchmark folder")
+            try:
+                results = bench.merge([Path(a) for a in args[1:]], target)
+            except bench.BenchmarkError as exc:
+                fail(str(exc))
+            except OSError as exc:
+                fail(_os_failure(exc, f"writing {target}"))
     else:
         if len(args) > 1:
             fail(
@@ -1442,16 +1514,21 @@ def benchmark(
             )
         target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
 
-        from threengan_cli import training
+        import contextlib
+
+        from threengan_cli import runs, training
         from threengan_cli.checkpoints import CheckpointError
         from threengan_cli.datasets import DatasetError
 
         view = _BenchView(quiet)
         hint = f"finished runs are kept in {target}; run the same command again to resume"
+        held = contextlib.ExitStack()
+        _lock_or_exit(held, target, "benchmark folder")
         try:
-            results = bench.run(
-                dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
-            )
+            with held:
+                results = bench.run(
+                    dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
+                )
         except (training.Interrupted, KeyboardInterrupt):
             view.close()
             note(f"interrupted: {hint}")
@@ -1461,9 +1538,13 @@ def benchmark(
             training.TrainingError,
             CheckpointError,
             DatasetError,
+            runs.RunError,
         ) as exc:
             view.close()
             fail(str(exc))
+        except OSError as exc:
+            view.close()
+            fail(_os_failure(exc, f"writing {target}") + f" ({hint})")
         finally:
             view.close()
         if shard_ij[1] > 1 and not quiet:

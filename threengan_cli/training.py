@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from threengan_cli import checkpoints, fileio, system
+from threengan_cli import checkpoints, fileio, runs, system
 from threengan_cli import settings as settings_mod
 from threengan_cli.datasets import PreparedDataset, balanced_subset, load_prepared
 from threengan_cli.methods import METHODS
@@ -39,7 +39,7 @@ from threengan_cli.metrics import classification_metrics
 from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
-LAST, BEST = "last.safetensors", "best.safetensors"
+LAST, BEST = runs.LAST, runs.BEST
 NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
 SAMPLE_GRID = 64
 
@@ -366,10 +366,7 @@ def stop_requests():
 
 
 def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["epoch"] <= upto_epoch]
+    return runs.read_metrics(path, upto_epoch)  # a damaged line: a RunError naming it
 
 
 # ------------------------------------------------------------------------------- data
@@ -428,6 +425,7 @@ def place(nets: dict[str, torch.nn.Module], device: torch.device) -> dict[str, t
 
 
 # ------------------------------------------------------------------------------- loop
+@runs.writes_run
 def train(
     dataset_path: Path,
     settings: TrainSettings,
