@@ -26,11 +26,12 @@ from threengan_cli.methods import METHODS
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
+    check_finite,
+    check_meta,
+    check_shapes,
     file_id,
     resolve_checkpoint,
 )
-from threengan_cli.modelfile import meta_value as _meta_value
-from threengan_cli.settings import TrainSettings
 
 __all__ = ["Model", "ModelError", "ModelNotFound", "classifier_of", "load_model"]
 
@@ -105,21 +106,28 @@ def load_model(
     except checkpoints.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     meta = ckpt.meta
-    method = _meta_value(meta, "method", path)
-    if method not in METHODS:
-        raise ModelError(f"{path}: unknown method {method!r} (known: {', '.join(METHODS)})")
-    classes = [str(c) for c in _meta_value(meta, "classes", path)]
-    image_size = int(_meta_value(meta, "image_size", path))
-    channels = int(meta.get("channels", 1))
-    try:
-        settings = TrainSettings.model_validate(_meta_value(meta, "settings", path))
-    except ValueError as exc:
-        raise ModelError(f"{path}: settings in the metadata are not valid ({exc})") from None
-
-    built = METHODS[method].networks(settings, len(classes), image_size, channels)
-    nets = {name: net for name, net in built.items() if name in ckpt.network_names}
-    if not nets:
+    # Everything the networks are built from is checked, and each tensor's shape compared
+    # with a build on the "meta" device (shapes only, no memory), before anything is
+    # allocated: damaged or hostile metadata could otherwise ask for any size.
+    spec = check_meta(meta, path)
+    method, classes, image_size = spec["method"], spec["classes"], spec["image_size"]
+    settings = spec["settings"]
+    with torch.device("meta"):
+        shapes = METHODS[method].networks(settings, len(classes), image_size, spec["channels"])
+    present = [name for name in shapes if name in ckpt.network_names]
+    if not present:
         raise ModelError(f"{path} holds no network weights")
+    for name in present:
+        found = {k: tuple(v.shape) for k, v in ckpt.group(f"net/{name}").items()}
+        expected = {k: tuple(v.shape) for k, v in shapes[name].state_dict().items()}
+        check_shapes(found, expected, f"{path} (network {name})")
+        check_finite(
+            {k: v.float().numpy() for k, v in ckpt.group(f"net/{name}").items()},
+            f"{path} (network {name})",
+        )
+    # Only the networks the file holds, with memory for exactly what it holds; every
+    # parameter and buffer is then filled from it (a strict load).
+    nets = {name: shapes[name].to_empty(device="cpu") for name in present}
     try:
         checkpoints.restore_networks(ckpt, nets)
     except checkpoints.CheckpointError as exc:
@@ -136,7 +144,7 @@ def load_model(
         nets=nets,
         classes=classes,
         image_size=image_size,
-        fit=str(meta.get("fit", "squash")),
+        fit=spec["fit"],
         model_id=file_id(path),
         meta=meta,
         device=torch_device,

@@ -101,11 +101,20 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         method = str(modelfile.meta_value(meta, "method", path))
         return f"net/{_classifier(method)[0]}/"
 
+    def classifier_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """What the metadata's classifier holds: checked before any weight is read."""
+        spec = modelfile.check_meta(meta, path)
+        extra = 1 if _classifier(spec["method"])[1] == -1 else 0  # sgan's "fake" logit
+        width, size = spec["settings"].width, spec["image_size"]
+        outputs = len(spec["classes"]) + extra
+        return modelfile.headed_shapes(outputs, width, size, spec["channels"])
+
     try:
-        meta, weights, keys = modelfile.read_arrays(path, classifier_prefix)
+        meta, weights, keys = modelfile.read_arrays(path, classifier_prefix, classifier_shapes)
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
-    method = str(meta["method"])
+    spec = modelfile.check_meta(meta, path)
+    method = spec["method"]
     name, keep = _classifier(method)
     if not weights:
         held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith("net/")}))
@@ -113,11 +122,12 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
             f"{modelfile.file_id(path)} holds no weights for {name} (it has {held or 'none'}); "
             "use a checkpoint of a run that trained that network"
         )
+    modelfile.check_finite(weights, f"{path} (network {name})")
     return NumpyClassifier(
         method=method,
-        classes=[str(c) for c in modelfile.meta_value(meta, "classes", path)],
-        image_size=int(modelfile.meta_value(meta, "image_size", path)),
-        fit=str(meta.get("fit", "squash")),
+        classes=spec["classes"],
+        image_size=spec["image_size"],
+        fit=spec["fit"],
         model_id=modelfile.file_id(path),
         path=path,
         layers=_layers(weights, path),
