@@ -370,7 +370,11 @@ def prepare(
             report = run_prepare(source, target, cfg, force=force)
     except DatasetError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(_os_failure(exc, f"preparing {target}"))
 
+    for path, reason in report.label_conflicts[:MAX_LISTED]:
+        warn(f"label conflict {path}: {reason}")
     for path, reason in report.skipped[:MAX_LISTED]:
         warn(f"skipped {path}: {reason}")
     if len(report.skipped) > MAX_LISTED:
@@ -402,6 +406,11 @@ def prepare(
             f"train/val images also in test (removed): {len(report.leakage_removed)}"
         )
         note(f"wrote {report.path} in {report.seconds:.1f} s")
+    if report.label_conflicts:
+        warn(
+            f"{len(report.label_conflicts)} images carry two labels (label conflicts); "
+            "their train/val copies were removed"
+        )
     if report.skipped:
         warn(f"{len(report.skipped)} files skipped ({len(report.unreadable)} unreadable images)")
 

@@ -193,8 +193,16 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     Flags whose value is ``None`` were not given and leave the file's value in place.
     """
     model = SECTIONS[section]
-    values = dict(read_config(config).get(section, {}))
-    values.update({k: v for k, v in flags.items() if v is not None})
+    from_file = read_config(config).get(section, {})
+    if not isinstance(from_file, dict):
+        raise SettingsError(f"config file {config}: [{section}] must be a table of settings")
+    # A file's values are taken as written, strictly: `epochs = true` or `tau = "0.9"` is an
+    # error there, not 1 or 0.9 (flags arrive typed by the command line already).
+    try:
+        model.model_validate(from_file, strict=True)
+    except ValidationError as exc:
+        raise SettingsError(f"config file {config}: {_explain(exc, section)}") from None
+    values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
     try:
         return model(**values)
     except ValidationError as exc:
