@@ -240,3 +240,40 @@ def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
 def test_run_folder_names_have_one_owner():
     assert training.LAST is runs.LAST and training.BEST is runs.BEST
     assert Path(runs.LAST).suffix == ".safetensors"
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
+    dataset, tmp_path, monkeypatch
+):
+    import errno
+
+    from threengan_cli import checkpoints
+
+    args = [str(dataset), "--width", "4", "--batch-size", "4", "--epochs", "2"]
+    args += ["--device", "cpu", "--seed", "5", "-q"]
+    assert runner.invoke(app, ["train", *args, "--out", str(tmp_path / "whole")]).exit_code == 0
+
+    real, writes = checkpoints.fileio.write_bytes, []
+
+    def full_at_second_last(path, data):
+        if Path(path).name == runs.LAST:
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoints.fileio, "write_bytes", full_at_second_last)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", *args, "--out", str(run)])
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    monkeypatch.setattr(checkpoints.fileio, "write_bytes", real)
+    assert runner.invoke(app, ["train", "--resume", str(run), "-q"]).exit_code == 0
+
+    def numbers(folder):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+            for r in runs.read_metrics(folder / runs.METRICS)
+        ]
+
+    assert numbers(run) == numbers(tmp_path / "whole")

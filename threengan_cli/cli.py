@@ -163,9 +163,35 @@ def note(message: str) -> None:
     err.print(message, soft_wrap=True)
 
 
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so that nothing more (not even the flush at exit) is
+    written to a pipe whose reader has gone or to a full disk."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's)
+        pass
+
+
+def reader_gone() -> NoReturn:
+    """stdout's reader has gone (``threengan classify ... | head -1``): stop quietly with
+    exit 0, as Python's own tools do, rather than report a failure."""
+    _stdout_gone()
+    raise typer.Exit(EXIT_OK)
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
+    except OSError as exc:
+        _stdout_gone()
+        fail(_os_failure(exc, "writing to stdout"))
 
 
 def settings_or_exit(section: str, config: Path | None, **flags: Any):
@@ -1073,6 +1099,7 @@ def classify(
                 consume(fh)
         else:
             consume(sys.stdout)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         view.close()
         kept = f"; nothing written to {output}" if output is not None else ""
@@ -1081,6 +1108,16 @@ def classify(
     except ModelError as exc:
         view.close()
         fail(str(exc))
+    except BrokenPipeError:
+        view.close()
+        reader_gone()
+    except OSError as exc:  # a full disk under -o or under a redirected stdout
+        view.close()
+        if output is None:
+            _stdout_gone()
+        where = output if output is not None else "stdout"
+        kept = f"; nothing written to {output}" if output is not None else ""
+        fail(_os_failure(exc, f"writing the results to {where}") + kept)
     finally:
         view.close()
 
@@ -1585,6 +1622,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPT)
+    except OSError as exc:  # a last guard: an OS error the command did not expect
+        _stdout_gone()
+        sys.stderr.write(f"error: {_os_failure(exc, 'threengan')}\n")
+        sys.exit(EXIT_FAIL)
 
 
 if __name__ == "__main__":
