@@ -65,10 +65,14 @@ def test_the_next_write_removes_temporaries_of_a_dead_writer_only(tmp_path, umas
     assert not stale_file.exists()
     assert busy.exists()  # its writer still runs
     assert other_host.exists()  # another machine's, and young
-    assert stale_dir.exists()  # a different name: its own writer's next run cleans it
-    with fileio.atomic_dir(tmp_path / "ds") as tmp:
-        (tmp / "x").write_text("1")
-    assert not stale_dir.exists() and (tmp_path / "ds" / "x").read_text() == "1"
+    assert not stale_dir.exists()  # any name: its pid says it is ours and dead
+    legacy = tmp_path / ".notes.txt.abcd1234.tmp"  # no pid: another program's, perhaps
+    legacy.write_text("x")
+    os.utime(legacy, (0, 0))
+    fileio.write_text(tmp_path / "out.csv", "again")
+    assert legacy.exists()
+    fileio.write_text(tmp_path / "notes.txt", "mine")
+    assert not legacy.exists()  # the target's own name, and a day old
 
 
 def test_a_folder_moved_aside_by_a_killed_replace_comes_back(tmp_path):
@@ -101,3 +105,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         fileio.write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_a_prepared_dataset_follows_the_umask_too(tmp_path, umask_022):
+    from image_factory import class_tree
+
+    from threengan_cli.datasets import prepare
+    from threengan_cli.settings import PrepareSettings
+
+    src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
+    out = tmp_path / "ds"
+    prepare(src, out, PrepareSettings(image_size=16, workers=1))
+    assert mode(out) == 0o755
+    assert {p.name: mode(p) for p in out.iterdir()} == {
+        "data.safetensors": 0o644,
+        "manifest.json": 0o644,
+        "settings.json": 0o644,
+    }

@@ -1229,6 +1229,9 @@ def generate(
     except ModelError as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
+        view.close()
+        fail(_os_failure(exc, f"writing {out_dir or grid}"))
     finally:
         view.close()
     if as_json:

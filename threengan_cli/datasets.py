@@ -749,6 +749,8 @@ def _write(
     try:
         with fileio.atomic_dir(out, force=force) as tmp:
             save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
+            # safetensors creates its file 0600, whatever the umask says
+            os.chmod(tmp / "data.safetensors", 0o666 & ~fileio.umask())
             # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's rows
             (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
             (tmp / "settings.json").write_text(dump(settings))

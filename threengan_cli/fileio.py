@@ -62,10 +62,12 @@ def _pid_gone(pid: int) -> bool:
 
 
 def clean_stale(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove temporaries in ``folder`` (of the target ``name``, or all) whose writer is gone.
+    """Remove temporaries in ``folder`` whose writer is gone; returns what was removed.
 
-    A temporary of this machine is stale once its pid no longer runs; one of another machine,
-    or without a pid, once it is :data:`STALE_AFTER_S` old. Returns what was removed."""
+    A temporary of this machine is stale once its pid no longer runs; one of another machine
+    once it is :data:`STALE_AFTER_S` old. Names without a pid (written by an older
+    threengan, or perhaps by another program) are removed only when they belong to the
+    target ``name`` and are that old."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -74,9 +76,11 @@ def clean_stale(folder: Path, name: str | None = None) -> list[Path]:
     tag, now = _host_tag(), time.time()
     for entry in entries:
         found = _TEMP.match(entry.name) or _OLD.match(entry.name)
-        if not found or (name is not None and found["name"] != name):
+        if not found:
             continue
         pid = found["pid"]
+        if pid is None and found["name"] != name:
+            continue
         if pid is not None and found.groupdict().get("host", tag) == tag:
             stale = int(pid) != os.getpid() and _pid_gone(int(pid))
         else:
