@@ -139,3 +139,15 @@ def test_decode_workers_die_with_their_parent(module, factory, make, sig):
     finally:
         parent.kill()
         parent.wait()
+
+
+@needs_dev_zero
+def test_a_device_or_fifo_as_checkpoint_is_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from threengan_cli.cli import app
+
+    image = write_image(tmp_path / "x.png")
+    for bad in (DEV_ZERO, make_fifo(tmp_path / "m.safetensors")):
+        result = CliRunner().invoke(app, ["classify", str(image), "--checkpoint", str(bad)])
+        assert result.exit_code == 2 and "not a regular file" in result.output

@@ -277,3 +277,11 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
         ]
 
     assert numbers(run) == numbers(tmp_path / "whole")
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(dataset, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(blocker / "run"), *TINY])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: creating") and result.output.count("\n") == 1

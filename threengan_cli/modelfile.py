@@ -287,6 +287,8 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
         checkpoint = Path(checkpoint).expanduser()
         if checkpoint.is_dir():  # a run folder passed as a checkpoint: take its best
             return resolve_checkpoint(run=str(checkpoint))
+        if checkpoint.exists() and not checkpoint.is_file():  # a FIFO, /dev/zero...
+            raise ModelNotFound(f"{checkpoint} is not a regular file, not a checkpoint")
         if not checkpoint.is_file():
             raise ModelNotFound(f"checkpoint not found: {checkpoint}")
         return checkpoint
