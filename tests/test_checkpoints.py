@@ -146,7 +146,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoints.CheckpointError, match="cannot write checkpoint .*disk full"):
         checkpoints.save(path, {"n": 2}, _nets())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

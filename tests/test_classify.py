@@ -7,6 +7,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,6 +134,14 @@ def hostile(monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", guarded_open)
+    real_os_open = os.open
+
+    def guarded_os_open(file, flags, *args, **kwargs):
+        if str(file).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_os_open)
 
 
 def test_every_kind_of_bad_file_gives_an_error_row_and_the_rest_are_classified(

@@ -142,7 +142,7 @@ def test_permission_denied_is_a_reason(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("builtins.open", denied)
+    monkeypatch.setattr("threengan_cli.images.os.open", denied)
     with pytest.raises(ImageReadError, match="permission denied"):
         load_image(path, 8)
 

@@ -193,7 +193,7 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path)
     prepare(src, tmp_path / "ds", settings())
     with pytest.raises(DatasetError, match="already exists"):
         prepare(src, tmp_path / "ds", settings())
-    class_tree(src, {"c": 2})
+    class_tree(src, {"c": 2}, seed=500)  # pixels of its own
     report = prepare(src, tmp_path / "ds", settings(), force=True)
     assert report.classes == ["a", "b", "c"] and load_prepared(tmp_path / "ds").classes[2] == "c"
     (tmp_path / "mine").mkdir()

@@ -127,7 +127,7 @@ def test_bad_source_and_refusal_exit_1_with_one_line(tmp_path):
     result = run("prepare", src, "--out", tmp_path / "ds", "--workers", "1")
     assert result.exit_code == 1 and "only one class" in result.stderr
     assert "Traceback" not in result.output
-    src = class_tree(tmp_path / "src", {"other": 2})
+    src = class_tree(tmp_path / "src", {"other": 2}, seed=500)  # not the same pixels
     assert run("prepare", src, "--out", tmp_path / "ds", "--workers", "1").exit_code == 0
     again = run("prepare", src, "--out", tmp_path / "ds", "--workers", "1")
     assert again.exit_code == 1 and "--force" in again.stderr

@@ -187,7 +187,7 @@ def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(datas
     last = checkpoints.load(run / "last.safetensors")
     assert last.meta["weights"] == "use" and last.weights_prefix == "use"
     assert set(last.network_names) == {"C", "G"}  # what a model is used through; no D
-    assert last.meta["classifier"] == {"network": "C", "logits": 2}
+    assert last.meta["classifier"] == {"network": "C", "logits": 2, "outputs": 2}
     raw, used = last.group("net/C"), last.group("use/C")
     assert any(not torch.equal(raw[k], used[k]) for k in raw)
     # the test column of the summary is what a user of the saved weights gets

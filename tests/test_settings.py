@@ -73,3 +73,39 @@ def test_patient_pattern_must_compile_with_a_group():
     with pytest.raises(SettingsError, match="capturing group"):
         resolve("prepare", patient_pattern=r"\d+")
     assert resolve("prepare", patient_pattern=r"p(\d+)_").patient_pattern == r"p(\d+)_"
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("epochs = true", "train.epochs"),
+        ('tau = "0.9"', "train.tau"),
+        ("epochs = 2.0", "train.epochs"),
+        ("cuda_graphs = 1", "train.cuda_graphs"),
+        ("size = false", "train.size"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_refused_not_converted(tmp_path, line, field):
+    config = tmp_path / "c.toml"
+    config.write_text(f"[train]\n{line}\n")
+    with pytest.raises(SettingsError, match=rf"c\.toml: {field}: "):
+        resolve("train", config)
+
+
+def test_a_config_file_number_for_a_float_setting_is_fine(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\ntau = 1\nlr = 0.001\n")
+    assert resolve("train", config).tau == 1.0
+
+
+def test_a_non_utf8_or_oversized_config_or_a_section_that_is_no_table_is_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"[train]\nepochs = 3\nname = \"caf\xe9\"\n")
+    with pytest.raises(SettingsError, match="line 3 is not UTF-8 text"):
+        resolve("train", config)
+    config.write_text("train = 3\n")
+    with pytest.raises(SettingsError, match=r"\[train\] must be a table"):
+        resolve("train", config)
+    config.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(SettingsError, match="larger than"):
+        resolve("train", config)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from threengan_cli import fileio, system
+from pydantic import ValidationError
+
+from threengan_cli import fileio, runs, system
 from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
     ABLATIONS,
     LADDER,
@@ -167,9 +169,9 @@ class _Clock:
 # ---------------------------------------------------------------------------- run folders
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BenchmarkError(f"{path} cannot be read ({exc})") from None
+        return runs.read_json(path)
+    except runs.RunError as exc:  # names the file and the line
+        raise BenchmarkError(str(exc)) from None
 
 
 def _same_dataset(a: str | Path, b: str | Path) -> bool:
@@ -266,13 +268,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         record.update(status="failed", error=_read_json(run_dir / "failed.json").get("error"))
         return record
     summary = _read_json(run_dir / "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("test"), dict):
+        raise BenchmarkError(f"{run_dir / 'summary.json'} holds no test metrics")
     epochs = []
     metrics_path = run_dir / "metrics.jsonl"
-    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-    for line in lines:
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    try:
+        records = runs.read_metrics(metrics_path)
+    except runs.RunError as exc:
+        raise BenchmarkError(str(exc)) from None
+    for rec in records:
         epochs.append(
             {
                 "epoch": rec["epoch"],
@@ -489,7 +493,11 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
         if not manifest_path.is_file():
             raise BenchmarkError(f"{d} is not a benchmark folder (no benchmark.json)")
         manifest = _read_json(manifest_path)
-        this = BenchmarkSettings(**manifest["settings"])
+        try:
+            this = BenchmarkSettings(**manifest["settings"])
+        except (KeyError, TypeError, ValidationError) as exc:
+            first = str(exc).splitlines()[0]
+            raise BenchmarkError(f"{manifest_path} holds no valid settings ({first})") from None
         if cfg is None:
             cfg, dataset = this, manifest.get("dataset")
         else:

@@ -31,7 +31,16 @@ import torch
 from torch import nn
 
 from threengan_cli import fileio
-from threengan_cli.modelfile import FORMAT_VERSION, CheckpointError, check_file, parse_meta
+from threengan_cli.modelfile import (
+    DIGEST_KEY,
+    FORMAT_VERSION,
+    CheckpointError,
+    check_file,
+    digest_group,
+    parse_meta,
+    tensor_digest,
+    verify_digest,
+)
 from threengan_cli.modelfile import META_KEY as _META_KEY
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "load", "save"]
@@ -113,8 +122,29 @@ def save(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {**meta, "format_version": FORMAT_VERSION, "optimizers": opt_meta}
     with host_work or nullcontext():
+        header[DIGEST_KEY] = digests(tensors)
         blob = st_save(tensors, metadata={_META_KEY: json.dumps(header, default=str)})
-        fileio.write_bytes(Path(path), blob)
+        try:
+            fileio.write_bytes(Path(path), blob)
+        except OSError as exc:  # a full disk: the previous file is still whole
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous one, if "
+                "any, is kept)"
+            ) from None
+
+
+def _entries(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Tensors by checksum group as (name, shape, raw bytes) entries."""
+    groups: dict[str, list] = {}
+    for key, value in tensors.items():
+        raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        groups.setdefault(digest_group(key), []).append((key, tuple(value.shape), raw))
+    return groups
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of each group of tensors (see :func:`modelfile.tensor_digest`)."""
+    return {group: tensor_digest(entries) for group, entries in _entries(tensors).items()}
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -132,6 +162,14 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
             f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
         ) from None
     meta = parse_meta(raw, path)
+    for group, entries in _entries(tensors).items():
+        verify_digest(meta, group, entries, path)
+    saved = meta.get(DIGEST_KEY)
+    if isinstance(saved, dict):
+        held = {digest_group(k) for k in tensors}
+        gone = sorted(set(saved) - held)
+        if gone:
+            raise CheckpointError(f"{path}: its {gone[0]} tensors are missing (damaged file)")
     return Checkpoint(meta=meta, tensors=tensors, path=path)
 
 

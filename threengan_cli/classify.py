@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import os
-import signal
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from threengan_cli import images
+from threengan_cli.workers import die_with_parent
 
 if TYPE_CHECKING:
     from threengan_cli.inference import Model
@@ -143,10 +143,11 @@ def _walk(folder: str, recursive: bool, seen: set[str], subfolders: list[str]) -
 
 
 # ----------------------------------------------------------------------------- decoding
-def _init_worker(max_image_pixels: int | None) -> None:
-    # Ctrl+C is the main process's to handle; the pixel limit travels here explicitly because
-    # a freshly started worker would otherwise use Pillow's default.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(max_image_pixels: int | None, parent: int) -> None:
+    # Ctrl+C is the main process's to handle (die_with_parent ignores it here); the pixel
+    # limit travels here explicitly because a freshly started worker would otherwise use
+    # Pillow's default.
+    die_with_parent(parent)
     Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
@@ -184,7 +185,7 @@ def _executor(workers: int) -> Executor:
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(Image.MAX_IMAGE_PIXELS,),
+        initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
     )
 
 

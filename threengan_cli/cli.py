@@ -126,6 +126,18 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     raise typer.Exit(code)
 
 
+def lock_or_exit(stack, folder: Path, what: str = "run") -> None:
+    """Take ``folder``'s writer lock into ``stack``, or exit 1 saying who holds it."""
+    from threengan_cli import runs
+
+    try:
+        stack.enter_context(runs.lock(folder, what))
+    except runs.RunLocked as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(views.os_failure(exc, f"creating {folder}"))
+
+
 def settings_or_exit(section: str, config: Path | None, **flags: Any):
     from threengan_cli.settings import SettingsError, resolve
 
@@ -190,6 +202,13 @@ def _prepare_target(source: Path, name: str | None, out_dir: Path | None) -> Pat
 
 def _prepare_notes(report, quiet: bool) -> None:
     """What prepare did besides the table: skipped files, empty splits, val, duplicates."""
+    for path, reason in report.label_conflicts[:MAX_LISTED]:
+        warn(f"label conflict {path}: {reason}")
+    if report.label_conflicts:
+        warn(
+            f"{len(report.label_conflicts)} images carry two labels (label conflicts); "
+            "their train/val copies were removed"
+        )
     if quiet:
         return
     for path, reason in report.skipped[:MAX_LISTED]:
@@ -333,6 +352,9 @@ def prepare(
     except DatasetError as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:
+        view.close()
+        fail(views.os_failure(exc, f"preparing {target}"))
     finally:
         view.close()
 
@@ -523,6 +545,9 @@ def generate(
     except ModelError as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
+        view.close()
+        fail(views.os_failure(exc, f"writing {out_dir or grid}"))
     finally:
         view.close()
     if as_json:
@@ -546,6 +571,10 @@ def main() -> None:
     except KeyboardInterrupt:
         note("interrupted")
         sys.exit(EXIT_INTERRUPT)
+    except OSError as exc:  # a last guard: an OS error the command did not expect
+        views.stdout_gone()
+        sys.stderr.write(f"error: {views.os_failure(exc, 'threengan')}\n")
+        sys.exit(EXIT_FAIL)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             consume(fh)
     else:
         consume(sys.stdout)
+        sys.stdout.flush()
 
 
 def _adapt_bn(inputs: list[str], model, cfg, quiet: bool) -> list[str]:
@@ -150,8 +151,7 @@ def classify(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per forward pass and per decoding job. "
-            f"{shown('classify', 'batch_size')}"
+            help=f"Images per forward pass and per decoding job. {shown('classify', 'batch_size')}"
         ),
     ] = None,
     workers: Annotated[
@@ -266,6 +266,16 @@ def classify(
     except ModelError as exc:
         view.close()
         fail(str(exc))
+    except BrokenPipeError:
+        view.close()
+        views.reader_gone()
+    except OSError as exc:  # a full disk under -o or under a redirected stdout
+        view.close()
+        if output is None:
+            views.stdout_gone()
+        where = output if output is not None else "stdout"
+        kept = f"; nothing written to {output}" if output is not None else ""
+        fail(views.os_failure(exc, f"writing the results to {where}") + kept)
     finally:
         view.close()
 

@@ -5,6 +5,7 @@ Registered on the app by ``cli``; see there for the exit codes.
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from threengan_cli.cli import (
     device_opt,
     fail,
     flag,
+    lock_or_exit,
     prepared_or_exit,
     settings_or_exit,
 )
@@ -46,16 +48,12 @@ def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> P
     return candidate
 
 
-def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool):
-    """(settings, dataset folder, run folder) of the run to continue; only --epochs may
-    change."""
-    import json
-
-    from threengan_cli import paths
+def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
+    """(settings, dataset folder, run folder) of the run to continue, its folder locked into
+    ``held`` before it is read; only --epochs may change."""
+    from threengan_cli import paths, runs
 
     run_dir = paths.resolve_run(resume)
-    if not (run_dir / "settings.json").is_file():
-        fail(f"no run to resume at {run_dir}", EXIT_USAGE)
     changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
     if changed or given_other:
         fail(
@@ -63,26 +61,50 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool):
             f"be given (got {', '.join(changed) or 'a dataset or --config'})",
             EXIT_USAGE,
         )
+    state = runs.state(run_dir)
+    if state == "unstarted":
+        fail(
+            f"the run at {run_dir} was stopped before it had started (no {runs.RUN}); "
+            f"start it again in place: threengan train DATASET --out {run_dir}",
+            EXIT_USAGE,
+        )
+    if state not in ("started", "resumable", "finished", "failed"):
+        fail(f"no run to resume at {run_dir}", EXIT_USAGE)
+    lock_or_exit(held, run_dir)
     try:
-        # Runs from before recipes existed were trained with the paper's protocol.
-        saved = {"recipe": "paper", **json.loads((run_dir / "settings.json").read_text())}
-        run_meta = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        fail(f"cannot resume {run_dir}: {exc}")
+        saved = runs.read_json(run_dir / runs.SETTINGS)
+        run_meta = runs.read_json(run_dir / runs.RUN)
+    except runs.RunError as exc:
+        fail(str(exc))
+    if not isinstance(saved, dict) or not isinstance(run_meta, dict):
+        fail(f"{run_dir}: {runs.SETTINGS} and {runs.RUN} must hold JSON objects")
+    if not isinstance(run_meta.get("dataset"), str):
+        fail(f"{run_dir / runs.RUN} does not name the run's dataset")
+    saved = {"recipe": "paper", **saved}  # runs from before recipes: the paper's protocol
     if flags["epochs"] is not None:
         saved["epochs"] = flags["epochs"]
     return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
 
 
-def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, name, out_dir):
-    """(settings, dataset folder, run folder) of a new run; an existing run is refused."""
+def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, name, out_dir, held):
+    """(settings, dataset folder, run folder) of a new run, its folder locked into ``held``;
+    an existing run is refused."""
+    from threengan_cli import runs
+
     if dataset is None:
         fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
     cfg = settings_or_exit("train", config, **flags)
     dataset_dir = prepared_or_exit(dataset)
     run_dir = _run_dir_for(dataset, cfg, name, out_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        fail(f"{run_dir} already holds a run: use --resume {run_dir} or another --name", EXIT_USAGE)
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"{run_dir} is a file, not a run folder", EXIT_USAGE)
+    taken = f"{run_dir} already holds a run: use --resume {run_dir} or another --name"
+    if runs.holds_run(run_dir):
+        fail(taken, EXIT_USAGE)
+    # Locked before it is looked at again, so that two commands cannot both find it free.
+    lock_or_exit(held, run_dir)
+    if runs.holds_run(run_dir):
+        fail(taken, EXIT_USAGE)
     return cfg, dataset_dir, run_dir
 
 
@@ -250,30 +272,41 @@ def train(
     unlabelled_off = unlabelled is not None and unlabelled.lower() == "none"
     if unlabelled_off:
         flags["unlabelled"] = None
+    held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     if resume is not None:
         given_other = config is not None or dataset is not None
-        cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other)
+        cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other, held)
     else:
-        cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir)
+        cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir, held)
         if unlabelled_off:
             cfg = cfg.model_copy(update={"unlabelled": None})
 
-    from threengan_cli import training
+    from threengan_cli import runs, training
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
     view = views.TrainView(quiet)
     try:
-        summary = training.train(
-            dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
-        )
+        with held:
+            summary = training.train(
+                dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
+            )
     except training.Interrupted as exc:
         view.close()
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except (training.TrainingError, CheckpointError, DatasetError, ValueError) as exc:
+    except (
+        training.TrainingError,
+        CheckpointError,
+        DatasetError,
+        runs.RunError,
+        ValueError,
+    ) as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:
+        view.close()
+        fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
     finally:
         view.close()
     if summary.get("extended") and not quiet:
@@ -321,15 +354,19 @@ def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
         fail(f"merge takes only DIR... --out DIR (got {', '.join(extra)})", EXIT_USAGE)
     if len(args) < 2 or out_dir is None:
         fail("merge needs the benchmark folders to join and --out DIR", EXIT_USAGE)
-    try:
-        return bench.merge([Path(a) for a in args[1:]], out_dir), out_dir
-    except bench.BenchmarkError as exc:
-        fail(str(exc))
+    with contextlib.ExitStack() as held:
+        lock_or_exit(held, out_dir, "benchmark folder")
+        try:
+            return bench.merge([Path(a) for a in args[1:]], out_dir), out_dir
+        except bench.BenchmarkError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(views.os_failure(exc, f"writing {out_dir}"))
 
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli import benchmark as bench
-    from threengan_cli import paths, training
+    from threengan_cli import paths, runs, training
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
@@ -341,17 +378,29 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
     view = views.BenchView(quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
+    held = contextlib.ExitStack()
+    lock_or_exit(held, target, "benchmark folder")
     try:
-        results = bench.run(
-            dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
-        )
+        with held:
+            results = bench.run(
+                dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
+            )
     except (training.Interrupted, KeyboardInterrupt):
         view.close()
         note(f"interrupted: {hint}")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except (bench.BenchmarkError, training.TrainingError, CheckpointError, DatasetError) as exc:
+    except (
+        bench.BenchmarkError,
+        training.TrainingError,
+        CheckpointError,
+        DatasetError,
+        runs.RunError,
+    ) as exc:
         view.close()
         fail(str(exc))
+    except OSError as exc:
+        view.close()
+        fail(views.os_failure(exc, f"writing {target}") + f" ({hint})")
     finally:
         view.close()
     if shard_ij[1] > 1 and not quiet:

@@ -96,6 +96,7 @@ class PrepareReport:
     duplicates_dropped: list[tuple[str, str]] = field(default_factory=list)
     test_duplicates: list[tuple[str, str]] = field(default_factory=list)
     leakage_removed: list[tuple[str, str]] = field(default_factory=list)
+    label_conflicts: list[tuple[str, str]] = field(default_factory=list)
     val_carved: bool = False
     val_note: str = ""
     source_val_images: int = 0
@@ -117,7 +118,13 @@ class PrepareReport:
         data = asdict(self)
         data["path"] = str(self.path)
         data["total"] = self.total
-        for key in ("skipped", "duplicates_dropped", "test_duplicates", "leakage_removed"):
+        for key in (
+            "skipped",
+            "duplicates_dropped",
+            "test_duplicates",
+            "leakage_removed",
+            "label_conflicts",
+        ):
             data[key] = [list(pair) for pair in data[key]]
         return data
 
@@ -253,6 +260,14 @@ def _scan_folder(source: Path) -> _Source:
         skipped = _loose_files(source, source, "outside a class folder")
         class_dirs = {"train": top}
     classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+    in_train = {d.name for d in class_dirs.get("train", [])}
+    for split in ("val", "test"):
+        unknown = sorted({d.name for d in class_dirs.get(split, [])} - in_train)
+        if unknown:  # as the CSV path: a class must be learnt before it can be tested
+            raise DatasetError(
+                f"{source}: class {unknown[0]!r} is in {split}/ but not in train/ "
+                f"(train classes: {', '.join(sorted(in_train)) or 'none'})"
+            )
     if not classes:
         raise DatasetError(
             f"{source} holds no class folders: expected one sub-folder per class "
@@ -344,6 +359,17 @@ def _scan_npz(source: Path) -> _Source:
             raise DatasetError(
                 f"{source}: {split}_images shape {imgs.shape} does not match {len(labels)} labels"
             )
+        if labels.dtype.kind not in "iuf" or (
+            labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels % 1 == 0))
+        ):
+            raise DatasetError(
+                f"{source}: {split}_labels must be whole numbers (got {labels.dtype} values)"
+            )
+        if len(labels) and labels.min() < 0:
+            raise DatasetError(
+                f"{source}: {split}_labels holds a negative label ({labels.min()}); labels "
+                "are class numbers 0, 1, ..."
+            )
         labels_by_split[split] = labels.astype(np.int64)
         image_arrays[split] = imgs
     values = sorted({int(v) for labels in labels_by_split.values() for v in labels})
@@ -362,6 +388,8 @@ def scan(source: Path) -> _Source:
         raise DatasetError(f"{source} does not exist")
     if source.is_dir():
         return _scan_folder(source)
+    if not source.is_file():  # a FIFO or a device would hang or never end
+        raise DatasetError(f"{source} is not a regular file, a folder, a .npz or a .csv")
     suffix = source.suffix.lower()
     if suffix == ".npz":
         return _scan_npz(source)
@@ -371,9 +399,12 @@ def scan(source: Path) -> _Source:
 
 
 # ------------------------------------------------------------------------------ decoding
-def _init_worker(max_pixels: int | None) -> None:
+def _init_worker(max_pixels: int | None, parent: int) -> None:
     from PIL import Image
 
+    from threengan_cli.workers import die_with_parent
+
+    die_with_parent(parent)
     Image.MAX_IMAGE_PIXELS = max_pixels  # the parent's limit, also under spawn/forkserver
 
 
@@ -403,7 +434,7 @@ def _decode_files(
     # at the end; results come back in order.
     chunksize = max(1, min(64, total // (workers * 8)))
     executor = ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,)
+        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS, os.getpid())
     )
     try:
         for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):
@@ -495,6 +526,7 @@ def prepare(
     started = time.perf_counter()
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
     _check_out(out, force)
+    _writable_parent(out)
     src = scan(source)
     skipped = list(src.skipped)
     size, fit = settings.image_size, settings.fit
@@ -541,6 +573,30 @@ def prepare(
     empty = [src.classes[c] for c in range(len(src.classes)) if c not in present]
     if empty:
         raise DatasetError(f"class {empty[0]} has no readable images in {source}")
+
+    # ---- label conflicts: one image (same bytes) under two labels. Which label is right
+    # cannot be told, so no copy of it is trained on; test keeps its copies (the standard
+    # test set stays whole), and every copy is reported.
+    labels_of: dict[str, set[int]] = defaultdict(set)
+    for item in kept_items:
+        labels_of[item.sha256].add(item.label)
+    conflicts = []
+    for item in sorted(kept_items, key=lambda i: i.path):
+        if len(labels_of[item.sha256]) > 1:
+            others = sorted(src.classes[c] for c in labels_of[item.sha256] - {item.label})
+            kept = "kept in test" if item.split == "test" else "removed"
+            conflicts.append(
+                (item.path, f"labelled {src.classes[item.label]}, also {', '.join(others)}; {kept}")
+            )
+    kept_items = [i for i in kept_items if i.split == "test" or len(labels_of[i.sha256]) == 1]
+    learnt = {item.label for item in kept_items if item.split != "test"}
+    unlearnt = [src.classes[c] for c in present if c not in learnt]
+    if unlearnt:
+        why = f" ({len(conflicts)} label conflicts removed)" if conflicts else ""
+        raise DatasetError(
+            f"class {unlearnt[0]} has no train images in {source}{why}; "
+            "a class needs train images to be learnt"
+        )
 
     # ---- integrity: test duplicates kept, leakage removed, train/val duplicates dropped
     kept_items.sort(key=lambda i: (SPLIT_CODES[i.split], i.path))
@@ -632,6 +688,7 @@ def prepare(
         duplicates_dropped=dropped,
         test_duplicates=test_duplicates,
         leakage_removed=leakage,
+        label_conflicts=conflicts,
         val_carved=val_carved,
         val_note=note,
         source_val_images=len(source_val),
@@ -677,6 +734,7 @@ def _write(
                 "duplicates_dropped",
                 "test_duplicates",
                 "leakage_removed",
+                "label_conflicts",
                 "val_carved",
                 "val_note",
                 "source_val_images",
@@ -697,11 +755,40 @@ def _write(
             for i in final
         ],
     }
-    with fileio.atomic_dir(out, force=force) as tmp:
-        save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
-        # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's 5,830 rows
-        (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
-        (tmp / "settings.json").write_text(dump(settings))
+    from safetensors import SafetensorError
+
+    try:
+        with fileio.atomic_dir(out, force=force) as tmp:
+            save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
+            # safetensors creates its file 0600, whatever the umask says
+            os.chmod(tmp / "data.safetensors", 0o666 & ~fileio.umask())
+            # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's rows
+            (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
+            (tmp / "settings.json").write_text(dump(settings))
+    except FileExistsError:
+        raise DatasetError(
+            f"{out} was written by another prepare while this one ran; it is kept as that one "
+            "left it (use --force to replace it)"
+        ) from None
+    except (OSError, SafetensorError) as exc:  # a full disk reaches safetensors first
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DatasetError(f"cannot write {out}: {reason}; nothing was written") from None
+
+
+def _writable_parent(out: Path) -> None:
+    """Fail before decoding anything when the dataset could not be written at all."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot create {out.parent}: {exc.strerror or exc} (choose --out, or set "
+            "THREENGAN_HOME to a writable folder)"
+        ) from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DatasetError(
+            f"cannot write in {out.parent}: it is read-only (choose --out, or set "
+            "THREENGAN_HOME to a writable folder)"
+        )
 
 
 # ------------------------------------------------------------------------------ loading

@@ -23,6 +23,10 @@ Choices, each one deliberate:
   when the image is much larger than the target, then finishes with Lanczos).
 - An image over Pillow's ``MAX_IMAGE_PIXELS`` is refused before it is decoded; truncated
   files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off).
+- Only regular files are read (a FIFO, ``/dev/zero`` or a socket would hang or never end),
+  and at most :data:`MAX_FILE_BYTES` (256 MiB) of one: far above any real X-ray (a
+  uncompressed 4,000 x 4,000 16-bit DICOM is 32 MiB), low enough that several decoding
+  processes at once cannot exhaust a machine's memory.
 - DICOM (``.dcm``/``.dicom`` or the ``DICM`` magic) through pydicom when installed:
   modality LUT (RescaleSlope/Intercept), then VOI LUT or window, MONOCHROME1 inverted, then
   stretched by range like 16-bit images.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -44,6 +49,7 @@ IMAGE_SUFFIXES = frozenset(
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 FITS = ("squash", "crop", "pad")
 DICOM_HINT = "DICOM needs the dicom extra: pip install 'threengan[dicom]'"
+MAX_FILE_BYTES = 256 * 1024 * 1024  # bytes read of one image file at most (see above)
 
 # The model's input range: uint8 pixels p become p * scale + offset, in [-1, 1], the range
 # the generator's tanh produces. The one definition; every checkpoint records it, and the
@@ -72,10 +78,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
         return True
     if suffix == "":  # DICOM files often carry no extension
         try:
-            with open(path, "rb") as fh:
-                return _is_dicom(fh.read(132))
-        except OSError:
+            fd = _open_regular(path)
+        except (OSError, ImageReadError):
             return False
+        with os.fdopen(fd, "rb") as fh:
+            return _is_dicom(fh.read(132))
     return False
 
 
@@ -83,11 +90,49 @@ def _is_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's bytes, with OS errors turned into :class:`ImageReadError` reasons."""
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path``, refused unless it is a regular file.
+
+    Opened non-blocking, so that a FIFO is refused instead of waiting for a writer."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageReadError("is a folder")
+        if not stat.S_ISREG(mode):
+            raise ImageReadError(f"not a regular file ({_kind(mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The file's bytes, with OS errors turned into :class:`ImageReadError` reasons.
+
+    Only a regular file is read, and at most ``limit`` bytes of it (default
+    :data:`MAX_FILE_BYTES`); a larger file is refused before it is read."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    try:
+        fd = _open_regular(path)
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise ImageReadError(f"file too large ({size} bytes > limit {limit})")
+            data = fh.read(limit + 1)  # a file still growing stops at the limit too
     except FileNotFoundError:
         raise ImageReadError("file not found") from None
     except PermissionError:
@@ -96,6 +141,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageReadError("is a folder") from None
     except OSError as exc:
         raise ImageReadError(f"unreadable ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise ImageReadError(f"file too large (over the limit of {limit} bytes)")
+    return data
 
 
 def load_image(path: str | os.PathLike, size: int, fit: str = "squash") -> np.ndarray:

@@ -25,12 +25,13 @@ from threengan_cli import checkpoints, modelfile, system
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
+    check_finite,
+    check_meta,
+    check_shapes,
     file_id,
     resolve_checkpoint,
 )
-from threengan_cli.modelfile import meta_value as _meta_value
 from threengan_cli.networks import Classifier, Generator, to_model_range
-from threengan_cli.settings import TrainSettings
 
 __all__ = ["Model", "ModelError", "ModelNotFound", "load_model"]
 
@@ -107,30 +108,36 @@ def load_model(
     except checkpoints.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     meta = ckpt.meta
-    method = str(_meta_value(meta, "method", path))
-    classes = [str(c) for c in _meta_value(meta, "classes", path)]
-    image_size = int(_meta_value(meta, "image_size", path))
-    channels = int(meta.get("channels", 1))
-    try:
-        settings = TrainSettings.from_stored(_meta_value(meta, "settings", path))
-    except ValueError as exc:
-        raise ModelError(f"{path}: settings in the metadata are not valid ({exc})") from None
-    classifier, logits = modelfile.classifier_spec(meta, path)
+    # Everything the networks are built from is checked, and each tensor's shape compared
+    # with a build on the "meta" device (shapes only, no memory), before anything is
+    # allocated: damaged or hostile metadata could otherwise ask for any size. The networks
+    # are built from the metadata alone: the classifier (C, or sgan's multi-task D: the same
+    # body with one more logit) and G where the file holds them.
+    spec = check_meta(meta, path)
+    method, classes, image_size = spec["method"], spec["classes"], spec["image_size"]
+    settings, channels = spec["settings"], spec["channels"]
+    classifier, logits, outputs = modelfile.classifier_spec(meta, path)
     scale, offset = modelfile.normalisation(meta, path)
     prefix = ckpt.weights_prefix
-
-    # Built from the metadata and the weights alone: the classifier (C, or sgan's multi-task
-    # D: the same body with one more logit) and G where the file holds them.
-    nets: dict[str, nn.Module] = {}
-    for name in ckpt.network_names:
-        if name == classifier:
-            head = ckpt.tensors.get(f"{prefix}/{name}/head.weight")
-            outputs = int(head.shape[0]) if head is not None else logits
-            nets[name] = Classifier(outputs, settings.width, image_size, channels)
-        elif name == "G":
-            nets[name] = Generator(settings.latent, settings.width, image_size, channels)
-    if not nets:
+    with torch.device("meta"):
+        shapes: dict[str, nn.Module] = {}
+        for name in ckpt.network_names:
+            if name == classifier:
+                shapes[name] = Classifier(outputs, settings.width, image_size, channels)
+            elif name == "G":
+                shapes[name] = Generator(settings.latent, settings.width, image_size, channels)
+    present = list(shapes)
+    if not present:
         raise ModelError(f"{path} holds no network weights")
+    for name in present:
+        weights = ckpt.group(f"{prefix}/{name}")
+        found = {k: tuple(v.shape) for k, v in weights.items()}
+        expected = {k: tuple(v.shape) for k, v in shapes[name].state_dict().items()}
+        check_shapes(found, expected, f"{path} (network {name})")
+        check_finite({k: v.float().numpy() for k, v in weights.items()}, f"{path} (network {name})")
+    # Only the networks the file holds, with memory for exactly what it holds; every
+    # parameter and buffer is then filled from it (a strict load).
+    nets = {name: shapes[name].to_empty(device="cpu") for name in present}
     try:
         checkpoints.restore_networks(ckpt, nets, prefix=prefix)
     except checkpoints.CheckpointError as exc:
@@ -146,7 +153,7 @@ def load_model(
         nets=nets,
         classes=classes,
         image_size=image_size,
-        fit=str(meta.get("fit", "squash")),
+        fit=spec["fit"],
         model_id=file_id(path),
         meta=meta,
         device=torch_device,

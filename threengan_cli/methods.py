@@ -161,7 +161,8 @@ class ClassifierSpec:
     drop_last: bool = False
 
     def as_meta(self, num_classes: int) -> dict[str, object]:
-        return {"network": self.network, "logits": num_classes}
+        outputs = num_classes + 1 if self.drop_last else num_classes
+        return {"network": self.network, "logits": num_classes, "outputs": outputs}
 
 
 class Method:

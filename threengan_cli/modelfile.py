@@ -5,13 +5,22 @@ This module knows where a model comes from (``--checkpoint FILE``, ``--run NAME|
 the default bundled with the package), how to check a checkpoint file before trusting it
 (never a pickle, not truncated, not from a newer format) and how to read its metadata and
 weights as NumPy arrays. :mod:`checkpoints` (torch) uses the same checks.
+
+Before any network is built or any weight is read, the metadata is checked against limits
+(:func:`check_meta`: 2 to :data:`MAX_CLASSES` distinct class names, a power-of-two image
+side from 8 to 1024, one channel, valid train settings) and each tensor's shape, read from
+the file's header, against what the network of that metadata holds: a damaged or hostile
+file cannot make either engine allocate more than the file itself holds. Checkpoints also
+carry a sha256 per group of tensors (``net/G``, ``net/D``, ``net/C``, ``opt``, ``rng``,
+``state``; :func:`tensor_digest`), verified on loading where present (older files have
+none), and a model whose weights are not all finite is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,9 @@ FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 META_KEY = "threengan"
 BEST, LAST = "best.safetensors", "last.safetensors"
 DEFAULT_MODEL = "default.safetensors"
+DIGEST_KEY = "sha256"  # metadata: {group: sha256 of its tensors}
+MAX_CLASSES = 1000
+IMAGE_SIDES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class CheckpointError(Exception):
@@ -80,11 +92,156 @@ def parse_meta(raw: str | None, path: Path) -> dict[str, Any]:
     return meta
 
 
+# ------------------------------------------------------------------- checking the content
+def check_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The metadata a model is rebuilt from, checked against its limits (see the module
+    docstring); returns ``method``, ``classes``, ``image_size``, ``channels``, ``fit`` and
+    the validated train ``settings``. Raises :class:`ModelError` naming what is wrong."""
+    from threengan_cli.images import FITS
+    from threengan_cli.settings import TrainSettings
+
+    def bad(what: str) -> ModelError:
+        return ModelError(f"{path}: {what} in the metadata")
+
+    method = meta_value(meta, "method", path)
+    raw = meta_value(meta, "settings", path)
+    if not isinstance(raw, dict):
+        raise bad("no settings object")
+    try:
+        settings = TrainSettings.from_stored(raw)
+    except ValueError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise bad(f"invalid settings ({first[0].strip()})") from None
+    if method != settings.method:
+        raise bad(f"method {method!r} that is not its settings' {settings.method!r}")
+    classes = meta_value(meta, "classes", path)
+    if (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise bad("classes that are not a list of distinct names")
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise bad(f"{len(classes)} classes (2 to {MAX_CLASSES} are supported)")
+    if "num_classes" in meta and meta["num_classes"] != len(classes):
+        raise bad(f"num_classes {meta['num_classes']!r}, not its {len(classes)} classes")
+    size = meta_value(meta, "image_size", path)
+    if type(size) is not int or size not in IMAGE_SIDES:
+        raise bad(f"image_size {size!r} (one of {', '.join(map(str, IMAGE_SIDES))})")
+    channels = meta.get("channels", 1)
+    if type(channels) is not int or channels != 1:
+        raise bad(f"channels {channels!r} (grayscale models have 1)")
+    fit = meta.get("fit", "squash")
+    if fit not in FITS:
+        raise bad(f"fit {fit!r} (one of {', '.join(FITS)})")
+    return {
+        "method": method,
+        "classes": list(classes),
+        "image_size": size,
+        "channels": channels,
+        "fit": fit,
+        "settings": settings,
+    }
+
+
+def _multiplier(side: int) -> int:
+    return max(1, 32 // side)  # as networks._multiplier: a test holds the two together
+
+
+def headed_shapes(
+    outputs: int, width: int, image_size: int, channels: int = 1, bias: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of a discriminator body with a 4x4 head to ``outputs``
+    logits (:class:`networks.Classifier` and its kin), computed without torch."""
+    sides = [4 * 2**i for i in range(max(0, image_size.bit_length() - 3))][::-1]  # S/2 .. 4
+    shapes: dict[str, tuple[int, ...]] = {}
+    c_out = width * _multiplier(sides[0])
+    shapes["body.layers.0.weight"] = (c_out, channels, 4, 4)
+    index = 2
+    for side in sides[1:]:
+        c_in, c_out = width * _multiplier(2 * side), width * _multiplier(side)
+        shapes[f"body.layers.{index}.weight"] = (c_out, c_in, 4, 4)
+        bn = f"body.layers.{index + 1}"
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{bn}.{name}"] = (c_out,)
+        shapes[f"{bn}.num_batches_tracked"] = ()
+        index += 3
+    shapes["head.weight"] = (outputs, width * 8, 4, 4)
+    if bias:
+        shapes["head.bias"] = (outputs,)
+    return shapes
+
+
+def check_shapes(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
+) -> None:
+    """Refuse a missing, unexpected or wrongly shaped tensor, naming it."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ModelError(f"{where} lacks the tensor {missing[0]} (damaged or not this network)")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ModelError(f"{where} holds an unexpected tensor {extra[0]}")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise ModelError(
+                f"{where}: {key} has shape {tuple(found[key])}, the metadata's network needs "
+                f"{tuple(shape)} (wrong class count, size or width)"
+            )
+
+
+def digest_group(key: str) -> str:
+    """The checksum group of a tensor: one per network of each set of weights (``net/C``,
+    ``use/C``, ``avg/G``), so that a loader reading one network checks just that; otherwise
+    its first part (``opt``, ``rng``, ``state``)."""
+    parts = key.split("/")
+    return "/".join(parts[:2]) if parts[0] in ("net", "use", "avg") else parts[0]
+
+
+def tensor_digest(entries: Iterable[tuple[str, tuple[int, ...], Any]]) -> str:
+    """sha256 over ``(name, shape, raw little-endian bytes)`` of tensors, sorted by name."""
+    digest = hashlib.sha256()
+    for key, shape, data in sorted(entries, key=lambda e: e[0]):
+        digest.update(f"{key}\0{','.join(map(str, shape))}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def verify_digest(
+    meta: dict[str, Any], group: str, entries: list[tuple[str, tuple[int, ...], Any]], path: Path
+) -> None:
+    """Compare one group's tensors with the checksum saved for it (none saved: nothing to do)."""
+    saved = meta.get(DIGEST_KEY)
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or group not in saved:
+        raise CheckpointError(f"{path}: no checksum for its {group} tensors (damaged metadata)")
+    if tensor_digest(entries) != saved[group]:
+        raise CheckpointError(
+            f"{path}: the {group} tensors do not match their checksum (the file is damaged)"
+        )
+
+
+def _raw(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ModelError(f"{where}: {key} holds NaN or infinite values; refusing the model")
+
+
 def read_arrays(
-    path: Path, prefix: Callable[[dict[str, Any]], str]
+    path: Path,
+    prefix: Callable[[dict[str, Any]], str],
+    expect: Callable[[dict[str, Any]], dict[str, tuple[int, ...]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
     """Metadata, the float32 arrays under ``prefix(metadata)`` (e.g. ``net/C/``, prefix
-    removed; nothing else is read) and the names of all the file's tensors."""
+    removed; nothing else is read) and the names of all the file's tensors.
+
+    ``expect(metadata)`` gives the shapes those arrays must have; they are checked from the
+    file's header before any is read. The group's checksum is verified where saved."""
     from safetensors import safe_open
 
     check_file(path)
@@ -93,13 +250,21 @@ def read_arrays(
             meta = parse_meta((fh.metadata() or {}).get(META_KEY), path)
             keys = list(fh.keys())
             cut = prefix(meta)
-            arrays = {k[len(cut) :]: fh.get_tensor(k) for k in keys if k.startswith(cut)}
+            mine = [k for k in keys if k.startswith(cut)]
+            if expect is not None and mine:
+                shapes = {k[len(cut) :]: tuple(fh.get_slice(k).get_shape()) for k in mine}
+                check_shapes(shapes, expect(meta), f"{path} ({cut.rstrip('/')})")
+            stored = {k: fh.get_tensor(k) for k in mine}
     except (CheckpointError, ModelError):
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or damaged: {exc})"
         ) from None
+    if stored:
+        entries = [(k, tuple(v.shape), _raw(v)) for k, v in stored.items()]
+        verify_digest(meta, digest_group(mine[0]), entries, path)
+    arrays = {k[len(cut) :]: v for k, v in stored.items()}
     floats = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
     return meta, floats, keys
 
@@ -124,6 +289,8 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
         checkpoint = Path(checkpoint).expanduser()
         if checkpoint.is_dir():  # a run folder passed as a checkpoint: take its best
             return resolve_checkpoint(run=str(checkpoint))
+        if checkpoint.exists() and not checkpoint.is_file():  # a FIFO, /dev/zero...
+            raise ModelNotFound(f"{checkpoint} is not a regular file, not a checkpoint")
         if not checkpoint.is_file():
             raise ModelNotFound(f"checkpoint not found: {checkpoint}")
         return checkpoint
@@ -155,19 +322,31 @@ def file_id(path: Path) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
-def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int]:
-    """Which network classifies and how many of its first logits are the classes, from the
-    checkpoint's ``classifier`` entry. Files written before that entry existed name only their
-    method: sgan's multi-task D classifies (its last logit is "fake"), every other method's C.
-    """
+def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int, int]:
+    """Which network classifies, how many of its first logits are the classes, and how many
+    logits it has, from the checkpoint's ``classifier`` entry. Files written before that
+    entry existed name only their method: sgan's multi-task D classifies (one more logit,
+    "fake"), every other method's C."""
     num_classes = len(meta_value(meta, "classes", path))
     spec = meta.get("classifier")
     if spec is None:
-        legacy = "D" if meta.get("method") == "sgan" else "C"
-        return legacy, num_classes
-    if not isinstance(spec, dict) or not isinstance(spec.get("network"), str):
-        raise ModelError(f"{path}: damaged metadata (classifier)")
-    return spec["network"], int(spec.get("logits", num_classes))
+        if meta.get("method") == "sgan":
+            return "D", num_classes, num_classes + 1
+        return "C", num_classes, num_classes
+    if not isinstance(spec, dict):
+        raise ModelError(f"{path}: damaged metadata (classifier {spec!r})")
+    network = spec.get("network")
+    logits = spec.get("logits", num_classes)
+    outputs = spec.get("outputs", logits + 1 if network == "D" else logits)
+    if (
+        network not in ("C", "D")
+        or type(logits) is not int
+        or type(outputs) is not int
+        or logits != num_classes
+        or outputs not in (logits, logits + 1)
+    ):
+        raise ModelError(f"{path}: damaged metadata (classifier {spec!r})")
+    return network, logits, outputs
 
 
 def weights_prefix(meta: dict[str, Any]) -> str:

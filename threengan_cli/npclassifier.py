@@ -97,12 +97,20 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
     def classifier_prefix(meta: dict[str, Any]) -> str:
         return modelfile.weights_prefix(meta) + modelfile.classifier_spec(meta, path)[0] + "/"
 
+    def classifier_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """What the metadata's classifier holds: checked before any weight is read."""
+        spec = modelfile.check_meta(meta, path)
+        outputs = modelfile.classifier_spec(meta, path)[2]  # sgan's D adds a "fake" logit
+        width, size = spec["settings"].width, spec["image_size"]
+        return modelfile.headed_shapes(outputs, width, size, spec["channels"])
+
     try:
-        meta, weights, keys = modelfile.read_arrays(path, classifier_prefix)
+        meta, weights, keys = modelfile.read_arrays(path, classifier_prefix, classifier_shapes)
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
-    method = str(meta.get("method", "?"))
-    name, keep = modelfile.classifier_spec(meta, path)
+    spec = modelfile.check_meta(meta, path)
+    method = spec["method"]
+    name, keep, _ = modelfile.classifier_spec(meta, path)
     scale, offset = modelfile.normalisation(meta, path)
     if not weights:
         group = modelfile.weights_prefix(meta)
@@ -111,11 +119,12 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
             f"{modelfile.file_id(path)} holds no weights for {name} (it has {held or 'none'}); "
             "use a checkpoint of a run that trained that network"
         )
+    modelfile.check_finite(weights, f"{path} (network {name})")
     return NumpyClassifier(
         method=method,
-        classes=[str(c) for c in modelfile.meta_value(meta, "classes", path)],
-        image_size=int(modelfile.meta_value(meta, "image_size", path)),
-        fit=str(meta.get("fit", "squash")),
+        classes=spec["classes"],
+        image_size=spec["image_size"],
+        fit=spec["fit"],
         model_id=modelfile.file_id(path),
         path=path,
         layers=_layers(weights, path),

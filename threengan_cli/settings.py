@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -27,6 +28,7 @@ Recipe = Literal["paper", "robust"]
 # fp16 is not offered: training would need a loss scaler (training.autocast_dtype).
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
+MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
 class SettingsError(ValueError):
@@ -153,7 +155,7 @@ class TrainSettings(_Section):
     def from_stored(cls, values: dict[str, Any]) -> TrainSettings:
         """Settings read back from a run or checkpoint. Those written before recipes existed
         were trained with the paper's protocol, whatever today's default recipe is."""
-        return cls.model_validate({"recipe": "paper", **values})
+        return cls.model_validate({"recipe": "paper", **values}, context={"stored": True})
 
     @property
     def augments(self) -> tuple[str, ...]:
@@ -161,7 +163,11 @@ class TrainSettings(_Section):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
+        # Settings read back from a saved model are only described by the method's name:
+        # loading one needs no registry (and the NumPy engine no torch, which it imports).
+        if (info.context or {}).get("stored"):
+            return value
         from threengan_cli.methods import METHODS  # the registry is the one list of methods
 
         if value not in METHODS:
@@ -264,12 +270,24 @@ def read_config(path: Path | None) -> dict[str, Any]:
     """Read a TOML settings file; a missing or malformed file is a SettingsError."""
     if path is None:
         return {}
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"config file {path} is not a regular file")
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise SettingsError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise SettingsError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SettingsError(f"config file {path} line {line} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} cannot be read: {exc}") from None
     unknown = sorted(set(data) - set(SECTION_NAMES))
     if unknown:
@@ -286,8 +304,16 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     Flags whose value is ``None`` were not given and leave the file's value in place.
     """
     model = SECTIONS[section]
-    values = dict(read_config(config).get(section, {}))
-    values.update({k: v for k, v in flags.items() if v is not None})
+    from_file = read_config(config).get(section, {})
+    if not isinstance(from_file, dict):
+        raise SettingsError(f"config file {config}: [{section}] must be a table of settings")
+    # A file's values are taken as written, strictly: `epochs = true` or `tau = "0.9"` is an
+    # error there, not 1 or 0.9 (flags arrive typed by the command line already).
+    try:
+        model.model_validate(from_file, strict=True)
+    except ValidationError as exc:
+        raise SettingsError(f"config file {config}: {_explain(exc, section)}") from None
+    values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
     try:
         return model(**values)
     except ValidationError as exc:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from threengan_cli import augment, checkpoints, fileio, system
+from threengan_cli import augment, checkpoints, fileio, runs, system
 from threengan_cli import settings as settings_mod
 from threengan_cli.accel import (
     GPU_TURNS,
@@ -67,14 +67,13 @@ from threengan_cli.events import (  # noqa: F401  (the CLI reads them as trainin
 )
 from threengan_cli.images import NORMALISATION, grid_png
 from threengan_cli.methods import METHODS, StepOutput
-from threengan_cli.modelfile import BEST, LAST
 from threengan_cli.networks import from_model_range, to_model_range
 from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
 from threengan_cli.scoring import evaluate
 from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
-METRICS = "metrics.jsonl"
+LAST, BEST, METRICS = runs.LAST, runs.BEST, runs.METRICS
 SAMPLE_GRID = 64
 
 
@@ -114,10 +113,7 @@ def stop_requests():
 
 
 def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["epoch"] <= upto_epoch]
+    return runs.read_metrics(path, upto_epoch)  # a damaged line: a RunError naming it
 
 
 # ------------------------------------------------------------------------ loop state
@@ -487,6 +483,7 @@ def _save_samples(g: torch.nn.Module, z: torch.Tensor, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- loop
+@runs.writes_run
 def train(
     dataset_path: Path,
     settings: TrainSettings,

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 import types
-from typing import Any
+from typing import Any, NoReturn
 
 
 def defer_import(module: str, *names: str) -> None:
@@ -96,9 +96,58 @@ def note(message: str) -> None:
     err.print(esc(message), soft_wrap=True)
 
 
+def os_failure(exc: OSError, doing: str, resume: Any = None) -> str:
+    """One line for an OS error (full disk, read-only or missing folder...)."""
+    import errno
+
+    what = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free some space"
+        if resume is not None:
+            hint += f", then continue with: threengan train --resume {resume}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
+    return f"{doing} failed: {what}{where}{hint}"
+
+
+def stdout_gone() -> None:
+    """Point stdout at /dev/null, so that nothing more (not even the flush at exit) is
+    written to a pipe whose reader has gone or to a full disk."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's)
+        pass
+
+
+def reader_gone() -> NoReturn:
+    """stdout's reader has gone (``threengan classify ... | head -1``): stop quietly with
+    exit 0, as Python's own tools do, rather than report a failure."""
+    import typer
+
+    stdout_gone()
+    raise typer.Exit(0)
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
+    except OSError as exc:
+        import typer
+
+        stdout_gone()
+        error(os_failure(exc, "writing to stdout"))
+        raise typer.Exit(1) from None
 
 
 def duration(seconds: float | None) -> str:

@@ -33,7 +33,7 @@ def main() -> None:
     name = modelfile.BEST if args.weights == "best" else modelfile.LAST
     ckpt = checkpoints.load(args.run / name)
     meta = ckpt.meta
-    classifier, _ = modelfile.classifier_spec(meta, args.run / name)
+    classifier = modelfile.classifier_spec(meta, args.run / name)[0]
     prefix = ckpt.weights_prefix
     keep = {
         net: ckpt.group(f"{prefix}/{net}")

@@ -1,0 +1,287 @@
+"""The run-folder contract: states, JSON files read with the file and line named on damage,
+and one writer per run (a lock with pid and host; a dead holder's lock is taken over)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from threengan_cli import benchmark, runs, training
+from threengan_cli.cli import app
+from threengan_cli.settings import TrainSettings
+
+runner = CliRunner()
+TINY = ["--width", "4", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "-q"]
+
+
+def _settings(**kw):
+    base = {"width": 4, "latent": 8, "batch_size": 4, "epochs": 1, "device": "cpu", "seed": 3}
+    return TrainSettings(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------- reading
+def test_a_damaged_json_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / runs.METRICS
+    path.write_text('{"epoch": 1}\n\n{"epoch": 2\n')
+    with pytest.raises(runs.RunError, match=rf"{runs.METRICS} line 3 is not valid JSON"):
+        runs.read_metrics(path)
+    path.write_text('{"epoch": 1}\n[1]\n')
+    with pytest.raises(runs.RunError, match="line 2 is not a JSON object"):
+        runs.read_metrics(path)
+    path.write_text('{"epoch": true}\n')
+    with pytest.raises(runs.RunError, match="no integer epoch"):
+        runs.read_metrics(path)
+    settings = tmp_path / runs.SETTINGS
+    settings.write_text('{\n  "epochs": 3,\n  oops\n}')
+    with pytest.raises(runs.RunError, match=rf"{runs.SETTINGS} line 3 is not valid JSON"):
+        runs.read_json(settings)
+    settings.write_bytes(b"\xff\xfe")
+    with pytest.raises(runs.RunError, match="cannot be read"):
+        runs.read_json(settings)
+
+
+def test_states_of_a_run_folder(tmp_path):
+    run = tmp_path / "run"
+    assert runs.state(run) == "absent"
+    run.mkdir()
+    assert runs.state(run) == "empty"
+    (run / runs.SAMPLES).mkdir()
+    (run / ".settings.json.1-00000000.abcd1234.tmp").write_text("{")
+    assert runs.state(run) == "unstarted"  # killed while writing its first settings.json
+    (run / runs.SETTINGS).write_text("{}")
+    assert runs.state(run) == "unstarted"  # ... or before run.json
+    assert not runs.holds_run(run)
+    (run / runs.RUN).write_text("{}")
+    assert runs.state(run) == "started" and runs.holds_run(run)
+    (run / runs.LAST).write_text("")
+    assert runs.state(run) == "resumable"
+    (run / runs.SUMMARY).write_text("{}")
+    assert runs.state(run) == "finished"
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert runs.state(other) == "other" and runs.holds_run(other)
+
+
+# ------------------------------------------------------------------------------- lock
+_HOLDER = """
+import sys, time
+from threengan_cli import runs
+with runs.lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A run folder locked by another process."""
+    folder = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "held"
+    yield folder, child
+    child.kill()
+    child.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(held):
+    folder, child = held
+    with pytest.raises(runs.RunLocked, match=rf"pid {child.pid} on {socket.gethostname()}"):
+        with runs.lock(folder):
+            pass
+
+
+def test_the_lock_of_a_killed_holder_is_taken_over(held):
+    folder, child = held
+    child.kill()
+    child.wait()
+    assert (folder / runs.LOCK).exists()  # SIGKILL left the file behind
+    with runs.lock(folder):
+        holder = json.loads((folder / runs.LOCK).read_text())
+        assert holder["pid"] == os.getpid()
+    assert not (folder / runs.LOCK).exists()
+
+
+def test_a_lock_file_naming_a_dead_pid_is_stale(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"pid": gone.pid, "host": socket.gethostname(), "since": "earlier"}
+    (folder / runs.LOCK).write_text(json.dumps(record))
+    assert not runs._alive(record)
+    with runs.lock(folder):
+        pass
+
+
+def test_the_lock_is_re_entrant_within_one_process(tmp_path):
+    with runs.lock(tmp_path / "r"), runs.lock(tmp_path / "r"):
+        assert (tmp_path / "r" / runs.LOCK).exists()
+    assert not (tmp_path / "r" / runs.LOCK).exists()
+
+
+def test_training_and_resuming_a_run_someone_else_writes_are_refused(held, dataset):
+    folder, _ = held
+    with pytest.raises(runs.RunLocked):
+        training.train(dataset, _settings(), folder)
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(folder), *TINY])
+    assert result.exit_code == 1 and "is in use" in result.output
+    (folder / runs.SETTINGS).write_text("{}")
+    (folder / runs.RUN).write_text("{}")
+    result = runner.invoke(app, ["train", "--resume", str(folder), "-q"])
+    assert result.exit_code == 1 and "is in use" in result.output
+    assert not (folder / runs.METRICS).exists()
+
+
+def test_a_benchmark_run_that_another_process_writes_is_refused(held, dataset, tmp_path):
+    folder, _ = held
+    out = folder.parent  # the held folder is <out>/run: lock <out>/runs/<name> instead
+    cfg = benchmark.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
+    name = benchmark.grid(cfg)[0].name
+    target = tmp_path / "bench"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(target / "runs" / name)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(runs.RunLocked):
+            benchmark.run(dataset, cfg, target)
+    finally:
+        child.kill()
+        child.wait()
+    assert out.exists()
+
+
+def test_a_second_benchmark_on_one_folder_is_refused(dataset, tmp_path):
+    target = tmp_path / "bench"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"
+        args = ["benchmark", str(dataset), "--profile", "smoke", "--out", str(target), "-q"]
+        result = runner.invoke(app, [*args, "--device", "cpu"])
+        assert result.exit_code == 1 and "is in use" in result.output
+        result = runner.invoke(app, ["benchmark", "merge", str(tmp_path), "--out", str(target)])
+        assert result.exit_code == 1 and "is in use" in result.output
+    finally:
+        child.kill()
+        child.wait()
+
+
+# ------------------------------------------------------------------- starting and resuming
+def test_a_run_killed_while_writing_its_first_settings_restarts_in_place(dataset, tmp_path):
+    run = tmp_path / "run"
+    (run / runs.SAMPLES).mkdir(parents=True)
+    (run / ".settings.json.999999-00000000.abcd1234.tmp").write_text('{"epo')
+    (run / runs.LOCK).write_text('{"pid": 999999, "host": "gone"}')  # a dead holder's
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 2 and f"--out {run}" in result.output
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(run), *TINY])
+    assert result.exit_code == 0, result.output
+    assert runs.state(run) == "finished"
+
+
+def test_a_folder_with_other_files_is_never_taken_for_a_new_run(dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(run), *TINY])
+    assert result.exit_code == 2 and "already holds a run" in result.output
+    assert (run / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_names_a_damaged_metrics_line_or_settings_file(dataset, tmp_path):
+    run = tmp_path / "run"
+    training.train(dataset, _settings(epochs=1), run)
+    with open(run / runs.METRICS, "a") as fh:
+        fh.write("{not json\n")
+    original = (run / runs.SETTINGS).read_text()
+    result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "2", "-q"])
+    assert result.exit_code == 1
+    assert f"{runs.METRICS} line 2 is not valid JSON" in result.output
+    assert "Traceback" not in result.output
+    (run / runs.SETTINGS).write_text("{oops")
+    result = runner.invoke(app, ["train", "--resume", str(run), "-q"])
+    assert result.exit_code == 1 and f"{runs.SETTINGS} line 1" in result.output
+    (run / runs.SETTINGS).write_text(original)
+
+
+def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
+    cfg = benchmark.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
+    out = tmp_path / "bench"
+    benchmark.run(dataset, cfg, out)
+    run_dir = next((out / "runs").iterdir())
+    with open(run_dir / runs.METRICS, "a") as fh:
+        fh.write("garbage\n")
+    with pytest.raises(benchmark.BenchmarkError, match=rf"{runs.METRICS} line \d+ is not"):
+        benchmark.run(dataset, cfg, out)
+    result = runner.invoke(app, ["benchmark", "merge", str(out), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "is not valid JSON" in result.output
+    (out / "benchmark.json").write_text('{"settings": {"profile": 3}}')
+    with pytest.raises(benchmark.BenchmarkError, match="benchmark.json holds no valid"):
+        benchmark.merge([out], tmp_path / "m")
+    (run_dir / runs.SETTINGS).write_text("{\n,")
+    with pytest.raises(benchmark.BenchmarkError, match=rf"{runs.SETTINGS} line 2"):
+        benchmark.run(dataset, cfg, out)
+
+
+def test_run_folder_names_have_one_owner():
+    assert training.LAST is runs.LAST and training.BEST is runs.BEST
+    assert Path(runs.LAST).suffix == ".safetensors"
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
+    dataset, tmp_path, monkeypatch
+):
+    import errno
+
+    from threengan_cli import checkpoints
+
+    args = [str(dataset), "--width", "4", "--batch-size", "4", "--epochs", "2"]
+    args += ["--device", "cpu", "--seed", "5", "-q"]
+    assert runner.invoke(app, ["train", *args, "--out", str(tmp_path / "whole")]).exit_code == 0
+
+    real, writes = checkpoints.fileio.write_bytes, []
+
+    def full_at_second_last(path, data):
+        if Path(path).name == runs.LAST:
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoints.fileio, "write_bytes", full_at_second_last)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", *args, "--out", str(run)])
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    monkeypatch.setattr(checkpoints.fileio, "write_bytes", real)
+    assert runner.invoke(app, ["train", "--resume", str(run), "-q"]).exit_code == 0
+
+    def numbers(folder):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+            for r in runs.read_metrics(folder / runs.METRICS)
+        ]
+
+    assert numbers(run) == numbers(tmp_path / "whole")
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(dataset, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(blocker / "run"), *TINY])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: creating") and result.output.count("\n") == 1

@@ -1,0 +1,53 @@
+"""Decoding worker processes that never outlive the command that started them.
+
+``prepare`` and ``classify`` decode images in a pool of processes. Killed with SIGKILL, the
+parent cannot stop them, and a worker blocked on its task queue would wait forever. Each
+worker therefore asks the kernel for SIGKILL when its parent dies (Linux's
+``prctl(PR_SET_PDEATHSIG)``), and, where that is not available or the parent died before
+the request, a watchdog thread ends the worker once its parent process is gone. Ctrl+C is
+the parent's to handle: workers ignore SIGINT, so one keypress gives one message, not a
+traceback per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+_PR_SET_PDEATHSIG = 1
+WATCH_EVERY_S = 1.0
+
+
+def _pdeathsig() -> bool:
+    """Ask Linux to SIGKILL this process when its parent ends; False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int) -> None:
+    stop = threading.Event()
+    while not stop.wait(WATCH_EVERY_S):
+        if os.getppid() != parent:
+            os._exit(1)  # the parent is gone: nothing will ever read our results
+
+
+def die_with_parent(parent: int) -> None:
+    """Call first thing in a worker (a pool's initializer), with the parent's pid."""
+    with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to ignore
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _pdeathsig()
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+    # The watchdog also covers the case PR_SET_PDEATHSIG misses: it fires when the parent
+    # *thread* that forked the worker ends, and a pool may be created from any thread.
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="parent-watch").start()
