@@ -114,13 +114,8 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("module", "factory", "make"),
     [
-        ("classify", "_executor", "_executor(2)"),
-        (
-            "datasets",
-            "_init_worker",
-            "__import__('concurrent.futures').futures.ProcessPoolExecutor(2, "
-            "initializer=_init_worker, initargs=(None, __import__('os').getpid()))",
-        ),
+        ("classify", "_executor", "_executor(2)"),  # classify's pool
+        ("workers", "decode_pool", "decode_pool(2)"),  # the one prepare uses too
     ],
 )
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

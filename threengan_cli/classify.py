@@ -21,20 +21,18 @@ probability is at least ``threshold``, else class 0; with more classes, the most
 from __future__ import annotations
 
 import glob
-import multiprocessing
 import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-from PIL import Image
 
 from threengan_cli import images
-from threengan_cli.workers import die_with_parent
+from threengan_cli.workers import decode_pool
 
 if TYPE_CHECKING:
     from threengan_cli.inference import Model
@@ -143,14 +141,6 @@ def _walk(folder: str, recursive: bool, seen: set[str], subfolders: list[str]) -
 
 
 # ----------------------------------------------------------------------------- decoding
-def _init_worker(max_image_pixels: int | None, parent: int) -> None:
-    # Ctrl+C is the main process's to handle (die_with_parent ignores it here); the pixel
-    # limit travels here explicitly because a freshly started worker would otherwise use
-    # Pillow's default.
-    die_with_parent(parent)
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
-
-
 def decode_chunk(paths: list[str], size: int, fit: str) -> tuple[np.ndarray, list[str | None]]:
     """Decode paths to a (B, size, size) uint8 array; a failed one leaves zeros and a reason."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
@@ -174,19 +164,7 @@ def _executor(workers: int) -> Executor:
     """
     if workers == 1:
         return ThreadPoolExecutor(1, thread_name_prefix="threengan-decode")
-    # fork on Linux, as torch's DataLoader does: workers start in milliseconds and never
-    # re-import the caller's __main__ (spawn and forkserver do, which breaks callers without a
-    # main guard). Forking a process that has torch's thread pool is safe here because the
-    # workers never call into torch, only Pillow. macOS keeps spawn: fork is unsafe with its
-    # system frameworks.
-    fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
-    context = multiprocessing.get_context("fork" if fork else None)
-    return ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
-    )
+    return decode_pool(workers)
 
 
 def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:

@@ -45,7 +45,6 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,15 +398,6 @@ def scan(source: Path) -> _Source:
 
 
 # ------------------------------------------------------------------------------ decoding
-def _init_worker(max_pixels: int | None, parent: int) -> None:
-    from PIL import Image
-
-    from threengan_cli.workers import die_with_parent
-
-    die_with_parent(parent)
-    Image.MAX_IMAGE_PIXELS = max_pixels  # the parent's limit, also under spawn/forkserver
-
-
 def _decode_file(task: tuple[str, int, str]) -> tuple[np.ndarray | None, str, str]:
     path, size, fit = task
     try:
@@ -420,7 +410,6 @@ def _decode_file(task: tuple[str, int, str]) -> tuple[np.ndarray | None, str, st
 def _decode_files(
     paths: list[str], size: int, fit: str, workers: int, on_progress
 ) -> Iterable[tuple[np.ndarray | None, str, str]]:
-    from PIL import Image
 
     tasks = [(p, size, fit) for p in paths]
     total = len(tasks)
@@ -433,9 +422,9 @@ def _decode_files(
     # A few chunks per worker keeps inter-process overhead small without leaving a core idle
     # at the end; results come back in order.
     chunksize = max(1, min(64, total // (workers * 8)))
-    executor = ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS, os.getpid())
-    )
+    from threengan_cli.workers import decode_pool
+
+    executor = decode_pool(workers)
     try:
         for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):
             yield result

@@ -1,4 +1,5 @@
-"""Decoding worker processes that never outlive the command that started them.
+"""Decoding worker processes that never outlive the command that started them: the one
+pool ``prepare`` and ``classify`` decode images in (:func:`decode_pool`).
 
 ``prepare`` and ``classify`` decode images in a pool of processes. Killed with SIGKILL, the
 parent cannot stop them, and a worker blocked on its task queue would wait forever. Each
@@ -51,3 +52,35 @@ def die_with_parent(parent: int) -> None:
     # The watchdog also covers the case PR_SET_PDEATHSIG misses: it fires when the parent
     # *thread* that forked the worker ends, and a pool may be created from any thread.
     threading.Thread(target=_watch, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _init_decoder(max_image_pixels: int | None, parent: int) -> None:
+    # The pixel limit travels here explicitly: a worker started by spawn would otherwise use
+    # Pillow's default.
+    from PIL import Image
+
+    die_with_parent(parent)
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def decode_pool(workers: int):
+    """A process pool for decoding images, whose workers die with this process.
+
+    fork on Linux, as torch's DataLoader does: workers start in milliseconds and never
+    re-import the caller's __main__ (spawn and forkserver do, which breaks callers without a
+    main guard). Forking a process that has torch's thread pool is safe here because the
+    workers never call into torch, only Pillow. macOS keeps spawn: fork is unsafe with its
+    system frameworks.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from PIL import Image
+
+    fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork" if fork else None),
+        initializer=_init_decoder,
+        initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
+    )
