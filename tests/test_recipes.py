@@ -53,6 +53,12 @@ def test_settings_stored_before_recipes_existed_read_as_the_paper_recipe():
     assert TrainSettings.from_stored(old).ema == 0.0
 
 
+def test_help_lists_exactly_the_registered_methods():
+    from threengan_cli.helptext import method_names
+
+    assert method_names() == tuple(methods.METHODS)
+
+
 def test_an_unknown_augmentation_is_a_one_line_settings_error():
     with pytest.raises(SettingsError, match="train.augment: unknown augmentation 'blur'"):
         resolve("train", None, augment="translation,blur")

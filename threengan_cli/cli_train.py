@@ -26,7 +26,7 @@ from threengan_cli.cli import (
     prepared_or_exit,
     settings_or_exit,
 )
-from threengan_cli.helptext import shown
+from threengan_cli.helptext import method_names, shown
 from threengan_cli.views import note, print_json, warn
 
 
@@ -137,7 +137,7 @@ def train(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help=f"3ngan, ecgan, sgan or vanilla. {shown('train', 'method')}"),
+        typer.Option(help=f"{', '.join(method_names())}. {shown('train', 'method')}"),
     ] = None,
     size: Annotated[
         int | None,
@@ -430,8 +430,9 @@ def benchmark(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated: vanilla, sgan, ecgan, 3ngan, 3ngan-nokl, 3ngan-nogc, "
-            "3ngan-pairkl. \\[default: the profile's]"
+            help=f"Comma-separated: {', '.join(method_names())}, or a variant: the ablations "
+            "3ngan-nokl, 3ngan-nogc, 3ngan-pairkl and the study's ladder "
+            "(docs/benchmark-protocol.md). \\[default: the profile's]"
         ),
     ] = None,
     sizes: Annotated[

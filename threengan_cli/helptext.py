@@ -27,6 +27,19 @@ _MISSING = object()
 
 
 @cache
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order, read from methods.py's
+    ``@register`` classes without importing it (it imports torch)."""
+    import re
+
+    text = (_HERE / "methods.py").read_text(encoding="utf-8")
+    found = re.findall(
+        r'^@register\nclass \w+\(.*?\):\n(?:(?:    .*|)\n)*?    name = "([^"]+)"', text, re.M
+    )
+    return tuple(found)
+
+
+@cache
 def _defaults(module: str, cls: str) -> dict[str, Any]:
     """Field name -> default of the class ``cls`` in ``module``; fields without one left out."""
     # Only the class's own lines are parsed: the whole of grid.py takes tens of ms.
