@@ -770,7 +770,7 @@ class _RowWriter:
 
     def record(self, row) -> dict[str, Any]:
         probs = row.probabilities or {}
-        values = {f"p_{c}": round(probs[c], 6) if c in probs else None for c in self.classes}
+        values = {f"p_{c}": probs.get(c) for c in self.classes}  # classify.exact's digits
         return {"path": row.path, "label": row.label, **values, "error": row.error}
 
     def write(self, row) -> None:
@@ -892,6 +892,32 @@ def classify(
             "starts 3-4 s later and classifies long lists about 18% faster \\[default: numpy]."
         ),
     ] = None,
+    sort_into: Annotated[
+        Path | None,
+        typer.Option(
+            "--sort-into",
+            help="Also copy each classified input into DIR/<label>/.",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    link: Annotated[
+        bool,
+        typer.Option(
+            "--link",
+            help="With --sort-into: hard-link instead of copying (a symbolic link where the "
+            "file system refuses hard links).",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: classify only the I-th of N contiguous slices of the expanded input "
+            "list (a SLURM array task, a Kubernetes job); the shards' outputs concatenated "
+            "in order equal one unsharded run.",
+            metavar="I/N",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")
@@ -909,6 +935,11 @@ def classify(
     its header: {"model", "method", "threshold", "classes", "image_size",
     "rows": [...], "summary"}.
 
+    Probabilities are written with the fewest digits that read back as
+    the model's float32 value, and do not depend on --batch-size. A count
+    per label goes to stderr. --output's suffix (.csv, .json, .jsonl,
+    .ndjson) sets the format; any other suffix needs --format.
+
     Exit codes: 0 every input classified, 3 some could not be read,
     1 none could (or no model), 2 usage error (no PATH, bad option,
     --checkpoint or --run that does not exist).
@@ -922,6 +953,10 @@ def classify(
       find /data -name '*.dcm' | threengan classify - -f jsonl > out.jsonl
 
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
+
+      threengan classify scans/ -r --shard 3/10 -o part-03.csv
+
+      threengan classify inbox/ --sort-into sorted/ --link
     """
     if not inputs:
         fail(
@@ -940,16 +975,32 @@ def classify(
     )
     if fmt is None:
         if output is not None:
-            fmt = _SUFFIX_FORMATS.get(output.suffix.lower(), "csv")
+            fmt = _SUFFIX_FORMATS.get(output.suffix.lower())
+            if fmt is None:
+                known = ", ".join(_SUFFIX_FORMATS)
+                fail(
+                    f"cannot tell the format of {output} from its suffix (known: {known}); "
+                    "give --format csv, json or jsonl",
+                    EXIT_USAGE,
+                )
         else:
             fmt = "table" if sys.stdout.isatty() else "csv"
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})", EXIT_USAGE)
     if inputs.count("-") > 1:
         fail("- (paths from stdin) may be given once", EXIT_USAGE)
+    if link and sort_into is None:
+        fail("--link goes with --sort-into DIR", EXIT_USAGE)
 
     from threengan_cli import fileio
     from threengan_cli.classify import classify as run_classify
+    from threengan_cli.classify import parse_shard
+    from threengan_cli.classify import sort_into as sort_row
+
+    try:
+        shard_ij = parse_shard(shard) if shard is not None else None
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     from threengan_cli.modelfile import ModelError
 
     model = _load_classifier_or_exit(checkpoint, run, cfg.device, cfg.engine)
@@ -964,6 +1015,7 @@ def classify(
         )
 
     counts = {"inputs": 0, "classified": 0, "errors": 0}
+    per_label = dict.fromkeys(model.classes, 0)
     listed = 0
     view = _RateView(not quiet and err.is_terminal)
 
@@ -978,19 +1030,26 @@ def classify(
             workers=cfg.workers,
             threshold=cfg.threshold,
             recursive=cfg.recursive,
+            shard=shard_ij,
         )
         for row in rows:
             writer.write(row)
             counts["inputs"] += 1
             if row.ok:
                 counts["classified"] += 1
+                per_label[row.label] += 1
+                if sort_into is not None:
+                    try:
+                        sort_row(row, sort_into, link=link)
+                    except OSError as exc:
+                        fail(f"cannot sort {row.path} into {sort_into}: {exc}")
             else:
                 counts["errors"] += 1
                 if not quiet and listed < MAX_LISTED and fmt != "table":
                     warn(f"{row.path}: {row.error}")
                     listed += 1
             view.update(counts["inputs"])
-        writer.end(counts)
+        writer.end({**counts, "labels": per_label})
 
     try:
         if output is not None:
@@ -1016,6 +1075,10 @@ def classify(
     if not quiet:
         where = f" -> {output}" if output is not None else ""
         note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
+        labels = ", ".join(f"{label} {n}" for label, n in per_label.items())
+        errors = f", errors {counts['errors']}" if counts["errors"] else ""
+        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
+        note(f"labels: {labels}{errors}{sorted_to}")
     if counts["errors"]:
         if not quiet and listed < counts["errors"] and fmt != "table":
             warn(f"... and {counts['errors'] - listed} more")
