@@ -121,7 +121,9 @@ DeviceOpt = Annotated[
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One clear line on stderr, then a documented exit code; never a traceback."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape  # a path like a[b] must print as written
+
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -733,11 +735,30 @@ def _load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: s
     return _loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
 
 
+def _threshold_source(model, cfg) -> str:
+    """Where the threshold in use comes from: given (flag or --config), model or default."""
+    if "threshold" in cfg.model_fields_set:
+        return "given"
+    return "model" if model.stored_threshold is not None else "default"
+
+
+def _threshold_of(model, cfg) -> tuple[float, str]:
+    """The threshold to use and, for the note on stderr, where it comes from: a given
+    --threshold (flag or --config) wins; else the one ``evaluate --threshold-from`` stored
+    in the model; else the default."""
+    stored = model.stored_threshold
+    if "threshold" in cfg.model_fields_set or stored is None:
+        return cfg.threshold, ""
+    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
+    return float(stored["value"]), f" (the model's: {how}; --threshold overrides it)"
+
+
 class _RowWriter:
     """Streams classify rows as table, csv, json or jsonl; one row at a time, never all."""
 
-    def __init__(self, fmt: str, stream, model, threshold: float):
+    def __init__(self, fmt: str, stream, model, threshold: float, threshold_source: str):
         self.fmt, self.stream, self.model, self.threshold = fmt, stream, model, threshold
+        self.threshold_source = threshold_source
         self.classes = list(model.classes)
         self.columns = ["path", "label", *(f"p_{c}" for c in self.classes), "error"]
         self.first = True
@@ -755,6 +776,7 @@ class _RowWriter:
                     "model": self.model.model_id,
                     "method": self.model.method,
                     "threshold": self.threshold,
+                    "threshold_source": self.threshold_source,
                     "classes": self.classes,
                     "image_size": self.model.image_size,
                 }
@@ -1008,10 +1030,14 @@ def classify(
         model.require_classifier()
     except ModelError as exc:
         fail(str(exc))
+    threshold, source = _threshold_of(model, cfg)
+    threshold_source = _threshold_source(model, cfg)
+    cfg = cfg.model_copy(update={"threshold": threshold})
     if not quiet:
         note(
             f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
-            f"{', '.join(model.classes)}), threshold {cfg.threshold}, device {model.device}"
+            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source}, "
+            f"device {model.device}"
         )
 
     counts = {"inputs": 0, "classified": 0, "errors": 0}
@@ -1021,7 +1047,7 @@ def classify(
 
     def consume(stream) -> None:
         nonlocal listed
-        writer = _RowWriter(fmt, stream, model, cfg.threshold)
+        writer = _RowWriter(fmt, stream, model, cfg.threshold, threshold_source)
         writer.begin()
         rows = run_classify(
             inputs,
@@ -1084,6 +1110,229 @@ def classify(
             warn(f"... and {counts['errors'] - listed} more")
         warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+# ----------------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Labelled images: a prepared dataset (name or folder), a folder of class "
+            "folders (or of train/ val/ test/ class folders), or a CSV of path,label[,split].",
+            show_default=False,
+        ),
+    ],
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="train, val or test, of a prepared dataset or of split data \\[default: test]."
+        ),
+    ] = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Two classes: call the second (pneumonia) from this probability on "
+            "\\[default: the model's stored threshold, else 0.5].",
+        ),
+    ] = None,
+    threshold_from: Annotated[
+        str | None,
+        typer.Option(
+            help="val: choose the threshold on the prepared dataset's val split by "
+            "--threshold-rule, store it in the checkpoint (classify then uses it), and "
+            "evaluate with it.",
+        ),
+    ] = None,
+    threshold_rule: Annotated[
+        str,
+        typer.Option(
+            help="youden (sensitivity + specificity - 1) or balanced-accuracy; for two "
+            "classes both choose the same threshold.",
+        ),
+    ] = "youden",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per forward pass and per decoding job.")
+    ] = 64,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Decoding processes; 0 = all cores.")
+    ] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto or cpu (NumPy engine, as classify), cuda, cuda:N or mps.")
+    ] = "auto",
+    engine: Annotated[str, typer.Option(help="On the CPU: numpy or torch, as classify.")] = "numpy",
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write roc.png and confusion.png to this folder (needs the plot extra).",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No notes; errors only.")
+    ] = False,
+) -> None:
+    """Score a model on labelled X-rays: accuracy, balanced accuracy, AUC, sensitivity,
+    specificity, F1, the confusion matrix and per-class counts.
+
+    Without --run or --checkpoint the bundled default model is used. Files
+    go through classify's own decoding and decision, so evaluate and
+    classify give every image the same probabilities and label.
+
+    --threshold-from val chooses the threshold on the val split of the
+    prepared dataset DATA and stores it in the checkpoint's metadata
+    (--run or --checkpoint; the bundled model is never changed): classify
+    and evaluate then use it unless --threshold is given, and say so.
+
+    Exit codes: 0 ok, 3 some images unreadable (scored without them),
+    1 none readable, 2 usage error.
+
+    [bold]Examples[/]
+
+      threengan evaluate kermany --split test --run my-run
+
+      threengan evaluate chest_xray/test --json > scores.json
+
+      threengan evaluate kermany --run my-run --threshold-from val --plot plots/
+
+      threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
+    """
+    from threengan_cli import evaluate as ev
+    from threengan_cli.modelfile import CheckpointError, ModelError, update_meta
+
+    if split is not None and split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test (got {split!r})", EXIT_USAGE)
+    if threshold_from not in (None, "val"):
+        fail(f"--threshold-from takes val (got {threshold_from!r})", EXIT_USAGE)
+    if threshold_rule not in ev.RULES:
+        fail(f"--threshold-rule must be one of {', '.join(ev.RULES)}", EXIT_USAGE)
+    if threshold_from is not None and threshold is not None:
+        fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
+    if threshold_from is not None and checkpoint is None and run is None:
+        fail(
+            "--threshold-from stores the threshold in the model's checkpoint, and the bundled "
+            "default model is part of the installed package: copy it (threengan info shows "
+            "where it is) and pass --checkpoint COPY, or use --run",
+            EXIT_USAGE,
+        )
+    if engine not in ("numpy", "torch"):
+        fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_USAGE)
+
+    model = _load_classifier_or_exit(checkpoint, run, device, engine)
+    try:
+        model.require_classifier()
+    except ModelError as exc:
+        fail(str(exc))
+    try:
+        data_set = ev.read_labelled(data, split, model)
+        chosen = None
+        if threshold is not None:
+            used, source = threshold, "given"
+        elif threshold_from is not None:
+            if data_set.kind != "prepared":
+                fail(
+                    "--threshold-from val needs a prepared dataset as DATA (its val split "
+                    "chooses the threshold)",
+                    EXIT_USAGE,
+                )
+            if data_set.split == "val" and not quiet:
+                warn("the threshold is chosen and scored on the same val split: optimistic")
+            val = ev.read_labelled(data, "val", model)
+            probs, _ = ev.probabilities(val, model, batch_size, workers)
+            chosen = ev.choose_threshold(val.labels, probs, threshold_rule)
+            chosen.update(split="val", dataset=val.source)
+            used, source = chosen["value"], "chosen"
+        elif model.stored_threshold is not None:
+            used, source = float(model.stored_threshold["value"]), "model"
+        else:
+            used, source = 0.5, "default"
+        result = ev.evaluate(
+            data_set, model, used, source, batch_size, workers, chosen=chosen
+        )
+    except ev.EvaluateError as exc:
+        fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
+    except KeyboardInterrupt:
+        note("interrupted; nothing was stored")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+
+    if chosen is not None:
+        try:
+            update_meta(model.path, {"threshold": chosen})
+        except (OSError, CheckpointError) as exc:
+            fail(f"cannot store the threshold in {model.path}: {exc}")
+        if not quiet:
+            note(
+                f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
+                f"{threshold_rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
+            )
+    made = []
+    if plot is not None:
+        made = ev.write_plots(result, plot)
+
+    if as_json:
+        print_json({**result.to_dict(), "plots": [str(p) for p in made]})
+    else:
+        _evaluation_view(result)
+    if not quiet:
+        where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
+        note(
+            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
+            f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
+        )
+        if made:
+            note("wrote " + ", ".join(str(p) for p in made))
+    bad = result.unreadable
+    if bad:
+        for p in bad[:MAX_LISTED]:
+            warn(f"{p.path}: {p.error}")
+        warn(f"{len(bad)} images could not be read and were left out of the scores")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _evaluation_view(result) -> None:
+    """The scores, the confusion matrix and per-class counts as tables on stdout."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    m = result.metrics
+    split = f" ({result.data.split})" if result.data.split else ""
+    scores = Table(
+        title=escape(f"{Path(result.data.source).name}{split}: {m['n']} images"),
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+    )
+    scores.add_column("metric")
+    scores.add_column("value", justify="right")
+    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"):
+        value = m[key]
+        scores.add_row(key.replace("_", " "), "undefined" if value is None else f"{value:.4f}")
+    out.print(scores)
+    matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
+    matrix.add_column("true \\ predicted")
+    for c in result.classes:
+        matrix.add_column(escape(c), justify="right")
+    matrix.add_column("images", justify="right")
+    matrix.add_column("correct", justify="right")
+    for c, row in zip(result.classes, m["confusion"], strict=True):
+        counts = result.per_class[c]
+        matrix.add_row(
+            escape(c), *(str(n) for n in row), str(counts["images"]), str(counts["correct"])
+        )
+    out.print(matrix)
 
 
 # ----------------------------------------------------------------------------------- generate

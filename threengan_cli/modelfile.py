@@ -159,3 +159,49 @@ def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
     if key not in meta:
         raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
     return meta[key]
+
+
+# ------------------------------------------------------------------- the stored threshold
+THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
+
+
+def stored_threshold(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata,
+    or ``None`` (none stored, or not a usable value: the default 0.5 applies then)."""
+    found = meta.get(THRESHOLD_KEY)
+    if not isinstance(found, dict):
+        return None
+    value = found.get("value")
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        return None
+    return found
+
+
+def update_meta(path: Path, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into a checkpoint's JSON metadata, atomically, tensors untouched.
+
+    A safetensors file is an 8-byte little-endian header length, the JSON header (tensor
+    offsets are relative to the end of the header, so it may change length) and the data.
+    The new header is padded with spaces to a multiple of 8, as safetensors writes it, and
+    the file is written whole under a temporary name, then renamed into place.
+    """
+    import struct
+
+    from threengan_cli import fileio
+
+    check_file(path)
+    with open(path, "rb") as src:
+        (length,) = struct.unpack("<Q", src.read(8))
+        try:
+            header = json.loads(src.read(length))
+            meta = parse_meta(header.get("__metadata__", {}).get(META_KEY), path)
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{path} has a damaged header") from None
+        meta = {**meta, **changes}
+        header["__metadata__"] = {**header["__metadata__"], META_KEY: json.dumps(meta)}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with fileio.atomic_file(path, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)) + raw)
+            for block in iter(lambda: src.read(1 << 20), b""):
+                dst.write(block)

@@ -71,6 +71,7 @@ class NumpyClassifier:
     head: tuple[np.ndarray, np.ndarray | None] = field(repr=False)  # (kernel, bias)
     keep: int | None = None  # logits kept (sgan drops its last, "fake")
     device: str = "cpu (numpy)"
+    stored_threshold: dict[str, Any] | None = None  # from ``evaluate --threshold-from``
 
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
@@ -129,6 +130,7 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         layers=_layers(weights, path),
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
         keep=keep,
+        stored_threshold=modelfile.stored_threshold(meta),
     )
 
 
