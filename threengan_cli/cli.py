@@ -421,6 +421,102 @@ def datasets(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+# --------------------------------------------------------------------------------------- runs
+@app.command()
+def runs(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[NAME]...",
+            help="Only these runs (names as listed; all by default).",
+            show_default=False,
+        ),
+    ] = None,
+    prune_last: Annotated[
+        bool,
+        typer.Option(
+            "--prune-last",
+            help="Delete the resumable last.safetensors of finished runs, keeping their "
+            "final weights in final.safetensors (--run keeps working; only extending the run "
+            "needs what is deleted).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
+) -> None:
+    """List the training runs in the data dir: name, method, N, epochs done/planned,
+    state (finished, running, stopped), val and test accuracy, size on disk.
+
+    Runs of benchmarks are listed as BENCHMARK/RUN. A run counts as
+    running when it wrote to its folder in the last 10 minutes.
+
+    [bold]Examples[/]
+
+      threengan runs
+
+      threengan runs --json
+
+      threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
+    """
+    from threengan_cli import runlist
+    from threengan_cli.modelfile import CheckpointError
+
+    found = runlist.list_runs()
+    if names:
+        known = {r.name for r in found}
+        missing = [n for n in names if n not in known]
+        if missing:
+            fail(f"no run named {missing[0]} (see `threengan runs`)", EXIT_USAGE)
+        found = [r for r in found if r.name in names]
+    pruned = []
+    if prune_last:
+        for run in found:
+            try:
+                done = runlist.prune_last(run)
+            except (OSError, CheckpointError) as exc:
+                fail(f"cannot prune {run.name}: {exc}")
+            if done is not None:
+                pruned.append(done)
+        found = [runlist.read_run(Path(r.path), r.name) for r in found]
+    if as_json:
+        rows = [r.to_dict() for r in found]
+        print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)
+    elif found:
+        from rich import box
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("name", "method", "N", "epochs", "state", "val acc", "test acc", "size"):
+            right = column in ("N", "epochs", "val acc", "test acc", "size")
+            table.add_column(column, justify="right" if right else "left")
+
+        def acc(value) -> str:
+            return "–" if value is None else f"{value:.4f}"
+
+        for r in found:
+            table.add_row(
+                escape(r.name),
+                r.method or "?",
+                str(r.size or "all"),
+                f"{r.epochs_done}/{r.epochs_planned or '?'}",
+                r.state,
+                acc(r.val_accuracy),
+                acc(r.test_accuracy),
+                runlist.human_bytes(r.bytes),
+            )
+        out.print(table)
+    elif not quiet:
+        note("no runs yet: run `threengan train DATASET`")
+    if prune_last and not quiet:
+        freed = sum(p.freed_bytes for p in pruned)
+        note(
+            f"pruned {len(pruned)} finished run(s), freed {runlist.human_bytes(freed)}"
+            if pruned
+            else "nothing to prune: no finished run keeps a last.safetensors"
+        )
+
+
 # -------------------------------------------------------------------------------------- train
 def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> Path:
     from threengan_cli import paths
@@ -640,6 +736,7 @@ def train(
             )
         saved = json_mod.loads((run_dir / "settings.json").read_text())
         run_meta = json_mod.loads((run_dir / "run.json").read_text())
+        _finished_run_or_continue(run_dir, epochs, as_json, quiet)
         if epochs is not None:
             saved["epochs"] = epochs
         cfg = settings_or_exit("train", None, **saved)
@@ -685,12 +782,44 @@ def train(
     if as_json:
         print_json(summary)
     elif not quiet:
-        test = summary["test"]
-        note(
-            f"done in {summary['elapsed_s']:.0f}s: test accuracy {test.get('accuracy', 0):.4f}, "
-            f"AUC {test.get('auc') or float('nan'):.4f}, sensitivity "
-            f"{test.get('sensitivity', 0):.4f}, specificity {test.get('specificity', 0):.4f} "
-            f"(final epoch; summary in {run_dir / 'summary.json'})"
+        _summary_note(summary, run_dir)
+
+
+def _summary_note(summary: dict, run_dir: Path) -> None:
+    test = summary["test"]
+    note(
+        f"done in {summary['elapsed_s']:.0f}s: test accuracy {test.get('accuracy', 0):.4f}, "
+        f"AUC {test.get('auc') or float('nan'):.4f}, sensitivity "
+        f"{test.get('sensitivity', 0):.4f}, specificity {test.get('specificity', 0):.4f} "
+        f"(final epoch; summary in {run_dir / 'summary.json'})"
+    )
+
+
+def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
+    """``train --resume`` of a finished run without a larger --epochs: its summary, exit 0
+    (so a CI script can run the same line twice); of a pruned one with a larger --epochs:
+    a clear error. Otherwise return, and training continues."""
+    from threengan_cli import runlist
+
+    run = runlist.read_run(run_dir)
+    if run.state != "finished":
+        return
+    if epochs is None or epochs <= run.epochs_done:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if as_json:
+            print_json(summary)
+        elif not quiet:
+            note(
+                f"{run_dir} already finished its {run.epochs_done} epochs; pass --epochs "
+                f"larger than {run.epochs_done} to extend it"
+            )
+            _summary_note(summary, run_dir)
+        raise typer.Exit(EXIT_OK)
+    if not run.resumable:
+        fail(
+            f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
+            "(threengan runs --prune-last); train a new run instead",
+            EXIT_USAGE,
         )
 
 

@@ -23,6 +23,7 @@ from threengan_cli import paths
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 META_KEY = "threengan"
 BEST, LAST = "best.safetensors", "last.safetensors"
+FINAL = "final.safetensors"  # the final epoch's weights alone, once ``runs --prune-last`` ran
 DEFAULT_MODEL = "default.safetensors"
 
 
@@ -131,7 +132,7 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
         run_dir = paths.resolve_run(run)
         if not run_dir.is_dir():
             raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
-        for name in (BEST, LAST):
+        for name in (BEST, LAST, FINAL):
             if (run_dir / name).is_file():
                 return run_dir / name
         raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
@@ -150,7 +151,7 @@ def file_id(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     name = path.name
-    if path.name in (BEST, LAST):
+    if path.name in (BEST, LAST, FINAL):
         name = f"{path.parent.name}/{path.name}"
     return f"{name}@{digest.hexdigest()[:12]}"
 
@@ -177,6 +178,73 @@ def stored_threshold(meta: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
+def _read_header(fh: Any, path: Path) -> dict[str, Any]:
+    """The JSON header of an open safetensors file (the file positioned at its start)."""
+    import struct
+
+    try:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        if not isinstance(header, dict):
+            raise ValueError
+        return header
+    except (ValueError, struct.error):
+        raise CheckpointError(f"{path} has a damaged header") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata, reading only its header (not the tensors)."""
+    check_file(path)
+    with open(path, "rb") as fh:
+        header = _read_header(fh, path)
+    return parse_meta((header.get("__metadata__") or {}).get(META_KEY), path)
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    import struct
+
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to a multiple of 8
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
+    """Write ``target`` (atomically) with ``source``'s network weights (``net/...``) alone,
+    byte for byte, and its metadata updated by ``changes`` (a key set to None is dropped)."""
+    from threengan_cli import fileio
+
+    check_file(source)
+    with open(source, "rb") as src:
+        header = _read_header(src, source)
+        start = src.tell()
+        meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), source)
+        meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+        kept = sorted(
+            (k for k in header if k.startswith("net/")),
+            key=lambda k: header[k]["data_offsets"][0],
+        )
+        if not kept:
+            raise CheckpointError(f"{source} holds no network weights")
+        new: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(meta)}}
+        offset = 0
+        for key in kept:
+            begin, end = header[key]["data_offsets"]
+            new[key] = {**header[key], "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
+        with fileio.atomic_file(target, "wb") as dst:
+            dst.write(_header_bytes(new))
+            for key in kept:
+                begin, end = header[key]["data_offsets"]
+                src.seek(start + begin)
+                left = end - begin
+                while left:
+                    block = src.read(min(left, 1 << 20))
+                    if not block:
+                        raise CheckpointError(f"{source} is truncated")
+                    dst.write(block)
+                    left -= len(block)
+
+
 def update_meta(path: Path, changes: dict[str, Any]) -> None:
     """Merge ``changes`` into a checkpoint's JSON metadata, atomically, tensors untouched.
 
@@ -185,23 +253,15 @@ def update_meta(path: Path, changes: dict[str, Any]) -> None:
     The new header is padded with spaces to a multiple of 8, as safetensors writes it, and
     the file is written whole under a temporary name, then renamed into place.
     """
-    import struct
-
     from threengan_cli import fileio
 
     check_file(path)
     with open(path, "rb") as src:
-        (length,) = struct.unpack("<Q", src.read(8))
-        try:
-            header = json.loads(src.read(length))
-            meta = parse_meta(header.get("__metadata__", {}).get(META_KEY), path)
-        except (ValueError, AttributeError):
-            raise CheckpointError(f"{path} has a damaged header") from None
+        header = _read_header(src, path)
+        meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), path)
         meta = {**meta, **changes}
         header["__metadata__"] = {**header["__metadata__"], META_KEY: json.dumps(meta)}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
         with fileio.atomic_file(path, "wb") as dst:
-            dst.write(struct.pack("<Q", len(raw)) + raw)
+            dst.write(_header_bytes(header))
             for block in iter(lambda: src.read(1 << 20), b""):
                 dst.write(block)
