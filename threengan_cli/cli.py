@@ -281,6 +281,10 @@ def prepare(
     Unreadable files are skipped and listed: exit 0 with a warning,
     or exit 1 (nothing written) under --strict.
 
+    Preparing the same source (same files, sizes and times) with the
+    same settings again says "up to date" and exits 0 without work; a
+    different source or settings needs --force.
+
     [bold]Examples[/]
 
       threengan prepare ~/data/chest_xray --name kermany
@@ -343,6 +347,15 @@ def prepare(
     except DatasetError as exc:
         fail(str(exc))
 
+    if report.up_to_date:
+        if as_json:
+            print_json(report.to_dict())
+        if not quiet:
+            note(
+                f"{target} is up to date: prepared from the same source with the same "
+                "settings (--force prepares it again)"
+            )
+        return
     for path, reason in report.skipped[:MAX_LISTED]:
         warn(f"skipped {path}: {reason}")
     if len(report.skipped) > MAX_LISTED:
@@ -1805,6 +1818,8 @@ def benchmark(
     unfinished one; a run folder written with other settings is refused.
     Ctrl+C keeps what is finished and exits 130. Exit 3 when some runs
     failed (a loss became non-finite); they are counted in the report.
+    merge writes what it finds and exits 3, naming them, when runs of
+    the grid are missing from every merged folder.
 
     [bold]Examples[/]
 
@@ -1926,6 +1941,14 @@ def benchmark(
     failed = results["counts"]["failed"]
     if failed:
         warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
+    missing = (results.get("missing") or []) if args[0] == "merge" else []
+    if missing:
+        shown = ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
+        warn(
+            f"{len(missing)} run(s) of the grid are in none of the merged folders: {shown}; "
+            f"the report covers the other {results['counts'].get('finished', 0)} finished"
+        )
+    if failed or missing:
         raise typer.Exit(EXIT_PARTIAL)
 
 
