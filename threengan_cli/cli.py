@@ -1073,6 +1073,14 @@ def classify(
             "file system refuses hard links).",
         ),
     ] = False,
+    examples: Annotated[
+        bool,
+        typer.Option(
+            "--examples",
+            help="Also classify the 8 example X-rays shipped with threengan (Kermany et al., "
+            "CC BY 4.0; `threengan info` shows where).",
+        ),
+    ] = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -1110,6 +1118,8 @@ def classify(
 
     [bold]Examples[/]
 
+      threengan classify --examples   [dim]# the shipped X-rays, no download[/]
+
       threengan classify scan1.jpg scan2.png --run my-run
 
       threengan classify ~/xrays -r -o results.csv
@@ -1122,9 +1132,17 @@ def classify(
 
       threengan classify inbox/ --sort-into sorted/ --link
     """
+    if examples:
+        from threengan_cli.paths import example_images
+
+        shipped = [str(p) for p in example_images()]
+        if not shipped:
+            fail("this installation has no example X-rays (threengan_cli/examples)")
+        inputs = [*(inputs or []), *shipped]
     if not inputs:
         fail(
-            "give at least one PATH (a file, folder or glob), or - to read paths from stdin",
+            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
+            "from stdin",
             EXIT_USAGE,
         )
     cfg = settings_or_exit(

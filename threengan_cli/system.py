@@ -91,6 +91,8 @@ def library_versions() -> dict[str, str]:
 def describe() -> dict[str, object]:
     import torch
 
+    from threengan_cli.modelfile import bundled_model
+
     flags = cpu_flags()
     features = sorted(
         f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"}
@@ -113,4 +115,6 @@ def describe() -> dict[str, object]:
         "cuda": torch.version.cuda or "none",
         "dicom": dicom,
         "data dir": str(paths.home()),
+        "default model": str(bundled_model() or "not installed"),
+        "examples": str(paths.examples_dir() or "not installed"),
     }
