@@ -680,7 +680,11 @@ def train(
     ] = None,
     device: DeviceOpt = None,
     precision: Annotated[
-        str | None, typer.Option(help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX).")
+        str | None,
+        typer.Option(
+            help="fp32 or bf16. On a CPU bf16 pays with AMX, is slower with AVX512-BF16 alone "
+            "(a warning) and is refused without either; `threengan info` says which."
+        ),
     ] = None,
     cuda_graphs: Annotated[
         bool | None,
@@ -776,6 +780,7 @@ def train(
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
+    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
     view = _TrainView(quiet)
     try:
         summary = training.train(
@@ -796,6 +801,18 @@ def train(
         print_json(summary)
     elif not quiet:
         _summary_note(summary, run_dir)
+
+
+def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
+    """bf16 on a CPU where it runs but is slower than fp32 (AVX512-BF16 without AMX): a
+    warning. Where it is emulated, training itself refuses it."""
+    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
+        return
+    from threengan_cli import system
+
+    verdict, why = system.cpu_bf16_verdict()
+    if verdict == "slower" and system.select_device(device).type == "cpu":
+        warn(f"--precision bf16 on this CPU is likely slower than fp32 ({why}); use fp32")
 
 
 def _summary_note(summary: dict, run_dir: Path) -> None:
@@ -1920,6 +1937,7 @@ def benchmark(
         from threengan_cli.checkpoints import CheckpointError
         from threengan_cli.datasets import DatasetError
 
+        _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
         view = _BenchView(quiet)
         hint = f"finished runs are kept in {target}; run the same command again to resume"
         try:
@@ -1977,6 +1995,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPT)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        from threengan_cli.system import NO_TORCH
+
+        err.print(f"error: this command needs PyTorch. {NO_TORCH}", markup=False, soft_wrap=True)
+        sys.exit(EXIT_FAIL)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ These {n} images come from the test set of the public chest X-ray data of
 > Diseases by Image-Based Deep Learning." *Cell* 172(5), 1122-1131.e9 (2018).
 > doi:10.1016/j.cell.2018.02.010
 
-as published in Kermany, D., Zhang, K., Goldbaum, M. "Large Dataset of Labeled Optical
-Coherence Tomography (OCT) and Chest X-Ray Images", Mendeley Data, v2 (2018),
+as published in Kermany, D., Zhang, K., Goldbaum, M. "Labeled Optical Coherence Tomography
+(OCT) and Chest X-Ray Images for Classification", Mendeley Data, v2 (2018),
 doi:10.17632/rscbjbr9sj.2, under the Creative Commons Attribution 4.0 International license
 (CC BY 4.0, https://creativecommons.org/licenses/by/4.0/).
 
