@@ -440,7 +440,7 @@ def runs(
     names: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[NAME]...",
+            metavar="NAME",
             help="Only these runs (names as listed; all by default).",
             show_default=False,
         ),
@@ -1295,6 +1295,7 @@ def evaluate(
     data: Annotated[
         str,
         typer.Argument(
+            metavar="DATA",
             help="Labelled images: a prepared dataset (name or folder), a folder of class "
             "folders (or of train/ val/ test/ class folders), or a CSV of path,label[,split].",
             show_default=False,
@@ -1311,8 +1312,6 @@ def evaluate(
     threshold: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=1.0,
             help="Two classes: call the second (pneumonia) from this probability on "
             "\\[default: the model's stored threshold, else 0.5].",
         ),
