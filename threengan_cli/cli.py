@@ -682,8 +682,8 @@ def train(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="fp32 or bf16. On a CPU bf16 pays with AMX, is slower with AVX512-BF16 alone "
-            "(a warning) and is refused without either; `threengan info` says which."
+            help="fp32 or bf16. On a CPU bf16 was measured slower than fp32 even where it is "
+            "native (a warning) and is refused where emulated; `threengan info` says which."
         ),
     ] = None,
     cuda_graphs: Annotated[
@@ -804,15 +804,15 @@ def train(
 
 
 def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
-    """bf16 on a CPU where it runs but is slower than fp32 (AVX512-BF16 without AMX): a
-    warning. Where it is emulated, training itself refuses it."""
+    """bf16 on a CPU where it runs natively but was not measured faster than fp32 (see
+    ``system.cpu_bf16_verdict``): a warning. Where it is emulated, training refuses it."""
     if precision != "bf16" or quiet or device not in ("auto", "cpu"):
         return
     from threengan_cli import system
 
     verdict, why = system.cpu_bf16_verdict()
-    if verdict == "slower" and system.select_device(device).type == "cpu":
-        warn(f"--precision bf16 on this CPU is likely slower than fp32 ({why}); use fp32")
+    if verdict in ("slower", "unproven") and system.select_device(device).type == "cpu":
+        warn(f"--precision bf16 on this CPU is likely slower than fp32: {why}")
 
 
 def _summary_note(summary: dict, run_dir: Path) -> None:
