@@ -1121,8 +1121,10 @@ def classify(
 
     Data goes to stdout (or --output), messages to stderr. The model id
     and threshold are printed on stderr; --format json also puts them in
-    its header: {"model", "method", "threshold", "classes", "image_size",
-    "rows": [...], "summary"}.
+    its header: {"model", "method", "threshold", "threshold_source",
+    "classes", "image_size", "rows": [...], "summary"}. A threshold that
+    `evaluate --threshold-from val` stored in the model is used unless
+    --threshold is given (threshold_source: given, model or default).
 
     Probabilities are written with the fewest digits that read back as
     the model's float32 value, and do not depend on --batch-size. A count
