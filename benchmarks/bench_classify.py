@@ -40,9 +40,9 @@ def make_model(path: Path, width: int, image_size: int) -> Path:
     import torch
 
     from threengan_cli import checkpoints
+    from threengan_cli.images import NORMALISATION
     from threengan_cli.methods import METHODS
     from threengan_cli.settings import TrainSettings
-    from threengan_cli.training import NORMALISATION
 
     settings = TrainSettings(width=width)
     torch.manual_seed(0)

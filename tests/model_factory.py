@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from threengan_cli import checkpoints
+from threengan_cli.images import NORMALISATION
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
-from threengan_cli.training import NORMALISATION
 
 CLASSES = ("normal", "pneumonia")
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, training
+from threengan_cli import benchmark, report, training
 from threengan_cli import settings as settings_mod
 from threengan_cli.cli import app
+from threengan_cli.methods import METHODS
 
 runner = CliRunner()
 TIMING = ("wall_s", "images_per_s")
@@ -131,7 +132,7 @@ def test_aggregation_is_mean_and_sample_std_over_finished_repeats():
         _fake_run("3ngan", 200, 3, 0.0, status="failed"),
         _fake_run("vanilla", 200, 0, 0.75),
     ]
-    rows = benchmark.aggregate(runs, ["vanilla", "3ngan"], [200])
+    rows = report.aggregate(runs, ["vanilla", "3ngan"], [200])
     assert [(r["method"], r["runs"], r["failed"]) for r in rows] == [
         ("vanilla", 1, 0),
         ("3ngan", 3, 1),
@@ -139,17 +140,17 @@ def test_aggregation_is_mean_and_sample_std_over_finished_repeats():
     row = rows[1]
     assert row["accuracy"]["mean"] == pytest.approx(0.9)
     assert row["accuracy"]["std"] == pytest.approx(0.1)  # sample std: sqrt(0.02 / 2)
-    assert row["auc"] == {
-        "mean": pytest.approx(0.8),
-        "std": pytest.approx(0.1414, abs=1e-4),
-        "n": 2,
-    }
+    assert row["auc"]["mean"] == pytest.approx(0.8)
+    assert row["auc"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["auc"]["n"] == 2
+    # 95% t-interval with 2 - 1 degrees of freedom: mean ± 12.706 * std / sqrt(2)
+    assert row["auc"]["ci95"] == pytest.approx([0.8 - 1.2706, 0.8 + 1.2706], abs=1e-4)
     assert row["optimistic_best_epoch_accuracy"]["mean"] == pytest.approx(0.9333, abs=1e-4)
     assert row["wall_s"]["mean"] == pytest.approx(20.0)
     assert row["paper_accuracy"] == pytest.approx(0.9152)
     assert row["accuracy_diff_points"] == pytest.approx(90.0 - 91.52)
     assert rows[0]["accuracy"]["std"] is None  # one repeat: no spread to report
-    assert benchmark.mean_std([]) == {"mean": None, "std": None, "n": 0}
+    assert report.mean_std([])["mean"] is None and report.mean_std([])["n"] == 0
 
 
 # ---------------------------------------------------------------------- skip and resume
@@ -380,10 +381,10 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
 def test_the_eta_counts_each_epoch_s_evaluation_as_well_as_its_steps():
     quick = {s.name: s for s in benchmark.grid(benchmark.resolve_settings("quick"))}
     small, large = quick["vanilla-n200-r0"], quick["3ngan-n1000-r0"]
-    assert small.work(0) == 8 * 20 * benchmark.STEP_MS["vanilla"]
+    assert small.work(0) == 8 * 20 * METHODS["vanilla"].step_ms
     evaluated = 523 + 624
     assert small.work(evaluated) == pytest.approx(
-        8 * (20 * benchmark.STEP_MS["vanilla"] + evaluated * benchmark.EVAL_MS_PER_IMAGE)
+        8 * (20 * METHODS["vanilla"].step_ms + evaluated * benchmark.EVAL_MS_PER_IMAGE)
     )
     # measured on the 2-core CPU: 13 s and 148 s; counting evaluation brings the estimated
     # ratio from 32x to 14x

@@ -124,12 +124,8 @@ def test_prepare_skips_unreadable_files_and_counts_them(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     report = prepare(src, tmp_path / "ds", settings())
     reasons = dict(report.skipped)
-    assert (
-        reasons[".DS_Store"]
-        == reasons["a/.DS_Store"]
-        == reasons["a/notes.txt"]
-        == ("not an image file")
-    )
+    assert ".DS_Store" not in reasons and "a/.DS_Store" not in reasons  # silent
+    assert reasons["a/notes.txt"] == "not an image file"
     assert reasons["a/empty.png"] == "zero-byte file"
     assert reasons["a/text.png"] == "not an image"
     assert reasons["b/cut.jpg"] == "truncated image"
@@ -344,6 +340,14 @@ def test_balanced_subset_draws_half_per_class_by_seed():
         balanced_subset(labels, 24, seed=0)
 
 
+def test_balanced_subset_names_classes_and_refuses_a_size_that_does_not_divide():
+    labels = np.array([0] * 10 + [1] * 30)
+    with pytest.raises(DatasetError, match="class NORMAL has only 10 training images"):
+        balanced_subset(labels, 24, seed=0, classes=["NORMAL", "PNEUMONIA"])
+    with pytest.raises(DatasetError, match="such as 8 or 10"):
+        balanced_subset(labels, 9, seed=0)
+
+
 def test_list_prepared_lists_datasets_and_broken_ones(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     prepare(src, tmp_path / "root" / "one", settings())
@@ -364,7 +368,7 @@ def test_the_same_source_and_settings_again_is_up_to_date_and_anything_else_need
     assert again.counts == first.counts and again.classes == first.classes
     assert (tmp_path / "ds" / "data.safetensors").stat().st_mtime_ns == written
     with pytest.raises(DatasetError, match="other settings .*image_size.*--force"):
-        prepare(src, tmp_path / "ds", settings(image_size=12))
+        prepare(src, tmp_path / "ds", settings(image_size=8))
     class_tree(src, {"c": 1})  # a file added to the source
     with pytest.raises(DatasetError, match="source changed since.*--force"):
         prepare(src, tmp_path / "ds", settings())

@@ -1,7 +1,11 @@
 """Checkpoints: one safetensors file holding weights, optimizer and RNG state, and JSON metadata.
 
 Layout of one checkpoint file (``*.safetensors``):
-  tensors   ``net/<G|D|C>/<param>``            network weights (unwrapped modules)
+  tensors   ``net/<G|D|C>/<param>``            network weights
+            ``avg/<G|C|D>/<param>``             moving averages of weights (resume only)
+            ``use/<G|C|D>/<param>``             the weights to use (averaged, BatchNorm
+                                                statistics recomputed) where
+                                                ``meta["weights"] == "use"``
             ``opt/<G|D|C>/<index>/<key>``       optimizer state tensors (resume only)
             ``rng/<name>``                      RNG states (resume only)
             ``state/<name>``                    loop accumulators (resume only)
@@ -45,13 +49,16 @@ class Checkpoint:
         return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + "/")}
 
     @property
+    def weights_prefix(self) -> str:
+        """Where the weights to use are: ``use`` in a run's last checkpoint when they differ
+        from the live ones (averaged, BatchNorm recomputed), ``net`` otherwise."""
+        return "use" if self.meta.get("weights") == "use" else "net"
+
+    @property
     def network_names(self) -> list[str]:
-        return sorted({k.split("/")[1] for k in self.tensors if k.startswith("net/")})
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module behind ``torch.compile`` (so saved keys never carry ``_orig_mod.``)."""
-    return getattr(module, "_orig_mod", module)
+        """The networks whose weights to use this file holds."""
+        cut = self.weights_prefix + "/"
+        return sorted({k.split("/")[1] for k in self.tensors if k.startswith(cut)})
 
 
 def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -75,23 +82,26 @@ def save(
     state: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     host_work: AbstractContextManager[Any] | None = None,
+    groups: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
     ``nets`` maps names to modules or to their state dicts (a copy of earlier weights).
     ``dtype`` stores floating-point weights in a smaller type (fp16 for shipped models).
     ``host_work`` is entered once every tensor is on the CPU, around serialising and
-    writing: a run trained beside others hands its GPU turn on there.
+    writing: a run trained beside others hands its GPU turn on there. ``groups`` holds
+    further sets of networks under their own prefix (``{"use": {"C": module}}``).
     """
     from safetensors.torch import save as st_save
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, net in nets.items():
-        weights = net if isinstance(net, dict) else unwrap(net).state_dict()
-        for key, value in weights.items():
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            tensors[f"net/{name}/{key}"] = value
+    for prefix, group in {"net": nets, **(groups or {})}.items():
+        for name, net in group.items():
+            weights = net if isinstance(net, dict) else net.state_dict()
+            for key, value in weights.items():
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                tensors[f"{prefix}/{name}/{key}"] = value
     opt_meta = {}
     for name, opt in (optimizers or {}).items():
         opt_tensors, opt_meta[name] = _optimizer_tensors(name, opt)
@@ -125,16 +135,16 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     return Checkpoint(meta=meta, tensors=tensors, path=path)
 
 
-def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module]) -> None:
+def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module], prefix: str = "net") -> None:
+    """Load each network's weights from ``<prefix>/<name>/`` (strict: every key must fit)."""
     for name, net in nets.items():
-        weights = ckpt.group(f"net/{name}")
+        weights = ckpt.group(f"{prefix}/{name}")
         if not weights:
             raise CheckpointError(f"{ckpt.path}: no weights for network {name}")
-        target = unwrap(net)
-        reference = target.state_dict()
+        reference = net.state_dict()
         weights = {k: v.to(reference[k].dtype) if k in reference else v for k, v in weights.items()}
         try:
-            target.load_state_dict(weights, strict=True)
+            net.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit: {first}") from None

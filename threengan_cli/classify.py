@@ -371,3 +371,45 @@ def _same_file(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+ADAPT_MIN_IMAGES = 32  # fewer images give BatchNorm statistics too noisy to trust
+
+
+class AdaptError(Exception):
+    """Test-time adaptation cannot run on these inputs; one line for the user."""
+
+
+def adapt_bn(
+    inputs: list[str], model: Classifier, workers: int = 0, recursive: bool = False
+) -> int:
+    """``classify --adapt bn``: recompute the classifier's BatchNorm statistics on the readable
+    images among ``inputs`` (no labels are used: transductive, label-free adaptation to the
+    images at hand), before they are classified. Needs the torch engine; returns how many
+    images the statistics came from. Fewer than :data:`ADAPT_MIN_IMAGES` is an
+    :class:`AdaptError`."""
+    import numpy as np
+    import torch
+
+    if not hasattr(model, "adapt_bn"):
+        raise AdaptError("--adapt bn needs the torch engine (--engine torch)")
+    workers = workers or os.cpu_count() or 1
+    paths = [path for path, error in expand(inputs, recursive, None) if error is None]
+    step = max(1, -(-len(paths) // workers))
+    pool = _executor(workers)
+    try:
+        parts = [
+            pool.submit(decode_chunk, paths[i : i + step], model.image_size, model.fit)
+            for i in range(0, len(paths), step)
+        ]
+        arrays = [future.result()[0] for future in parts]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    images = np.concatenate(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
+    if len(images) < ADAPT_MIN_IMAGES:
+        raise AdaptError(
+            f"--adapt bn needs at least {ADAPT_MIN_IMAGES} readable images to estimate "
+            f"BatchNorm statistics from (got {len(images)})"
+        )
+    model.adapt_bn(torch.from_numpy(images))
+    return len(images)

@@ -173,10 +173,21 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
 
 
+# Files the operating system leaves in folders: never images, never reported.
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+
+
+def _is_system_file(name: str) -> bool:
+    """``.DS_Store``, ``._*`` resource forks, ``Thumbs.db``...: skipped without a word."""
+    return name.startswith(".") or name.lower() in _SYSTEM_FILES
+
+
 def _loose_files(folder: Path, source: Path, why: str) -> list[tuple[str, str]]:
     """Files lying beside the class folders: skipped, with the reason."""
     out = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _is_system_file(entry.name):
+            continue
         if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
             rel = _rel(Path(entry.path), source)
             out.append((rel, why if images.is_image_file(entry.path) else NOT_AN_IMAGE))
@@ -214,7 +225,7 @@ def _walk_class(folder: Path, label: int, split: str, source: Path, items, skipp
             rel = f"{rel_root}/{name}"
             if images.is_image_file(full):
                 items.append(_Item(rel, label, split, full))
-            else:
+            elif not _is_system_file(name):
                 skipped.append((rel, NOT_AN_IMAGE))
 
 
@@ -808,24 +819,39 @@ def load_prepared(path: Path) -> PreparedDataset:
 
 
 def balanced_subset(
-    labels: np.ndarray, n: int, seed: int, num_classes: int | None = None
+    labels: np.ndarray,
+    n: int,
+    seed: int,
+    num_classes: int | None = None,
+    classes: list[str] | None = None,
 ) -> np.ndarray:
     """Indices of ``n // K`` images per class (K classes), drawn by ``seed`` without replacement.
 
-    The remainder of ``n`` that does not divide by K is not drawn. Indices come back sorted.
+    ``n`` must divide by K, so that the subset has the size asked for. ``classes`` names the
+    classes in messages. Indices come back sorted.
     """
     labels = np.asarray(labels)
+    if classes is not None:
+        num_classes = len(classes)
     k = num_classes if num_classes is not None else int(labels.max()) + 1 if len(labels) else 0
     if k < 1 or n < k:
         raise DatasetError(f"a balanced subset of {n} needs at least one image per class ({k})")
+    if n % k:
+        lower, upper = n - n % k, n - n % k + k
+        raise DatasetError(
+            f"a balanced subset of {n} does not divide over {k} classes: "
+            f"use a size such as {lower} or {upper}"
+        )
     per = n // k
     rng = np.random.default_rng(seed)
     picks = []
     for c in range(k):
         pool = np.flatnonzero(labels == c)
         if len(pool) < per:
+            name = classes[c] if classes is not None else str(c)
             raise DatasetError(
-                f"class {c} has only {len(pool)} images; a balanced subset of {n} needs {per}"
+                f"class {name} has only {len(pool)} training images; "
+                f"a balanced subset of {n} needs {per} per class"
             )
         picks.append(rng.choice(pool, per, replace=False))
     return np.sort(np.concatenate(picks))

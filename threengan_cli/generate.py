@@ -29,7 +29,9 @@ import torch
 from PIL import Image
 
 from threengan_cli import fileio
+from threengan_cli.images import grid_png
 from threengan_cli.inference import Model
+from threengan_cli.networks import from_model_range
 
 Z_BLOCK = 256
 GRID_MAX = 64  # the grid shows the first images only: 10,000 thumbnails help no one
@@ -73,9 +75,7 @@ def latents(seed: int, start: int, stop: int, latent: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (B, 1, H, W) -> uint8 (B, H, W), the inverse of ``training.to_model_range``."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+to_uint8 = from_model_range  # [-1, 1] (B, 1, H, W) -> uint8 (B, H, W)
 
 
 def _png(pixels) -> bytes:
@@ -117,8 +117,6 @@ def generate(
     ``out_dir`` must not exist or be empty. ``on_progress(n)`` is called with the number of
     images done after each batch.
     """
-    from threengan_cli.training import save_grid
-
     model.require("G")
     if label:
         model.require_classifier()
@@ -184,7 +182,8 @@ def generate(
         write_all(None, None)
     if grid is not None:
         images = torch.cat(grid_parts)[:grid_count]
-        save_grid(images, grid, nrow=math.ceil(math.sqrt(len(images))))
+        pixels = to_uint8(images).numpy()
+        fileio.write_bytes(grid, grid_png(pixels, nrow=math.ceil(math.sqrt(len(images)))))
     if label:
         result.labels = {name: counts.get(name, 0) for name in [*model.classes, UNCERTAIN]}
     return result

@@ -34,7 +34,6 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +44,11 @@ IMAGE_SUFFIXES = frozenset(
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 FITS = ("squash", "crop", "pad")
 DICOM_HINT = "DICOM needs the dicom extra: pip install 'threengan[dicom]'"
+
+# The model's input range: uint8 pixels p become p * scale + offset, in [-1, 1], the range
+# the generator's tanh produces. The one definition; every checkpoint records it, and the
+# loaders (torch and NumPy) apply the one a checkpoint records.
+NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
 
 _RESAMPLE = Image.Resampling.LANCZOS
 _REDUCING_GAP = 3.0
@@ -268,5 +272,14 @@ def _dicom_pixels(data: bytes) -> np.ndarray:
         raise ImageReadError(f"unreadable DICOM ({exc})") from None
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def grid_png(pixels: np.ndarray, nrow: int = 8, pad: int = 2) -> bytes:
+    """A PNG of uint8 images (B, H, W) in a grid, ``nrow`` per row, black gutters."""
+    b, h, w = pixels.shape
+    rows = -(-b // nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i in range(b):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[top : top + h, left : left + w] = pixels[i]
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from threengan_cli import checkpoints, system
-from threengan_cli.methods import METHODS
+from threengan_cli import checkpoints, modelfile, system
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
@@ -31,9 +30,10 @@ from threengan_cli.modelfile import (
     stored_threshold,
 )
 from threengan_cli.modelfile import meta_value as _meta_value
+from threengan_cli.networks import Classifier, Generator, to_model_range
 from threengan_cli.settings import TrainSettings
 
-__all__ = ["Model", "ModelError", "ModelNotFound", "classifier_of", "load_model"]
+__all__ = ["Model", "ModelError", "ModelNotFound", "load_model"]
 
 
 @dataclass
@@ -50,11 +50,9 @@ class Model:
     device: torch.device
     latent: int = 100
     path: Path | None = None
-
-    @property
-    def classifier(self) -> str:
-        """Which network classifies: C, or the multi-task D of methods that have no C."""
-        return classifier_of(self.method)
+    classifier: str = "C"  # the network whose logits classify (sgan: its multi-task D)
+    logits: int = 2  # how many of its first logits are the classes
+    normalisation: dict[str, float] = field(default_factory=dict)
 
     def require(self, *names: str) -> None:
         """Raise a :class:`ModelError` naming the networks this checkpoint lacks."""
@@ -83,18 +81,22 @@ class Model:
 
     def predict_proba(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) at the model size -> class probabilities (B, K), float32 on CPU."""
-        from threengan_cli.training import to_model_range
-
         self.require_classifier()
         with torch.inference_mode():
-            x = to_model_range(images_u8.to(self.device))
-            logits = METHODS[self.method].predict(self.nets, x)
+            x = to_model_range(images_u8.to(self.device), self.normalisation or None)
+            logits = self.nets[self.classifier](x)[:, : self.logits]
             return self.probabilities(logits).cpu()
 
+    def adapt_bn(self, images_u8: torch.Tensor, batch_size: int = 64) -> None:
+        """Recompute the classifier's BatchNorm statistics on these images (no labels): the
+        transductive test-time adaptation of ``classify --adapt bn``."""
+        from threengan_cli.averaging import recompute_bn
 
-def classifier_of(method: str) -> str:
-    """The network whose logits classify: C, or D for methods without C (sgan)."""
-    return "C" if "C" in METHODS[method].players else "D"
+        net = self.nets[self.classifier]
+        x = to_model_range(images_u8.to(self.device), self.normalisation or None)
+        with torch.inference_mode(False):
+            recompute_bn(net, (b for b in x.split(batch_size) if len(b) > 1))
+        net.eval()
 
 
 def load_model(
@@ -111,27 +113,35 @@ def load_model(
     except checkpoints.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     meta = ckpt.meta
-    method = _meta_value(meta, "method", path)
-    if method not in METHODS:
-        raise ModelError(f"{path}: unknown method {method!r} (known: {', '.join(METHODS)})")
+    method = str(_meta_value(meta, "method", path))
     classes = [str(c) for c in _meta_value(meta, "classes", path)]
     image_size = int(_meta_value(meta, "image_size", path))
     channels = int(meta.get("channels", 1))
     try:
-        settings = TrainSettings.model_validate(_meta_value(meta, "settings", path))
+        settings = TrainSettings.from_stored(_meta_value(meta, "settings", path))
     except ValueError as exc:
         raise ModelError(f"{path}: settings in the metadata are not valid ({exc})") from None
+    classifier, logits = modelfile.classifier_spec(meta, path)
+    scale, offset = modelfile.normalisation(meta, path)
+    prefix = ckpt.weights_prefix
 
-    built = METHODS[method].networks(settings, len(classes), image_size, channels)
-    nets = {name: net for name, net in built.items() if name in ckpt.network_names}
+    # Built from the metadata and the weights alone: the classifier (C, or sgan's multi-task
+    # D: the same body with one more logit) and G where the file holds them.
+    nets: dict[str, nn.Module] = {}
+    for name in ckpt.network_names:
+        if name == classifier:
+            head = ckpt.tensors.get(f"{prefix}/{name}/head.weight")
+            outputs = int(head.shape[0]) if head is not None else logits
+            nets[name] = Classifier(outputs, settings.width, image_size, channels)
+        elif name == "G":
+            nets[name] = Generator(settings.latent, settings.width, image_size, channels)
     if not nets:
         raise ModelError(f"{path} holds no network weights")
     try:
-        checkpoints.restore_networks(ckpt, nets)
+        checkpoints.restore_networks(ckpt, nets, prefix=prefix)
     except checkpoints.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     nets = {name: net.to(torch_device).eval().requires_grad_(False) for name, net in nets.items()}
-    classifier = classifier_of(method)
     if classifier in nets and torch_device.type in ("cpu", "cuda"):
         # Measured: oneDNN runs the classifier 1.5x faster in channels_last on CPU (450 ->
         # 700 img/s at width 64, 2 cores), which matters because classify is CPU-bound with
@@ -148,4 +158,7 @@ def load_model(
         device=torch_device,
         latent=settings.latent,
         path=path,
+        classifier=classifier,
+        logits=logits,
+        normalisation={"scale": scale, "offset": offset},
     )

@@ -151,19 +151,26 @@ def _log_not_fake(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sgan_discriminator_loss(
-    logits_real: torch.Tensor, labels: torch.Tensor, logits_fake: torch.Tensor
+    logits_real: torch.Tensor,
+    labels: torch.Tensor,
+    logits_fake: torch.Tensor,
+    logits_unlabelled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Salimans et al.'s L_supervised + L_unsupervised for the K+1-way D.
 
     - supervised: CE over all K+1 classes of the labelled real images against their label;
     - unsupervised: -log(1 - p_fake(x_real)) - log p_fake(G(z)).
 
-    Our training set is fully labelled (there is no unlabelled real pool), so the
-    unsupervised real term is computed on the same labelled batch as the supervised one.
+    Without an unlabelled pool (the paper's setting) the unsupervised real term is computed
+    on the same labelled batch as the supervised one; with ``logits_unlabelled`` it is
+    computed on the labelled and unlabelled real images together.
     """
     fake_class = logits_fake.shape[1] - 1
     supervised = F.cross_entropy(logits_real, labels)
-    real_not_fake = -_log_not_fake(logits_real).mean()
+    seen_real = (
+        logits_real if logits_unlabelled is None else torch.cat([logits_real, logits_unlabelled])
+    )
+    real_not_fake = -_log_not_fake(seen_real).mean()
     fake_is_fake = -F.log_softmax(logits_fake, dim=1)[:, fake_class].mean()
     return supervised + real_not_fake + fake_is_fake
 

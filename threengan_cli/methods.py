@@ -1,8 +1,16 @@
 """vanilla / sgan / ecgan / 3ngan: which network is updated with which loss, one step each.
 
-A method is a small class registered in :data:`METHODS`; adding one touches only this file.
-Every method answers four questions: which networks it builds, their optimizers, one training
-step, and which logits classify an image at evaluation time.
+A method is a small class registered in :data:`METHODS`, the one list of methods (settings
+validate against it); adding one touches only this file. Every method answers: which networks
+it builds, their optimizers, one training step, which network's logits classify an image
+(:attr:`Method.classifier`, written into every checkpoint so that loaders need no method
+names), and what a step costs (:attr:`Method.step_ms`, for the benchmark's ETA).
+
+Options of the robust recipe reach a step as two arguments: ``aug``, a differentiable
+augmentation applied alike to every batch D and C see, real or generated, and in G's loss
+(DiffAugment); and ``unlabelled``, a batch of real images without labels, which D sees as
+real and C learns from through confident pseudo-labels of its un-augmented view (FixMatch's
+weak/strong split). Without them a step is exactly the paper's.
 
 A step reads top to bottom: (1) update D on ``fake.detach()``, (2) update C on real images and
 confident fakes, (3) update G on the same ``fake``. Where one network sees real and generated
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threengan_cli import losses
+from threengan_cli.augment import Augment
 from threengan_cli.networks import (
     Classifier,
     Discriminator,
@@ -107,16 +116,63 @@ def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.step()
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _pseudo_label_term(
+    logits_weak: torch.Tensor, logits_strong: torch.Tensor, settings: TrainSettings
+) -> torch.Tensor:
+    """Unlabelled images: CE of the strongly augmented view against the confident argmax of
+    the weak (un-augmented) view, masked by ``unlabelled_tau``, times its weight (FixMatch)."""
+    pseudo, weights = losses.pseudo_labels(logits_weak, settings.unlabelled_tau)
+    return settings.unlabelled_weight * losses.masked_ce(logits_strong, pseudo, weights)
+
+
+def _classifier_views(
+    C: nn.Module, aug: Augment | None, *batches: torch.Tensor, unlabelled: torch.Tensor | None
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """C's logits of the augmented ``batches`` and, with ``unlabelled``, of its weak
+    (un-augmented) and strong (augmented) views, all in one call of C."""
+    t = aug or _same
+    parts = [t(b) for b in batches]
+    if unlabelled is not None:
+        parts += [unlabelled, t(unlabelled)] if aug is not None else [unlabelled]
+    out = [o.float() for o in separately(C, *parts)]
+    n = len(batches)
+    if unlabelled is None:
+        return out, None, None
+    weak = out[n]
+    strong = out[n + 1] if aug is not None else out[n]
+    return out[:n], weak, strong
+
+
 def _init(net: nn.Module) -> nn.Module:
     net.apply(init_dcgan_weights)
     return net
 
 
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """Which network classifies and how many of its first logits are the classes (the rest,
+    such as sgan's "fake", are dropped). Stored in checkpoints as ``meta["classifier"]``."""
+
+    network: str = "C"
+    drop_last: bool = False
+
+    def as_meta(self, num_classes: int) -> dict[str, object]:
+        return {"network": self.network, "logits": num_classes}
+
+
 class Method:
-    """Base of a training method; subclasses fill in the four class methods."""
+    """Base of a training method; subclasses fill in the class attributes and ``step``."""
 
     name: ClassVar[str]
     players: ClassVar[tuple[str, ...]]  # the networks built, among "G", "D", "C"
+    classifier: ClassVar[ClassifierSpec] = ClassifierSpec()
+    # ms per step at batch 10, width 64, 64 px on the project's 2-core CPU
+    # (benchmarks/bench_step.py, 2026-11-25); only ratios are used, to weigh runs for the ETA.
+    step_ms: ClassVar[float]
 
     @classmethod
     def networks(
@@ -146,13 +202,16 @@ class Method:
         settings: TrainSettings,
         autocast: torch.dtype | None = None,
         rng: torch.Generator | None = None,
+        aug: Augment | None = None,
+        unlabelled: torch.Tensor | None = None,
     ) -> StepOutput:
         raise NotImplementedError
 
-    @staticmethod
-    def predict(nets: Nets, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def predict(cls, nets: Nets, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) of the network that classifies at evaluation time."""
-        return nets["C"](x)
+        logits = nets[cls.classifier.network](x)
+        return logits[:, :-1] if cls.classifier.drop_last else logits
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -174,12 +233,24 @@ class Vanilla(Method):
 
     name = "vanilla"
     players = ("C",)
+    step_ms = 74.9
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
-        with _autocast(real.device, autocast):
-            logits = nets["C"](real)
-        loss_c = F.cross_entropy(logits.float(), labels)
+    def step(
+        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+    ) -> StepOutput:
+        if aug is None and unlabelled is None:  # the paper's baseline, as it always ran
+            with _autocast(real.device, autocast):
+                logits = nets["C"](real)
+            loss_c = F.cross_entropy(logits.float(), labels)
+        else:
+            with _autocast(real.device, autocast):
+                (logits,), weak, strong = _classifier_views(
+                    nets["C"], aug, real, unlabelled=unlabelled
+                )
+            loss_c = F.cross_entropy(logits, labels)
+            if weak is not None:
+                loss_c = loss_c + _pseudo_label_term(weak, strong, settings)
         _update(opts["C"], loss_c)
         return StepOutput(loss_c=loss_c.detach())
 
@@ -195,6 +266,8 @@ class SGAN(Method):
 
     name = "sgan"
     players = ("G", "D")
+    classifier = ClassifierSpec("D", drop_last=True)  # the K class logits; the last is "fake"
+    step_ms = 285.2
 
     @classmethod
     def networks(cls, settings, num_classes, image_size, channels=1) -> Nets:
@@ -205,29 +278,34 @@ class SGAN(Method):
         }
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
+    def step(
+        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+    ) -> StepOutput:
         G, D = nets["G"], nets["D"]
+        t = aug or _same
         z = torch.randn(real.shape[0], settings.latent, device=real.device, generator=rng)
         with _autocast(real.device, autocast):
             fake = G(z)
 
-        # (1) Update D: classify the labelled real images, call the generated ones fake
+        # (1) Update D: classify the labelled real images, call the generated ones fake;
+        # unlabelled real images count as "not fake" (Salimans et al.'s unsupervised term)
         with _autocast(real.device, autocast):
-            d_real, d_fake = separately(D, real, fake.detach())
-        loss_d = losses.sgan_discriminator_loss(d_real.float(), labels, d_fake.float())
+            if unlabelled is None:
+                d_real, d_fake = separately(D, t(real), t(fake.detach()))
+                d_unl = None
+            else:
+                d_real, d_unl, d_fake = separately(D, t(real), t(unlabelled), t(fake.detach()))
+                d_unl = d_unl.float()
+        loss_d = losses.sgan_discriminator_loss(d_real.float(), labels, d_fake.float(), d_unl)
         _update(opts["D"], loss_d)
 
         # (3) Update G: generated images should not be judged fake
         with _frozen(D), _autocast(real.device, autocast):
-            d_gen = D(fake)
+            d_gen = D(t(fake))
         loss_g = losses.sgan_generator_loss(d_gen.float())
         _update(opts["G"], loss_g)
 
         return StepOutput(loss_d=loss_d.detach(), loss_g=loss_g.detach())
-
-    @staticmethod
-    def predict(nets: Nets, x: torch.Tensor) -> torch.Tensor:
-        return nets["D"](x)[:, :-1]  # the K class logits; the last one is "fake"
 
 
 @register
@@ -236,29 +314,42 @@ class ThreeNGAN(Method):
 
     name = "3ngan"
     players = ("G", "D", "C")
+    step_ms = 476.3
     # ecgan reuses this step with both switches off
     kl_in_classifier: ClassVar[bool] = True
     classifier_trains_generator: ClassVar[bool] = True
 
     @classmethod
-    def step(cls, nets, opts, real, labels, settings, autocast=None, rng=None) -> StepOutput:
+    def step(
+        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+    ) -> StepOutput:
         G, D, C = nets["G"], nets["D"], nets["C"]
         use_kl = cls.kl_in_classifier
         use_c_for_g = cls.classifier_trains_generator and settings.use_generator_classifier_loss
+        t = aug or _same
         z = torch.randn(real.shape[0], settings.latent, device=real.device, generator=rng)
         with _autocast(real.device, autocast):
             fake = G(z)
 
-        # (1) Update D: real -> 1, generated -> 0
+        # (1) Update D: real -> 1 (labelled and unlabelled alike), generated -> 0
+        seen_real = real if unlabelled is None else torch.cat([real, unlabelled])
         with _autocast(real.device, autocast):
-            d_real, d_fake = separately(D, real, fake.detach())
+            d_real, d_fake = separately(D, t(seen_real), t(fake.detach()))
         loss_d = losses.discriminator_loss(d_real.float(), d_fake.float())
         _update(opts["D"], loss_d)
 
-        # (2) Update C: labelled real images, confident generated ones (eq. 1)
-        with _autocast(real.device, autocast):
-            c_real, c_fake = separately(C, real, fake.detach())
-        c_real, c_fake = c_real.float(), c_fake.float()
+        # (2) Update C: labelled real images, confident generated ones (eq. 1), and confident
+        # unlabelled real ones when there are any
+        weak = strong = None
+        if aug is None and unlabelled is None:
+            with _autocast(real.device, autocast):
+                c_real, c_fake = separately(C, real, fake.detach())
+            c_real, c_fake = c_real.float(), c_fake.float()
+        else:
+            with _autocast(real.device, autocast):
+                (c_real, c_fake), weak, strong = _classifier_views(
+                    C, aug, real, fake.detach(), unlabelled=unlabelled
+                )
         pseudo, weights = losses.pseudo_labels(c_fake, settings.tau)
         loss_c = losses.classifier_loss(
             c_real,
@@ -270,12 +361,15 @@ class ThreeNGAN(Method):
             alpha=settings.alpha if use_kl else 0.0,
             kl=settings.kl if use_kl else "none",
         )
+        if weak is not None:
+            loss_c = loss_c + _pseudo_label_term(weak, strong, settings)
         _update(opts["C"], loss_c)
 
         # (3) Update G on the same fake: fool D and, in 3ngan, be classified confidently by C
         with _frozen(D, C), _autocast(real.device, autocast):
-            d_gen = D(fake)
-            c_gen = C(fake) if use_c_for_g else None
+            seen_fake = t(fake)
+            d_gen = D(seen_fake)
+            c_gen = C(seen_fake) if use_c_for_g else None
         if c_gen is not None:
             c_gen = c_gen.float()
             gen_pseudo, gen_weights = losses.pseudo_labels(c_gen, settings.tau)
@@ -299,5 +393,6 @@ class ECGAN(ThreeNGAN):
     """EC-GAN: C learns from real labels and confident fakes (no KL); G is trained by D only."""
 
     name = "ecgan"
+    step_ms = 387.2
     kl_in_classifier = False
     classifier_trains_generator = False

@@ -156,6 +156,38 @@ def file_id(path: Path) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
+def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int]:
+    """Which network classifies and how many of its first logits are the classes, from the
+    checkpoint's ``classifier`` entry. Files written before that entry existed name only their
+    method: sgan's multi-task D classifies (its last logit is "fake"), every other method's C.
+    """
+    num_classes = len(meta_value(meta, "classes", path))
+    spec = meta.get("classifier")
+    if spec is None:
+        legacy = "D" if meta.get("method") == "sgan" else "C"
+        return legacy, num_classes
+    if not isinstance(spec, dict) or not isinstance(spec.get("network"), str):
+        raise ModelError(f"{path}: damaged metadata (classifier)")
+    return spec["network"], int(spec.get("logits", num_classes))
+
+
+def weights_prefix(meta: dict[str, Any]) -> str:
+    """The tensor group holding the weights to use: ``use/`` where a run's last checkpoint
+    keeps averaged weights with recomputed BatchNorm statistics apart from the live ones."""
+    return "use/" if meta.get("weights") == "use" else "net/"
+
+
+def normalisation(meta: dict[str, Any], path: Path) -> tuple[float, float]:
+    """(scale, offset) mapping uint8 pixels to the model's input range, as recorded."""
+    from threengan_cli.images import NORMALISATION
+
+    norm = meta.get("normalisation", NORMALISATION)
+    try:
+        return float(norm["scale"]), float(norm["offset"])
+    except (TypeError, KeyError, ValueError):
+        raise ModelError(f"{path}: damaged metadata (normalisation)") from None
+
+
 def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
     if key not in meta:
         raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
@@ -209,8 +241,9 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
 
 
 def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
-    """Write ``target`` (atomically) with ``source``'s network weights (``net/...``) alone,
-    byte for byte, and its metadata updated by ``changes`` (a key set to None is dropped)."""
+    """Write ``target`` (atomically) with ``source``'s weights to use alone (``use/...``
+    where the metadata says so, else ``net/...``), byte for byte, stored as ``net/...``,
+    and its metadata updated by ``changes`` (a key set to None is dropped)."""
     from threengan_cli import fileio
 
     check_file(source)
@@ -218,9 +251,10 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
         header = _read_header(src, source)
         start = src.tell()
         meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), source)
+        prefix = weights_prefix(meta)
         meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
         kept = sorted(
-            (k for k in header if k.startswith("net/")),
+            (k for k in header if k.startswith(prefix)),
             key=lambda k: header[k]["data_offsets"][0],
         )
         if not kept:
@@ -229,7 +263,8 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
         offset = 0
         for key in kept:
             begin, end = header[key]["data_offsets"]
-            new[key] = {**header[key], "data_offsets": [offset, offset + end - begin]}
+            stored = "net/" + key[len(prefix) :]
+            new[stored] = {**header[key], "data_offsets": [offset, offset + end - begin]}
             offset += end - begin
         with fileio.atomic_file(target, "wb") as dst:
             dst.write(_header_bytes(new))

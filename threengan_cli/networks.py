@@ -1,6 +1,7 @@
 """The three players: DCGAN generator G, discriminator D and classifier C.
 
-All networks take their sizes as arguments. The layout is DCGAN's (Radford et al. 2016, as in
+All networks take their sizes as arguments, and images enter them through
+:func:`to_model_range` (uint8 -> [-1, 1]). The layout is DCGAN's (Radford et al. 2016, as in
 pytorch/examples ``dcgan/main.py``): 4x4 kernels, stride 2, BatchNorm, ReLU in G and
 LeakyReLU(0.2) in D. At ``image_size=64`` the layers are exactly DCGAN's; other sizes
 (8, 16, 32, 128, 256, ...) add or remove stride-2 stages, so the 4x4 stage always carries
@@ -22,6 +23,20 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from threengan_cli.images import NORMALISATION
+
+
+def to_model_range(images_u8: torch.Tensor, normalisation: dict | None = None) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 1, H, W) in the model's input range (``NORMALISATION``
+    unless a checkpoint recorded another)."""
+    norm = normalisation or NORMALISATION
+    return images_u8.unsqueeze(1).float() * norm["scale"] + norm["offset"]
+
+
+def from_model_range(images: torch.Tensor) -> torch.Tensor:
+    """The inverse for generated images: float (B, 1, H, W) in [-1, 1] -> uint8 (B, H, W)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -27,12 +27,6 @@ _LEAK = 0.2
 _BN_EPS = 1e-5
 
 
-def _classifier(method: str) -> tuple[str, int | None]:
-    """Which network classifies, and how many of its logits are classes (sgan's D adds
-    "fake"; ``None``: all)."""
-    return ("D", -1) if method == "sgan" else ("C", None)
-
-
 def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
     """x (B, H, W, C) channels-last, ``kernel`` (k*k*C, O) from :func:`_kernel` -> (B, H', W', O).
 
@@ -70,6 +64,8 @@ class NumpyClassifier:
     layers: list[tuple[np.ndarray, np.ndarray | None]] = field(repr=False)  # (kernel, shift)
     head: tuple[np.ndarray, np.ndarray | None] = field(repr=False)  # (kernel, bias)
     keep: int | None = None  # logits kept (sgan drops its last, "fake")
+    scale: float = 1 / 127.5  # uint8 -> model range, as the checkpoint records
+    offset: float = -1.0
     device: str = "cpu (numpy)"
     stored_threshold: dict[str, Any] | None = None  # from ``evaluate --threshold-from``
 
@@ -78,7 +74,8 @@ class NumpyClassifier:
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
-        x = images_u8.astype(np.float32)[..., None] * np.float32(1 / 127.5) - np.float32(1.0)
+        scale, offset = np.float32(self.scale), np.float32(self.offset)
+        x = images_u8.astype(np.float32)[..., None] * scale + offset
         for kernel, shift in self.layers:
             x = _conv(x, kernel, _K, stride=2, pad=1)
             if shift is not None:
@@ -105,17 +102,18 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
     path = modelfile.resolve_checkpoint(checkpoint, run)
 
     def classifier_prefix(meta: dict[str, Any]) -> str:
-        method = str(modelfile.meta_value(meta, "method", path))
-        return f"net/{_classifier(method)[0]}/"
+        return modelfile.weights_prefix(meta) + modelfile.classifier_spec(meta, path)[0] + "/"
 
     try:
         meta, weights, keys = modelfile.read_arrays(path, classifier_prefix)
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
-    method = str(meta["method"])
-    name, keep = _classifier(method)
+    method = str(meta.get("method", "?"))
+    name, keep = modelfile.classifier_spec(meta, path)
+    scale, offset = modelfile.normalisation(meta, path)
     if not weights:
-        held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith("net/")}))
+        group = modelfile.weights_prefix(meta)
+        held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith(group)}))
         raise modelfile.ModelError(
             f"{modelfile.file_id(path)} holds no weights for {name} (it has {held or 'none'}); "
             "use a checkpoint of a run that trained that network"
@@ -131,6 +129,8 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
         keep=keep,
         stored_threshold=modelfile.stored_threshold(meta),
+        scale=scale,
+        offset=offset,
     )
 
 

@@ -162,7 +162,8 @@ def describe() -> dict[str, object]:
         "cpu features": features,
         "bf16 on cpu": "{}: {}".format(*cpu_bf16_verdict(flags)),
         "devices": available_devices() if torch else ["cpu (NumPy engine only)"],
-        "cuda": (torch.version.cuda or "none") if torch else "-",
+        # What torch was built with, not what this machine has ("devices" says that).
+        "torch built with CUDA": (torch.version.cuda or "no (a CPU-only build)") if torch else "-",
         "dicom": dicom,
         "data dir": str(paths.home()),
         "default model": str(bundled_model() or "not installed"),

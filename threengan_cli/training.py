@@ -8,15 +8,25 @@ improved, the best-on-val one. The test split is evaluated once at the end (and,
 benchmark's clearly labelled "optimistic" column only, after every epoch); it never
 influences training or which checkpoint is kept.
 
-Exact resume: batch order comes from a generator seeded by (seed, epoch), so it needs no
-saved state; the global RNG (latent samples) is saved in every checkpoint together with the
-position (epoch, step) and the epoch's running sums. A run resumed from a checkpoint
-therefore reproduces the uninterrupted run step for step.
+What is evaluated and saved for use is :func:`_prediction_nets`: under the paper's recipe the
+live networks as they are; with ``ema`` or ``precise_bn`` (the robust recipe) copies with
+averaged weights and BatchNorm statistics recomputed for them (:mod:`averaging`).
+
+Exact resume: batch order (and the unlabelled batches) come from generators seeded by (seed,
+epoch), so they need no saved state; the run's RNG (latent samples, augmentation) is saved in
+every checkpoint together with the position (epoch, step), the epoch's running sums and the
+averaged weights. A run resumed from a checkpoint therefore reproduces the uninterrupted run
+step for step.
+
+The loop reads top to bottom: :func:`_open` builds a :class:`Loop`, :func:`_restore` or
+:func:`_create` sets up its folder, then ``_train`` steps through the epochs, calling
+:func:`_one_step` and :func:`_epoch_done`, and :func:`finish` writes the summary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -24,206 +34,51 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from threengan_cli import checkpoints, fileio, system
+from threengan_cli import augment, checkpoints, fileio, system
 from threengan_cli import settings as settings_mod
-from threengan_cli.datasets import PreparedDataset, balanced_subset, load_prepared
-from threengan_cli.methods import METHODS
-from threengan_cli.metrics import classification_metrics
+from threengan_cli.accel import (
+    GPU_TURNS,
+    INIT_LOCK,
+    GpuTurns,
+    StepRunner,
+    autocast_dtype,
+    get_rng_state,
+    place,
+    run_generator,
+    set_rng_state,
+)
+from threengan_cli.averaging import Averager, prediction_copies, recompute_bn
+from threengan_cli.datasets import load_prepared
+from threengan_cli.events import (  # noqa: F401  (the CLI reads them as training.*)
+    EpochDone,
+    Event,
+    Interrupted,
+    NonFiniteLoss,
+    RunFinished,
+    RunStarted,
+    StepDone,
+    TrainingError,
+)
+from threengan_cli.images import NORMALISATION, grid_png
+from threengan_cli.methods import METHODS, StepOutput
+from threengan_cli.modelfile import BEST, LAST
+from threengan_cli.networks import from_model_range, to_model_range
+from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
+from threengan_cli.scoring import evaluate
 from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
-LAST, BEST = "last.safetensors", "best.safetensors"
-NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
+METRICS = "metrics.jsonl"
 SAMPLE_GRID = 64
 
 
-class TrainingError(Exception):
-    """A run that cannot start or continue; the message is one line meant for the user."""
-
-
-class NonFiniteLoss(TrainingError):
-    """A loss became NaN or inf; the last good checkpoint is kept."""
-
-
-class Interrupted(Exception):
-    """Ctrl+C: a resumable checkpoint was saved at ``path``."""
-
-    def __init__(self, path: Path, epoch: int, step: int):
-        super().__init__(f"stopped at epoch {epoch + 1} step {step}; resumable from {path}")
-        self.path, self.epoch, self.step = path, epoch, step
-
-
-# ------------------------------------------------------------------------------ events
-@dataclass(frozen=True)
-class RunStarted:
-    run_dir: Path
-    method: str
-    device: str
-    train_images: int
-    steps_per_epoch: int
-    start_epoch: int
-    epochs: int
-    resumed: bool
-    extended: bool
-
-
-@dataclass(frozen=True)
-class StepDone:
-    epoch: int
-    step: int
-    steps: int
-
-
-@dataclass(frozen=True)
-class EpochDone:
-    epoch: int
-    epochs: int
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RunFinished:
-    summary: dict[str, Any]
-
-
-Event = RunStarted | StepDone | EpochDone | RunFinished
-
-
 # ----------------------------------------------------------------------------- helpers
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision on a device; unsupported pairs are an error."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("bf16 asked for, but this GPU does not support it")
-        if device.type == "cpu" and not system.cpu_bf16():
-            # Measured on an AVX2-only EPYC: an emulated bf16 step is 13-20x slower than fp32.
-            raise TrainingError(
-                "bf16 asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX), where "
-                "it runs 13-20x slower than fp32: use --precision fp32"
-            )
-        return torch.bfloat16
-    # fp16 needs a loss scaler to keep small gradients from flushing to zero; the steps do
-    # not carry one yet, so refuse rather than train silently worse.
-    raise TrainingError("fp16 training is not supported yet (it needs a loss scaler): use bf16")
-
-
-def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [-1, 1], the range tanh generates."""
-    return images_u8.unsqueeze(1).float() * NORMALISATION["scale"] + NORMALISATION["offset"]
-
-
-def batch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    """The permutation of epoch ``epoch``: a pure function of (seed, epoch), so resume is exact."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
-
-
-def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Slices of one epoch; a last batch of one image joins the one before (BatchNorm needs 2)."""
-    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2:
-        last = bounds.pop()
-        bounds[-1] = (bounds[-1][0], last[1])
-    return bounds
-
-
-# Network initialisation draws from torch's global RNG; runs started in parallel threads
-# (the benchmark's repeats on a GPU) take turns, so each gets exactly its seed's weights.
-_INIT_LOCK = threading.Lock()
-
-
-def run_generator(seed: int, device: torch.device) -> torch.Generator:
-    """The run's own generator for z, continuing the stream a run on the global RNG had.
-
-    Called right after the networks are built: on the CPU it takes over the global RNG's state
-    at that point, on CUDA it is seeded like the CUDA default generator. A run therefore draws
-    the same z as before runs had generators of their own (the shipped model reproduces).
-    """
-    gen = torch.Generator(device)
-    if device.type == "cpu":
-        gen.set_state(torch.get_rng_state())
-    else:
-        gen.manual_seed(seed)
-    return gen
-
-
-def get_rng_state(rng: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"run": rng.get_state()}
-
-
-def set_rng_state(state: dict[str, torch.Tensor], rng: torch.Generator, reseed: int) -> None:
-    """Restore the run's generator; where the saved state is from another kind of device (or
-    an older checkpoint has none), the stream goes on from ``reseed`` instead."""
-    legacy = "cuda" if rng.device.type == "cuda" else "torch"  # before runs had generators
-    saved = state.get("run", state.get(legacy))
-    if saved is not None:
-        try:
-            rng.set_state(saved.to(torch.uint8))
-            return
-        except RuntimeError:
-            pass
-    rng.manual_seed(reseed)
-
-
-@torch.no_grad()
-def evaluate(
-    method,
-    nets,
-    images_u8: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    batch_size: int = 256,
-    amp: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """Metrics of the method's classifier on one split (eval mode, no gradient)."""
-    if len(labels) == 0:
-        return {}
-    for net in nets.values():
-        net.eval()
-    logits = []
-    device = images_u8.device
-    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-    with ctx:
-        for start in range(0, len(labels), batch_size):
-            x = to_model_range(images_u8[start : start + batch_size])
-            logits.append(method.predict(nets, x).float())
-    for net in nets.values():
-        net.train()
-    logits_t = torch.cat(logits)
-    loss = torch.nn.functional.cross_entropy(logits_t, labels).item()
-    probs = torch.softmax(logits_t, dim=1).cpu().numpy()
-    result = classification_metrics(labels.cpu().numpy(), probs)
-    result["loss"] = loss
-    return result
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, pad: int = 2) -> None:
-    """A PNG grid of images in [-1, 1] (B, 1, H, W), ``nrow`` per row, black gutters."""
-    import io
-
-    from PIL import Image
-
-    imgs = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    b, _, h, w = imgs.shape
-    rows = math.ceil(b / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
-    for i in range(b):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[top : top + h, left : left + w] = imgs[i, 0]
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    fileio.write_bytes(path, buf.getvalue())
-
-
 def _finite_or_raise(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
     for name, value in losses.items():
         if not torch.isfinite(value).all():
@@ -231,113 +86,6 @@ def _finite_or_raise(losses: dict[str, torch.Tensor], epoch: int, step: int) -> 
                 f"{name} became {value.item()} at epoch {epoch + 1} step {step + 1}; "
                 "stopped, the last good checkpoint is kept (try a lower --lr)"
             )
-
-
-class GpuTurns:
-    """Runs trained in parallel threads take turns at asking the GPU for work.
-
-    A run holds its turn for everything it asks of CUDA and passes it on after each step,
-    first come first served. Some CUDA calls (the allocator's bookkeeping, cuDNN's kernel
-    search) are refused in one thread while another captures a graph: measured on an H200,
-    parallel runs without turns failed with "operation not permitted when stream is
-    capturing". Launches return at once, so the GPU still runs the runs' kernels side by side
-    on their own streams; only the launching takes turns.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-        self._holder: int | None = None
-
-    def acquire(self) -> None:
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            while self._serving != ticket:
-                self._cond.wait()
-            self._holder = threading.get_ident()
-
-    def release(self) -> None:
-        with self._cond:
-            if self._holder != threading.get_ident():
-                return  # not ours (e.g. interrupted while waiting in pass_on)
-            self._holder = None
-            self._serving += 1
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def lent(self) -> Iterator[None]:
-        """Host-only work (serialising, writing files): the other runs use the GPU meanwhile."""
-        self.release()
-        try:
-            yield
-        finally:
-            self.acquire()
-
-    def pass_on(self) -> None:
-        """Let the runs waiting for a turn go first, then take it back."""
-        with self._cond:
-            if self._next_ticket == self._serving + 1:
-                return  # nobody is waiting
-        self.release()
-        self.acquire()
-
-
-GPU_TURNS = GpuTurns()
-
-
-class StepRunner:
-    """Runs the loop's step function eagerly, or on CUDA replays it from CUDA graphs.
-
-    At batch 10 a GPU step is a few hundred tiny kernels and launching them costs more than
-    running them; a CUDA graph launches them all at once. One graph is captured per batch
-    size (an epoch has at most two), after ``warmup`` eager steps of that size on a side
-    stream, which also creates the optimizers' state. Capturing records without executing,
-    so every step, warm-up or replayed, is a real training step: the run is the same
-    sequence of updates as an eager one. The step reads its batch through a static index
-    buffer; the loop copies the batch's indices into it (one device copy) and replays.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-        graphs: bool,
-        warmup: int = 3,
-        generators: tuple[torch.Generator, ...] = (),
-    ):
-        self.fn, self.graphs, self.warmup = fn, graphs, warmup
-        self.generators = [g for g in generators if g.device.type == "cuda"]
-        self._seen: dict[int, int] = {}
-        self._captured: dict[int, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
-
-    def __call__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self.graphs:
-            return self.fn(idx)
-        size = int(idx.shape[0])
-        if size not in self._captured:
-            if self._seen.get(size, 0) < self.warmup:
-                self._seen[size] = self._seen.get(size, 0) + 1
-                side = torch.cuda.Stream(idx.device)
-                side.wait_stream(torch.cuda.current_stream(idx.device))
-                with torch.cuda.stream(side):
-                    out = self.fn(idx)
-                torch.cuda.current_stream(idx.device).wait_stream(side)
-                return out
-            static_idx = idx.clone()
-            graph = torch.cuda.CUDAGraph()
-            for gen in self.generators:  # z drawn inside the graph advances the run's stream
-                graph.register_generator_state(gen)
-            # A capture stream of its own; the run holds its GPU turn (GpuTurns), so no other
-            # thread calls CUDA while this one captures.
-            capture = torch.cuda.Stream(idx.device)
-            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
-                static_out = self.fn(static_idx)
-            self._captured[size] = (graph, static_idx, static_out)
-        graph, static_idx, static_out = self._captured[size]
-        static_idx.copy_(idx)
-        graph.replay()
-        return static_out
 
 
 @contextlib.contextmanager
@@ -372,59 +120,370 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     return [r for r in records if r["epoch"] <= upto_epoch]
 
 
-# ------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------ loop state
 @dataclass
-class RunData:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    classes: list[str]
-    image_size: int
-    subset_paths: list[str] = field(default_factory=list)
+class Loop:
+    """What the loop carries from step to step, read and written by the functions below in
+    the order a run goes through them; a checkpoint saves exactly what resume needs of it."""
+
+    settings: TrainSettings
+    device: torch.device
+    run_dir: Path
+    method: Any
+    data: RunData
+    nets: dict[str, torch.nn.Module]
+    opts: dict[str, torch.optim.Optimizer]
+    rng: torch.Generator
+    meta: dict[str, Any]
+    amp: torch.dtype | None
+    turns: GpuTurns | None
+    averager: Averager | None
+    augment: Any
+    fixed_z: torch.Tensor
+    spans: list[tuple[int, int]]
+    # Running loss sums of the epoch: one slot per StepOutput field in the order the step
+    # returns its present losses, then the step count.
+    sums: torch.Tensor
+    epoch: int = 0  # next epoch to train (0-based)
+    step: int = 0  # next step of that epoch
+    best_acc: float = -1.0
+    best_epoch: int | None = None
+    best_pending: tuple[int, dict[str, dict[str, torch.Tensor]]] | None = None
+    elapsed_before: float = 0.0
+    finished_before: bool = False
+    extended: bool = False
+    loss_names: list[str] = field(default_factory=list)
+    t0: float = 0.0
+    last_write: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(self.data.train_y.numel())
+
+    @property
+    def plain(self) -> bool:
+        """The paper's evaluation: the live networks with their own BatchNorm buffers."""
+        return self.averager is None and not self.settings.precise_bn
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def host_work(self):
+        return self.turns.lent() if self.turns is not None else None
 
 
-def load_run_data(
-    dataset: PreparedDataset, size: int | None, seed: int, device: torch.device
-) -> RunData:
-    """The prepared splits as uint8 tensors on the device; train is a balanced subset of N."""
-    train_x, train_y = dataset.subset("train")
-    train_index = np.flatnonzero(dataset.split == 0)
-    if size is not None:
-        pick = balanced_subset(train_y, size, seed)
-        train_x, train_y, train_index = train_x[pick], train_y[pick], train_index[pick]
-    val_x, val_y = dataset.subset("val")
-    test_x, test_y = dataset.subset("test")
-    sources = [img.get("source") for img in dataset.manifest.get("images", [])]
+SUM_SLOTS = len(fields(StepOutput)) + 1
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    return RunData(
-        train_x=t(train_x),
-        train_y=t(train_y.astype(np.int64)),
-        val_x=t(val_x),
-        val_y=t(val_y.astype(np.int64)),
-        test_x=t(test_x),
-        test_y=t(test_y.astype(np.int64)),
-        classes=list(dataset.classes),
-        image_size=int(train_x.shape[-1]),
-        subset_paths=[sources[i] for i in train_index] if sources else [],
+def _open(
+    device: torch.device,
+    dataset_path: Path,
+    settings: TrainSettings,
+    run_dir: Path,
+    turns: GpuTurns | None,
+) -> Loop:
+    """Data, freshly initialised networks and optimizers, and the run's metadata."""
+    amp = autocast_dtype(settings.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    method = METHODS[settings.method]()
+    dataset = load_prepared(Path(dataset_path))
+    data = load_run_data(dataset, settings, device)
+    if data.train_y.numel() < 2:
+        raise TrainingError("the training split has fewer than 2 images")
+    num_classes = len(data.classes)
+    with INIT_LOCK:
+        system.seed_everything(settings.seed)
+        nets = method.networks(settings, num_classes, data.image_size)
+        rng = run_generator(settings.seed, device)
+    nets = place(nets, device)
+    opts = method.optimizers(nets, settings)
+    averager = None
+    if settings.ema > 0:
+        averager = Averager(nets, _used_networks(method, nets), settings.ema)
+    # A fixed latent batch from its own generator: sample grids are comparable across epochs
+    # and drawing them never moves the training RNG.
+    fixed_z = torch.randn(
+        SAMPLE_GRID, settings.latent, generator=torch.Generator().manual_seed(settings.seed)
+    ).to(device)
+    meta = {
+        "kind": "threengan-run",
+        "method": settings.method,
+        "settings": settings.model_dump(mode="json"),
+        "classes": data.classes,
+        "num_classes": num_classes,
+        "classifier": method.classifier.as_meta(num_classes),
+        "image_size": data.image_size,
+        "channels": 1,
+        "fit": dataset.manifest.get("settings", {}).get("fit", "squash"),
+        "normalisation": NORMALISATION,
+        "dataset": str(dataset.path),
+        "unlabelled_images": int(len(data.unlabelled)) if data.unlabelled is not None else 0,
+        "versions": system.library_versions(),
+        "seed": settings.seed,
+    }
+    return Loop(
+        settings=settings,
+        device=device,
+        run_dir=run_dir,
+        method=method,
+        data=data,
+        nets=nets,
+        opts=opts,
+        rng=rng,
+        meta=meta,
+        amp=amp,
+        turns=turns,
+        averager=averager,
+        augment=augment.policy(settings.augments, rng),
+        fixed_z=fixed_z,
+        spans=batches(int(data.train_y.numel()), settings.batch_size),
+        sums=torch.zeros(SUM_SLOTS, device=device),
     )
 
 
-def place(nets: dict[str, torch.nn.Module], device: torch.device) -> dict[str, torch.nn.Module]:
-    """The networks on ``device``; on a CPU in channels-last layout, where oneDNN runs these
-    convolutions faster: 1.05-1.08x per 3N-GAN step (``bench_step.py --modes eager,nchw``).
-    Images need no conversion: with one channel both layouts are the same. Checkpoints store
-    contiguous tensors either way, and restored optimizer state takes its parameter's layout
-    (:func:`checkpoints.restore_optimizers`)."""
-    nets = {name: net.to(device) for name, net in nets.items()}
-    if device.type == "cpu":
-        nets = {name: net.to(memory_format=torch.channels_last) for name, net in nets.items()}
-    return nets
+def _used_networks(method, nets: dict[str, torch.nn.Module]) -> list[str]:
+    """The networks a saved model is used through: the classifier, and G for samples."""
+    return [n for n in (method.classifier.network, "G") if n in nets]
+
+
+def _restore(loop: Loop) -> None:
+    """Continue from the last checkpoint: weights, optimizers, RNG, position, sums."""
+    ckpt = checkpoints.load(loop.run_dir / LAST, map_location=loop.device)
+    checkpoints.restore_networks(ckpt, loop.nets)
+    checkpoints.restore_optimizers(ckpt, loop.opts)
+    pos = ckpt.meta["position"]
+    loop.epoch, loop.step = pos["epoch"], pos["step"]
+    reseed = loop.settings.seed + 1_000_003 * loop.epoch + loop.step
+    set_rng_state(ckpt.group("rng"), loop.rng, reseed)
+    state = ckpt.group("state")
+    if "sums" in state:  # older files kept 8 slots, the step count in the last
+        saved = state["sums"].to(loop.device)
+        loop.sums[:-1] = saved[: SUM_SLOTS - 1]
+        loop.sums[-1] = saved[-1]
+    if loop.averager is not None:
+        averaged = {n: ckpt.group(f"avg/{n}") for n in loop.averager.names}
+        if not all(averaged.values()):
+            raise TrainingError(f"{ckpt.path} holds no averaged weights; cannot resume with ema")
+        loop.averager.restore(averaged, float(state["ema_steps"]))
+    loop.best_acc = ckpt.meta.get("best_val_accuracy", -1.0)
+    loop.best_epoch = ckpt.meta.get("best_epoch")
+    loop.elapsed_before = ckpt.meta.get("elapsed_s", 0.0)
+    loop.finished_before = ckpt.meta.get("finished", False)
+    loop.extended = loop.finished_before and loop.epoch < loop.settings.epochs
+    metrics_path = loop.run_dir / METRICS
+    history = _read_metrics(metrics_path, loop.epoch)
+    fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _create(loop: Loop) -> None:
+    """A new run folder: settings, run metadata, an empty metrics file."""
+    run_dir = loop.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    fileio.write_text(run_dir / "settings.json", settings_mod.dump(loop.settings))
+    run_meta = {
+        **loop.meta,
+        "format_version": RUN_FORMAT_VERSION,
+        "train_images": loop.n,
+        "train_sources": loop.data.subset_paths,
+    }
+    fileio.write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
+    (run_dir / METRICS).write_text("")
+
+
+# ------------------------------------------------------------------- prediction weights
+def _prediction_nets(loop: Loop) -> dict[str, torch.nn.Module]:
+    """The networks evaluation and saved models use: the live ones under the paper's recipe;
+    otherwise copies with averaged weights and/or recomputed BatchNorm statistics."""
+    if loop.plain:
+        return loop.nets
+    names = _used_networks(loop.method, loop.nets)
+    used = prediction_copies(loop.nets, names, loop.averager)
+    if loop.settings.precise_bn:
+        for name, net in used.items():
+            recompute_bn(net, _bn_batches(loop, name))
+    return used
+
+
+def _bn_batches(loop: Loop, name: str) -> Iterator[torch.Tensor]:
+    """Inputs for recomputing a network's BatchNorm statistics: the labelled training images
+    (no augmentation) for a classifier; for G, latent batches from a fixed generator."""
+    size = 64  # a larger batch than training's gives the same averages with fewer passes
+    if name == "G":
+        gen = torch.Generator().manual_seed(loop.settings.seed + 17)
+        for _ in range(max(1, min(20, loop.n // size))):
+            yield torch.randn(size, loop.settings.latent, generator=gen).to(loop.device)
+        return
+    order = torch.arange(loop.n, device=loop.device)
+    for chunk in order.split(size):
+        if chunk.numel() >= 2:
+            yield to_model_range(loop.data.train_x[chunk])
+
+
+def _weights(nets: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {k: v.detach().clone() for k, v in net.state_dict().items()}
+        for name, net in nets.items()
+    }
+
+
+def evaluate_adapted(loop: Loop, nets: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Test metrics after recomputing the classifier's BatchNorm statistics on the test
+    images themselves (labels unused): transductive, reported apart from the rest."""
+    data = loop.data
+    if len(data.test_y) < 2:
+        return {}
+    name = loop.method.classifier.network
+    adapted = dict(nets)
+    adapted[name] = copy.deepcopy(nets[name])
+    recompute_bn(adapted[name], (to_model_range(x) for x in data.test_x.split(64) if len(x) > 1))
+    return evaluate(loop.method, adapted, data.test_x, data.test_y, len(data.classes), amp=loop.amp)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _run_meta(loop: Loop, epoch: int, step: int, **extra: Any) -> dict[str, Any]:
+    return {
+        **loop.meta,
+        "position": {"epoch": epoch, "step": step},
+        "best_val_accuracy": loop.best_acc,
+        "best_epoch": loop.best_epoch,
+        **extra,
+    }
+
+
+def _save_last(loop: Loop, epoch: int, step: int, used=None, **extra: Any) -> None:
+    """The last checkpoint: everything a resume needs (the averaged weights under ``avg/``),
+    and under ``use/`` the weights to use where they differ from the live ones
+    (``meta["weights"]`` then names that group)."""
+    groups: dict[str, dict[str, Any]] = {}
+    state = {"sums": loop.sums}
+    if loop.averager is not None:
+        groups["avg"] = loop.averager.state()
+        state["ema_steps"] = loop.averager.steps
+    if not loop.plain:
+        groups["use"] = used if used is not None else _prediction_nets(loop)
+        extra["weights"] = "use"
+    checkpoints.save(
+        loop.run_dir / LAST,
+        _run_meta(loop, epoch, step, elapsed_s=loop.elapsed(), **extra),
+        loop.nets,
+        optimizers=loop.opts,
+        rng=get_rng_state(loop.rng),
+        state=state,
+        groups=groups,
+        host_work=loop.host_work(),
+    )
+
+
+def _write_pending_best(loop: Loop) -> None:
+    if loop.best_pending is not None:
+        position, weights = loop.best_pending
+        checkpoints.save(
+            loop.run_dir / BEST,
+            _run_meta(loop, position, 0, weights="best-on-val"),
+            weights,
+            host_work=loop.host_work(),
+        )
+        loop.best_pending = None
+
+
+# -------------------------------------------------------------------------------- epochs
+def _one_step(loop: Loop, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gather the batch (labelled indices, then unlabelled ones when there is a pool), update
+    the networks and the averages, add the losses to the epoch's sums."""
+    data, settings = loop.data, loop.settings
+    unlabelled = None
+    if data.unlabelled is not None:
+        cut = idx.shape[0] - settings.batch_size
+        idx, u_idx = idx[:cut], idx[cut:]
+        unlabelled = to_model_range(data.unlabelled[u_idx])
+    real = to_model_range(data.train_x[idx])
+    out = loop.method.step(
+        loop.nets,
+        loop.opts,
+        real,
+        data.train_y[idx],
+        settings,
+        autocast=loop.amp,
+        rng=loop.rng,
+        aug=loop.augment,
+        unlabelled=unlabelled,
+    )
+    if loop.averager is not None:
+        loop.averager.update()
+    losses = out.as_dict()
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    loop.sums[: len(values)] += values
+    loop.sums[-1] += 1
+    return losses
+
+
+def _epoch_indices(loop: Loop, epoch: int) -> torch.Tensor | None:
+    """Unlabelled indices for each step of the epoch, (steps, batch): a pure function of
+    (seed, epoch) like the batch order, so resume is exact. ``None`` without a pool."""
+    pool = loop.data.unlabelled
+    if pool is None:
+        return None
+    gen = torch.Generator().manual_seed(loop.settings.seed * 1_000_003 + epoch + 500_009)
+    shape = (len(loop.spans), loop.settings.batch_size)
+    return torch.randint(0, len(pool), shape, generator=gen).to(loop.device)
+
+
+def _epoch_done(
+    loop: Loop, epoch: int, first: int, epoch_t0: float, test_every_epoch: bool, every_s
+) -> EpochDone:
+    """Evaluate, log one line, save samples and checkpoints as due; the epoch's event."""
+    settings, data = loop.settings, loop.data
+    steps_done = max(loop.sums[-1].item(), 1.0)
+    means = {name: loop.sums[i].item() / steps_done for i, name in enumerate(loop.loss_names)}
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(
+            f"{bad[0]} became non-finite during epoch {epoch + 1}; stopped, the last good "
+            "checkpoint is kept (try a lower --lr)"
+        )
+    seconds = time.perf_counter() - epoch_t0
+    used = _prediction_nets(loop)
+    k = len(data.classes)
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train": means,
+        "val": evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp),
+        "seconds": round(seconds, 3),
+        "images_per_s": round((loop.spans[-1][1] - loop.spans[first][0]) / max(seconds, 1e-9), 2),
+    }
+    if test_every_epoch:
+        record["test_optimistic"] = evaluate(
+            loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
+        )
+    with open(loop.run_dir / METRICS, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    due = (
+        every_s is None
+        or epoch + 1 >= settings.epochs
+        or time.perf_counter() - loop.last_write >= every_s
+    )
+    if "G" in used and due:
+        grid = loop.run_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
+        _save_samples(used["G"], loop.fixed_z, grid)
+    val_acc = record["val"].get("accuracy", 0.0) if record["val"] else 0.0
+    if val_acc > loop.best_acc or loop.best_epoch is None:
+        loop.best_acc, loop.best_epoch = val_acc, epoch + 1
+        loop.best_pending = (epoch + 1, _weights(used))
+    if due:
+        _write_pending_best(loop)
+        _save_last(loop, epoch + 1, 0, used=used)
+        loop.last_write = time.perf_counter()
+    return EpochDone(epoch, settings.epochs, record)
+
+
+def _save_samples(g: torch.nn.Module, z: torch.Tensor, path: Path) -> None:
+    g.eval()
+    with torch.no_grad():
+        pixels = from_model_range(g(z)).cpu().numpy()
+    g.train()
+    fileio.write_bytes(path, grid_png(pixels))
 
 
 # ------------------------------------------------------------------------------- loop
@@ -452,23 +511,15 @@ def train(
     model on val is kept in memory until then, so last and best on disk always agree.
     """
     device = system.select_device(settings.device)
-    args = (
-        device,
-        dataset_path,
-        settings,
-        Path(run_dir),
-        resume,
-        on_event or (lambda event: None),
-        test_every_epoch,
-        checkpoint_every_s,
-        stop_flag,
-    )
+    emit = on_event or (lambda event: None)
+    options = (test_every_epoch, checkpoint_every_s, stop_flag)
     if device.type != "cuda":
-        return _train(*args, None)
+        return _train(device, Path(dataset_path), settings, Path(run_dir), resume, emit, options)
     GPU_TURNS.acquire()
     try:
         with torch.cuda.stream(torch.cuda.Stream(device)):
-            return _train(*args, GPU_TURNS)
+            loop_args = (device, Path(dataset_path), settings, Path(run_dir), resume, emit)
+            return _train(*loop_args, options, GPU_TURNS)
     finally:
         GPU_TURNS.release()
 
@@ -480,297 +531,111 @@ def _train(
     run_dir: Path,
     resume: bool,
     emit: Callable[[Event], None],
-    test_every_epoch: bool,
-    checkpoint_every_s: float | None,
-    stop_flag: threading.Event | None,
-    turns: GpuTurns | None,
+    options: tuple[bool, float | None, threading.Event | None],
+    turns: GpuTurns | None = None,
 ) -> dict[str, Any]:
-    amp = autocast_dtype(settings.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    method = METHODS[settings.method]()
-    metrics_path = run_dir / "metrics.jsonl"
-
-    dataset = load_prepared(Path(dataset_path))
-    data = load_run_data(dataset, settings.size, settings.seed, device)
-    if data.train_y.numel() < 2:
-        raise TrainingError("the training split has fewer than 2 images")
-    num_classes = len(data.classes)
-    with _INIT_LOCK:
-        system.seed_everything(settings.seed)
-        nets = method.networks(settings, num_classes, data.image_size)
-        rng = run_generator(settings.seed, device)
-    nets = place(nets, device)
-    opts = method.optimizers(nets, settings)
-    # A fixed latent batch from its own generator: sample grids are comparable across epochs
-    # and drawing them never moves the training RNG.
-    fixed_z = torch.randn(
-        SAMPLE_GRID, settings.latent, generator=torch.Generator().manual_seed(settings.seed)
-    ).to(device)
-
-    n = int(data.train_y.numel())
-    spans = batches(n, settings.batch_size)
-    start_epoch, start_step = 0, 0
-    sums = torch.zeros(8, device=device)  # running loss sums of the epoch; last slot: steps
-    best_acc, best_epoch = -1.0, None
-    extended = finished_before = False
-    elapsed_before = 0.0
-    meta = {
-        "kind": "threengan-run",
-        "method": settings.method,
-        "settings": settings.model_dump(mode="json"),
-        "classes": data.classes,
-        "num_classes": num_classes,
-        "image_size": data.image_size,
-        "channels": 1,
-        "fit": dataset.manifest.get("settings", {}).get("fit", "squash"),
-        "normalisation": NORMALISATION,
-        "dataset": str(dataset.path),
-        "versions": system.library_versions(),
-        "seed": settings.seed,
-    }
-
-    if resume and not (run_dir / LAST).exists():
-        # Killed before the first checkpoint: nothing was kept, so start over from scratch,
-        # which is exactly what the uninterrupted run did.
-        resume = False
-    if resume:
-        ckpt = checkpoints.load(run_dir / LAST, map_location=device)
-        checkpoints.restore_networks(ckpt, nets)
-        checkpoints.restore_optimizers(ckpt, opts)
-        pos = ckpt.meta["position"]
-        start_epoch, start_step = pos["epoch"], pos["step"]
-        set_rng_state(ckpt.group("rng"), rng, settings.seed + 1_000_003 * start_epoch + start_step)
-        state = ckpt.group("state")
-        if "sums" in state:
-            sums = state["sums"].to(device)
-        best_acc = ckpt.meta.get("best_val_accuracy", -1.0)
-        best_epoch = ckpt.meta.get("best_epoch")
-        elapsed_before = ckpt.meta.get("elapsed_s", 0.0)
-        finished_before = ckpt.meta.get("finished", False)
-        extended = finished_before and start_epoch < settings.epochs
-        history = _read_metrics(metrics_path, start_epoch)
-        fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    test_every_epoch, checkpoint_every_s, stop_flag = options
+    try:
+        loop = _open(device, dataset_path, settings, run_dir, turns)
+    except DataError as exc:
+        raise TrainingError(str(exc)) from None
+    # Killed before the first checkpoint: nothing was kept, so start over from scratch, which
+    # is exactly what the uninterrupted run did.
+    if resume and (run_dir / LAST).exists():
+        _restore(loop)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        fileio.write_text(run_dir / "settings.json", settings_mod.dump(settings))
-        fileio.write_text(
-            run_dir / "run.json",
-            json.dumps(
-                {
-                    **meta,
-                    "format_version": RUN_FORMAT_VERSION,
-                    "train_images": n,
-                    "train_sources": data.subset_paths,
-                },
-                indent=2,
-            )
-            + "\n",
-        )
-        metrics_path.write_text("")
+        resume = False
+        _create(loop)
     # A run stopped after its last epoch but before its summary just runs the final
     # evaluation; only a finished run needs a larger --epochs to go on.
-    if resume and finished_before and start_epoch >= settings.epochs:
+    if resume and loop.finished_before and loop.epoch >= settings.epochs:
         raise TrainingError(
-            f"the run already has {start_epoch} epochs; pass --epochs larger than that to extend it"
+            f"the run already has {loop.epoch} epochs; pass --epochs larger than that to extend it"
         )
-
     emit(
         RunStarted(
             run_dir,
             settings.method,
             str(device),
-            n,
-            len(spans),
-            start_epoch,
+            loop.n,
+            len(loop.spans),
+            loop.epoch,
             settings.epochs,
             resume,
-            extended,
+            loop.extended,
         )
     )
-
-    def run_meta(epoch: int, step: int, **extra: Any) -> dict[str, Any]:
-        return {
-            **meta,
-            "position": {"epoch": epoch, "step": step},
-            "best_val_accuracy": best_acc,
-            "best_epoch": best_epoch,
-            **extra,
-        }
-
-    def host_work():
-        return turns.lent() if turns is not None else None
-
-    def checkpoint(path: Path, epoch: int, step: int, **extra: Any) -> None:
-        """The last checkpoint: everything a resume needs."""
-        elapsed = elapsed_before + time.perf_counter() - t0
-        checkpoints.save(
-            path,
-            run_meta(epoch, step, elapsed_s=elapsed, **extra),
-            nets,
-            optimizers=opts,
-            rng=get_rng_state(rng),
-            state={"sums": sums},
-            host_work=host_work(),
-        )
-
-    best_pending: tuple[int, dict[str, dict[str, torch.Tensor]]] | None = None
-    last_write = time.perf_counter()
-
-    def write_pending_best() -> None:
-        nonlocal best_pending
-        if best_pending is not None:
-            position, weights = best_pending
-            checkpoints.save(
-                run_dir / BEST,
-                run_meta(position, 0, weights="best-on-val"),
-                weights,
-                host_work=host_work(),
-            )
-            best_pending = None
-
-    def epoch_done(epoch: int, first: int, epoch_t0: float) -> None:
-        nonlocal best_acc, best_epoch, best_pending, last_write
-        steps_done = max(sums[-1].item(), 1.0)
-        means = {name: sums[i].item() / steps_done for i, name in enumerate(loss_names)}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(
-                f"{bad[0]} became non-finite during epoch {epoch + 1}; stopped, the last good "
-                "checkpoint is kept (try a lower --lr)"
-            )
-        seconds = time.perf_counter() - epoch_t0
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train": means,
-            "val": evaluate(method, nets, data.val_x, data.val_y, num_classes, amp=amp),
-            "seconds": round(seconds, 3),
-            "images_per_s": round((spans[-1][1] - spans[first][0]) / max(seconds, 1e-9), 2),
-        }
-        if test_every_epoch:
-            record["test_optimistic"] = evaluate(
-                method, nets, data.test_x, data.test_y, num_classes, amp=amp
-            )
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        due = (
-            checkpoint_every_s is None
-            or epoch + 1 >= settings.epochs
-            or time.perf_counter() - last_write >= checkpoint_every_s
-        )
-        if "G" in nets and due:
-            nets["G"].eval()
-            with torch.no_grad():
-                save_grid(nets["G"](fixed_z), run_dir / "samples" / f"epoch_{epoch + 1:04d}.png")
-            nets["G"].train()
-        val_acc = record["val"].get("accuracy", 0.0) if record["val"] else 0.0
-        if val_acc > best_acc or best_epoch is None:
-            best_acc, best_epoch = val_acc, epoch + 1
-            weights = {
-                name: {k: v.detach().clone() for k, v in net.state_dict().items()}
-                for name, net in nets.items()
-            }
-            best_pending = (epoch + 1, weights)
-        if due:
-            write_pending_best()
-            checkpoint(run_dir / LAST, epoch + 1, 0)
-            last_write = time.perf_counter()
-        emit(EpochDone(epoch, settings.epochs, record))
-
-    loss_names: list[str] = []
-
-    def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gather the batch, update the networks, add the losses to the epoch's sums."""
-        real = to_model_range(data.train_x[idx])
-        out = method.step(nets, opts, real, data.train_y[idx], settings, autocast=amp, rng=rng)
-        losses = out.as_dict()
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        sums[: len(values)] += values
-        sums[-1] += 1
-        return losses
 
     graphs = device.type == "cuda" and settings.cuda_graphs
-    run_step = StepRunner(one_step, graphs=graphs, generators=(rng,))
-    t0 = time.perf_counter()
+    run_step = StepRunner(lambda idx: _one_step(loop, idx), graphs=graphs, generators=(loop.rng,))
+    loop.t0 = loop.last_write = time.perf_counter()
     check_every_step = device.type == "cpu"  # a host sync is free on CPU, costly on a GPU
     with nullcontext(stop_flag) if stop_flag is not None else stop_requests() as stop:
-        for epoch in range(start_epoch, settings.epochs):
+        for epoch in range(loop.epoch, settings.epochs):
             epoch_t0 = time.perf_counter()
-            order = batch_order(settings.seed, epoch, n, device)
-            first = start_step if epoch == start_epoch else 0
+            order = batch_order(settings.seed, epoch, loop.n, device)
+            unlabelled = _epoch_indices(loop, epoch)
+            first = loop.step if epoch == loop.epoch else 0
             if first == 0:
-                sums.zero_()  # in place: a captured step holds this tensor's address
-            for step in range(first, len(spans)):
+                loop.sums.zero_()  # in place: a captured step holds this tensor's address
+            for step in range(first, len(loop.spans)):
                 if stop.is_set():
-                    write_pending_best()
-                    path = run_dir / LAST
-                    checkpoint(path, epoch, step)
-                    raise Interrupted(path, epoch, step)
-                lo, hi = spans[step]
-                losses = run_step(order[lo:hi])
+                    _write_pending_best(loop)
+                    _save_last(loop, epoch, step)
+                    raise Interrupted(run_dir / LAST, epoch, step)
+                lo, hi = loop.spans[step]
+                idx = order[lo:hi]
+                if unlabelled is not None:
+                    idx = torch.cat([idx, unlabelled[step]])
+                losses = run_step(idx)
                 if turns is not None:
                     turns.pass_on()
-                if not loss_names:
-                    loss_names = list(losses)
+                if not loop.loss_names:
+                    loop.loss_names = list(losses)
                 if check_every_step:
                     _finite_or_raise(losses, epoch, step)
-                emit(StepDone(epoch, step + 1, len(spans)))
-            epoch_done(epoch, first, epoch_t0)
+                emit(StepDone(epoch, step + 1, len(loop.spans)))
+            emit(_epoch_done(loop, epoch, first, epoch_t0, test_every_epoch, checkpoint_every_s))
 
-    summary = finish(
-        method,
-        nets,
-        data,
-        num_classes,
-        run_dir,
-        settings,
-        amp,
-        elapsed_before + time.perf_counter() - t0,
-        best_epoch,
-        extended,
-    )
-    checkpoint(run_dir / LAST, settings.epochs, 0, finished=True)
+    summary = finish(loop)
+    _save_last(loop, settings.epochs, 0, finished=True)
     emit(RunFinished(summary))
     return summary
 
 
-def finish(
-    method,
-    nets,
-    data: RunData,
-    num_classes: int,
-    run_dir: Path,
-    settings: TrainSettings,
-    amp,
-    elapsed: float,
-    best_epoch,
-    extended: bool,
-) -> dict:
-    """Evaluate on test once (final model and best-on-val model) and write summary.json."""
-    final_test = evaluate(method, nets, data.test_x, data.test_y, num_classes, amp=amp)
-    final_val = evaluate(method, nets, data.val_x, data.val_y, num_classes, amp=amp)
+def finish(loop: Loop) -> dict:
+    """Evaluate on test once (final model, best-on-val model, and the transductive BN-adapted
+    final model in a column of its own) and write summary.json."""
+    settings, data = loop.settings, loop.data
+    k = len(data.classes)
+    used = _prediction_nets(loop)
+    final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, amp=loop.amp)
+    final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp)
+    adapted = evaluate_adapted(loop, used)
     best_test = final_test
-    if best_epoch is not None and best_epoch != settings.epochs:
-        best = checkpoints.load(run_dir / BEST, map_location=data.train_x.device)
-        saved = {k: {p: v.clone() for p, v in net.state_dict().items()} for k, net in nets.items()}
-        checkpoints.restore_networks(best, nets)
-        best_test = evaluate(method, nets, data.test_x, data.test_y, num_classes, amp=amp)
-        for k, net in nets.items():
-            net.load_state_dict(saved[k])
+    if loop.best_epoch is not None and loop.best_epoch != settings.epochs:
+        best = checkpoints.load(loop.run_dir / BEST, map_location=data.train_x.device)
+        saved = _weights(used)
+        checkpoints.restore_networks(best, used)
+        best_test = evaluate(loop.method, used, data.test_x, data.test_y, k, amp=loop.amp)
+        for name, net in used.items():
+            net.load_state_dict(saved[name])
     summary = {
-        "run": str(run_dir),
+        "run": str(loop.run_dir),
         "method": settings.method,
+        "recipe": settings.recipe,
         "epochs": settings.epochs,
-        "train_images": int(data.train_y.numel()),
+        "train_images": loop.n,
+        "unlabelled_images": loop.meta["unlabelled_images"],
         "classes": data.classes,
         "val": final_val,
         "test": final_test,
-        "best_epoch_on_val": best_epoch,
+        "best_epoch_on_val": loop.best_epoch,
         "test_of_best_on_val": best_test,
-        "elapsed_s": round(elapsed, 2),
-        "extended": extended,
+        "test_adapted_bn": adapted,
+        "elapsed_s": round(loop.elapsed(), 2),
+        "extended": loop.extended,
         "settings": settings.model_dump(mode="json"),
     }
-    fileio.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    fileio.write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

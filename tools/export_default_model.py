@@ -1,10 +1,14 @@
-"""Turn a run's best-on-val checkpoint into the model shipped inside the package.
+"""Turn a run's checkpoint into the model shipped inside the package.
 
-Keeps only what classify and generate need (G and C, or D for sgan), stored as fp16 to stay
-small; records the run's test metrics so `threengan info`-style tools and the model card can
-cite them.
+Keeps only what classify and generate need (the network that classifies, and G), stored as
+fp16 to stay small, with the metadata that says how to use them; records the run's test
+metrics so the model card can cite them.
 
-    python tools/export_default_model.py RUN_DIR [--out threengan_cli/models/default.safetensors]
+    python tools/export_default_model.py RUN_DIR [--weights best|final]
+        [--out threengan_cli/models/default.safetensors]
+
+``best``: the best-on-val checkpoint; ``final``: the weights to use of the last epoch
+(averaged, with recomputed BatchNorm statistics, where the run's recipe makes them).
 """
 
 from __future__ import annotations
@@ -15,32 +19,34 @@ from pathlib import Path
 
 import torch
 
-from threengan_cli import checkpoints
-from threengan_cli.methods import METHODS
-from threengan_cli.settings import TrainSettings
+from threengan_cli import checkpoints, modelfile
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
+    parser.add_argument("--weights", choices=("best", "final"), default="best")
     parser.add_argument(
         "--out", type=Path, default=Path("threengan_cli/models/default.safetensors")
     )
     args = parser.parse_args()
-    ckpt = checkpoints.load(args.run / "best.safetensors")
+    name = modelfile.BEST if args.weights == "best" else modelfile.LAST
+    ckpt = checkpoints.load(args.run / name)
     meta = ckpt.meta
-    method = METHODS[meta["method"]]
-    nets = method.networks(
-        TrainSettings(**meta["settings"]), meta["num_classes"], meta["image_size"]
-    )
-    checkpoints.restore_networks(ckpt, nets)
-    # D is only needed where it is the classifier (sgan); otherwise G and C suffice.
-    keep = {k: v for k, v in nets.items() if k in ("G", "C")} if "C" in nets else nets
+    classifier, _ = modelfile.classifier_spec(meta, args.run / name)
+    prefix = ckpt.weights_prefix
+    keep = {
+        net: ckpt.group(f"{prefix}/{net}")
+        for net in (classifier, "G")
+        if ckpt.group(f"{prefix}/{net}")
+    }
     summary = json.loads((args.run / "summary.json").read_text())
+    test = summary.get("test_of_best_on_val") if args.weights == "best" else summary.get("test")
+    dropped = ("optimizers", "position", "dataset", "weights", "finished", "elapsed_s")
     shipped = {
-        **{k: v for k, v in meta.items() if k not in ("optimizers", "position", "dataset")},
-        "weights": "best-on-val, fp16 storage",
-        "test_of_best_on_val": summary.get("test_of_best_on_val"),
+        **{k: v for k, v in meta.items() if k not in dropped},
+        "weights_kind": f"{args.weights}, fp16 storage",
+        "test": test,
         "source_run": args.run.name,
     }
     checkpoints.save(args.out, shipped, keep, dtype=torch.float16)

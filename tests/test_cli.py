@@ -1,0 +1,247 @@
+"""The command line as a user meets it: escaping, help defaults, quiet, config sections, and
+`train`'s refusals, resume and Ctrl+C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from image_factory import class_tree
+from typer.testing import CliRunner
+
+from threengan_cli import helptext, settings
+from threengan_cli.benchmark import BenchmarkSettings
+from threengan_cli.cli import app
+
+runner = CliRunner()
+TINY = ["--epochs", "1", "--width", "4", "--batch-size", "4", "--device", "cpu"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------- escaping
+def test_a_source_name_with_markup_prints_as_written(tmp_path):
+    src = class_tree(tmp_path / "sq[bold]d", {"a": 2, "b": 2})
+    result = run("prepare", src, "--workers", "1")  # its name is not a valid dataset name
+    assert result.exit_code == 2
+    assert "sq[bold]d" in result.stderr
+
+
+def test_a_path_with_a_closing_tag_is_reported_without_markup_error(ckpt):
+    result = run("classify", "x[/].png", "--checkpoint", ckpt, "--format", "csv")
+    assert result.exit_code == 1, result.output  # the only input does not exist
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert "x[/].png" in result.stderr
+
+
+def test_an_unknown_config_section_is_named(tmp_path):
+    (tmp_path / "c.toml").write_text("[trian]\nepochs = 1\n")
+    result = run("train", "somewhere", "--config", tmp_path / "c.toml")
+    assert result.exit_code == 2
+    assert "unknown section [trian] (known: prepare, train, classify" in result.stderr
+
+
+# --------------------------------------------------------------------------- help defaults
+@pytest.mark.parametrize(
+    "section, model",
+    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+)
+def test_help_defaults_equal_the_settings_models_defaults(section, model):
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            continue
+        assert helptext.default_of(section, name) == field.default, f"{section}.{name}"
+
+
+def test_help_shows_the_models_default():
+    result = run("train", "--help")
+    assert "[default: 100]" in result.stdout  # --epochs, from TrainSettings
+
+
+def test_flags_take_no_value():
+    assert run("info", "--json", "true").exit_code == 2
+    assert "<bool>" not in run("info", "--help").stdout
+    assert "<bool>" not in run("--help").stdout and "<bool>" not in run("train", "--help").stdout
+
+
+def test_usage_lines_name_arguments_plainly():
+    assert "prepare [OPTIONS] SOURCE" in run("prepare", "--help").stdout
+    assert "classify [OPTIONS] [PATH]..." in run("classify", "--help").stdout
+
+
+# ---------------------------------------------------------------------------- precision
+def test_fp16_is_not_a_precision_choice(dataset, tmp_path):
+    result = run("train", dataset, "--precision", "fp16", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 2
+    assert "train.precision: must be one of 'fp32' or 'bf16'" in result.stderr
+
+
+# -------------------------------------------------------------------------------- quiet
+def test_quiet_classify_prints_no_warning_and_still_exits_3(ckpt, tmp_path):
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    result = run("classify", good, bad, "--checkpoint", ckpt, "-f", "csv", "-q")
+    assert result.exit_code == 3
+    assert result.stderr == ""
+
+
+def test_quiet_benchmark_prints_no_tables(dataset, tmp_path):
+    args = ["--profile", "smoke", "--methods", "vanilla", "--sizes", "8", "--device", "cpu"]
+    result = run("benchmark", dataset, *args, "--out", tmp_path / "b", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_benchmark_reads_its_config_section(dataset, tmp_path):
+    (tmp_path / "c.toml").write_text(
+        '[benchmark]\nprofile = "smoke"\nmethods = ["vanilla"]\nsizes = [8]\ndevice = "cpu"\n'
+    )
+    result = run("benchmark", dataset, "--config", tmp_path / "c.toml", "--out", tmp_path / "b",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["settings"]["methods"] == ["vanilla"] and data["settings"]["sizes"] == [8]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[benchmark]\nrepeat = 2\n")
+    refused = run("benchmark", dataset, "--config", bad, "--out", tmp_path / "b2")
+    assert refused.exit_code == 2 and "repeat" in refused.stderr
+
+
+def test_classify_reads_its_format_from_the_config(ckpt, tmp_path):
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    (tmp_path / "c.toml").write_text('[classify]\nformat = "jsonl"\n')
+    result = run("classify", good, "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["path"] == str(good)
+
+
+# ---------------------------------------------------------------------------------- train
+def test_train_refuses_an_existing_run_name(dataset):
+    first = run("train", dataset, "--name", "r1", *TINY, "-q")
+    assert first.exit_code == 0, first.output
+    again = run("train", dataset, "--name", "r1", *TINY)
+    assert again.exit_code == 2
+    assert "already holds a run: use --resume" in again.stderr
+
+
+def test_train_resume_of_a_missing_run_is_a_usage_error():
+    result = run("train", "--resume", "never-trained")
+    assert result.exit_code == 2
+    assert "no run to resume" in result.stderr
+
+
+def test_train_resume_of_a_finished_run_says_so_without_a_traceback(dataset):
+    assert run("train", dataset, "--name", "done", *TINY, "-q").exit_code == 0
+    result = run("train", "--resume", "done")
+    # Today the engine refuses it (exit 1) with one line; issue 12 item 6 makes it print the
+    # summary and exit 0. Either way: a documented code, a clear message, no traceback.
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    if result.exit_code == 1:
+        assert "--epochs larger" in result.stderr
+
+
+def test_train_without_a_test_split_says_so(tmp_path):
+    src = class_tree(tmp_path / "src", {"a": 6, "b": 6})
+    prepared = run("prepare", src, "--out", tmp_path / "ds", "--image-size", "16",
+                   "--val-fraction", "0.2", "--workers", "1", "-q")  # fmt: skip
+    assert prepared.exit_code == 0, prepared.output
+    result = run("train", tmp_path / "ds", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "no test split" in result.stderr and "AUC nan" not in result.stderr
+
+
+def test_a_size_that_does_not_divide_over_the_classes_is_refused(dataset, tmp_path):
+    result = run("train", dataset, "--size", "7", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 1
+    assert "does not divide over 2 classes" in result.stderr
+
+
+def test_ctrl_c_exits_130_and_prints_the_resume_hint(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "threengan_cli", "train", str(dataset), "--out", str(run_dir),
+           "--epochs", "100000", "--width", "4", "--batch-size", "4",
+           "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env)  # fmt: skip
+    seen = []
+    for line in proc.stderr:  # the first epoch line: the loop and its handler are running
+        seen.append(line)
+        if line.startswith("epoch 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=120)
+    assert code == 130, "".join(seen) + rest
+    assert f"Continue with: threengan train --resume {run_dir}" in rest
+    assert (run_dir / "last.safetensors").is_file()
+
+
+def test_info_says_which_cuda_torch_was_built_with():
+    result = run("info")
+    assert result.exit_code == 0
+    assert "torch built with CUDA" in result.stdout
+
+
+def test_prepare_warns_when_a_split_comes_out_empty(tmp_path):
+    src = class_tree(tmp_path / "src", {"a": 3, "b": 3})
+    result = run("prepare", src, "--out", tmp_path / "ds", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: the test split is empty" in result.stderr
+
+
+def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
+    import re
+
+    from threengan_cli import benchmark
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
+    config = tmp_path / "c.toml"
+    config.write_text(block)
+    for section in settings.SECTIONS:
+        settings.resolve(section, config)
+    values = dict(settings.read_config(config)["benchmark"])
+    benchmark.resolve_settings(values.pop("profile"), **values)
+
+
+def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from threengan_cli import training as t
+    from threengan_cli import views
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, highlight=False)
+    monkeypatch.setattr(views.err, "_console", console)
+    view = views.TrainView(quiet=False)
+    view(t.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
+    record = {"epoch": 1, "train": {"loss_c": 0.5}, "val": {"accuracy": 0.75},
+              "images_per_s": 10.0, "seconds": 2.4}  # fmt: skip
+    view(t.StepDone(0, 6, 6))
+    view(t.EpochDone(0, 2, record))
+    view(t.StepDone(1, 3, 6))
+    bar = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+    with bar.capture() as captured:
+        bar.print(view.progress.get_renderable())
+    shown = captured.get().strip()
+    view.close()
+    assert shown.startswith("epoch 2/2") and " 3/6 " in shown and "eta" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    assert "epoch 1/2 loss_c=0.500 val_acc=0.7500" in screen.getvalue()  # kept, not overwritten

@@ -1,0 +1,581 @@
+"""The train and benchmark commands: the two that write run folders and run for hours.
+
+Registered on the app by ``cli``; see there for the exit codes.
+"""
+
+# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from threengan_cli import views
+from threengan_cli.cli import (
+    EXIT_INTERRUPT,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    MAX_LISTED,
+    JsonOpt,
+    QuietOpt,
+    config_opt,
+    device_opt,
+    fail,
+    flag,
+    prepared_or_exit,
+    settings_or_exit,
+)
+from threengan_cli.helptext import shown
+from threengan_cli.views import note, print_json, warn
+
+
+# -------------------------------------------------------------------------------------- train
+def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> Path:
+    from threengan_cli import paths
+
+    if out_dir is not None:
+        return out_dir
+    if name is not None:
+        try:
+            return paths.runs_dir() / paths.check_name(name)
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
+    base = f"{Path(dataset).name}-{cfg.method}-n{cfg.size or 'all'}-s{cfg.seed}"
+    candidate, i = paths.runs_dir() / base, 2
+    while candidate.exists():
+        candidate, i = paths.runs_dir() / f"{base}-{i}", i + 1
+    return candidate
+
+
+def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool):
+    """(settings, dataset folder, run folder) of the run to continue; only --epochs may
+    change."""
+    import json
+
+    from threengan_cli import paths
+
+    run_dir = paths.resolve_run(resume)
+    if not (run_dir / "settings.json").is_file():
+        fail(f"no run to resume at {run_dir}", EXIT_USAGE)
+    changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
+    if changed or given_other:
+        fail(
+            "--resume continues a run with its own data and settings; only --epochs may "
+            f"be given (got {', '.join(changed) or 'a dataset or --config'})",
+            EXIT_USAGE,
+        )
+    try:
+        # Runs from before recipes existed were trained with the paper's protocol.
+        saved = {"recipe": "paper", **json.loads((run_dir / "settings.json").read_text())}
+        run_meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"cannot resume {run_dir}: {exc}")
+    if flags["epochs"] is not None:
+        saved["epochs"] = flags["epochs"]
+    return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
+
+
+def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
+    """``train --resume`` of a finished run without a larger --epochs: its summary, exit 0
+    (so a CI script can run the same line twice); of a pruned one with a larger --epochs:
+    a clear error. Otherwise return, and training continues."""
+    import json
+
+    from threengan_cli import runlist
+
+    run = runlist.read_run(run_dir)
+    if run.state != "finished":
+        return
+    if epochs is None or epochs <= run.epochs_done:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if as_json:
+            print_json(summary)
+        elif not quiet:
+            note(
+                f"{run_dir} already finished its {run.epochs_done} epochs; pass --epochs "
+                f"larger than {run.epochs_done} to extend it"
+            )
+            note(_train_done_line(summary, run_dir))
+        raise typer.Exit(EXIT_OK)
+    if not run.resumable:
+        fail(
+            f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
+            "(threengan runs --prune-last); train a new run instead",
+            EXIT_USAGE,
+        )
+
+
+def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
+    """bf16 on a CPU where it runs natively but was not measured faster than fp32 (see
+    ``system.cpu_bf16_verdict``): a warning. Where it is emulated, training refuses it."""
+    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
+        return
+    from threengan_cli import system
+
+    verdict, why = system.cpu_bf16_verdict()
+    if verdict in ("slower", "unproven") and system.select_device(device).type == "cpu":
+        warn(f"--precision bf16 on this CPU is likely slower than fp32: {why}")
+
+
+def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, name, out_dir):
+    """(settings, dataset folder, run folder) of a new run; an existing run is refused."""
+    if dataset is None:
+        fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
+    cfg = settings_or_exit("train", config, **flags)
+    dataset_dir = prepared_or_exit(dataset)
+    run_dir = _run_dir_for(dataset, cfg, name, out_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        fail(f"{run_dir} already holds a run: use --resume {run_dir} or another --name", EXIT_USAGE)
+    return cfg, dataset_dir, run_dir
+
+
+def _metric(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _train_done_line(summary: dict, run_dir: Path) -> str:
+    test = summary.get("test") or {}
+    where = f"summary in {run_dir / 'summary.json'}"
+    if not test.get("n"):
+        return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
+    return (
+        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(test, 'accuracy')}, "
+        f"AUC {_metric(test, 'auc')}, sensitivity {_metric(test, 'sensitivity')}, "
+        f"specificity {_metric(test, 'specificity')} (final epoch; {where})"
+    )
+
+
+# Long only by its declared options and help text (what typer reads); the body is a few calls.
+def train(
+    dataset: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="DATASET",
+            help="Prepared dataset: a name from `threengan datasets` or a folder.",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help=f"3ngan, ecgan, sgan or vanilla. {shown('train', 'method')}"),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Labelled training images N (N/2 per class, by seed). \\[default: all]"),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help=f"Passes over the N images. {shown('train', 'epochs')}")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Mini-batch size. {shown('train', 'batch_size')}")
+    ] = None,
+    tau: Annotated[
+        float | None, typer.Option(help=f"Pseudo-label confidence. {shown('train', 'tau')}")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help=f"Weight of the KL term. {shown('train', 'alpha')}")
+    ] = None,
+    lam: Annotated[
+        float | None,
+        typer.Option(help=f"Weight of the pseudo-label loss. {shown('train', 'lam')}"),
+    ] = None,
+    kl: Annotated[
+        str | None,
+        typer.Option(help=f"KL term: batch-mean, per-pair or none. {shown('train', 'kl')}"),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help=f"Adam learning rate. {shown('train', 'lr')}")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help=f"Network width ngf = ndf. {shown('train', 'width')}")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help=f"Seed of subset, init and batches. {shown('train', 'seed')}"),
+    ] = None,
+    device: device_opt("train") = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32 or bf16. On a CPU bf16 was measured slower than fp32 even where it is "
+            "native (a warning) and is refused where emulated; `threengan info` says which. "
+            f"{shown('train', 'precision')}"
+        ),
+    ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="On CUDA, replay each step from a captured CUDA graph. "
+            f"{shown('train', 'cuda_graphs')}",
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="paper: the paper's protocol exactly; robust: precise BN, EMA and "
+            f"augmentation (docs/method.md). {shown('train', 'recipe')}"
+        ),
+    ] = None,
+    precise_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--precise-bn/--no-precise-bn",
+            help="Recompute BatchNorm statistics for the weights used. \\[default: by recipe]",
+        ),
+    ] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(help="Decay of the weights' moving average, 0 = off. \\[default: by recipe]"),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="translation,cutout,color,flip or none, alike for real and generated images. "
+            "\\[default: by recipe]"
+        ),
+    ] = None,
+    unlabelled: Annotated[
+        str | None,
+        typer.Option(
+            help="Unlabelled X-rays: rest (train images outside the N), a prepared dataset or "
+            "a folder; 'none' for none. \\[default: by recipe]"
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue the run of this name or folder exactly where it stopped."),
+    ] = None,
+    config: config_opt("train") = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a model on a prepared dataset; each epoch is evaluated on its val split.
+
+    The run folder gets settings.json, metrics.jsonl (one line per epoch), samples/ (images
+    from a fixed latent batch), last.safetensors (resumable), best.safetensors (best val
+    accuracy) and summary.json (test metrics, computed once at the end). Ctrl+C saves a
+    resumable checkpoint and exits 130.
+
+    [bold]Examples[/]
+
+      threengan train kermany --method 3ngan --size 200 --epochs 3
+
+      threengan train kermany --method vanilla --size 1000 --seed 1 --name van-1000-s1
+
+      threengan train --resume van-1000-s1 --epochs 150
+    """
+    flags = {
+        "method": method,
+        "size": size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "tau": tau,
+        "alpha": alpha,
+        "lam": lam,
+        "kl": kl,
+        "lr": lr,
+        "width": width,
+        "seed": seed,
+        "device": device,
+        "precision": precision,
+        "cuda_graphs": cuda_graphs,
+        "recipe": recipe,
+        "precise_bn": precise_bn,
+        "ema": ema,
+        "augment": augment,
+        "unlabelled": unlabelled,
+    }
+    unlabelled_off = unlabelled is not None and unlabelled.lower() == "none"
+    if unlabelled_off:
+        flags["unlabelled"] = None
+    if resume is not None:
+        given_other = config is not None or dataset is not None
+        cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other)
+        _finished_run_or_continue(run_dir, flags["epochs"], as_json, quiet)
+    else:
+        cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir)
+        if unlabelled_off:
+            cfg = cfg.model_copy(update={"unlabelled": None})
+
+    from threengan_cli import training
+    from threengan_cli.checkpoints import CheckpointError
+    from threengan_cli.datasets import DatasetError
+
+    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    view = views.TrainView(quiet)
+    try:
+        summary = training.train(
+            dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
+        )
+    except training.Interrupted as exc:
+        view.close()
+        note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except (training.TrainingError, CheckpointError, DatasetError, ValueError) as exc:
+        view.close()
+        fail(str(exc))
+    finally:
+        view.close()
+    if summary.get("extended") and not quiet:
+        note(f"extended the finished run to {cfg.epochs} epochs")
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        note(_train_done_line(summary, run_dir))
+
+
+# ---------------------------------------------------------------------------------- benchmark
+def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
+
+
+def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, Any]):
+    """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
+    from threengan_cli import benchmark as bench
+    from threengan_cli.helptext import default_of
+    from threengan_cli.settings import SettingsError, read_config
+
+    try:
+        values = dict(read_config(config).get("benchmark", {}))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        in_file = values.pop("profile", None)
+        chosen = profile or in_file or default_of("benchmark", "profile")
+        for key in ("methods", "sizes"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return bench.resolve_settings(chosen, **values)
+    except (SettingsError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
+    from threengan_cli import benchmark as bench
+
+    extra = [k for k, v in given.items() if v is not None]
+    if extra:
+        fail(f"merge takes only DIR... --out DIR (got {', '.join(extra)})", EXIT_USAGE)
+    if len(args) < 2 or out_dir is None:
+        fail("merge needs the benchmark folders to join and --out DIR", EXIT_USAGE)
+    try:
+        return bench.merge([Path(a) for a in args[1:]], out_dir), out_dir
+    except bench.BenchmarkError as exc:
+        fail(str(exc))
+
+
+def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
+    from threengan_cli import benchmark as bench
+    from threengan_cli import paths, training
+    from threengan_cli.checkpoints import CheckpointError
+    from threengan_cli.datasets import DatasetError
+
+    try:
+        shard_ij = bench.parse_shard(shard) if shard is not None else (1, 1)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    dataset_dir = prepared_or_exit(dataset)
+    target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
+    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    view = views.BenchView(quiet)
+    hint = f"finished runs are kept in {target}; run the same command again to resume"
+    try:
+        results = bench.run(
+            dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
+        )
+    except (training.Interrupted, KeyboardInterrupt):
+        view.close()
+        note(f"interrupted: {hint}")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except (bench.BenchmarkError, training.TrainingError, CheckpointError, DatasetError) as exc:
+        view.close()
+        fail(str(exc))
+    finally:
+        view.close()
+    if shard_ij[1] > 1 and not quiet:
+        note(f"shard {shard}: join the shards with: threengan benchmark merge DIR... --out DIR")
+    return results, target
+
+
+# Long only by its declared options and help text (what typer reads); the body is a few calls.
+def benchmark(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="DATASET | merge DIR...",
+            help="A prepared dataset (name or folder) to benchmark on; or the word merge "
+            "followed by benchmark folders (shards) to join into one report.",
+            show_default=False,
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="smoke (seconds; tests), quick (a reduced grid: about 15-20 minutes on a "
+            "2-core CPU, see docs/benchmark-protocol.md) or paper (the full protocol). "
+            f"{shown('benchmark', 'profile')}"
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: vanilla, sgan, ecgan, 3ngan, 3ngan-nokl, 3ngan-nogc, "
+            "3ngan-pairkl. \\[default: the profile's]"
+        ),
+    ] = None,
+    sizes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated training sizes N. \\[default: the profile's]"),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help="Repeats per cell; repeat r uses seed + r. \\[default: the profile's]"),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs per run. \\[default: the profile's]")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Mini-batch size. \\[default: the profile's]")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Network width ngf = ndf. \\[default: the profile's]")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Base seed. {shown('benchmark', 'seed')}")
+    ] = None,
+    device: device_opt("benchmark") = None,
+    precision: Annotated[
+        str | None, typer.Option(help=f"fp32 or bf16. {shown('benchmark', 'precision')}")
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of recipes, each a cell of its own: paper, robust. "
+            "\\[default: the profile's; study: paper,robust; others: paper]"
+        ),
+    ] = None,
+    ablate: Annotated[
+        bool | None,
+        flag(
+            "--ablate",
+            help="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
+            "against C), 3ngan-pairkl (per-pair KL).",
+        ),
+    ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Runs trained at once, in threads; results are the same as one at a time. "
+            "\\[default: the repeats of a cell on a GPU (at most 8), 1 on a CPU]",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: train only the runs whose grid index is I-1 modulo N (e.g. a SLURM "
+            "array task); join the shards with `benchmark merge`."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Benchmark folder \\[default: <data dir>/benchmarks/<dataset>-<profile>]; "
+            "required for merge.",
+            file_okay=False,
+        ),
+    ] = None,
+    config: config_opt("benchmark") = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Benchmark methods x training sizes x repeats and compare with the paper's Table 1.
+
+    Every run is an ordinary training run in <out>/runs/<method>-n<N>-r<repeat>/.
+    Reported: mean ± std over repeats of accuracy, balanced accuracy, AUC,
+    sensitivity, specificity and F1 of the final-epoch model on the test
+    split, and, labelled optimistic, the best test accuracy over epochs.
+    Writes results.json, results.csv, report.md (beside the paper's Table 1)
+    and accuracy_vs_size.png (with the [bold]plot[/] extra).
+
+    Re-running the same command skips finished runs and resumes an
+    unfinished one; a run folder written with other settings is refused.
+    Ctrl+C keeps what is finished and exits 130. Exit 3 when some runs
+    failed (a loss became non-finite); they are counted in the report.
+
+    [bold]Examples[/]
+
+      threengan benchmark kermany --profile quick
+
+      threengan benchmark kermany --profile paper --shard 3/10 --out bench/s3
+
+      threengan benchmark merge bench/s* --out bench/all
+
+      threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
+    """
+    if not args:
+        fail("give a prepared DATASET, or: merge DIR... --out DIR", EXIT_USAGE)
+    flags = {
+        "methods": _comma_list(methods, "--methods"),
+        "sizes": _comma_list(sizes, "--sizes", int),
+        "repeats": repeats,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "width": width,
+        "seed": seed,
+        "device": device,
+        "precision": precision,
+        "ablate": ablate,
+        "recipes": _comma_list(recipe, "--recipe"),
+    }
+    if args[0] == "merge":
+        given = {f"--{k.replace('_', '-')}": v for k, v in flags.items()}
+        given["--recipe"] = given.pop("--recipes")
+        given.update({"--profile": profile, "--shard": shard, "--parallel": parallel})
+        given["--config"] = config
+        results, target = _bench_merge(args, out_dir, given)
+    else:
+        if len(args) > 1:
+            fail(
+                f"give one DATASET (got {len(args)} arguments); to join shards use: "
+                "benchmark merge DIR... --out DIR",
+                EXIT_USAGE,
+            )
+        cfg = _bench_settings(config, profile, flags)
+        results, target = _bench_run(args[0], cfg, shard, out_dir, parallel, quiet)
+
+    if as_json:
+        print_json(results)
+    elif not quiet:
+        views.bench_tables(results)
+    if not quiet:
+        made = "results.json, results.csv, report.md"
+        if results.get("plot"):
+            made += ", accuracy_vs_size.png"
+        else:
+            note(f"no plot: {results.get('plot_note')}")
+        note(f"wrote {made} in {target}")
+    failed = results["counts"]["failed"]
+    if failed and not quiet:
+        warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
+    missing = (results.get("missing") or []) if args[0] == "merge" else []
+    if missing and not quiet:
+        shown_ = ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
+        warn(
+            f"{len(missing)} run(s) of the grid are in none of the merged folders: {shown_}; "
+            f"the report covers the other {results['counts'].get('finished', 0)} finished"
+        )
+    if failed or missing:
+        raise typer.Exit(EXIT_PARTIAL)

@@ -1,0 +1,60 @@
+"""What a training run reports while it runs (events the CLI shows) and how it stops early
+(errors with one-line messages, and the resumable interruption)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class TrainingError(Exception):
+    """A run that cannot start or continue; the message is one line meant for the user."""
+
+
+class NonFiniteLoss(TrainingError):
+    """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl+C: a resumable checkpoint was saved at ``path``."""
+
+    def __init__(self, path: Path, epoch: int, step: int):
+        super().__init__(f"stopped at epoch {epoch + 1} step {step}; resumable from {path}")
+        self.path, self.epoch, self.step = path, epoch, step
+
+
+# ------------------------------------------------------------------------------ events
+@dataclass(frozen=True)
+class RunStarted:
+    run_dir: Path
+    method: str
+    device: str
+    train_images: int
+    steps_per_epoch: int
+    start_epoch: int
+    epochs: int
+    resumed: bool
+    extended: bool
+
+
+@dataclass(frozen=True)
+class StepDone:
+    epoch: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    epoch: int
+    epochs: int
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    summary: dict[str, Any]
+
+
+Event = RunStarted | StepDone | EpochDone | RunFinished
