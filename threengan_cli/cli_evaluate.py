@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from threengan_cli import views
 from threengan_cli.cli import (
     EXIT_FAIL,
     EXIT_INTERRUPT,
@@ -23,7 +24,7 @@ from threengan_cli.cli import (
     flag,
     load_classifier_or_exit,
 )
-from threengan_cli.views import note, out, print_json, warn
+from threengan_cli.views import note, print_json, warn
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -195,7 +196,7 @@ def evaluate(
     if as_json:
         print_json({**result.to_dict(), "plots": [str(p) for p in made]})
     else:
-        _evaluation_view(result)
+        views.evaluation_tables(result)
     if not quiet:
         where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
         note(
@@ -210,40 +211,6 @@ def evaluate(
             warn(f"{p.path}: {p.error}")
         warn(f"{len(bad)} images could not be read and were left out of the scores")
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def _evaluation_view(result) -> None:
-    """The scores, the confusion matrix and per-class counts as tables on stdout."""
-    from rich import box
-    from rich.table import Table
-
-    from threengan_cli.views import esc as escape
-
-    m = result.metrics
-    split = f" ({result.data.split})" if result.data.split else ""
-    scores = Table(
-        title=escape(f"{Path(result.data.source).name}{split}: {m['n']} images"),
-        box=box.SIMPLE_HEAD,
-        show_header=False,
-    )
-    scores.add_column("metric")
-    scores.add_column("value", justify="right")
-    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"):
-        value = m[key]
-        scores.add_row(key.replace("_", " "), "undefined" if value is None else f"{value:.4f}")
-    out.print(scores)
-    matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
-    matrix.add_column("true \\ predicted")
-    for c in result.classes:
-        matrix.add_column(escape(c), justify="right")
-    matrix.add_column("images", justify="right")
-    matrix.add_column("correct", justify="right")
-    for c, row in zip(result.classes, m["confusion"], strict=True):
-        counts = result.per_class[c]
-        matrix.add_row(
-            escape(c), *(str(n) for n in row), str(counts["images"]), str(counts["correct"])
-        )
-    out.print(matrix)
 
 
 # --------------------------------------------------------------------------------------- runs
@@ -306,31 +273,7 @@ def runs(
         rows = [r.to_dict() for r in found]
         print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)
     elif found:
-        from rich import box
-        from rich.table import Table
-
-        from threengan_cli.views import esc as escape
-
-        table = Table(box=box.SIMPLE_HEAD)
-        for column in ("name", "method", "N", "epochs", "state", "val acc", "test acc", "size"):
-            right = column in ("N", "epochs", "val acc", "test acc", "size")
-            table.add_column(column, justify="right" if right else "left")
-
-        def acc(value) -> str:
-            return "–" if value is None else f"{value:.4f}"
-
-        for r in found:
-            table.add_row(
-                escape(r.name),
-                r.method or "?",
-                str(r.size or "all"),
-                f"{r.epochs_done}/{r.epochs_planned or '?'}",
-                r.state,
-                acc(r.val_accuracy),
-                acc(r.test_accuracy),
-                runlist.human_bytes(r.bytes),
-            )
-        out.print(table)
+        views.runs_table(found)
     elif not quiet:
         note("no runs yet: run `threengan train DATASET`")
     if prune_last and not quiet:
