@@ -389,3 +389,17 @@ def test_the_eta_counts_each_epoch_s_evaluation_as_well_as_its_steps():
     # measured on the 2-core CPU: 13 s and 148 s; counting evaluation brings the estimated
     # ratio from 32x to 14x
     assert 10 < large.work(evaluated) / small.work(evaluated) < 20
+
+
+def test_cli_merge_with_runs_missing_names_them_writes_the_rest_and_exits_3(smoke, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(smoke[0], partial)
+    gone = sorted((partial / "runs").iterdir())[0].name
+    shutil.rmtree(partial / "runs" / gone)
+    result = _cli("merge", partial, "--out", tmp_path / "m")
+    assert result.exit_code == 3
+    assert "1 run(s) of the grid are in none of the merged folders" in result.stderr
+    assert gone in result.stderr
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["missing"] == [gone]

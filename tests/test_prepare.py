@@ -191,8 +191,9 @@ def test_bad_sources_raise_one_line_errors(tmp_path, make, message):
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     prepare(src, tmp_path / "ds", settings())
-    with pytest.raises(DatasetError, match="already exists"):
-        prepare(src, tmp_path / "ds", settings())
+    other = class_tree(tmp_path / "other", {"a": 1, "b": 1})
+    with pytest.raises(DatasetError, match="another source.*use --force"):
+        prepare(other, tmp_path / "ds", settings())
     class_tree(src, {"c": 2}, seed=500)  # pixels of its own
     report = prepare(src, tmp_path / "ds", settings(), force=True)
     assert report.classes == ["a", "b", "c"] and load_prepared(tmp_path / "ds").classes[2] == "c"
@@ -354,3 +355,23 @@ def test_list_prepared_lists_datasets_and_broken_ones(tmp_path):
     found = {d["name"]: d for d in list_prepared(tmp_path / "root")}
     assert found["one"]["images"] == 4 and found["one"]["classes"] == ["a", "b"]
     assert "error" in found["broken"]
+
+
+def test_the_same_source_and_settings_again_is_up_to_date_and_anything_else_needs_force(
+    tmp_path,
+):
+    src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
+    first = prepare(src, tmp_path / "ds", settings())
+    written = (tmp_path / "ds" / "data.safetensors").stat().st_mtime_ns
+    again = prepare(src, tmp_path / "ds", settings(workers=2))  # workers change nothing
+    assert again.up_to_date and not first.up_to_date
+    assert again.counts == first.counts and again.classes == first.classes
+    assert (tmp_path / "ds" / "data.safetensors").stat().st_mtime_ns == written
+    with pytest.raises(DatasetError, match="other settings .*image_size.*--force"):
+        prepare(src, tmp_path / "ds", settings(image_size=8))
+    class_tree(src, {"c": 1})  # a file added to the source
+    with pytest.raises(DatasetError, match="source changed since.*--force"):
+        prepare(src, tmp_path / "ds", settings())
+    other = class_tree(tmp_path / "other", {"a": 2, "b": 2})
+    with pytest.raises(DatasetError, match="another source.*--force"):
+        prepare(other, tmp_path / "ds", settings())

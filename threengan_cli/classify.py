@@ -14,24 +14,36 @@ function ``prepare`` uses, so training and classification see identically prepro
 pixels. Rows come out in input order (folder contents sorted by name, files before
 sub-folders). A file that cannot be read gives a row with ``error`` set and no label.
 
-Decision: with two classes, class 1 (``pneumonia`` for the chest X-ray models) when its
-probability is at least ``threshold``, else class 0; with more classes, the most probable.
+Decision: :func:`metrics.predict`, the one rule ``evaluate`` uses too: with two classes,
+class 1 (``pneumonia`` for the chest X-ray models) when its probability is at least
+``threshold``, else class 0; with more classes, the most probable.
+
+Exactness: a row's probabilities are the model's float32 values written with the fewest
+digits that read back as the same float32 (:func:`exact`), and the models compute each
+image independently of the others in its batch, so ``--batch-size`` never changes a row.
+``shard=(i, n)`` classifies the i-th of n contiguous slices of the expanded input list: the
+shards' rows, concatenated in shard order, are exactly the rows of one unsharded run.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import re
+import shutil
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from threengan_cli import images
+from threengan_cli import images, metrics
 from threengan_cli.workers import decode_pool
 
 if TYPE_CHECKING:
@@ -178,12 +190,39 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 1 <= I <= N; anything else is a ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(f"--shard must be I/N with 1 <= I <= N, e.g. 2/8 (got {text!r})")
+    return int(match[1]), int(match[2])
+
+
+def shard_of(items: Iterable[Item], shard: tuple[int, int]) -> list[Item]:
+    """The ``shard[0]``-th of ``shard[1]`` contiguous, near-equal slices of ``items``.
+
+    Contiguous rather than every n-th item so that the shards' outputs, concatenated in
+    shard order, are one unsharded run's output; that needs the whole list first (the
+    paths only, never the images).
+    """
+    i, n = shard
+    listed = list(items)
+    return listed[(i - 1) * len(listed) // n : i * len(listed) // n]
+
+
 # ----------------------------------------------------------------------------- deciding
+def exact(p: float) -> float:
+    """The float32 ``p`` as the shortest decimal that reads back as the same float32.
+
+    Python writes a float32 widened to float64 with 17 digits (0.7571609616279602); rounding
+    to a fixed number of decimals instead loses the ranking near 0 and 1 (0.9999999 -> 1.0).
+    """
+    return float(np.format_float_positional(np.float32(p), unique=True, trim="0"))
+
+
 def decide(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Class indices (B,) from probabilities (B, K): see the module docstring."""
-    if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] >= threshold).astype(np.int64)
-    return probabilities.argmax(axis=1)
+    """Class indices (B,) from probabilities (B, K): :func:`metrics.predict`'s rule."""
+    return metrics.predict(probabilities, threshold)
 
 
 def _rows(
@@ -198,7 +237,7 @@ def _rows(
     if ok:
         p = model.probabilities_of(arrays[ok])
         labels = decide(p, threshold).tolist()
-        probs = p.tolist()
+        probs = [[exact(v) for v in image] for image in p.tolist()]
     results = iter(errors)
     done = 0
     for path, error in chunk:
@@ -221,6 +260,7 @@ def classify(
     threshold: float = 0.5,
     recursive: bool = False,
     stdin: TextIO | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Row]:
     """Rows for every input file, in input order (see the module docstring).
 
@@ -230,9 +270,12 @@ def classify(
     workers = workers or os.cpu_count() or 1
     size, fit = model.image_size, model.fit
     pending: deque[tuple[list[Item], list[Future]]] = deque()
+    items: Iterable[Item] = expand(inputs, recursive, stdin)
+    if shard is not None:
+        items = shard_of(items, shard)
     pool = _executor(workers)
     try:
-        for chunk in _chunks(expand(inputs, recursive, stdin), batch_size):
+        for chunk in _chunks(iter(items), batch_size):
             todo = [path for path, error in chunk if error is None]
             # Each batch is split over all workers, so that even one batch (a small folder)
             # decodes on every core.
@@ -248,6 +291,65 @@ def classify(
             yield from _rows(*pending.popleft(), model, threshold)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------ sorting
+def sort_into(row: Row, folder: Path | str, link: bool = False) -> Path | None:
+    """Copy (or with ``link`` hard-link, else symlink) a classified input into
+    ``folder/<label>/``; ``None`` for an error row.
+
+    The file keeps its name; a different file of the same name already there gets the name
+    with a short hash of its source path added, so two inputs never overwrite each other,
+    and a rerun replaces what it wrote before. A copy appears whole or not at all.
+    """
+    if not row.ok or row.label is None:
+        return None
+    source = Path(row.path)
+    target_dir = Path(folder) / row.label
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / source.name
+    if target.exists() and not _same_file(source, target):
+        tag = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
+        target = target_dir / f"{source.stem}-{tag}{source.suffix}"
+    if link:
+        if target.exists() and _same_file(source, target):
+            return target
+        tmp = target_dir / f".{target.name}.{os.getpid()}.link"
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or links not allowed: a symbolic link
+            os.symlink(source.resolve(), tmp)
+        os.replace(tmp, target)
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target_dir)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        shutil.copystat(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``b`` is ``a`` itself (a link to it) or a copy of it made by :func:`sort_into`."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    if sa.st_size != sb.st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 ADAPT_MIN_IMAGES = 32  # fewer images give BatchNorm statistics too noisy to trust

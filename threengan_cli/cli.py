@@ -322,6 +322,10 @@ def prepare(
     Unreadable files are skipped and listed: exit 0 with a warning,
     or exit 1 (nothing written) under --strict.
 
+    Preparing the same source (same files, sizes and times) with the
+    same settings again says "up to date" and exits 0 without work; a
+    different source or settings needs --force.
+
     [bold]Examples[/]
 
       threengan prepare ~/data/chest_xray --name kermany
@@ -358,6 +362,15 @@ def prepare(
     finally:
         view.close()
 
+    if report.up_to_date:
+        if as_json:
+            print_json(report.to_dict())
+        if not quiet:
+            note(
+                f"{target} is up to date: prepared from the same source with the same "
+                "settings (--force prepares it again)"
+            )
+        return
     if as_json:
         print_json(report.to_dict())
     elif not quiet:
@@ -441,10 +454,12 @@ def prepared_or_exit(dataset: str) -> Path:
 
 # The long commands live in their own modules (each under 600 lines); they are registered
 # here, in pipeline order, which is the order of the help.
-from threengan_cli import cli_classify, cli_train  # noqa: E402
+from threengan_cli import cli_classify, cli_evaluate, cli_train  # noqa: E402
 
 command()(cli_train.train)
+command()(cli_evaluate.runs)
 command()(cli_classify.classify)
+command()(cli_evaluate.evaluate)
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -571,6 +586,13 @@ def main() -> None:
     except KeyboardInterrupt:
         note("interrupted")
         sys.exit(EXIT_INTERRUPT)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        from threengan_cli.system import NO_TORCH
+
+        views.error(f"this command needs PyTorch. {NO_TORCH}")
+        sys.exit(EXIT_FAIL)
     except OSError as exc:  # a last guard: an OS error the command did not expect
         views.stdout_gone()
         sys.stderr.write(f"error: {views.os_failure(exc, 'threengan')}\n")

@@ -35,7 +35,14 @@ def _classify_format(fmt: str | None, output: Path | None) -> str:
 
     if fmt is None:
         if output is not None:
-            fmt = SUFFIX_FORMATS.get(output.suffix.lower(), "csv")
+            fmt = SUFFIX_FORMATS.get(output.suffix.lower())
+            if fmt is None:
+                known = ", ".join(SUFFIX_FORMATS)
+                fail(
+                    f"cannot tell the format of {output} from its suffix (known: {known}); "
+                    "give --format csv, json or jsonl",
+                    EXIT_USAGE,
+                )
         else:
             fmt = "table" if sys.stdout.isatty() else "csv"
     if fmt not in FORMATS:
@@ -46,14 +53,16 @@ def _classify_format(fmt: str | None, output: Path | None) -> str:
 class _ClassifyTally:
     """Counts rows as they stream past, and lists the first unreadable inputs on stderr."""
 
-    def __init__(self, listing: bool):
+    def __init__(self, listing: bool, classes: list[str]):
         self.counts = {"inputs": 0, "classified": 0, "errors": 0}
+        self.per_label = dict.fromkeys(classes, 0)
         self.listing, self.listed = listing, 0
 
     def add(self, row) -> None:
         self.counts["inputs"] += 1
         if row.ok:
             self.counts["classified"] += 1
+            self.per_label[row.label] += 1
             return
         self.counts["errors"] += 1
         if self.listing and self.listed < MAX_LISTED:
@@ -61,14 +70,31 @@ class _ClassifyTally:
             self.listed += 1
 
 
-def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view) -> None:
+def _threshold_of(model, cfg) -> tuple[float, str, str]:
+    """The threshold to use, where it comes from (given, model or default) and a note for
+    stderr: a given --threshold (flag or --config) wins; else the one ``evaluate
+    --threshold-from`` stored in the model; else the default."""
+    stored = model.stored_threshold
+    if "threshold" in cfg.model_fields_set:
+        return cfg.threshold, "given", ""
+    if stored is None:
+        return cfg.threshold, "default", ""
+    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
+    note = f" (the model's: {how}; --threshold overrides it)"
+    return float(stored["value"]), "model", note
+
+
+def _classify_stream(
+    inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra
+) -> None:
     """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
     from threengan_cli import fileio
     from threengan_cli.classify import classify as run_classify
+    from threengan_cli.classify import sort_into as sort_row
     from threengan_cli.rows import RowWriter
 
     def consume(stream) -> None:
-        writer = RowWriter(fmt, stream, model, cfg.threshold)
+        writer = RowWriter(fmt, stream, model, cfg.threshold, extra["threshold_source"])
         writer.begin()
         rows = run_classify(
             inputs,
@@ -77,12 +103,18 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             workers=cfg.workers,
             threshold=cfg.threshold,
             recursive=cfg.recursive,
+            shard=extra["shard"],
         )
         for row in rows:
             writer.write(row)
             tally.add(row)
+            if row.ok and extra["sort_into"] is not None:
+                try:
+                    sort_row(row, extra["sort_into"], link=extra["link"])
+                except OSError as exc:
+                    fail(f"cannot sort {row.path} into {extra['sort_into']}: {exc}")
             view.update(tally.counts["inputs"])
-        writer.end(tally.counts)
+        writer.end({**tally.counts, "labels": tally.per_label})
 
     if output is not None:
         with fileio.atomic_file(output, "w") as fh:
@@ -187,6 +219,40 @@ def classify(
             "(no labels used; transductive; needs 32 or more images; uses the torch engine)."
         ),
     ] = "none",
+    sort_into: Annotated[
+        Path | None,
+        typer.Option(
+            "--sort-into",
+            help="Also copy each classified input into DIR/<label>/.",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    link: Annotated[
+        bool,
+        flag(
+            "--link",
+            help="With --sort-into: hard-link instead of copying (a symbolic link where the "
+            "file system refuses hard links).",
+        ),
+    ] = False,
+    examples: Annotated[
+        bool,
+        flag(
+            "--examples",
+            help="Also classify the 8 example X-rays shipped with threengan (Kermany et al., "
+            "CC BY 4.0; `threengan info` shows where).",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: classify only the I-th of N contiguous slices of the expanded input "
+            "list (a SLURM array task, a Kubernetes job); the shards' outputs concatenated "
+            "in order equal one unsharded run.",
+            metavar="I/N",
+        ),
+    ] = None,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -199,14 +265,23 @@ def classify(
 
     Data goes to stdout (or --output), messages to stderr. The model id
     and threshold are printed on stderr; --format json also puts them in
-    its header: {"model", "method", "threshold", "classes", "image_size",
-    "rows": [...], "summary"}.
+    its header: {"model", "method", "threshold", "threshold_source",
+    "classes", "image_size", "rows": [...], "summary"}. A threshold that
+    `evaluate --threshold-from val` stored in the model is used unless
+    --threshold is given (threshold_source: given, model or default).
+
+    Probabilities are written with the fewest digits that read back as
+    the model's float32 value, and do not depend on --batch-size. A count
+    per label goes to stderr. --output's suffix (.csv, .json, .jsonl,
+    .ndjson) sets the format; any other suffix needs --format.
 
     Exit codes: 0 every input classified, 3 some could not be read,
     1 none could (or no model), 2 usage error (no PATH, bad option,
     --checkpoint or --run that does not exist).
 
     [bold]Examples[/]
+
+      threengan classify --examples   [dim]# the shipped X-rays, no download[/]
 
       threengan classify scan1.jpg scan2.png --run my-run
 
@@ -215,10 +290,22 @@ def classify(
       find /data -name '*.dcm' | threengan classify - -f jsonl > out.jsonl
 
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
+
+      threengan classify scans/ -r --shard 3/10 -o part-03.csv
+
+      threengan classify inbox/ --sort-into sorted/ --link
     """
+    if examples:
+        from threengan_cli.paths import example_images
+
+        shipped = [str(p) for p in example_images()]
+        if not shipped:
+            fail("this installation has no example X-rays (threengan_cli/examples)")
+        inputs = [*(inputs or []), *shipped]
     if not inputs:
         fail(
-            "give at least one PATH (a file, folder or glob), or - to read paths from stdin",
+            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
+            "from stdin",
             EXIT_USAGE,
         )
     cfg = settings_or_exit(
@@ -235,8 +322,16 @@ def classify(
     fmt = _classify_format(cfg.format, output)
     if inputs.count("-") > 1:
         fail("- (paths from stdin) may be given once", EXIT_USAGE)
+    if link and sort_into is None:
+        fail("--link goes with --sort-into DIR", EXIT_USAGE)
 
+    from threengan_cli.classify import parse_shard
     from threengan_cli.modelfile import ModelError
+
+    try:
+        shard_ij = parse_shard(shard) if shard is not None else None
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
 
     if adapt not in ("none", "bn"):
         fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
@@ -248,16 +343,25 @@ def classify(
         fail(str(exc))
     if adapt == "bn":
         inputs = _adapt_bn(inputs, model, cfg, quiet)
+    threshold_value, threshold_source, source_note = _threshold_of(model, cfg)
+    cfg = cfg.model_copy(update={"threshold": threshold_value})
     if not quiet:
         note(
             f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
-            f"{', '.join(model.classes)}), threshold {cfg.threshold}, device {model.device}"
+            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}, "
+            f"device {model.device}"
         )
 
-    tally = _ClassifyTally(listing=not quiet and fmt != "table")
+    tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
     view = views.BarView(not quiet and err.is_terminal, "classifying")
+    extra = {
+        "threshold_source": threshold_source,
+        "shard": shard_ij,
+        "sort_into": sort_into,
+        "link": link,
+    }
     try:
-        _classify_stream(inputs, model, cfg, fmt, output, tally, view)
+        _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
     except KeyboardInterrupt:
         view.close()
         kept = f"; nothing written to {output}" if output is not None else ""
@@ -287,6 +391,10 @@ def classify(
     if not quiet:
         where = f" -> {output}" if output is not None else ""
         note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
+        labels = ", ".join(f"{label} {n}" for label, n in tally.per_label.items())
+        errors = f", errors {counts['errors']}" if counts["errors"] else ""
+        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
+        note(f"labels: {labels}{errors}{sorted_to}")
     if counts["errors"]:
         if not quiet:
             if tally.listing and tally.listed < counts["errors"]:

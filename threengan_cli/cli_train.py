@@ -14,8 +14,10 @@ import typer
 from threengan_cli import views
 from threengan_cli.cli import (
     EXIT_INTERRUPT,
+    EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
+    MAX_LISTED,
     JsonOpt,
     QuietOpt,
     config_opt,
@@ -84,6 +86,48 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
     if flags["epochs"] is not None:
         saved["epochs"] = flags["epochs"]
     return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
+
+
+def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
+    """``train --resume`` of a finished run without a larger --epochs: its summary, exit 0
+    (so a CI script can run the same line twice); of a pruned one with a larger --epochs:
+    a clear error. Otherwise return, and training continues."""
+    import json
+
+    from threengan_cli import runlist
+
+    run = runlist.read_run(run_dir)
+    if run.state != "finished":
+        return
+    if epochs is None or epochs <= run.epochs_done:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if as_json:
+            print_json(summary)
+        elif not quiet:
+            note(
+                f"{run_dir} already finished its {run.epochs_done} epochs; pass --epochs "
+                f"larger than {run.epochs_done} to extend it"
+            )
+            note(_train_done_line(summary, run_dir))
+        raise typer.Exit(EXIT_OK)
+    if not run.resumable:
+        fail(
+            f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
+            "(threengan runs --prune-last); train a new run instead",
+            EXIT_USAGE,
+        )
+
+
+def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
+    """bf16 on a CPU where it runs natively but was not measured faster than fp32 (see
+    ``system.cpu_bf16_verdict``): a warning. Where it is emulated, training refuses it."""
+    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
+        return
+    from threengan_cli import system
+
+    verdict, why = system.cpu_bf16_verdict()
+    if verdict in ("slower", "unproven") and system.select_device(device).type == "cpu":
+        warn(f"--precision bf16 on this CPU is likely slower than fp32: {why}")
 
 
 def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, name, out_dir, held):
@@ -177,7 +221,8 @@ def train(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="fp32 or bf16 (bf16 pays on CPUs with AVX512-BF16/AMX). "
+            help="fp32 or bf16. On a CPU bf16 was measured slower than fp32 even where it is "
+            "native (a warning) and is refused where emulated; `threengan info` says which. "
             f"{shown('train', 'precision')}"
         ),
     ] = None,
@@ -276,6 +321,11 @@ def train(
     if resume is not None:
         given_other = config is not None or dataset is not None
         cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other, held)
+        try:
+            _finished_run_or_continue(run_dir, flags["epochs"], as_json, quiet)
+        except typer.Exit:
+            held.close()  # nothing to train: the lock goes with the command
+            raise
     else:
         cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir, held)
         if unlabelled_off:
@@ -285,6 +335,7 @@ def train(
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
+    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
     view = views.TrainView(quiet)
     try:
         with held:
@@ -376,6 +427,7 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
         fail(str(exc), EXIT_USAGE)
     dataset_dir = prepared_or_exit(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
+    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
     view = views.BenchView(quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
     held = contextlib.ExitStack()
@@ -570,7 +622,14 @@ def benchmark(
             note(f"no plot: {results.get('plot_note')}")
         note(f"wrote {made} in {target}")
     failed = results["counts"]["failed"]
-    if failed:
-        if not quiet:
-            warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
+    if failed and not quiet:
+        warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
+    missing = (results.get("missing") or []) if args[0] == "merge" else []
+    if missing and not quiet:
+        shown_ = ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
+        warn(
+            f"{len(missing)} run(s) of the grid are in none of the merged folders: {shown_}; "
+            f"the report covers the other {results['counts'].get('finished', 0)} finished"
+        )
+    if failed or missing:
         raise typer.Exit(EXIT_PARTIAL)

@@ -103,6 +103,7 @@ class PrepareReport:
     patients: dict[str, int] = field(default_factory=dict)
     patients_shared_train_test: int = 0
     seconds: float = 0.0
+    up_to_date: bool = False  # the same source and settings were prepared already: no work
 
     @property
     def total(self) -> int:
@@ -167,6 +168,7 @@ class _Source:
     items: list[_Item]
     skipped: list[tuple[str, str]]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # npz: split -> images
+    fingerprint: str = ""  # source_fingerprint, taken before decoding
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -493,6 +495,62 @@ def _carve_val(train: list[_Item], fraction: float, seed: int, n_classes: int) -
 
 
 # ------------------------------------------------------------------------------ prepare
+def source_fingerprint(source: Path, src: _Source) -> str:
+    """What a source is, cheaply: sha256 over each of its files' path, size and
+    modification time (the file itself for .npz and the CSV as well), and the skipped ones'
+    names. Any file added, removed, replaced or touched changes it; nothing is decoded."""
+    files = {str(source)} if source.is_file() else set()
+    files |= {item.read for item in src.items if isinstance(item.read, str)}
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        try:
+            st = os.stat(name)
+            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{name}\0missing\n".encode())
+    for path, reason in sorted(src.skipped):
+        digest.update(f"skipped\0{path}\0{reason}\n".encode())
+    return digest.hexdigest()
+
+
+_NO_EFFECT = ("workers",)  # settings that cannot change what prepare writes
+
+
+def _up_to_date(out: Path, source: Path, settings: PrepareSettings) -> PrepareReport | None:
+    """The report of ``out`` when it was prepared from this very source (same files, sizes
+    and times: :func:`source_fingerprint`) with the same settings; else ``None`` (and the
+    caller refuses to replace it without --force, naming what differs)."""
+    try:
+        manifest = _read_manifest(out)
+    except DatasetError:
+        return None
+    then = {k: v for k, v in manifest.get("settings", {}).items() if k not in _NO_EFFECT}
+    now = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _NO_EFFECT}
+    differs = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if manifest.get("source") != str(source):
+        why = f"from another source ({manifest.get('source')})"
+    elif differs:
+        why = f"with other settings ({differs[0]} = {then.get(differs[0])!r} there)"
+    elif "source_fingerprint" not in manifest:
+        why = "by an earlier threengan, which did not record its source's files"
+    elif manifest.get("source_fingerprint") != source_fingerprint(source, scan(source)):
+        why = "and its source changed since (files added, removed or modified)"
+    else:
+        report = manifest.get("report", {})
+        return PrepareReport(
+            path=out,
+            source=str(source),
+            source_kind=str(manifest.get("source_kind", "")),
+            classes=list(manifest.get("classes", [])),
+            counts=manifest.get("counts", {}),
+            image_size=int(manifest.get("image_size", settings.image_size)),
+            val_note=str(report.get("val_note", "")),
+            patients=report.get("patients", {}),
+            up_to_date=True,
+        )
+    raise DatasetError(f"{out} was prepared {why}; use --force to replace it")
+
+
 def _check_out(out: Path, force: bool) -> None:
     if not out.exists():
         return
@@ -514,9 +572,15 @@ def prepare(
     """Read ``source``, check it, and write a prepared dataset folder at ``out``."""
     started = time.perf_counter()
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
+    if out.exists() and not force:
+        current = _up_to_date(out, source, settings)
+        if current is not None:
+            current.seconds = round(time.perf_counter() - started, 3)
+            return current
     _check_out(out, force)
     _writable_parent(out)
     src = scan(source)
+    src.fingerprint = source_fingerprint(source, src)
     skipped = list(src.skipped)
     size, fit = settings.image_size, settings.fit
     workers = settings.workers or os.cpu_count() or 1
@@ -712,6 +776,7 @@ def _write(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": report.source,
         "source_kind": src.kind,
+        "source_fingerprint": src.fingerprint,
         "settings": settings.model_dump(mode="json"),
         "classes": list(src.classes),
         "image_size": settings.image_size,

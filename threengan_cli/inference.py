@@ -30,6 +30,7 @@ from threengan_cli.modelfile import (
     check_shapes,
     file_id,
     resolve_checkpoint,
+    stored_threshold,
 )
 from threengan_cli.networks import Classifier, Generator, to_model_range
 
@@ -66,6 +67,11 @@ class Model:
 
     def require_classifier(self) -> None:
         self.require(self.classifier)
+
+    @property
+    def stored_threshold(self) -> dict[str, Any] | None:
+        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
+        return stored_threshold(self.meta)
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""

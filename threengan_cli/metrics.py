@@ -5,8 +5,12 @@ specificity and F1 as plain Python numbers (JSON-ready). A metric that is undefi
 given labels (AUC, sensitivity or F1 without positives; specificity without negatives) is
 ``None``, never NaN.
 
-Decision rule: for two classes an image is called ``positive`` when its probability for that
-class is >= ``threshold`` (default 0.5, DESIGN section 5); for more classes it is the argmax.
+Decision rule (its one owner: ``classify`` and ``evaluate`` call :func:`predict`): for two
+classes an image is called ``positive`` when its probability for that class is >= ``threshold``
+(default 0.5, DESIGN section 5); for more classes it is the argmax. The comparison is made in
+float32, the precision the models compute in and the digits ``classify`` writes read back as,
+so a probability read from classify's output and a threshold of up to 7 significant digits
+give the same decision as the model did.
 Sensitivity, specificity, F1 and AUC are then about ``positive`` against all other classes
 (one-vs-rest); accuracy and balanced accuracy use every class.
 """
@@ -27,7 +31,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def predict(probs: np.ndarray, threshold: float = 0.5, positive: int = 1) -> np.ndarray:
     """Predicted class per row: threshold on ``positive`` for K=2, argmax otherwise."""
     if probs.shape[1] == 2:
-        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+        called = np.asarray(probs[:, positive], dtype=np.float32) >= np.float32(threshold)
+        return np.where(called, positive, 1 - positive)
     return probs.argmax(axis=1)
 
 

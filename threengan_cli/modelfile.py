@@ -32,6 +32,7 @@ from threengan_cli import paths
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 META_KEY = "threengan"
 BEST, LAST = "best.safetensors", "last.safetensors"
+FINAL = "final.safetensors"  # the final epoch's weights alone, once ``runs --prune-last`` ran
 DEFAULT_MODEL = "default.safetensors"
 DIGEST_KEY = "sha256"  # metadata: {group: sha256 of its tensors}
 MAX_CLASSES = 1000
@@ -298,7 +299,7 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
         run_dir = paths.resolve_run(run)
         if not run_dir.is_dir():
             raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
-        for name in (BEST, LAST):
+        for name in (BEST, LAST, FINAL):
             if (run_dir / name).is_file():
                 return run_dir / name
         raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
@@ -317,7 +318,7 @@ def file_id(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     name = path.name
-    if path.name in (BEST, LAST):
+    if path.name in (BEST, LAST, FINAL):
         name = f"{path.parent.name}/{path.name}"
     return f"{name}@{digest.hexdigest()[:12]}"
 
@@ -370,3 +371,122 @@ def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
     if key not in meta:
         raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
     return meta[key]
+
+
+# ------------------------------------------------------------------- the stored threshold
+THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
+
+
+def stored_threshold(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata,
+    or ``None`` (none stored, or not a usable value: the default 0.5 applies then)."""
+    found = meta.get(THRESHOLD_KEY)
+    if not isinstance(found, dict):
+        return None
+    value = found.get("value")
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        return None
+    return found
+
+
+def _read_header(fh: Any, path: Path) -> dict[str, Any]:
+    """The JSON header of an open safetensors file (the file positioned at its start)."""
+    import struct
+
+    try:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        if not isinstance(header, dict):
+            raise ValueError
+        return header
+    except (ValueError, struct.error):
+        raise CheckpointError(f"{path} has a damaged header") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata, reading only its header (not the tensors)."""
+    check_file(path)
+    with open(path, "rb") as fh:
+        header = _read_header(fh, path)
+    return parse_meta((header.get("__metadata__") or {}).get(META_KEY), path)
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    import struct
+
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to a multiple of 8
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
+    """Write ``target`` (atomically) with ``source``'s weights to use alone (``use/...``
+    where the metadata says so, else ``net/...``), byte for byte, stored as ``net/...``,
+    and its metadata updated by ``changes`` (a key set to None is dropped)."""
+    from threengan_cli import fileio
+
+    check_file(source)
+    with open(source, "rb") as src:
+        header = _read_header(src, source)
+        start = src.tell()
+        meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), source)
+        prefix = weights_prefix(meta)
+        original, meta = meta, {k: v for k, v in {**meta, **changes}.items() if v is not None}
+        kept = sorted(
+            (k for k in header if k.startswith(prefix)),
+            key=lambda k: header[k]["data_offsets"][0],
+        )
+        if not kept:
+            raise CheckpointError(f"{source} holds no network weights")
+        blobs: dict[str, bytes] = {}
+        for key in kept:
+            begin, end = header[key]["data_offsets"]
+            src.seek(start + begin)
+            blobs[key] = src.read(end - begin)
+            if len(blobs[key]) != end - begin:
+                raise CheckpointError(f"{source} is truncated")
+    before: dict[str, list] = {}  # the source's checksums hold, or nothing is copied
+    for key in kept:
+        entry = (key, tuple(header[key]["shape"]), blobs[key])
+        before.setdefault(digest_group(key), []).append(entry)
+    for group, entries in before.items():
+        verify_digest(original, group, entries, source)
+    # The copies are stored under new names, so their checksums are computed anew.
+    renamed = {key: "net/" + key[len(prefix) :] for key in kept}
+    groups: dict[str, list] = {}
+    for key in kept:
+        entry = (renamed[key], tuple(header[key]["shape"]), blobs[key])
+        groups.setdefault(digest_group(renamed[key]), []).append(entry)
+    meta[DIGEST_KEY] = {group: tensor_digest(entries) for group, entries in groups.items()}
+    new: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(meta)}}
+    offset = 0
+    for key in kept:
+        size = len(blobs[key])
+        new[renamed[key]] = {**header[key], "data_offsets": [offset, offset + size]}
+        offset += size
+    with fileio.atomic_file(target, "wb") as dst:
+        dst.write(_header_bytes(new))
+        for key in kept:
+            dst.write(blobs[key])
+
+
+def update_meta(path: Path, changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into a checkpoint's JSON metadata, atomically, tensors untouched.
+
+    A safetensors file is an 8-byte little-endian header length, the JSON header (tensor
+    offsets are relative to the end of the header, so it may change length) and the data.
+    The new header is padded with spaces to a multiple of 8, as safetensors writes it, and
+    the file is written whole under a temporary name, then renamed into place.
+    """
+    from threengan_cli import fileio
+
+    check_file(path)
+    with open(path, "rb") as src:
+        header = _read_header(src, path)
+        meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), path)
+        meta = {**meta, **changes}
+        header["__metadata__"] = {**header["__metadata__"], META_KEY: json.dumps(meta)}
+        with fileio.atomic_file(path, "wb") as dst:
+            dst.write(_header_bytes(header))
+            for block in iter(lambda: src.read(1 << 20), b""):
+                dst.write(block)

@@ -67,6 +67,7 @@ class NumpyClassifier:
     scale: float = 1 / 127.5  # uint8 -> model range, as the checkpoint records
     offset: float = -1.0
     device: str = "cpu (numpy)"
+    stored_threshold: dict[str, Any] | None = None  # from ``evaluate --threshold-from``
 
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
@@ -81,7 +82,13 @@ class NumpyClassifier:
                 x += shift
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
         kernel, bias = self.head
-        logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
+        # The head is one (K*K*C) x classes product per image, one image at a time: as a
+        # single (B, K*K*C) product, OpenBLAS picks its kernel (and so its summation order)
+        # by B, and the same image gave a different last digit at --batch-size 1 and 64.
+        # The stages above are big products whose rows never change kernel with B; a test
+        # checks batch sizes 1, 3 and 64 give identical probabilities.
+        heads = [_conv(x[i : i + 1], kernel, _K, stride=1, pad=0) for i in range(x.shape[0])]
+        logits = np.concatenate(heads).reshape(x.shape[0], -1)
         if bias is not None:
             logits = logits + bias
         logits = logits[:, : self.keep]
@@ -130,6 +137,7 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         layers=_layers(weights, path),
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
         keep=keep,
+        stored_threshold=modelfile.stored_threshold(meta),
         scale=scale,
         offset=offset,
     )

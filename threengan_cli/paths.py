@@ -59,3 +59,23 @@ def resolve_run(name_or_path: str) -> Path:
     if _NAME.match(name_or_path):
         return runs_dir() / name_or_path
     return candidate
+
+
+def examples_dir() -> Path | None:
+    """The example X-rays shipped in the package (``examples/<label>/*.jpeg``, with their
+    ATTRIBUTION.md), or ``None`` where the install lacks them."""
+    from importlib import resources
+
+    try:
+        folder = Path(str(resources.files("threengan_cli") / "examples"))
+    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover - broken install
+        return None
+    return folder if (folder / "ATTRIBUTION.md").is_file() else None
+
+
+def example_images() -> list[Path]:
+    """The example X-ray files, sorted by label folder, then name (empty if not installed)."""
+    folder = examples_dir()
+    if folder is None:
+        return []
+    return sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))

@@ -12,8 +12,11 @@ SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": 
 class RowWriter:
     """Streams classify rows as table, csv, json or jsonl; one row at a time, never all."""
 
-    def __init__(self, fmt: str, stream, model, threshold: float):
+    def __init__(
+        self, fmt: str, stream, model, threshold: float, threshold_source: str = "default"
+    ):
         self.fmt, self.stream, self.model, self.threshold = fmt, stream, model, threshold
+        self.threshold_source = threshold_source
         self.classes = list(model.classes)
         self.columns = ["path", "label", *(f"p_{c}" for c in self.classes), "error"]
         self.first = True
@@ -31,6 +34,7 @@ class RowWriter:
                     "model": self.model.model_id,
                     "method": self.model.method,
                     "threshold": self.threshold,
+                    "threshold_source": self.threshold_source,
                     "classes": self.classes,
                     "image_size": self.model.image_size,
                 }
@@ -46,7 +50,7 @@ class RowWriter:
 
     def record(self, row) -> dict[str, Any]:
         probs = row.probabilities or {}
-        values = {f"p_{c}": round(probs[c], 6) if c in probs else None for c in self.classes}
+        values = {f"p_{c}": probs.get(c) for c in self.classes}  # classify.exact's digits
         return {"path": row.path, "label": row.label, **values, "error": row.error}
 
     def write(self, row) -> None:

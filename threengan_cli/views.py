@@ -460,3 +460,66 @@ class BenchView(LiveView):
             )
             self.task = self.progress.add_task("grid", total=1.0, eta="?", info="")
             self.progress.start()
+
+
+def evaluation_tables(result) -> None:
+    """The scores, the confusion matrix and per-class counts as tables on stdout."""
+    from pathlib import Path
+
+    from rich import box
+    from rich.table import Table
+
+    m = result.metrics
+    split = f" ({result.data.split})" if result.data.split else ""
+    scores = Table(
+        title=esc(f"{Path(result.data.source).name}{split}: {m['n']} images"),
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+    )
+    scores.add_column("metric")
+    scores.add_column("value", justify="right")
+    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"):
+        value = m[key]
+        scores.add_row(key.replace("_", " "), "undefined" if value is None else f"{value:.4f}")
+    out.print(scores)
+    matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
+    matrix.add_column("true \\ predicted")
+    for c in result.classes:
+        matrix.add_column(esc(c), justify="right")
+    matrix.add_column("images", justify="right")
+    matrix.add_column("correct", justify="right")
+    for c, row in zip(result.classes, m["confusion"], strict=True):
+        counts = result.per_class[c]
+        matrix.add_row(
+            esc(c), *(str(n) for n in row), str(counts["images"]), str(counts["correct"])
+        )
+    out.print(matrix)
+
+
+def runs_table(found) -> None:
+    """``threengan runs``: one row per run."""
+    from rich import box
+    from rich.table import Table
+
+    from threengan_cli.runlist import human_bytes
+
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("name", "method", "N", "epochs", "state", "val acc", "test acc", "size"):
+        right = column in ("N", "epochs", "val acc", "test acc", "size")
+        table.add_column(column, justify="right" if right else "left")
+
+    def acc(value) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    for r in found:
+        table.add_row(
+            esc(r.name),
+            r.method or "?",
+            str(r.size or "all"),
+            f"{r.epochs_done}/{r.epochs_planned or '?'}",
+            r.state,
+            acc(r.val_accuracy),
+            acc(r.test_accuracy),
+            human_bytes(r.bytes),
+        )
+    out.print(table)

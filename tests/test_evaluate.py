@@ -1,0 +1,210 @@
+"""evaluate: labelled data from folders, CSVs and prepared splits; scores that agree with
+classify image by image; a threshold chosen on val, stored in the model and used by classify."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from image_factory import kermany_like
+from model_factory import make_checkpoint, write_image
+from typer.testing import CliRunner
+
+from threengan_cli import evaluate as ev
+from threengan_cli import modelfile, npclassifier
+from threengan_cli.classify import classify
+from threengan_cli.cli import app
+from threengan_cli.datasets import prepare
+from threengan_cli.inference import load_model
+from threengan_cli.metrics import classification_metrics
+from threengan_cli.settings import PrepareSettings
+
+runner = CliRunner()
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return kermany_like(tmp_path_factory.mktemp("src") / "xr", train=16, val=4, test=6)
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    return make_checkpoint(tmp_path / "m.safetensors", classes=CLASSES)
+
+
+@pytest.fixture
+def prepared(tree, threengan_home) -> str:
+    prepare(tree, threengan_home / "datasets" / "xr", PrepareSettings(image_size=32, workers=1))
+    return "xr"
+
+
+def _eval(*args: str):
+    return runner.invoke(app, ["evaluate", *args])
+
+
+def test_evaluate_and_classify_agree_on_every_image(tree, model_file):
+    for model in (npclassifier.load(model_file), load_model(model_file, device="cpu")):
+        data = ev.read_labelled(str(tree / "test"), None, model)
+        result = ev.evaluate(data, model, 0.5, "default", batch_size=5, workers=1)
+        rows = list(classify(data.names, model, batch_size=64, workers=2))
+        assert len(rows) == len(result.predictions) == 12
+        for row, pred in zip(rows, result.predictions, strict=True):
+            assert (pred.path, pred.label, pred.probabilities) == (
+                row.path,
+                row.label,
+                row.probabilities,
+            )
+
+
+def test_cli_scores_equal_the_metrics_of_classify_s_own_output(tree, model_file):
+    m = ["--checkpoint", str(model_file), "--workers", "1"]
+    done = _eval(str(tree / "test"), *m, "--json")
+    assert done.exit_code == 0, done.stderr
+    scores = json.loads(done.stdout)
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                runner.invoke(app, ["classify", str(tree / "test"), "-r", *m, "-f", "csv"]).stdout
+            )
+        )
+    )
+    labels = np.array([1 if "/PNEUMONIA/" in r["path"] else 0 for r in rows])
+    probs = np.array([[float(r["p_NORMAL"]), float(r["p_PNEUMONIA"])] for r in rows])
+    expected = classification_metrics(labels, probs)
+    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"):
+        assert scores[key] == expected[key], key
+    assert scores["confusion"] == expected["confusion"]
+    assert scores["per_class"]["PNEUMONIA"]["images"] == 6
+    assert sum(c["predicted"] for c in scores["per_class"].values()) == 12
+    assert scores["threshold_source"] == "default" and scores["split"] is None
+
+
+def test_a_prepared_split_scores_as_its_source_folder(tree, model_file, prepared):
+    m = ["--checkpoint", str(model_file), "--workers", "1", "--json"]
+    from_split = json.loads(_eval(prepared, "--split", "test", *m).stdout)
+    from_tree = json.loads(_eval(str(tree), *m).stdout)  # train/ val/ test/: test by default
+    assert from_split["data_kind"] == "prepared" and from_tree["data_kind"] == "split-folders"
+    for key in ("n", "accuracy", "auc", "confusion"):
+        assert from_split[key] == from_tree[key], key
+
+
+def test_a_csv_of_path_and_label_is_scored(tmp_path, tree, model_file):
+    files = sorted((tree / "test").rglob("*.jpeg"))
+    table = tmp_path / "labels.csv"
+    table.write_text(
+        "path,label\n" + "".join(f"{f},{f.parent.name.lower()}\n" for f in files)
+    )  # labels match the model's classes whatever their case
+    done = _eval(str(table), "--checkpoint", str(model_file), "--workers", "1", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == len(files) == 12
+
+
+def test_unreadable_images_are_left_out_and_exit_3(tmp_path, model_file):
+    for c in CLASSES:
+        write_image(tmp_path / "d" / c / "a.png", seed=len(c))
+    (tmp_path / "d" / "NORMAL" / "broken.png").write_bytes(b"nope")
+    done = _eval(str(tmp_path / "d"), "--checkpoint", str(model_file), "--json")
+    assert done.exit_code == 3
+    doc = json.loads(done.stdout)
+    assert doc["n"] == 2 and doc["unreadable"][0][0].endswith("broken.png")
+
+
+def test_classes_the_model_does_not_know_are_a_usage_error(tmp_path, model_file):
+    for c in ("cat", "dog"):
+        write_image(tmp_path / "d" / c / "a.png")
+    done = _eval(str(tmp_path / "d"), "--checkpoint", str(model_file))
+    assert done.exit_code == 2 and "not one of the model's classes" in done.stderr
+    assert _eval(str(tmp_path / "nothing-here"), "--checkpoint", str(model_file)).exit_code == 1
+
+
+def test_choose_threshold_maximises_youden_s_j_on_the_scores():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.3, 0.62, 0.55, 0.7, 0.9], dtype=np.float32)
+    probs = np.stack([1 - p1, p1], axis=1)
+    chosen = ev.choose_threshold(labels, probs, "youden")
+    # >= 0.7: sens 2/3, spec 1 (J 0.667); >= 0.55: sens 1, spec 2/3 (J 0.667): a tie, and
+    # 0.55 is nearer the default 0.5
+    assert chosen["value"] == pytest.approx(0.55) and chosen["rule_value"] == pytest.approx(2 / 3)
+    assert np.float32(chosen["value"]) == p1[3]
+    balanced = ev.choose_threshold(labels, probs, "balanced-accuracy")
+    assert balanced["value"] == chosen["value"]
+    assert balanced["rule_value"] == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ev.EvaluateError, match="both classes"):
+        ev.choose_threshold(np.zeros(6, dtype=int), probs)
+
+
+def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model_file, prepared):
+    before = npclassifier.load(model_file).layers
+    done = _eval(prepared, "--checkpoint", str(model_file), "--threshold-from", "val", "--json")
+    assert done.exit_code == 0, done.stderr
+    doc = json.loads(done.stdout)
+    chosen = doc["threshold_chosen"]
+    assert doc["threshold_source"] == "chosen" and doc["threshold"] == chosen["value"]
+    assert chosen["split"] == "val" and chosen["rule"] == "youden"
+    stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta)
+    assert stored["value"] == chosen["value"]
+    after = npclassifier.load(model_file)  # the weights are untouched
+    for (k1, _), (k2, _) in zip(before, after.layers, strict=True):
+        np.testing.assert_array_equal(k1, k2)
+    assert after.stored_threshold["value"] == chosen["value"]
+
+    image = str(next((tree / "test" / "NORMAL").iterdir()))
+    used = runner.invoke(app, ["classify", image, "--checkpoint", str(model_file), "-f", "json"])
+    header = json.loads(used.stdout)
+    assert header["threshold"] == chosen["value"] and header["threshold_source"] == "model"
+    assert "the model's: chosen on val by youden" in used.stderr
+    m = ["--checkpoint", str(model_file), "-f", "json"]
+    given = runner.invoke(app, ["classify", image, *m, "--threshold", "0.4"])
+    assert json.loads(given.stdout)["threshold"] == 0.4
+    assert json.loads(given.stdout)["threshold_source"] == "given"
+    again = json.loads(_eval(prepared, "--checkpoint", str(model_file), "--json").stdout)
+    assert again["threshold"] == chosen["value"] and again["threshold_source"] == "model"
+
+
+def test_threshold_from_val_refuses_the_bundled_model_and_non_prepared_data(tree, model_file):
+    bundled = _eval(str(tree), "--threshold-from", "val")
+    assert bundled.exit_code == 2 and "--checkpoint" in bundled.stderr
+    folder = _eval(str(tree), "--checkpoint", str(model_file), "--threshold-from", "val")
+    assert folder.exit_code == 2 and "prepared dataset" in folder.stderr
+    assert "threshold" not in json.dumps(load_model(model_file, device="cpu").meta)
+    both = _eval(str(tree), "--checkpoint", str(model_file), "--threshold", "0.3",
+                 "--threshold-from", "val")
+    assert both.exit_code == 2
+
+
+def test_update_meta_rewrites_only_the_metadata_and_keeps_the_file_loadable(model_file):
+    size = model_file.stat().st_size
+    modelfile.update_meta(model_file, {"threshold": {"value": 0.25, "rule": "youden"}})
+    model = load_model(model_file, device="cpu")
+    assert model.stored_threshold["value"] == 0.25
+    assert abs(model_file.stat().st_size - size) < 200
+    assert not list(model_file.parent.glob(".*.tmp"))
+
+
+def test_plots_are_written_with_the_plot_extra(tmp_path, tree, model_file):
+    pytest.importorskip("matplotlib")
+    done = _eval(str(tree / "test"), "--checkpoint", str(model_file), "--plot",
+                 str(tmp_path / "plots"), "--json")
+    assert done.exit_code == 0, done.stderr
+    for name in ("roc.png", "confusion.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, tree, model_file, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    done = _eval(str(tree / "test"), "--checkpoint", str(model_file), "--plot", str(tmp_path))
+    assert done.exit_code == 2 and "threengan[plot]" in done.stderr

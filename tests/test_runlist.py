@@ -1,0 +1,139 @@
+"""threengan runs: listing run folders, pruning finished runs' resumable checkpoints, and
+re-running `train --resume` on a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from model_factory import write_image
+from typer.testing import CliRunner
+
+from threengan_cli import runlist, training
+from threengan_cli.cli import app
+from threengan_cli.inference import load_model
+from threengan_cli.settings import TrainSettings
+
+runner = CliRunner()
+
+
+def _settings(**kw):
+    base = {"width": 4, "latent": 8, "batch_size": 4, "epochs": 1, "device": "cpu", "seed": 3}
+    return TrainSettings(**{**base, **kw})
+
+
+@pytest.fixture
+def finished(dataset, threengan_home):
+    run = threengan_home / "runs" / "done"
+    training.train(dataset, _settings(method="3ngan", size=8), run)
+    return run
+
+
+def _stopped(dataset, threengan_home):
+    run = threengan_home / "runs" / "half"
+
+    flag = threading.Event()
+
+    def stop(event):
+        if isinstance(event, training.EpochDone):
+            flag.set()
+
+    with pytest.raises(training.Interrupted):
+        cfg = _settings(method="vanilla", epochs=2)
+        training.train(dataset, cfg, run, on_event=stop, stop_flag=flag)
+    assert (run / "last.safetensors").exists()
+    return run
+
+
+def test_runs_lists_state_epochs_accuracy_and_size(dataset, finished, threengan_home):
+    stopped = _stopped(dataset, threengan_home)
+    old = time.time() - 2 * runlist.ACTIVE_S
+    for root, _, files in os.walk(stopped):
+        for name in files:
+            os.utime(os.path.join(root, name), (old, old))
+    done = runner.invoke(app, ["runs", "--json"])
+    assert done.exit_code == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert set(rows) == {"done", "half"}
+    a, b = rows["done"], rows["half"]
+    assert (a["method"], a["size"], a["epochs_done"], a["epochs_planned"]) == ("3ngan", 8, 1, 1)
+    assert a["state"] == "finished" and a["resumable"]
+    summary = json.loads((finished / "summary.json").read_text())
+    assert a["test_accuracy"] == summary["test"]["accuracy"]
+    assert a["val_accuracy"] == summary["val"]["accuracy"]
+    assert a["bytes"] == sum(p.stat().st_size for p in finished.rglob("*") if p.is_file())
+    assert (b["method"], b["epochs_done"], b["epochs_planned"]) == ("vanilla", 1, 2)
+    assert b["state"] == "stopped" and b["test_accuracy"] is None
+    table = runner.invoke(app, ["runs"]).stdout
+    assert "finished" in table and "stopped" in table and "1/1" in table
+
+
+def test_a_run_written_to_just_now_counts_as_running(dataset, threengan_home):
+    _stopped(dataset, threengan_home)
+    assert runlist.list_runs()[0].state == "running"
+
+
+def test_runs_with_nothing_there_says_so(threengan_home):
+    done = runner.invoke(app, ["runs"])
+    assert done.exit_code == 0 and "no runs yet" in done.stderr
+    assert json.loads(runner.invoke(app, ["runs", "--json"]).stdout) == []
+    assert runner.invoke(app, ["runs", "nope"]).exit_code == 2
+
+
+def test_prune_last_keeps_final_weights_and_the_run_still_classifies(
+    dataset, finished, tmp_path
+):
+    before = load_model(finished / "last.safetensors", device="cpu")
+    image = str(write_image(tmp_path / "a.png"))
+    first = runner.invoke(app, ["classify", image, "--run", "done", "-f", "jsonl"]).stdout
+    done = runner.invoke(app, ["runs", "--prune-last", "--json"])
+    assert done.exit_code == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["pruned"][0]["name"] == "done" and doc["pruned"][0]["wrote_final"]
+    assert not (finished / "last.safetensors").exists()
+    final = load_model(finished / "final.safetensors", device="cpu")
+    for name, net in before.nets.items():
+        for key, value in net.state_dict().items():
+            assert final.nets[name].state_dict()[key].equal(value), key
+    assert (finished / "final.safetensors").stat().st_size < 0.5 * doc["pruned"][0]["freed_bytes"]
+    assert doc["runs"][0]["state"] == "finished" and not doc["runs"][0]["resumable"]
+    again = runner.invoke(app, ["classify", image, "--run", "done", "-f", "jsonl"]).stdout
+    assert again == first  # --run still takes best.safetensors
+    (finished / "best.safetensors").unlink()  # and final.safetensors when best is gone
+    assert runner.invoke(app, ["classify", image, "--run", "done"]).exit_code == 0
+    nothing = runner.invoke(app, ["runs", "--prune-last"])
+    assert nothing.exit_code == 0 and "nothing to prune" in nothing.stderr
+
+
+def test_prune_leaves_unfinished_runs_alone(dataset, threengan_home):
+    run = _stopped(dataset, threengan_home)
+    assert runner.invoke(app, ["runs", "--prune-last"]).exit_code == 0
+    assert (run / "last.safetensors").exists()
+
+
+def test_resume_of_a_finished_run_prints_its_summary_and_exits_0(finished):
+    done = runner.invoke(app, ["train", "--resume", "done"])
+    assert done.exit_code == 0, done.stderr
+    assert "already finished its 1 epochs" in done.stderr and "test accuracy" in done.stderr
+    same = runner.invoke(app, ["train", "--resume", "done", "--epochs", "1", "--json"])
+    assert same.exit_code == 0
+    assert json.loads(same.stdout) == json.loads((finished / "summary.json").read_text())
+
+
+def test_a_pruned_run_cannot_be_extended(finished):
+    runner.invoke(app, ["runs", "--prune-last"])
+    done = runner.invoke(app, ["train", "--resume", "done", "--epochs", "3"])
+    assert done.exit_code == 2 and "pruned" in done.stderr
+    assert json.loads((finished / "summary.json").read_text())["epochs"] == 1
+
+
+def test_benchmark_runs_are_listed_under_their_benchmark(threengan_home):
+    run = threengan_home / "benchmarks" / "k-quick" / "runs" / "3ngan-n200-r0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"method": "3ngan", "train_images": 200}))
+    (threengan_home / "benchmarks" / "k-quick" / "runs" / "not-a-run").mkdir()
+    [info] = runlist.list_runs()
+    assert (info.name, info.method, info.size) == ("k-quick/3ngan-n200-r0", "3ngan", 200)
