@@ -4,9 +4,7 @@ re-running `train --resume` on a finished run."""
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 
 import pytest
 from model_factory import write_image
@@ -49,11 +47,7 @@ def _stopped(dataset, threengan_home):
 
 
 def test_runs_lists_state_epochs_accuracy_and_size(dataset, finished, threengan_home):
-    stopped = _stopped(dataset, threengan_home)
-    old = time.time() - 2 * runlist.ACTIVE_S
-    for root, _, files in os.walk(stopped):
-        for name in files:
-            os.utime(os.path.join(root, name), (old, old))
+    _stopped(dataset, threengan_home)
     done = runner.invoke(app, ["runs", "--json"])
     assert done.exit_code == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
@@ -71,9 +65,13 @@ def test_runs_lists_state_epochs_accuracy_and_size(dataset, finished, threengan_
     assert "finished" in table and "stopped" in table and "1/1" in table
 
 
-def test_a_run_written_to_just_now_counts_as_running(dataset, threengan_home):
-    _stopped(dataset, threengan_home)
-    assert runlist.list_runs()[0].state == "running"
+def test_a_run_whose_writer_lock_is_held_counts_as_running(dataset, threengan_home):
+    from threengan_cli import runs
+
+    run = _stopped(dataset, threengan_home)
+    with runs.lock(run):
+        assert runlist.list_runs()[0].state == "running"
+    assert runlist.list_runs()[0].state == "stopped"
 
 
 def test_runs_with_nothing_there_says_so(threengan_home):

@@ -7,9 +7,8 @@ finished, ``summary.json``. :func:`read_run` is the one reader of that layout he
 only the checkpoints' JSON headers, never their tensors, and never imports torch.
 
 State: ``finished`` when the last checkpoint says so (or, once pruned, ``summary.json`` is
-there), else ``running`` when the run wrote to its folder in the last ``ACTIVE_S`` seconds,
-else ``stopped`` (resumable with ``train --resume``). Runs carry no lock yet, so ``running``
-is read from that recent activity.
+there), else ``running`` while a live process holds the run's writer lock (:mod:`runs`),
+else ``stopped`` (resumable with ``train --resume``).
 
 Pruning a finished run copies the final epoch's weights, byte for byte, into
 ``final.safetensors`` (a few MB: no optimizer state) and deletes ``last.safetensors``;
@@ -22,16 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from threengan_cli import modelfile, paths
+from threengan_cli import modelfile, paths, runs
 from threengan_cli.modelfile import BEST, FINAL, LAST
-
-SUMMARY, RUN, SETTINGS, METRICS = "summary.json", "run.json", "settings.json", "metrics.jsonl"
-ACTIVE_S = 600  # a run that wrote within this many seconds counts as running
+from threengan_cli.runs import METRICS, RUN, SETTINGS, SUMMARY
 
 
 @dataclass
@@ -126,7 +122,7 @@ def read_run(run_dir: Path, name: str | None = None) -> RunInfo:
         state = "finished"
         val = (summary.get("val") or {}).get("accuracy", val)
     else:
-        state = "running" if time.time() - newest < ACTIVE_S else "stopped"
+        state = "running" if runs.locked_by(run_dir) else "stopped"
     return RunInfo(
         name=name or run_dir.name,
         path=str(run_dir),

@@ -51,6 +51,7 @@ __all__ = [
     "RunLocked",
     "holds_run",
     "lock",
+    "locked_by",
     "read_json",
     "read_jsonl",
     "read_metrics",
@@ -210,6 +211,13 @@ def _holder(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def locked_by(folder: Path) -> dict[str, Any] | None:
+    """Who is writing ``folder`` now (pid, host...) as its lock file says, or ``None`` when no
+    live process holds it."""
+    holder = _holder(Path(folder) / LOCK)
+    return holder if holder and _alive(holder) else None
 
 
 def _refusal(folder: Path, what: str, holder: dict[str, Any]) -> RunLocked:
