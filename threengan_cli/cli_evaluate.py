@@ -239,7 +239,7 @@ def runs(
     state (finished, running, stopped), val and test accuracy, size on disk.
 
     Runs of benchmarks are listed as BENCHMARK/RUN. A run counts as
-    running when it wrote to its folder in the last 10 minutes.
+    running while a live process holds its writer lock.
 
     [bold]Examples[/]
 
