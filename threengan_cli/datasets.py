@@ -290,7 +290,9 @@ def prepare(
     force: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PrepareReport:
-    """Read ``source``, check it, and write a prepared dataset folder at ``out``."""
+    """Read ``source``, check it, and write a prepared dataset folder at ``out``: scan,
+    decode, check, resolve label conflicts, keep test whole and drop leakage and duplicates
+    from train/val, choose the val split, write."""
     started = time.perf_counter()
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
     if out.exists() and not force:
@@ -302,11 +304,53 @@ def prepare(
     _writable_parent(out)
     src = scan(source)
     src.fingerprint = source_fingerprint(source, src)
+    kept_items, skipped = _decode_items(src, settings, on_progress)
+    present = _check_readable(source, src, kept_items, skipped, settings)
+    kept_items, conflicts = _drop_label_conflicts(source, src, kept_items, present)
+    test, test_duplicates, leakage, dropped, trainval = _integrity(kept_items)
+    train, val, split = _val_split(trainval, settings, len(src.classes))
+
+    final = (
+        sorted(train, key=lambda i: i.path)
+        + sorted(val, key=lambda i: i.path)
+        + sorted(test, key=lambda i: i.path)
+    )
+    counts = {s: dict.fromkeys(src.classes, 0) for s in SPLITS}
+    for item in final:
+        counts[item.split][src.classes[item.label]] += 1
+    patients = {
+        s: len({i.patient for i in final if i.split == s and i.patient is not None}) for s in SPLITS
+    }
+    train_patients = {i.patient for i in final if i.split == "train" and i.patient}
+    test_patients = {i.patient for i in final if i.split == "test" and i.patient}
+
+    report = PrepareReport(
+        path=out,
+        source=str(source),
+        source_kind=src.kind,
+        classes=list(src.classes),
+        counts=counts,
+        image_size=settings.image_size,
+        skipped=skipped,
+        duplicates_dropped=dropped,
+        test_duplicates=test_duplicates,
+        leakage_removed=leakage,
+        label_conflicts=conflicts,
+        patients=patients,
+        patients_shared_train_test=len(train_patients & test_patients),
+        **split,
+    )
+    _write(out, final, src, settings, report, force)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _decode_items(src: Source, settings: PrepareSettings, on_progress):
+    """Decode (and hash) every image; the items that decoded, each carrying its pixels in
+    ``read``, and the skipped files with their reasons."""
     skipped = list(src.skipped)
     size, fit = settings.image_size, settings.fit
     workers = settings.workers or os.cpu_count() or 1
-
-    # ---- decode (and hash) every image
     if src.kind == "npz":
         decoded = _decode_npz(src, size, fit, on_progress)
         kept_items, pixels = src.items, decoded
@@ -324,7 +368,12 @@ def prepare(
         item.read = arr  # type: ignore[assignment]  # the decoded pixels travel with the item
         if src.kind != "npz":
             item.patient = patient_id(item.path, settings.patient_pattern)
+    return kept_items, skipped
 
+
+def _check_readable(source: Path, src: Source, kept_items, skipped, settings) -> list[int]:
+    """Refuse a source with nothing readable, unreadable files under --strict, or a class
+    without readable images; the classes present."""
     unreadable = [s for s in skipped if s[1] not in HARMLESS_SKIPS]
     if not kept_items:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
@@ -347,10 +396,13 @@ def prepare(
     empty = [src.classes[c] for c in range(len(src.classes)) if c not in present]
     if empty:
         raise DatasetError(f"class {empty[0]} has no readable images in {source}")
+    return present
 
-    # ---- label conflicts: one image (same bytes) under two labels. Which label is right
-    # cannot be told, so no copy of it is trained on; test keeps its copies (the standard
-    # test set stays whole), and every copy is reported.
+
+def _drop_label_conflicts(source: Path, src: Source, kept_items, present: list[int]):
+    """One image (same bytes) under two labels: which label is right cannot be told, so no
+    copy of it is trained on; test keeps its copies (the standard test set stays whole), and
+    every copy is reported. A class left without train images is refused."""
     labels_of: dict[str, set[int]] = defaultdict(set)
     for item in kept_items:
         labels_of[item.sha256].add(item.label)
@@ -371,8 +423,12 @@ def prepare(
             f"class {unlearnt[0]} has no train images in {source}{why}; "
             "a class needs train images to be learnt"
         )
+    return kept_items, conflicts
 
-    # ---- integrity: test duplicates kept, leakage removed, train/val duplicates dropped
+
+def _integrity(kept_items):
+    """Test duplicates kept (and listed), train/val images also in test removed (leakage),
+    train/val duplicates dropped: (test, test_duplicates, leakage, dropped, trainval)."""
     kept_items.sort(key=lambda i: (SPLIT_CODES[i.split], i.path))
     test = [i for i in kept_items if i.split == "test"]
     test_first: dict[str, str] = {}
@@ -392,8 +448,12 @@ def prepare(
         else:
             seen[item.sha256] = item.path
             trainval.append(item)
+    return test, test_duplicates, leakage, dropped, trainval
 
-    # ---- validation split
+
+def _val_split(trainval, settings: PrepareSettings, n_classes: int):
+    """(train, val, the report's val fields): the source's val split when it has at least
+    ``min_val`` images (its patients' train images join it), else one carved from train."""
     train = [i for i in trainval if i.split == "train"]
     source_val = [i for i in trainval if i.split == "val"]
     val_carved, moves = False, 0
@@ -413,7 +473,7 @@ def prepare(
         for item in source_val:
             item.split = "train"
         train = sorted(train + source_val, key=lambda i: i.path)
-        chosen = _carve_val(train, settings.val_fraction, settings.seed, len(src.classes))
+        chosen = _carve_val(train, settings.val_fraction, settings.seed, n_classes)
         val = [item for i, item in enumerate(train) if i in chosen]
         train = [item for i, item in enumerate(train) if i not in chosen]
         for item in val:
@@ -435,44 +495,13 @@ def prepare(
             if val
             else "no val split (val_fraction is 0)"
         )
-
-    final = (
-        sorted(train, key=lambda i: i.path)
-        + sorted(val, key=lambda i: i.path)
-        + sorted(test, key=lambda i: i.path)
-    )
-    counts = {s: dict.fromkeys(src.classes, 0) for s in SPLITS}
-    for item in final:
-        counts[item.split][src.classes[item.label]] += 1
-    patients = {
-        s: len({i.patient for i in final if i.split == s and i.patient is not None}) for s in SPLITS
+    split = {
+        "val_carved": val_carved,
+        "val_note": note,
+        "source_val_images": len(source_val),
+        "val_patient_moves": moves,
     }
-    train_patients = {i.patient for i in final if i.split == "train" and i.patient}
-    test_patients = {i.patient for i in final if i.split == "test" and i.patient}
-    shared_test = len(train_patients & test_patients)
-
-    report = PrepareReport(
-        path=out,
-        source=str(source),
-        source_kind=src.kind,
-        classes=list(src.classes),
-        counts=counts,
-        image_size=size,
-        skipped=skipped,
-        duplicates_dropped=dropped,
-        test_duplicates=test_duplicates,
-        leakage_removed=leakage,
-        label_conflicts=conflicts,
-        val_carved=val_carved,
-        val_note=note,
-        source_val_images=len(source_val),
-        val_patient_moves=moves,
-        patients=patients,
-        patients_shared_train_test=shared_test,
-    )
-    _write(out, final, src, settings, report, force)
-    report.seconds = round(time.perf_counter() - started, 3)
-    return report
+    return train, val, split
 
 
 def _write(
