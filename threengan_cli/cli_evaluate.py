@@ -28,6 +28,38 @@ from threengan_cli.views import note, print_json, warn
 
 
 # ----------------------------------------------------------------------------------- evaluate
+def _check_flags(split, threshold, threshold_from, threshold_rule, checkpoint, run, engine, plot):
+    """Usage errors of evaluate's options, before any model or data is read."""
+    from threengan_cli import evaluate as ev
+
+    if split is not None and split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test (got {split!r})", EXIT_USAGE)
+    if threshold_from not in (None, "val"):
+        fail(f"--threshold-from takes val (got {threshold_from!r})", EXIT_USAGE)
+    if threshold_rule not in ev.RULES:
+        fail(f"--threshold-rule must be one of {', '.join(ev.RULES)}", EXIT_USAGE)
+    if threshold_from is not None and threshold is not None:
+        fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
+    if threshold_from is not None and checkpoint is None and run is None:
+        fail(
+            "--threshold-from stores the threshold in the model's checkpoint, and the bundled "
+            "default model is part of the installed package: copy it (threengan info shows "
+            "where it is) and pass --checkpoint COPY, or use --run",
+            EXIT_USAGE,
+        )
+    if engine not in ("numpy", "torch"):
+        fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_USAGE)
+
+
+# Long by its declared options and help text (what typer reads), and the threshold's three
+# sources; the checks and the work are in _check_flags and threengan_cli.evaluate.
 def evaluate(
     data: Annotated[
         str,
@@ -71,9 +103,7 @@ def evaluate(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per forward pass and per decoding job.")
     ] = 64,
-    workers: Annotated[
-        int, typer.Option(min=0, help="Decoding processes; 0 = all cores.")
-    ] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding processes; 0 = all cores.")] = 0,
     device: Annotated[
         str, typer.Option(help="auto or cpu (NumPy engine, as classify), cuda, cuda:N or mps.")
     ] = "auto",
@@ -117,31 +147,7 @@ def evaluate(
     from threengan_cli import evaluate as ev
     from threengan_cli.modelfile import CheckpointError, ModelError, update_meta
 
-    if split is not None and split not in ("train", "val", "test"):
-        fail(f"--split must be train, val or test (got {split!r})", EXIT_USAGE)
-    if threshold_from not in (None, "val"):
-        fail(f"--threshold-from takes val (got {threshold_from!r})", EXIT_USAGE)
-    if threshold_rule not in ev.RULES:
-        fail(f"--threshold-rule must be one of {', '.join(ev.RULES)}", EXIT_USAGE)
-    if threshold_from is not None and threshold is not None:
-        fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
-    if threshold_from is not None and checkpoint is None and run is None:
-        fail(
-            "--threshold-from stores the threshold in the model's checkpoint, and the bundled "
-            "default model is part of the installed package: copy it (threengan info shows "
-            "where it is) and pass --checkpoint COPY, or use --run",
-            EXIT_USAGE,
-        )
-    if engine not in ("numpy", "torch"):
-        fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_USAGE)
-
+    _check_flags(split, threshold, threshold_from, threshold_rule, checkpoint, run, engine, plot)
     model = load_classifier_or_exit(checkpoint, run, device, engine)
     try:
         model.require_classifier()
@@ -170,9 +176,7 @@ def evaluate(
             used, source = float(model.stored_threshold["value"]), "model"
         else:
             used, source = 0.5, "default"
-        result = ev.evaluate(
-            data_set, model, used, source, batch_size, workers, chosen=chosen
-        )
+        result = ev.evaluate(data_set, model, used, source, batch_size, workers, chosen=chosen)
     except ev.EvaluateError as exc:
         fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
     except KeyboardInterrupt:
