@@ -104,16 +104,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Does the robust recipe hold, and what does each of its parts bring? N = 200, 5 seeds,
     # vanilla and 3ngan under both recipes, plus the ladder (precise BN, + EMA on the paper's
     # recipe; + augmentation is the robust recipe; + the unlabelled pool on top of it; the
-    # transductive BN-adapted column is reported for every run). Reduced to width 32 and 20
-    # epochs for 2 CPU cores: one seed at 30 epochs took 239-465 s a run on a loaded 2-core VM
-    # (docs/benchmarks.md), which puts 5 seeds at 30 epochs near 1.5 h on idle cores; 20 epochs
-    # is the estimate for about an hour. `--width 64 --epochs 100` is the paper's scale (221 s
-    # on an H100).
+    # transductive BN-adapted column is reported for every run). Reduced to width 32 and 30
+    # epochs for 2 CPU cores (one seed's runs, timed: docs/benchmarks.md); `--width 64
+    # --epochs 100` is the paper's scale (221 s on an H100).
     "study": {
         "methods": ("vanilla", "3ngan", *LADDER, "3ngan-unl"),
         "sizes": (200,),
         "repeats": 5,
-        "epochs": 20,
+        "epochs": 30,
         "batch_size": 10,
         "width": 32,
         "latent": 100,
