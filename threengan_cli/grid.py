@@ -52,7 +52,7 @@ LADDER = ("3ngan-pbn", "3ngan-pbn-ema")
 # Relative extra cost of a step with an unlabelled batch (D sees twice the real images, C two
 # more batches): an estimate, used only to weigh runs for the ETA.
 UNLABELLED_COST = 1.7
-# The classifier's forward pass per image in the same units (benchmarks/bench_classify.py:
+# The classifier's forward pass per image, in the units of Method.step_ms (bench_classify.py:
 # 577 img/s on the same 2 cores, 1.7 ms).
 EVAL_MS_PER_IMAGE = 1.7
 
