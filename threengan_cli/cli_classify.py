@@ -84,9 +84,7 @@ def _threshold_of(model, cfg) -> tuple[float, str, str]:
     return float(stored["value"]), "model", note
 
 
-def _classify_stream(
-    inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra
-) -> None:
+def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
     """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
     from threengan_cli import fileio
     from threengan_cli.classify import classify as run_classify

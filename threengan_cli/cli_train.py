@@ -314,9 +314,6 @@ def train(
         "augment": augment,
         "unlabelled": unlabelled,
     }
-    unlabelled_off = unlabelled is not None and unlabelled.lower() == "none"
-    if unlabelled_off:
-        flags["unlabelled"] = None
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     if resume is not None:
         given_other = config is not None or dataset is not None
@@ -328,8 +325,6 @@ def train(
             raise
     else:
         cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir, held)
-        if unlabelled_off:
-            cfg = cfg.model_copy(update={"unlabelled": None})
 
     from threengan_cli import runs, training
     from threengan_cli.checkpoints import CheckpointError

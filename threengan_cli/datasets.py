@@ -60,6 +60,7 @@ from threengan_cli.sources import (  # noqa: F401  (DatasetError and SPLITS: rea
     Source,
     patient_id,
     scan,
+    source_fingerprint,
 )
 
 FORMAT_VERSION = 1
@@ -216,24 +217,6 @@ def _carve_val(train: list[Item], fraction: float, seed: int, n_classes: int) ->
 
 
 # ------------------------------------------------------------------------------ prepare
-def source_fingerprint(source: Path, src: Source) -> str:
-    """What a source is, cheaply: sha256 over each of its files' path, size and
-    modification time (the file itself for .npz and the CSV as well), and the skipped ones'
-    names. Any file added, removed, replaced or touched changes it; nothing is decoded."""
-    files = {str(source)} if source.is_file() else set()
-    files |= {item.read for item in src.items if isinstance(item.read, str)}
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        try:
-            st = os.stat(name)
-            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{name}\0missing\n".encode())
-    for path, reason in sorted(src.skipped):
-        digest.update(f"skipped\0{path}\0{reason}\n".encode())
-    return digest.hexdigest()
-
-
 _NO_EFFECT = ("workers",)  # settings that cannot change what prepare writes
 
 

@@ -58,7 +58,8 @@ def load_run_data(
     rest = np.zeros((0, *train_x.shape[1:]), dtype=np.uint8)
     if settings.size is not None:
         pick = balanced_subset(train_y, settings.size, settings.seed, classes=list(dataset.classes))
-        rest = np.delete(train_x, pick, axis=0)
+        if settings.unlabelled == "rest":  # a copy of the rest only where it is used
+            rest = np.delete(train_x, pick, axis=0)
         train_x, train_y, train_index = train_x[pick], train_y[pick], train_index[pick]
     val_x, val_y = dataset.subset("val")
     test_x, test_y = dataset.subset("test")

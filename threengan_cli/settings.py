@@ -174,6 +174,12 @@ class TrainSettings(_Section):
             raise ValueError(f"must be one of {', '.join(map(repr, METHODS))}")
         return value
 
+    @field_validator("unlabelled")
+    @classmethod
+    def _no_pool(cls, value: str | None) -> str | None:
+        """``none`` turns the pool off, also where a recipe would set one."""
+        return None if value is not None and value.lower() == "none" else value
+
     @field_validator("augment")
     @classmethod
     def _augment_policy(cls, value: str) -> str:

@@ -6,6 +6,7 @@ here (:mod:`datasets` does that, then checks, de-duplicates, splits and writes).
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -302,3 +303,21 @@ def patient_id(filename: str, pattern: str | None = None) -> str | None:
         if found:
             return f"{prefix}{found.group(1)}"
     return None
+
+
+def source_fingerprint(source: Path, src: Source) -> str:
+    """What a source is, cheaply: sha256 over each of its files' path, size and
+    modification time (the file itself for .npz and the CSV as well), and the skipped ones'
+    names. Any file added, removed, replaced or touched changes it; nothing is decoded."""
+    files = {str(source)} if source.is_file() else set()
+    files |= {item.read for item in src.items if isinstance(item.read, str)}
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        try:
+            st = os.stat(name)
+            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{name}\0missing\n".encode())
+    for path, reason in sorted(src.skipped):
+        digest.update(f"skipped\0{path}\0{reason}\n".encode())
+    return digest.hexdigest()

@@ -112,10 +112,6 @@ def stop_requests():
             signal.signal(sig, old)
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    return runs.read_metrics(path, upto_epoch)  # a damaged line: a RunError naming it
-
-
 # ------------------------------------------------------------------------ loop state
 @dataclass
 class Loop:
@@ -268,7 +264,7 @@ def _restore(loop: Loop) -> None:
     loop.finished_before = ckpt.meta.get("finished", False)
     loop.extended = loop.finished_before and loop.epoch < loop.settings.epochs
     metrics_path = loop.run_dir / METRICS
-    history = _read_metrics(metrics_path, loop.epoch)
+    history = runs.read_metrics(metrics_path, loop.epoch)  # damage: a RunError naming it
     fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
 
@@ -311,10 +307,9 @@ def _bn_batches(loop: Loop, name: str) -> Iterator[torch.Tensor]:
         for _ in range(max(1, min(20, loop.n // size))):
             yield torch.randn(size, loop.settings.latent, generator=gen).to(loop.device)
         return
-    order = torch.arange(loop.n, device=loop.device)
-    for chunk in order.split(size):
-        if chunk.numel() >= 2:
-            yield to_model_range(loop.data.train_x[chunk])
+    for chunk in loop.data.train_x.split(size):
+        if len(chunk) >= 2:
+            yield to_model_range(chunk)
 
 
 def _weights(nets: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
@@ -594,18 +589,18 @@ def _train(
                 emit(StepDone(epoch, step + 1, len(loop.spans)))
             emit(_epoch_done(loop, epoch, first, epoch_t0, test_every_epoch, checkpoint_every_s))
 
-    summary = finish(loop)
-    _save_last(loop, settings.epochs, 0, finished=True)
+    used = _prediction_nets(loop)  # once, for the final evaluation and the last checkpoint
+    summary = finish(loop, used)
+    _save_last(loop, settings.epochs, 0, used=used, finished=True)
     emit(RunFinished(summary))
     return summary
 
 
-def finish(loop: Loop) -> dict:
+def finish(loop: Loop, used: dict[str, torch.nn.Module]) -> dict:
     """Evaluate on test once (final model, best-on-val model, and the transductive BN-adapted
     final model in a column of its own) and write summary.json."""
     settings, data = loop.settings, loop.data
     k = len(data.classes)
-    used = _prediction_nets(loop)
     final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, amp=loop.amp)
     final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp)
     adapted = evaluate_adapted(loop, used)
