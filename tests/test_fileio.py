@@ -250,3 +250,13 @@ def test_a_symlink_to_a_regular_file_is_kept_and_its_target_replaced(tmp_path):
     link.symlink_to(real)
     fileio.write_text(link, "new")
     assert link.is_symlink() and real.read_text() == "new"
+
+
+def test_a_forced_folder_replace_never_moves_a_file_or_device_aside(tmp_path):
+    target = tmp_path / "ds"
+    target.write_text("a file, not a dataset")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        with fileio.atomic_dir(target, force=True):
+            pass
+    assert target.read_text() == "a file, not a dataset"
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]

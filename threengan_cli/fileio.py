@@ -22,6 +22,7 @@ replaced and the link is kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -277,6 +278,9 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     same name) is a :class:`FileExistsError` and is left as it is.
     """
     path = Path(path)
+    if force and os.path.lexists(path) and not path.is_dir():
+        # a folder replaces a folder, never a file, a device or a FIFO of that name
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
     tmp = _marked_dir(path.parent, path.name, "partial")
