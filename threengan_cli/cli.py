@@ -18,9 +18,6 @@ Exit codes (the same for every command):
 # evaluate every option's annotation from its string each time it builds the commands,
 # 26 ms of every command against 6.5 ms (``benchmarks/bench_startup.py --phases``).
 
-import contextlib
-import inspect
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -50,45 +47,13 @@ def _plain_flags(params: list) -> list:
     return params
 
 
-def _example_width(help_text: str) -> int:
-    """Columns the widest example of a help text needs: its indented lines, with rich's
-    one-column padding on each side."""
-    from rich.text import Text
-
-    lines = inspect.cleandoc(help_text).splitlines()
-    examples = [line for line in lines if line.startswith("  ") and line.strip()]
-    return max((Text.from_markup(line).cell_len for line in examples), default=0) + 2
-
-
-@contextlib.contextmanager
-def _unwrapped_examples(help_text: str):
-    """Examples are meant to be pasted into a shell. Where stdout is not a terminal (help
-    piped into a file or a pager) rich wraps the help at 80 columns, which cuts a long
-    example in two; there the help is made as wide as its widest example instead."""
-    from rich.console import Console
-
-    need = _example_width(help_text)
-    if sys.stdout.isatty() or need <= Console().width:
-        yield
-        return
-    before = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(need)  # the width rich's consoles take when not on a terminal
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = before
-
-
 class Command(TyperCommand):
     """Usage lines as man pages write them: ``SOURCE``, ``[PATH]...`` (typer writes
     ``{source}`` for a required argument); flags without a value type; examples never
     wrapped."""
 
     def format_help(self, ctx, formatter) -> None:
-        with _unwrapped_examples(self.help or ""):
+        with views.unwrapped_examples(self.help or ""):
             super().format_help(ctx, formatter)
 
     def get_params(self, ctx) -> list:
