@@ -90,6 +90,7 @@ def test_output_to_a_device_with_sort_into_is_allowed_and_keeps_the_device(tmp_p
     assert [p.name for p in sorted_dir.rglob("*.png")] == ["x.png"]
 
 
+@pytest.mark.slow
 def test_output_to_dev_stdout_reaches_stdout(tmp_path, ckpt):
     """In a real process (CliRunner's stdout is no file descriptor), through a link made as
     /dev/stdout is made (-> /proc/self/fd/1): a broken build run as root must not be able to
