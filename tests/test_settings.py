@@ -109,3 +109,10 @@ def test_a_non_utf8_or_oversized_config_or_a_section_that_is_no_table_is_one_lin
     config.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
     with pytest.raises(SettingsError, match="larger than"):
         resolve("train", config)
+
+
+def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("[classify]\nbatch_size = " + "[" * 500 + "]" * 500 + "\n")
+    with pytest.raises(SettingsError, match="nests arrays or tables too deeply"):
+        resolve("classify", config)

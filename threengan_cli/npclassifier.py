@@ -71,7 +71,12 @@ class NumpyClassifier:
     scale: float = 1 / 127.5  # uint8 -> model range, as the checkpoint records
     offset: float = -1.0
     device: str = "cpu (numpy)"
-    stored_threshold: dict[str, Any] | None = None  # from ``evaluate --threshold-from``
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def stored_threshold(self) -> dict[str, Any] | None:
+        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
+        return modelfile.stored_threshold(self.meta, self.path)
 
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
@@ -167,7 +172,7 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         layers=_layers(weights, path),
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
         keep=keep,
-        stored_threshold=modelfile.stored_threshold(meta),
+        meta=meta,
         scale=scale,
         offset=offset,
     )

@@ -300,6 +300,10 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise SettingsError(f"config file {path} line {line} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} cannot be read: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise SettingsError(
+            f"config file {path} nests arrays or tables too deeply to be a settings file"
+        ) from None
     unknown = sorted(set(data) - set(SECTION_NAMES))
     if unknown:
         raise SettingsError(
