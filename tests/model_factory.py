@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,8 +25,12 @@ def make_checkpoint(
     keep: tuple[str, ...] | None = None,
     seed: int = 0,
     fit: str = "squash",
+    stats: bool = False,
 ) -> Path:
-    """A randomly initialised model of ``method``; ``keep`` saves only those networks."""
+    """A randomly initialised model of ``method``; ``keep`` saves only those networks.
+    ``stats``: with out-of-distribution statistics and a temperature, fitted as training
+    fits them, on dark noise images (:func:`familiar_images`): brighter ones look unlike
+    them."""
     settings = TrainSettings(method=method, width=width, latent=16, seed=seed)
     torch.manual_seed(seed)
     nets = METHODS[method].networks(settings, len(classes), image_size)
@@ -50,8 +55,27 @@ def make_checkpoint(
         "seed": seed,
     }
     path = Path(path)
-    checkpoints.save(path, meta, nets)
+    fitted = None
+    if stats:
+        from threengan_cli import scoring
+
+        rng = np.random.default_rng(seed)
+        data = SimpleNamespace(
+            classes=list(classes),
+            train_x=torch.from_numpy(familiar_images(48, image_size, seed)),
+            unlabelled=None,
+            val_x=torch.from_numpy(familiar_images(24, image_size, seed + 1)),
+            val_y=torch.from_numpy(rng.integers(0, len(classes), 24)),
+        )
+        fitted = scoring.model_statistics(METHODS[method], nets, data)
+        meta["stats"] = fitted[1]
+    checkpoints.save(path, meta, nets, stats=fitted[0] if fitted else None)
     return path
+
+
+def familiar_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size) dark noise: the images a ``stats=True`` model was fitted on."""
+    return np.random.default_rng(seed).integers(0, 100, (n, size, size), dtype=np.uint8)
 
 
 def make_run(run_dir: Path, **kwargs) -> Path:

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from threengan_cli import images, npclassifier
-from threengan_cli.classify import classify, decide, expand
+from threengan_cli.classify import Decision, classify, decide, expand
 from threengan_cli.cli import app
 from threengan_cli.inference import ModelError, ModelNotFound, load_model
 
@@ -184,8 +184,8 @@ def test_probabilities_equal_the_model_on_the_shared_preprocessing(tmp_path, mod
 def test_threshold_decides_between_the_two_classes(tmp_path, model):
     path = str(write_image(tmp_path / "a.png"))
     p1 = next(classify([path], model, workers=1)).probabilities[model.classes[1]]
-    above = next(classify([path], model, threshold=p1 - 1e-4, workers=1))
-    below = next(classify([path], model, threshold=p1 + 1e-4, workers=1))
+    above = next(classify([path], model, decision=Decision(p1 - 1e-4), workers=1))
+    below = next(classify([path], model, decision=Decision(p1 + 1e-4), workers=1))
     assert above.label == model.classes[1] and below.label == model.classes[0]
 
 
@@ -256,7 +256,8 @@ def test_cli_csv_is_the_default_when_piped_with_one_column_per_class(tmp_path, c
     result = _cli(str(tmp_path / "d"), "--checkpoint", str(ckpt), "--workers", "1")
     assert result.exit_code == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(table[0]) == ["path", "label", "p_normal", "p_pneumonia", "error"]
+    probabilities = ["p_normal", "p_pneumonia"]
+    assert list(table[0]) == ["path", "label", *probabilities, "ood_score", "ood", "error"]
     assert [Path(r["path"]).name for r in table] == ["a.jpg", "b.png"]
     assert float(table[0]["p_normal"]) + float(table[0]["p_pneumonia"]) == pytest.approx(1, 1e-5)
     assert "m.safetensors@" in result.stderr and "threshold 0.5" in result.stderr
@@ -294,7 +295,7 @@ def test_cli_jsonl_and_table_formats(tmp_path, ckpt):
     table = _cli(
         str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "-f", "table", "--workers", "1"
     ).stdout.splitlines()
-    assert table[0].split() == ["label", "p_normal", "p_pneumonia", "path"]
+    assert table[0].split() == ["label", "p_normal", "p_pneumonia", "ood_score", "path"]
     assert table[1].endswith("a.png")
 
 
@@ -410,7 +411,7 @@ def test_the_numpy_classifier_refuses_a_checkpoint_without_its_classifier(tmp_pa
 def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):
     done = run_without_torch("classify", str(write_image(tmp_path / "a.png")), "-f", "csv", "-q")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,error"
+    assert done.stdout.splitlines()[0] == "path,label,p_NORMAL,p_PNEUMONIA,ood_score,ood,error"
 
 
 def test_cli_engines_agree_and_a_bad_engine_is_a_usage_error(tmp_path):

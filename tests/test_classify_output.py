@@ -15,7 +15,7 @@ from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
 from threengan_cli import npclassifier
-from threengan_cli.classify import classify, exact, parse_shard
+from threengan_cli.classify import Decision, classify, exact, parse_shard
 from threengan_cli.cli import app
 from threengan_cli.inference import load_model
 
@@ -149,7 +149,7 @@ def test_rows_from_classify_agree_with_the_decision_on_their_written_digits(tmp_
     folder = _images(tmp_path / "in", 6)
     p1 = [r.probabilities["pneumonia"] for r in classify([str(folder)], model, workers=1)]
     threshold = sorted(p1)[3]  # exactly one of the written values: a tie decides for class 1
-    rows = list(classify([str(folder)], model, workers=1, threshold=threshold))
+    rows = list(classify([str(folder)], model, workers=1, decision=Decision(threshold)))
     for row in rows:
         called = row.probabilities["pneumonia"] >= threshold
         assert row.label == ("pneumonia" if called else "normal")

@@ -104,9 +104,9 @@ def test_metrics_undefined_without_one_class_are_none_not_nan():
     assert only_positive["specificity"] is None and only_positive["auc"] is None
 
 
-def test_auc_of_non_finite_scores_is_none():
+def test_auc_and_calibration_of_non_finite_scores_are_none():
     m = classification_metrics(np.array([0, 1]), np.array([[0.5, np.nan], [0.5, 0.5]]))
-    assert m["auc"] is None
+    assert m["auc"] is None and m["ece"] is None and m["brier"] is None
 
 
 def test_empty_input_gives_n_zero_and_no_rates():

@@ -182,9 +182,10 @@ def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val
     )
     run = tmp_path / "run"
     summary = training.train(dataset, _settings(epochs=3), run, checkpoint_every_s=3600)
-    # one best (the best epoch's weights, kept in memory until then), then last twice: after
-    # the last epoch and once more, marked finished, after the final evaluation
-    assert writes == ["best.safetensors", "last.safetensors", "last.safetensors"]
+    # one best (the best epoch's weights, kept in memory until then) and last after the last
+    # epoch; then, after the final evaluation, best again with the statistics of its weights
+    # and last marked finished, with its own
+    assert writes == ["best.safetensors", "last.safetensors"] * 2
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0003.png"]
     best = training.checkpoints.load(run / "best.safetensors")
     assert best.meta["position"]["epoch"] == summary["best_epoch_on_val"]

@@ -9,6 +9,9 @@ Layout of one checkpoint file (``*.safetensors``):
             ``opt/<G|D|C>/<index>/<key>``       optimizer state tensors (resume only)
             ``rng/<name>``                      RNG states (resume only)
             ``state/<name>``                    loop accumulators (resume only)
+            ``stats/<name>``                    out-of-distribution statistics and the
+                                                temperature, fitted at the end of a run
+                                                (:mod:`ood`)
   header    ``__metadata__["threengan"]``       JSON: format version, method, settings,
                                                 class names, image size, normalisation,
                                                 library versions, seed, position, and the
@@ -92,6 +95,7 @@ def save(
     dtype: torch.dtype | None = None,
     host_work: AbstractContextManager[Any] | None = None,
     groups: dict[str, dict[str, Any]] | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename).
 
@@ -99,7 +103,8 @@ def save(
     ``dtype`` stores floating-point weights in a smaller type (fp16 for shipped models).
     ``host_work`` is entered once every tensor is on the CPU, around serialising and
     writing: a run trained beside others hands its GPU turn on there. ``groups`` holds
-    further sets of networks under their own prefix (``{"use": {"C": module}}``).
+    further sets of networks under their own prefix (``{"use": {"C": module}}``); ``stats``
+    the model's out-of-distribution statistics and temperature (``stats/<name>``).
     """
     from safetensors.torch import save as st_save
 
@@ -119,6 +124,8 @@ def save(
         tensors[f"rng/{name}"] = value
     for name, value in (state or {}).items():
         tensors[f"state/{name}"] = value
+    for name, value in (stats or {}).items():
+        tensors[f"stats/{name}"] = value
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {**meta, "format_version": FORMAT_VERSION, "optimizers": opt_meta}
     with host_work or nullcontext():

@@ -62,12 +62,16 @@ Item = tuple[str, str | None]  # (path, error found while expanding the inputs, 
 
 @dataclass(frozen=True)
 class Row:
-    """One input's result: a label and per-class probabilities, or an error and neither."""
+    """One input's result: a label and per-class probabilities, or an error and neither;
+    with a model that has out-of-distribution statistics, the image's score and whether it
+    is flagged as unlike the model's training X-rays (score above the threshold)."""
 
     path: str
     label: str | None
     probabilities: dict[str, float] | None
     error: str | None = None
+    ood_score: float | None = None
+    ood: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -279,7 +283,7 @@ def decide(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def _rows(
-    chunk: list[Item], decoded: list[Future], model: Classifier, threshold: float
+    chunk: list[Item], decoded: list[Future], model: Classifier, decision: Decision
 ) -> Iterator[Row]:
     parts = [future.result() for future in decoded]
     errors = [error for _, part_errors in parts for error in part_errors]
@@ -287,10 +291,15 @@ def _rows(
     ok = [i for i, e in enumerate(errors) if e is None]
     probs: list[list[float]] = []
     labels: list[int] = []
+    scores: list[float | None] = [None] * len(ok)
+    flags: list[bool | None] = [None] * len(ok)
     if ok:
-        p = model.probabilities_of(arrays[ok])
-        labels = decide(p, threshold).tolist()
+        p, s = model.outputs_of(arrays[ok])
+        labels = decide(p, decision.threshold).tolist()
         probs = [[exact(v) for v in image] for image in p.tolist()]
+        if s is not None and decision.ood_threshold is not None:
+            scores = [exact(v) for v in s.tolist()]
+            flags = (s > np.float32(decision.ood_threshold)).tolist()
     results = iter(errors)
     done = 0
     for path, error in chunk:
@@ -299,10 +308,20 @@ def _rows(
         if error is not None:
             yield Row(path, None, None, error)
             continue
-        yield Row(
-            path, model.classes[labels[done]], dict(zip(model.classes, probs[done], strict=True))
-        )
+        label = model.classes[labels[done]]
+        p_row = dict(zip(model.classes, probs[done], strict=True))
+        yield Row(path, label, p_row, ood_score=scores[done], ood=flags[done])
         done += 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How rows are decided: the class threshold (:func:`decide`) and the out-of-distribution
+    score above which an image is flagged (``None``: no flag, for a model without
+    statistics)."""
+
+    threshold: float = 0.5
+    ood_threshold: float | None = None
 
 
 def classify(
@@ -310,7 +329,7 @@ def classify(
     model: Classifier,
     batch_size: int = 64,
     workers: int = 0,
-    threshold: float = 0.5,
+    decision: Decision | None = None,
     recursive: bool = False,
     stdin: Iterable[str] | None = None,
     shard: tuple[int, int] | None = None,
@@ -320,8 +339,12 @@ def classify(
     """Rows for every input file, in input order (see the module docstring).
 
     ``workers=0`` uses every core; ``stdin`` is the stream ``-`` reads (default sys.stdin);
-    ``exclude`` and ``on_skip`` as for :func:`expand`.
+    ``exclude`` and ``on_skip`` as for :func:`expand`; ``decision`` defaults to threshold 0.5
+    and the model's own out-of-distribution threshold.
     """
+    if decision is None:
+        stats = getattr(model, "stats", None)
+        decision = Decision(ood_threshold=stats.threshold if stats is not None else None)
     model.require_classifier()
     workers = workers or os.cpu_count() or 1
     size, fit = model.image_size, model.fit
@@ -342,9 +365,9 @@ def classify(
             ]
             pending.append((chunk, futures))
             if len(pending) > _WINDOW:
-                yield from _rows(*pending.popleft(), model, threshold)
+                yield from _rows(*pending.popleft(), model, decision)
         while pending:
-            yield from _rows(*pending.popleft(), model, threshold)
+            yield from _rows(*pending.popleft(), model, decision)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

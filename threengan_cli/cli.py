@@ -36,6 +36,7 @@ from threengan_cli.helptext import shown  # noqa: E402
 from threengan_cli.views import err, note, print_json, warn  # noqa: E402
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPT = 0, 1, 2, 3, 130
+EXIT_OOD = 4  # classify --fail-on-ood: some images look unlike the model's training X-rays
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
 
 
@@ -442,6 +443,24 @@ def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: st
     from threengan_cli import npclassifier
 
     return loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
+
+
+def ood_threshold_of(model, given: float | None) -> tuple[float | None, str | None, str]:
+    """The out-of-distribution threshold classify and evaluate flag above, where it comes
+    from (given or model) and a note for stderr: a given one (flag or --config) wins; else
+    the model's own. ``None`` for a model without statistics, whose note says so."""
+    if getattr(model, "stats", None) is None:
+        note = (
+            "; this model has no out-of-distribution statistics (trained before threengan "
+            "0.2): the ood columns are empty"
+        )
+        return None, None, note
+    if given is not None:
+        return given, "given", ""
+    split = model.stats.info.get("ood", {}).get("threshold", {}).get("split", "val")
+    from threengan_cli.classify import exact  # the float32's shortest digits, as in the rows
+
+    return exact(model.stats.threshold), "model", f" (flags 5% of the model's {split} split)"
 
 
 def prepared_or_exit(dataset: str) -> Path:

@@ -14,6 +14,7 @@ import typer
 from threengan_cli import views
 from threengan_cli.cli import (
     EXIT_INTERRUPT,
+    EXIT_OOD,
     EXIT_PARTIAL,
     EXIT_USAGE,
     MAX_LISTED,
@@ -24,6 +25,7 @@ from threengan_cli.cli import (
     fail,
     flag,
     load_classifier_or_exit,
+    ood_threshold_of,
     settings_or_exit,
 )
 from threengan_cli.helptext import shown
@@ -77,7 +79,7 @@ class _ClassifyTally:
     counts the files folder scans passed over (names that are not image names)."""
 
     def __init__(self, listing: bool, classes: list[str]):
-        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0}
+        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
         self.per_label = dict.fromkeys(classes, 0)
         self.listing, self.listed = listing, 0
         self.first_error: str | None = None
@@ -88,6 +90,7 @@ class _ClassifyTally:
         if row.ok:
             self.counts["classified"] += 1
             self.per_label[row.label] += 1
+            self.counts["ood"] += bool(row.ood)
             return
         self.counts["errors"] += 1
         if self.first_error is None:
@@ -124,20 +127,21 @@ def _threshold_of(model, cfg) -> tuple[float, str, str]:
 def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
     """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
     from threengan_cli import fileio
+    from threengan_cli.classify import Decision
     from threengan_cli.classify import classify as run_classify
     from threengan_cli.rows import RowWriter
 
     sorter = extra["sorter"]
 
     def consume(stream) -> None:
-        writer = RowWriter(fmt, stream, model, cfg.threshold, extra["threshold_source"])
+        writer = RowWriter(fmt, stream, model, extra["header"])
         writer.begin()
         rows = run_classify(
             inputs,
             model,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
-            threshold=cfg.threshold,
+            decision=Decision(cfg.threshold, extra["header"]["ood_threshold"]),
             recursive=cfg.recursive,
             stdin=extra["stdin"],
             shard=extra["shard"],
@@ -237,6 +241,20 @@ def classify(
             f"least this. {shown('classify', 'threshold')}"
         ),
     ] = None,
+    ood_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag an image (ood = true) when its out-of-distribution score is above "
+            "this [default: the model's own, which flags 5% of its val split]."
+        ),
+    ] = None,
+    fail_on_ood: Annotated[
+        bool,
+        flag(
+            "--fail-on-ood",
+            help="Exit 4 when any image is flagged as unlike the model's training X-rays.",
+        ),
+    ] = False,
     device: Annotated[
         str | None,
         typer.Option(
@@ -300,16 +318,25 @@ def classify(
     """Classify X-ray images with a trained model: one row per input file.
 
     Without --run or --checkpoint the bundled default model is used.
-    Columns: path, label, p_<class> for each class, error. A file that
-    cannot be read gets a row with its error and no label. Rows come in
-    input order; folder contents sorted by name, files before sub-folders.
+    Columns: path, label, p_<class> for each class, ood_score, ood, error.
+    A file that cannot be read gets a row with its error and no label.
+    Rows come in input order; folder contents sorted by name, files
+    before sub-folders.
+
+    ood_score says how unlike the model's training X-rays an image is
+    (about 1 for a typical training image); ood is true above the
+    threshold, by default the model's own, which flags 5% of its val
+    split. A flagged image's label is not reliable: the model was not
+    trained on X-rays like it. Models trained before threengan 0.2 have
+    no such statistics: the two columns stay empty.
 
     Data goes to stdout (or --output), messages to stderr. The model id
-    and threshold are printed on stderr; --format json also puts them in
+    and thresholds are printed on stderr; --format json also puts them in
     its header: {"model", "method", "threshold", "threshold_source",
-    "classes", "image_size", "rows": [...], "summary"}. A threshold that
-    `evaluate --threshold-from val` stored in the model is used unless
-    --threshold is given (threshold_source: given, model or default).
+    "ood_threshold", "ood_threshold_source", "classes", "image_size",
+    "rows": [...], "summary"}. A threshold that `evaluate
+    --threshold-from val` stored in the model is used unless --threshold
+    is given (threshold_source: given, model or default).
 
     Probabilities are written with the fewest digits that read back as
     the model's float32 value, and do not depend on --batch-size. A count
@@ -319,6 +346,7 @@ def classify(
     with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
     Exit codes: 0 every input classified, 3 some could not be read,
+    4 (with --fail-on-ood) all were read and some were flagged ood,
     1 none could (or no model), 2 usage error (no PATH, bad option,
     --checkpoint or --run that does not exist, --sort-into with class
     names that cannot be folder names).
@@ -334,6 +362,8 @@ def classify(
       find /data -name '*.dcm' | threengan classify - -f jsonl > out.jsonl
 
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
+
+      threengan classify new-site/ -r --fail-on-ood -o results.csv
 
       threengan classify scans/ -r --shard 3/10 -o part-03.csv
 
@@ -362,6 +392,8 @@ def classify(
         engine=engine,
         recursive=recursive,
         format=fmt,
+        ood_threshold=ood_threshold,
+        fail_on_ood=fail_on_ood or None,
     )
     fmt = _classify_format(fmt, cfg.format, output)
     if inputs.count("-") > 1:
@@ -398,17 +430,24 @@ def classify(
         stdin = None
     threshold_value, threshold_source, source_note = _threshold_of(model, cfg)
     cfg = cfg.model_copy(update={"threshold": threshold_value})
+    ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
     if not quiet:
+        ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
         note(
             f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
-            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}, "
-            f"device {model.device}"
+            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
+            f"{ood_said}{ood_note}, device {model.device}"
         )
 
     tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
     view = views.BarView(not quiet and err.is_terminal, "classifying")
     extra = {
-        "threshold_source": threshold_source,
+        "header": {
+            "threshold": cfg.threshold,
+            "threshold_source": threshold_source,
+            "ood_threshold": ood_value,
+            "ood_threshold_source": ood_source,
+        },
         "shard": shard_ij,
         "sorter": sorter,
         "stdin": stdin,
@@ -450,6 +489,13 @@ def classify(
         errors = f", errors {counts['errors']}" if counts["errors"] else ""
         sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
         note(f"labels: {labels}{errors}{sorted_to}")
+        if ood_value is not None:
+            note(
+                f"ood: {counts['ood']} of {counts['classified']} images look unlike the "
+                "model's training X-rays (score above "
+                f"{ood_value}); their labels are not reliable (docs/guide.md, 'Images unlike "
+                "the training set')"
+            )
         if counts["skipped"]:
             files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
             warn(
@@ -462,3 +508,5 @@ def classify(
                 warn(f"... and {counts['errors'] - tally.listed} more")
             warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
+    if cfg.fail_on_ood and counts["ood"]:
+        raise typer.Exit(EXIT_OOD)

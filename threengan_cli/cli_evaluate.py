@@ -23,6 +23,7 @@ from threengan_cli.cli import (
     fail,
     flag,
     load_classifier_or_exit,
+    ood_threshold_of,
 )
 from threengan_cli.views import note, print_json, warn
 
@@ -101,10 +102,20 @@ def evaluate(
         str, typer.Option(help="auto or cpu (NumPy engine, as classify), cuda, cuda:N or mps.")
     ] = "auto",
     engine: Annotated[str, typer.Option(help="On the CPU: numpy or torch, as classify.")] = "numpy",
+    ood_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag images whose out-of-distribution score is above this [default: the "
+            "model's own, which flags 5% of its val split].",
+            min=0.0,
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
-            help="Write roc.png and confusion.png to this folder (needs the plot extra).",
+            help="Write roc.png, confusion.png, reliability.png and (for a model with "
+            "out-of-distribution statistics) ood_scores.png to this folder (needs the plot "
+            "extra).",
             file_okay=False,
             metavar="DIR",
         ),
@@ -113,7 +124,12 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Score a model on labelled X-rays: accuracy, balanced accuracy, AUC, sensitivity,
-    specificity, F1, the confusion matrix and per-class counts.
+    specificity, F1, calibration (ECE over 15 bins, Brier score), the confusion matrix and
+    per-class counts.
+
+    With a model that has out-of-distribution statistics, also the share
+    of images flagged as unlike its training X-rays, and the metrics over
+    the images it does not flag.
 
     Without --run or --checkpoint the bundled default model is used. Files
     go through classify's own decoding and decision, so evaluate and
@@ -180,7 +196,10 @@ def evaluate(
             used, source = float(model.stored_threshold["value"]), "model"
         else:
             used, source = 0.5, "default"
-        result = ev.evaluate(data_set, model, used, source, batch_size, workers, chosen=chosen)
+        ood_value = ood_threshold_of(model, ood_threshold)[0]
+        result = ev.evaluate(
+            data_set, model, used, source, batch_size, workers, chosen, ood_value
+        )
     except ModelError as exc:  # a damaged stored threshold
         fail(str(exc))
     except ev.EvaluateError as exc:
@@ -212,6 +231,7 @@ def evaluate(
         note(
             f"model {result.model_id} ({result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
+            + ood_threshold_of(model, ood_threshold)[2]
         )
         if made:
             note("wrote " + ", ".join(str(p) for p in made))

@@ -54,6 +54,8 @@ class Prediction:
     label: str | None
     probabilities: dict[str, float] | None
     error: str | None = None
+    ood_score: float | None = None
+    ood: bool | None = None
 
 
 @dataclass
@@ -69,6 +71,14 @@ class Evaluation:
     predictions: list[Prediction] = field(repr=False)
     roc: dict[str, list[float]] = field(repr=False)
     chosen: dict[str, Any] | None = None
+    ood_threshold: float | None = None  # None: a model without out-of-distribution statistics
+    unflagged: dict[str, Any] | None = None  # the metrics over the images not flagged
+
+    @property
+    def flagged(self) -> float | None:
+        """The share of the readable images flagged as unlike the training X-rays."""
+        scored = [p.ood for p in self.predictions if p.ood is not None]
+        return float(np.mean(scored)) if scored else None
 
     @property
     def unreadable(self) -> list[Prediction]:
@@ -88,6 +98,9 @@ class Evaluation:
             **{k: v for k, v in self.metrics.items() if k != "confusion"},
             "confusion": self.metrics["confusion"],
             "per_class": self.per_class,
+            "ood_threshold": self.ood_threshold,
+            "ood_flagged": self.flagged,
+            "unflagged": self.unflagged,
             "unreadable": [[p.path, p.error] for p in self.unreadable],
         }
 
@@ -195,22 +208,34 @@ def probabilities(
     data: Labelled, model: Classifier, batch_size: int = _BATCH, workers: int = 0
 ) -> tuple[np.ndarray, list[str | None]]:
     """float32 probabilities (N, K) and per input an error or None (its row then holds NaN)."""
+    probs, _, errors = outputs(data, model, batch_size, workers)
+    return probs, errors
+
+
+def outputs(
+    data: Labelled, model: Classifier, batch_size: int = _BATCH, workers: int = 0
+) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+    """float32 probabilities (N, K), out-of-distribution scores (N,) (``None`` for a model
+    without statistics) and per input an error or None (its row then holds NaN)."""
     k = len(model.classes)
     if data.images is not None:
         parts = [
-            model.probabilities_of(data.images[i : i + batch_size])
+            model.outputs_of(data.images[i : i + batch_size])
             for i in range(0, len(data.images), batch_size)
         ]
-        probs = np.concatenate(parts).astype(np.float32)
-        return probs, [None] * len(probs)
+        probs = np.concatenate([p for p, _ in parts]).astype(np.float32)
+        scores = None if parts[0][1] is None else np.concatenate([s for _, s in parts])
+        return probs, scores, [None] * len(probs)
     probs = np.full((len(data.names), k), np.nan, dtype=np.float32)
+    scores = np.full(len(data.names), np.nan, dtype=np.float32)
     errors: list[str | None] = []
     rows = classify.classify(data.names, model, batch_size=batch_size, workers=workers)
     for i, row in enumerate(rows):
         errors.append(row.error)
         if row.ok and row.probabilities is not None:
             probs[i] = [row.probabilities[c] for c in model.classes]
-    return probs, errors
+            scores[i] = np.nan if row.ood_score is None else row.ood_score
+    return probs, (None if getattr(model, "stats", None) is None else scores), errors
 
 
 def roc_curve(is_positive: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
@@ -286,9 +311,11 @@ def evaluate(
     batch_size: int = _BATCH,
     workers: int = 0,
     chosen: dict[str, Any] | None = None,
+    ood_threshold: float | None = None,
 ) -> Evaluation:
-    """Score ``model`` on ``data`` with ``threshold`` (see the module docstring)."""
-    probs, errors = probabilities(data, model, batch_size, workers)
+    """Score ``model`` on ``data`` with ``threshold`` (see the module docstring); with
+    ``ood_threshold`` (a model with statistics), also over the images it does not flag."""
+    probs, scores, errors = outputs(data, model, batch_size, workers)
     ok = np.array([e is None for e in errors], dtype=bool)
     classes = list(model.classes)
     if not ok.any():
@@ -305,14 +332,34 @@ def evaluate(
         for k, c in enumerate(classes)
     }
     roc = roc_curve(labels == 1, good[:, 1]) if len(classes) == 2 else {}
+    if scores is None:
+        ood_threshold = None
+    flags = scores > np.float32(ood_threshold) if ood_threshold is not None else None
+    unflagged = None
+    if flags is not None:
+        kept = ~flags[ok]
+        unflagged = (
+            metrics.classification_metrics(labels[kept], good[kept], threshold=threshold)
+            if kept.any()
+            else {"n": 0}
+        )
     predictions = []
     decided = iter(predicted.tolist())
-    for name, truth, p, error in zip(data.names, data.labels, probs, errors, strict=True):
+    for i, (name, truth, p, error) in enumerate(
+        zip(data.names, data.labels, probs, errors, strict=True)
+    ):
         if error is not None:
             predictions.append(Prediction(name, classes[truth], None, None, error))
             continue
         values = {c: classify.exact(float(v)) for c, v in zip(classes, p, strict=True)}
-        predictions.append(Prediction(name, classes[truth], classes[next(decided)], values))
+        label = classes[next(decided)]
+        if flags is None:
+            predictions.append(Prediction(name, classes[truth], label, values))
+            continue
+        score = classify.exact(float(scores[i]))
+        predictions.append(
+            Prediction(name, classes[truth], label, values, None, score, bool(flags[i]))
+        )
     return Evaluation(
         model_id=model.model_id,
         method=model.method,
@@ -325,6 +372,8 @@ def evaluate(
         predictions=predictions,
         roc=roc,
         chosen=chosen,
+        ood_threshold=ood_threshold,
+        unflagged=unflagged,
     )
 
 
@@ -368,7 +417,49 @@ def write_plots(result: Evaluation, folder: Path) -> list[Path]:
         ax.text(j, i, str(n), ha="center", va="center", color="black" if n < cm.max() / 2 else "w")
     ax.set_title(title, fontsize=8)
     made.append(_save(fig, folder / "confusion.png", fileio))
+    made.append(_reliability(result, title, folder, plt, fileio))
+    if result.ood_threshold is not None:
+        made.append(_ood_histogram(result, title, folder, plt, fileio))
     return made
+
+
+def _reliability(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
+    """reliability.png: accuracy against confidence in the 15 bins of the ECE."""
+    readable = [p for p in result.predictions if p.probabilities is not None]
+    probs = np.array([[p.probabilities[c] for c in result.classes] for p in readable])
+    truth = np.array([result.classes.index(p.truth) for p in readable])
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
+    bins = metrics.ECE_BINS
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    centres, accuracy, counts = [], [], []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            centres.append(confidence[inside].mean())
+            accuracy.append(correct[inside].mean())
+            counts.append(int(inside.sum()))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1, label="calibrated")
+    ax.plot(centres, accuracy, "o-", lw=1.5, label=f"ECE {result.metrics['ece']:.4f}")
+    for x, y, n in zip(centres, accuracy, counts, strict=True):
+        ax.annotate(str(n), (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set(xlabel="confidence (mean of the bin)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(title, fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, folder / "reliability.png", fileio)
+
+
+def _ood_histogram(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
+    """ood_scores.png: the out-of-distribution scores and the threshold that flags them."""
+    scores = np.array([p.ood_score for p in result.predictions if p.ood_score is not None])
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    edges = np.linspace(0, max(float(np.percentile(scores, 99)), result.ood_threshold * 2), 41)
+    ax.hist(np.clip(scores, 0, edges[-1]), bins=edges, color="tab:blue", alpha=0.8)
+    ax.axvline(result.ood_threshold, c="tab:red", lw=1.5)
+    flagged = result.flagged or 0.0
+    ax.set(xlabel="out-of-distribution score (last bin: that and above)", ylabel="images")
+    ax.set_title(f"{title}\nflagged {flagged:.1%} (threshold {result.ood_threshold:g})", fontsize=8)
+    return _save(fig, folder / "ood_scores.png", fileio)
 
 
 def _save(fig, path: Path, fileio) -> Path:

@@ -13,6 +13,7 @@ G) gets a :class:`ModelError` that says which.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from threengan_cli import checkpoints, modelfile, system
+from threengan_cli import checkpoints, modelfile, ood, system
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
@@ -33,6 +34,7 @@ from threengan_cli.modelfile import (
     stored_threshold,
 )
 from threengan_cli.networks import Classifier, Generator, to_model_range
+from threengan_cli.npclassifier import per_image
 
 __all__ = ["Model", "ModelError", "ModelNotFound", "load_model"]
 
@@ -54,6 +56,8 @@ class Model:
     classifier: str = "C"  # the network whose logits classify (sgan: its multi-task D)
     logits: int = 2  # how many of its first logits are the classes
     normalisation: dict[str, float] = field(default_factory=dict)
+    stats: ood.ModelStats | None = field(default=None, repr=False)
+    unadapted: nn.Module | None = field(default=None, repr=False)  # before --adapt bn
 
     def require(self, *names: str) -> None:
         """Raise a :class:`ModelError` naming the networks this checkpoint lacks."""
@@ -75,10 +79,35 @@ class Model:
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
-        return self.predict_proba(torch.from_numpy(np.ascontiguousarray(images_u8))).numpy()
+        return self.outputs_of(images_u8)[0]
+
+    def outputs_of(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NumPy images (B, H, W) -> class probabilities (B, K) (calibrated by the
+        model's temperature, where it has one) and out-of-distribution scores (B,), or
+        ``None`` for a model without statistics; NumPy float32. The scores are computed
+        from the features of the classifier as loaded, before any ``--adapt bn``."""
+        self.require_classifier()
+        images = torch.from_numpy(np.ascontiguousarray(images_u8))
+        with torch.inference_mode():
+            x = to_model_range(images.to(self.device), self.normalisation or None)
+            logits, features = self.nets[self.classifier].logits_and_features(x)
+            probs = self.probabilities(logits[:, : self.logits]).cpu().numpy()
+            if self.stats is None:
+                return probs, None
+            if self.unadapted is not None:
+                _, features = self.unadapted.logits_and_features(x)
+            features = features.cpu().numpy()
+        # The score's products run image by image in NumPy, as in the NumPy engine, so that
+        # an image's score never depends on its batch.
+        (scores,) = per_image(lambda f: (self.stats.scores(f),), features)
+        return probs, scores
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), dim=1)
+        """Class probabilities from class logits, divided by the model's temperature first."""
+        logits = logits.float()
+        if self.stats is not None:
+            logits = logits / self.stats.temperature
+        return torch.softmax(logits, dim=1)
 
     def predict_proba(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) at the model size -> class probabilities (B, K), float32 on CPU."""
@@ -94,6 +123,8 @@ class Model:
         from threengan_cli.averaging import recompute_bn
 
         net = self.nets[self.classifier]
+        if self.stats is not None and self.unadapted is None:
+            self.unadapted = copy.deepcopy(net)  # the statistics describe these features
         x = to_model_range(images_u8.to(self.device), self.normalisation or None)
         with torch.inference_mode(False):
             recompute_bn(net, (b for b in x.split(batch_size) if len(b) > 1))
@@ -155,6 +186,7 @@ def load_model(
         # decoding. Inputs have one channel, so they need no conversion.
         nets[classifier] = nets[classifier].to(memory_format=torch.channels_last)
     return Model(
+        stats=_stats(ckpt, path, settings.width),
         method=method,
         nets=nets,
         classes=classes,
@@ -169,3 +201,17 @@ def load_model(
         logits=logits,
         normalisation={"scale": scale, "offset": offset},
     )
+
+
+def _stats(ckpt: checkpoints.Checkpoint, path: Path, width: int) -> ood.ModelStats | None:
+    """The model's out-of-distribution statistics and temperature (checksummed with the
+    file's other tensors when it was loaded), or ``None`` for a model trained before them."""
+    if not ood.has_stats(ckpt.meta):
+        return None
+    try:
+        shapes = ood.expected_shapes(ckpt.meta, width)
+        arrays = {k: v.float().numpy() for k, v in ckpt.group(modelfile.STATS).items()}
+        check_shapes({k: tuple(v.shape) for k, v in arrays.items()}, shapes, f"{path} (stats)")
+        return ood.from_arrays(arrays, ckpt.meta)
+    except ood.StatsError as exc:
+        raise ModelError(f"{path}: {exc}") from None

@@ -1,7 +1,8 @@
 """Classification metrics from labels and predicted probabilities, in numpy alone.
 
 ``classification_metrics`` reports accuracy, balanced accuracy, AUC, sensitivity,
-specificity and F1 as plain Python numbers (JSON-ready). A metric that is undefined on the
+specificity, F1 and the calibration of the probabilities (ECE over 15 bins, Brier score) as
+plain Python numbers (JSON-ready). A metric that is undefined on the
 given labels (AUC, sensitivity or F1 without positives; specificity without negatives) is
 ``None``, never NaN.
 
@@ -97,5 +98,88 @@ def classification_metrics(
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else None,
+        "ece": expected_calibration_error(labels, probs),
+        "brier": brier_score(labels, probs, positive),
         "confusion": cm.tolist(),
     }
+
+
+# --------------------------------------------------------------------------- calibration
+ECE_BINS = 15  # Guo et al. 2017's number of equal-width confidence bins
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
+) -> float | None:
+    """Top-label ECE: the confidences (each row's largest probability) in ``bins`` equal-width
+    bins over [0, 1]; the mean |accuracy - confidence| of the bins, weighted by their counts.
+    None for no rows or a probability that is not finite."""
+    labels = np.asarray(labels).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if not labels.size or not np.isfinite(probs).all():
+        return None
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    # bin b holds confidences in (b/bins, (b+1)/bins]; bin 0 also takes 0
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    gap = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        gap += abs(correct[inside].mean() - confidence[inside].mean()) * inside.sum()
+    return float(gap / labels.size)
+
+
+def brier_score(labels: np.ndarray, probs: np.ndarray, positive: int = 1) -> float | None:
+    """Mean squared error of the probabilities: for two classes, of the ``positive`` class's
+    probability against 0/1 (the usual binary Brier score); for more, summed over classes.
+    None for no rows or a probability that is not finite."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if not labels.size or not np.isfinite(probs).all():
+        return None
+    if probs.shape[1] == 2:
+        return float(np.mean((probs[:, positive] - (labels == positive)) ** 2))
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(np.mean(((probs - onehot) ** 2).sum(axis=1)))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in the logits' precision."""
+    z = np.asarray(logits) / np.asarray(temperature, dtype=np.asarray(logits).dtype)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the mean negative log-likelihood of softmax(logits / T)
+    on ``labels`` (Guo et al. 2017), searched in [0.05, 20].
+
+    The likelihood is convex in 1/T, so a golden-section search over log T finds the
+    optimum; 100 steps narrow it far below float32 precision, and the search is the same
+    arithmetic on every machine (no BLAS), so a fit is reproducible.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    if not len(y):
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(y)), y]))
+
+    lo, hi = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5.0) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(100):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2))

@@ -36,6 +36,7 @@ BEST, LAST = "best.safetensors", "last.safetensors"
 FINAL = "final.safetensors"  # the final epoch's weights alone, once ``runs --prune-last`` ran
 DEFAULT_MODEL = "default.safetensors"
 DIGEST_KEY = "sha256"  # metadata: {group: sha256 of its tensors}
+STATS = "stats"  # tensor group of a model's out-of-distribution statistics and temperature
 MAX_CLASSES = 1000
 IMAGE_SIDES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -451,7 +452,8 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
 def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
     """Write ``target`` (atomically) with ``source``'s weights to use alone (``use/...``
     where the metadata says so, else ``net/...``), byte for byte, stored as ``net/...``,
-    and its metadata updated by ``changes`` (a key set to None is dropped)."""
+    with the statistics of those weights (``stats/...``) where the source has them, and its
+    metadata updated by ``changes`` (a key set to None is dropped)."""
     from threengan_cli import fileio
 
     check_writable(target)
@@ -462,12 +464,12 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
         meta = parse_meta((header.get("__metadata__") or {}).get(META_KEY), source)
         prefix = weights_prefix(meta)
         original, meta = meta, {k: v for k, v in {**meta, **changes}.items() if v is not None}
+        if not any(k.startswith(prefix) for k in header):
+            raise CheckpointError(f"{source} holds no network weights")
         kept = sorted(
-            (k for k in header if k.startswith(prefix)),
+            (k for k in header if k.startswith((prefix, STATS + "/"))),
             key=lambda k: header[k]["data_offsets"][0],
         )
-        if not kept:
-            raise CheckpointError(f"{source} holds no network weights")
         blobs: dict[str, bytes] = {}
         for key in kept:
             begin, end = header[key]["data_offsets"]
@@ -482,7 +484,7 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
     for group, entries in before.items():
         verify_digest(original, group, entries, source)
     # The copies are stored under new names, so their checksums are computed anew.
-    renamed = {key: "net/" + key[len(prefix) :] for key in kept}
+    renamed = {key: "net/" + key[len(prefix) :] if key.startswith(prefix) else key for key in kept}
     groups: dict[str, list] = {}
     for key in kept:
         entry = (renamed[key], tuple(header[key]["shape"]), blobs[key])

@@ -159,6 +159,14 @@ class _Headed(nn.Module):
         h = self.body(x)  # (B, width*8, 4, 4)
         return self.head(h).flatten(1)  # (B, outputs)
 
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits (B, outputs) and what the out-of-distribution score reads (``ood``): the
+        last feature map averaged over 2x2 blocks of positions, in (row, column, channel)
+        order, (B, 4 * width * 8)."""
+        h = self.body(x)  # (B, width*8, 4, 4)
+        blocks = nn.functional.avg_pool2d(h.float(), 2)  # (B, width*8, 2, 2)
+        return self.head(h).flatten(1), blocks.permute(0, 2, 3, 1).flatten(1)
+
 
 class Discriminator(_Headed):
     """Images -> one real/fake logit per image, shape (B,)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from threengan_cli import modelfile
+from threengan_cli import modelfile, ood
 
 _K = 4  # every convolution is 4x4
 _LEAK = 0.2
@@ -35,7 +35,7 @@ def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> n
     """x (B, H, W, C) channels-last, ``kernel`` (k*k*C, O) from :func:`_kernel` -> (B, H', W', O).
 
     im2col with the channels innermost (each window is copied in runs of C contiguous values,
-    not gathered value by value), then one matrix product per image (see :func:`_per_image`).
+    not gathered value by value), then one matrix product per image (see :func:`per_image`).
     """
     if pad:
         x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -72,6 +72,7 @@ class NumpyClassifier:
     offset: float = -1.0
     device: str = "cpu (numpy)"
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    stats: ood.ModelStats | None = field(default=None, repr=False)
 
     @property
     def stored_threshold(self) -> dict[str, Any] | None:
@@ -83,13 +84,18 @@ class NumpyClassifier:
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
-        logits = _per_image(self._logits, images_u8)[:, : self.keep]
-        logits = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return self.outputs_of(images_u8)[0]
 
-    def _logits(self, images_u8: np.ndarray) -> np.ndarray:
-        """uint8 images (B, H, W) -> all the head's logits (B, outputs)."""
+    def outputs_of(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 images (B, H, W) -> class probabilities (B, K) (calibrated by the model's
+        temperature, where it has one) and out-of-distribution scores (B,), or ``None``
+        for a model without statistics; float32."""
+        logits, scores = per_image(self._forward, images_u8)
+        return softmax(logits[:, : self.keep], self.stats), scores
+
+    def _forward(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 images (B, H, W) -> all the head's logits (B, outputs), and the images'
+        out-of-distribution scores (B,) where the model has statistics."""
         scale, offset = np.float32(self.scale), np.float32(self.offset)
         x = images_u8.astype(np.float32)[..., None] * scale + offset
         for kernel, shift in self.layers:
@@ -99,7 +105,17 @@ class NumpyClassifier:
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
         kernel, bias = self.head
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
-        return logits if bias is None else logits + bias
+        scores = self.stats.scores(ood.pooled_features(x)) if self.stats is not None else None
+        return (logits if bias is None else logits + bias), scores
+
+
+def softmax(logits: np.ndarray, stats: ood.ModelStats | None) -> np.ndarray:
+    """Class probabilities (float32) from logits, divided by the model's temperature first."""
+    if stats is not None:
+        logits = logits / np.float32(stats.temperature)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 # Why one matrix product per image, on one BLAS thread: OpenBLAS's GEMM kernels sum a row's
@@ -124,12 +140,16 @@ def _threads() -> tuple[int, ThreadPoolExecutor, Any]:
     return cores, ThreadPoolExecutor(cores), ThreadpoolController()
 
 
-def _per_image(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
-    """``forward`` over ``images``, split across the thread pool, with BLAS at one thread."""
+def per_image(forward: Callable[[np.ndarray], tuple], images: np.ndarray) -> tuple:
+    """``forward`` (images -> a tuple of per-image arrays, or ``None``s) over ``images``,
+    split across the thread pool, with BLAS at one thread; the parts joined in order."""
     cores, pool, blas = _threads()
     chunks = [c for c in np.array_split(images, cores) if len(c)] or [images]
     with blas.limit(limits=1, user_api="blas"):
-        return np.concatenate(list(pool.map(forward, chunks)))
+        parts = list(pool.map(forward, chunks))
+    return tuple(
+        None if pieces[0] is None else np.concatenate(pieces) for pieces in zip(*parts, strict=True)
+    )
 
 
 def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassifier:
@@ -163,6 +183,7 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         )
     modelfile.check_finite(weights, f"{path} (network {name})")
     return NumpyClassifier(
+        stats=_stats(path, meta, spec["settings"].width),
         method=method,
         classes=spec["classes"],
         image_size=spec["image_size"],
@@ -176,6 +197,25 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         scale=scale,
         offset=offset,
     )
+
+
+def _stats(path: Path, meta: dict[str, Any], width: int) -> ood.ModelStats | None:
+    """The model's out-of-distribution statistics and temperature, or ``None`` for a model
+    trained before they existed; their shapes are checked before they are read, and their
+    checksum after."""
+    if not ood.has_stats(meta):
+        return None
+    try:
+        shapes = ood.expected_shapes(meta, width)
+        group = modelfile.STATS + "/"
+        _, arrays, _ = modelfile.read_arrays(path, lambda _: group, lambda _: shapes)
+        if set(arrays) != set(shapes):
+            raise ood.StatsError(f"its {modelfile.STATS} tensors are missing (damaged file)")
+        return ood.from_arrays(arrays, meta)
+    except ood.StatsError as exc:
+        raise modelfile.ModelError(f"{path}: {exc}") from None
+    except modelfile.CheckpointError as exc:
+        raise modelfile.ModelError(str(exc)) from None
 
 
 def _layers(weights: dict[str, np.ndarray], path: Path) -> list[tuple[Any, Any]]:

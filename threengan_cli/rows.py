@@ -38,15 +38,17 @@ def csv_cell(value: Any) -> Any:
 
 
 class RowWriter:
-    """Streams classify rows as table, csv, json or jsonl; one row at a time, never all."""
+    """Streams classify rows as table, csv, json or jsonl; one row at a time, never all.
 
-    def __init__(
-        self, fmt: str, stream, model, threshold: float, threshold_source: str = "default"
-    ):
-        self.fmt, self.stream, self.model, self.threshold = fmt, stream, model, threshold
-        self.threshold_source = threshold_source
+    ``header`` is what the JSON header says of the decision besides the model: threshold,
+    threshold_source, ood_threshold and ood_threshold_source. The ``ood_score`` and ``ood``
+    columns are empty (null) for a model without out-of-distribution statistics."""
+
+    def __init__(self, fmt: str, stream, model, header: dict[str, Any]):
+        self.fmt, self.stream, self.model, self.header = fmt, stream, model, header
         self.classes = list(model.classes)
-        self.columns = ["path", "label", *(f"p_{c}" for c in self.classes), "error"]
+        probs = [f"p_{c}" for c in self.classes]
+        self.columns = ["path", "label", *probs, "ood_score", "ood", "error"]
         self.first = True
         if fmt == "csv":
             import csv
@@ -61,8 +63,7 @@ class RowWriter:
                 {
                     "model": self.model.model_id,
                     "method": self.model.method,
-                    "threshold": self.threshold,
-                    "threshold_source": self.threshold_source,
+                    **self.header,
                     "classes": self.classes,
                     "image_size": self.model.image_size,
                 }
@@ -74,17 +75,24 @@ class RowWriter:
             ]
             heads = ["label", *(f"p_{c}" for c in self.classes)]
             cells = [h.ljust(w) for h, w in zip(heads, self.widths, strict=True)]
-            self.stream.write("  ".join([*cells, "path"]) + "\n")
+            self.stream.write("  ".join([*cells, "ood_score", "path"]) + "\n")
 
     def record(self, row) -> dict[str, Any]:
         probs = row.probabilities or {}
         values = {f"p_{c}": probs.get(c) for c in self.classes}  # classify.exact's digits
-        return {"path": row.path, "label": row.label, **values, "error": row.error}
+        return {
+            "path": row.path,
+            "label": row.label,
+            **values,
+            "ood_score": row.ood_score,
+            "ood": row.ood,
+            "error": row.error,
+        }
 
     def write(self, row) -> None:
         if self.fmt == "csv":
             rec = self.record(row)
-            self.csv.writerow(["" if rec[k] is None else csv_cell(rec[k]) for k in self.columns])
+            self.csv.writerow([_csv_value(rec[k]) for k in self.columns])
         elif self.fmt == "jsonl":
             self.stream.write(json.dumps(self.record(row)) + "\n")
         elif self.fmt == "json":
@@ -96,13 +104,24 @@ class RowWriter:
                 (f"{probs[c]:.4f}" if c in probs else "-").ljust(w)
                 for c, w in zip(self.classes, self.widths[1:], strict=True)
             ]
+            score = "-" if row.ood_score is None else f"{row.ood_score:.2f}"
+            cells.append((score + (" ood" if row.ood else "")).ljust(9))
             tail = f"  (error: {text(row.error)})" if row.error else ""
             self.stream.write("  ".join([*cells, text(row.path)]) + tail + "\n")
         self.first = False
 
-    def end(self, summary: dict[str, int]) -> None:
+    def end(self, summary: dict[str, Any]) -> None:
         if self.fmt == "json":
             self.stream.write(
                 ("\n" if not self.first else "") + '], "summary": ' + json.dumps(summary) + "}\n"
             )
         self.stream.flush()
+
+
+def _csv_value(value: Any) -> Any:
+    """A CSV cell: empty for none, true/false as JSON writes them, else :func:`csv_cell`."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return csv_cell(value)

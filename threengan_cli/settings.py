@@ -218,6 +218,11 @@ class ClassifySettings(_Section):
     format: Literal["table", "csv", "json", "jsonl"] | None = Field(
         None, description="output format; none: from the output's suffix, else by terminal"
     )
+    ood_threshold: float | None = Field(
+        None, gt=0.0, lt=1e6, description="flag an image above this out-of-distribution "
+        "score; none: the model's own (flags 5% of its val split)"
+    )
+    fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
 
 
 class GenerateSettings(_Section):

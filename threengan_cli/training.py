@@ -69,7 +69,7 @@ from threengan_cli.images import NORMALISATION, grid_png
 from threengan_cli.methods import METHODS, StepOutput
 from threengan_cli.networks import from_model_range, to_model_range
 from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
-from threengan_cli.scoring import evaluate
+from threengan_cli.scoring import evaluate, flagged_share, model_statistics
 from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
@@ -343,10 +343,16 @@ def _run_meta(loop: Loop, epoch: int, step: int, **extra: Any) -> dict[str, Any]
     }
 
 
-def _save_last(loop: Loop, epoch: int, step: int, used=None, **extra: Any) -> None:
+Stats = tuple[dict[str, torch.Tensor], dict[str, Any]] | None  # scoring.model_statistics
+
+
+def _save_last(
+    loop: Loop, epoch: int, step: int, used=None, stats: Stats = None, **extra: Any
+) -> None:
     """The last checkpoint: everything a resume needs (the averaged weights under ``avg/``),
     and under ``use/`` the weights to use where they differ from the live ones
-    (``meta["weights"]`` then names that group)."""
+    (``meta["weights"]`` then names that group); at the end of a run, the statistics of
+    those weights (``stats``)."""
     groups: dict[str, dict[str, Any]] = {}
     state = {"sums": loop.sums}
     if loop.averager is not None:
@@ -355,6 +361,8 @@ def _save_last(loop: Loop, epoch: int, step: int, used=None, **extra: Any) -> No
     if not loop.plain:
         groups["use"] = used if used is not None else _prediction_nets(loop)
         extra["weights"] = "use"
+    if stats is not None:
+        extra["stats"] = stats[1]
     checkpoints.save(
         loop.run_dir / LAST,
         _run_meta(loop, epoch, step, elapsed_s=loop.elapsed(), **extra),
@@ -364,6 +372,7 @@ def _save_last(loop: Loop, epoch: int, step: int, used=None, **extra: Any) -> No
         state=state,
         groups=groups,
         host_work=loop.host_work(),
+        stats=stats[0] if stats is not None else None,
     )
 
 
@@ -590,28 +599,41 @@ def _train(
             emit(_epoch_done(loop, epoch, first, epoch_t0, test_every_epoch, checkpoint_every_s))
 
     used = _prediction_nets(loop)  # once, for the final evaluation and the last checkpoint
-    summary = finish(loop, used)
-    _save_last(loop, settings.epochs, 0, used=used, finished=True)
+    stats = model_statistics(loop.method, used, loop.data)
+    summary = finish(loop, used, stats)
+    _save_last(loop, settings.epochs, 0, used=used, stats=stats, finished=True)
     emit(RunFinished(summary))
     return summary
 
 
-def finish(loop: Loop, used: dict[str, torch.nn.Module]) -> dict:
+def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     """Evaluate on test once (final model, best-on-val model, and the transductive BN-adapted
-    final model in a column of its own) and write summary.json."""
+    final model in a column of its own) and write summary.json. The best-on-val checkpoint
+    is written again with the statistics of its own weights."""
     settings, data = loop.settings, loop.data
     k = len(data.classes)
-    final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, amp=loop.amp)
-    final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp)
+    final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **_how(loop, stats))
+    final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
     adapted = evaluate_adapted(loop, used)
-    best_test = final_test
+    best_test, best_stats = final_test, stats
+    best = checkpoints.load(loop.run_dir / BEST, map_location=data.train_x.device)
     if loop.best_epoch is not None and loop.best_epoch != settings.epochs:
-        best = checkpoints.load(loop.run_dir / BEST, map_location=data.train_x.device)
         saved = _weights(used)
         checkpoints.restore_networks(best, used)
-        best_test = evaluate(loop.method, used, data.test_x, data.test_y, k, amp=loop.amp)
+        best_stats = model_statistics(loop.method, used, data)
+        how = _how(loop, best_stats)
+        best_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **how)
         for name, net in used.items():
             net.load_state_dict(saved[name])
+    if best_stats is not None:
+        nets = {name: best.group(f"net/{name}") for name in best.network_names}
+        meta = {**best.meta, "stats": best_stats[1]}
+        checkpoints.save(loop.run_dir / BEST, meta, nets, stats=best_stats[0])
+    flagged = {}
+    if stats is not None:
+        for split in ("val", "test"):
+            images = getattr(data, f"{split}_x")
+            flagged[split] = flagged_share(loop.method, used, images, stats[0])
     summary = {
         "run": str(loop.run_dir),
         "method": settings.method,
@@ -625,9 +647,20 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module]) -> dict:
         "best_epoch_on_val": loop.best_epoch,
         "test_of_best_on_val": best_test,
         "test_adapted_bn": adapted,
+        "stats": {
+            "temperature": _how(loop, stats)["temperature"],
+            "ood_threshold": float(stats[0]["ood_threshold"]) if stats is not None else None,
+            "ood_flagged": flagged,
+        },
         "elapsed_s": round(loop.elapsed(), 2),
         "extended": loop.extended,
         "settings": settings.model_dump(mode="json"),
     }
     fileio.write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _how(loop: Loop, stats: Stats) -> dict[str, Any]:
+    """How a finished model is evaluated: its precision, and the temperature of its stats."""
+    temperature = float(stats[0]["temperature"]) if stats is not None else 1.0
+    return {"amp": loop.amp, "temperature": temperature}

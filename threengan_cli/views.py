@@ -513,10 +513,18 @@ def evaluation_tables(result) -> None:
         show_header=False,
     )
     scores.add_column("metric")
-    scores.add_column("value", justify="right")
-    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"):
-        value = m[key]
-        scores.add_row(key.replace("_", " "), "undefined" if value is None else f"{value:.4f}")
+    scores.add_column("all images", justify="right")
+    unflagged = result.unflagged
+    if unflagged is not None:
+        scores.add_column(f"not flagged ({unflagged['n']})", justify="right")
+    keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+    for key in (*keys, "ece", "brier"):
+        values = [m.get(key)] + ([unflagged.get(key)] if unflagged is not None else [])
+        shown = ["undefined" if v is None else f"{v:.4f}" for v in values]
+        scores.add_row(key.replace("_", " ").replace("ece", "ECE (15 bins)"), *shown)
+    if result.flagged is not None:
+        share = f"{result.flagged:.1%} (score above {result.ood_threshold:g})"
+        scores.add_row("flagged as unlike the training X-rays", share, *([""] if unflagged else []))
     out.print(scores)
     matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
     matrix.add_column("true \\ predicted")

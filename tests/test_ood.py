@@ -1,0 +1,297 @@
+"""Out-of-distribution scores and calibration: the statistics fitted at the end of training,
+stored with checksums, computed alike by both engines, reported by classify in every format,
+and a model without them still classifying."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from model_factory import familiar_images, make_checkpoint
+from typer.testing import CliRunner
+
+from threengan_cli import metrics, npclassifier, ood
+from threengan_cli.cli import EXIT_OOD, app
+from threengan_cli.inference import load_model
+from threengan_cli.modelfile import ModelError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stats_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("m") / "stats.safetensors", stats=True)
+
+
+def _write_pngs(folder, pixels):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image, "L").save(folder / f"{i:03d}.png")
+    return folder
+
+
+# ------------------------------------------------------------------------------ the maths
+def test_the_score_is_the_squared_mahalanobis_distance_per_direction():
+    rng = np.random.default_rng(0)
+    scales = np.array([1.0, 2.0, 4.0, 0.5])
+    train = rng.standard_normal((4000, 4)) * scales + 10.0
+    tensors, info = ood.fit_ood(train, train[:400])
+    stats = ood.ModelStats(tensors["ood_mean"], tensors["ood_projection"], 1.0, 1.0, info)
+    assert info["dims"] == 4
+    variance = scales**2
+    added = ood.SHRINK * variance.mean()  # the shrinkage, added to every direction's variance
+    point = np.array([[10.0 + 2.0, 10.0, 10.0, 10.0]])  # two standard deviations along axis 0
+    np.testing.assert_allclose(stats.scores(point), [2.0**2 / (1.0 + added) / 4], rtol=0.05)
+    # training images score about 1 on average (a little less, for the shrinkage)
+    expected_mean = np.mean(variance / (variance + added))
+    assert stats.scores(train).mean() == pytest.approx(expected_mean, rel=0.03)
+    val = rng.standard_normal((2000, 4)) * scales + 10.0
+    tensors, _ = ood.fit_ood(train, val)
+    flagged = (stats.scores(val) > float(tensors["ood_threshold"])).mean()
+    assert flagged == pytest.approx(0.05, abs=0.005)
+
+
+def test_few_training_images_keep_at_most_half_as_many_directions():
+    train = np.random.default_rng(1).standard_normal((40, 64))
+    _, info = ood.fit_ood(train, train)
+    assert info["dims"] == 20
+    with pytest.raises(ood.StatsError):
+        ood.fit_ood(train[:3], train[:3])
+
+
+def test_a_score_does_not_depend_on_the_other_images_in_its_batch():
+    rng = np.random.default_rng(2)
+    train = rng.standard_normal((600, 128)).astype(np.float32)
+    tensors, info = ood.fit_ood(train, train)
+    stats = ood.ModelStats(tensors["ood_mean"], tensors["ood_projection"], 1.0, 1.0, info)
+    x = rng.standard_normal((50, 128)).astype(np.float32)
+    whole = stats.scores(x)
+    np.testing.assert_array_equal(stats.scores(x[::-1])[::-1], whole)
+    one_by_one = np.concatenate([stats.scores(x[i : i + 1]) for i in range(50)])
+    np.testing.assert_array_equal(one_by_one, whole)
+
+
+def test_ece_and_brier_by_hand():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    labels = np.array([0, 1, 1, 1])
+    # confidences 0.9, 0.8, 0.7, 0.6 in bins 13, 11, 10, 8 (of 15): one image each
+    # |acc - conf| = 0.1, 0.8, 0.3, 0.4 -> mean 0.4
+    assert metrics.expected_calibration_error(labels, probs) == pytest.approx(0.4)
+    # binary Brier of p(class 1): (0.1-0)^2 + (0.2-1)^2 + (0.7-1)^2 + (0.6-1)^2, over 4
+    assert metrics.brier_score(labels, probs) == pytest.approx((0.01 + 0.64 + 0.09 + 0.16) / 4)
+
+
+def test_the_fitted_temperature_recovers_the_one_the_labels_were_drawn_with():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((20000, 2)) * 4
+    truth = 2.5
+    p = metrics.softmax(logits, truth)
+    labels = (rng.random(20000) < p[:, 1]).astype(int)
+    assert metrics.fit_temperature(logits, labels) == pytest.approx(truth, rel=0.05)
+    before = metrics.expected_calibration_error(labels, metrics.softmax(logits))
+    after = metrics.expected_calibration_error(labels, metrics.softmax(logits, truth))
+    assert after < before / 3
+
+
+# ------------------------------------------------------------------------ the checkpoint
+def test_both_engines_give_the_same_scores_and_flags(stats_ckpt):
+    a = npclassifier.load(stats_ckpt)
+    b = load_model(stats_ckpt, device="cpu")
+    assert a.stats.temperature == b.stats.temperature != 1.0
+    familiar = familiar_images(16, 32, seed=7)
+    bright = np.clip(familiar.astype(int) + 150, 0, 255).astype(np.uint8)
+    images = np.concatenate([familiar, bright])
+    (pa, sa), (pb, sb) = a.outputs_of(images), b.outputs_of(images)
+    np.testing.assert_allclose(sa, sb, rtol=1e-4)
+    np.testing.assert_allclose(pa, pb, atol=1e-5)
+    flags = sa > a.stats.threshold
+    assert flags[16:].all() and flags[:16].mean() < 0.5  # bright images look unlike the rest
+    assert np.array_equal(flags, sb > b.stats.threshold)
+
+
+def test_the_temperature_divides_the_logits(stats_ckpt):
+    model = npclassifier.load(stats_ckpt)
+    images = familiar_images(4, 32, seed=9)
+    logits, _ = npclassifier.per_image(model._forward, images)
+    t = np.float32(model.stats.temperature)
+    np.testing.assert_allclose(model.probabilities_of(images), metrics.softmax(logits / t), 1e-6)
+
+
+def test_tampered_statistics_fail_their_checksum_in_both_engines(stats_ckpt, tmp_path):
+    raw = bytearray(stats_ckpt.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + header])
+    begin, _ = meta["stats/ood_threshold"]["data_offsets"]
+    raw[8 + header + begin] ^= 0x40  # one bit of the stored threshold
+    bad = tmp_path / "tampered.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="checksum"):
+        npclassifier.load(bad)
+    with pytest.raises(ModelError, match="checksum"):
+        load_model(bad, device="cpu")
+
+
+def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path):
+    from threengan_cli.modelfile import update_meta
+
+    bad = tmp_path / "dims.safetensors"
+    bad.write_bytes(stats_ckpt.read_bytes())
+    meta_stats = json.loads(json.dumps(npclassifier.load(stats_ckpt).stats.info))
+    meta_stats["ood"]["dims"] = 10**9
+    update_meta(bad, {"stats": meta_stats})
+    for load in (npclassifier.load, lambda p: load_model(p, device="cpu")):
+        with pytest.raises(ModelError, match="dims"):
+            load(bad)
+
+
+def test_pruned_final_weights_keep_their_statistics(stats_ckpt, tmp_path):
+    from threengan_cli.modelfile import copy_weights
+
+    copy_weights(stats_ckpt, tmp_path / "final.safetensors", {})
+    kept = npclassifier.load(tmp_path / "final.safetensors")
+    assert kept.stats is not None
+    assert kept.stats.threshold == npclassifier.load(stats_ckpt).stats.threshold
+
+
+# ----------------------------------------------------------------------------- classify
+def _classify(*args):
+    return runner.invoke(app, ["classify", *args])
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """8 images like the model's training ones, 4 bright ones unlike them."""
+    root = tmp_path_factory.mktemp("mixed")
+    familiar = familiar_images(8, 32, seed=11)
+    _write_pngs(root / "a-familiar", familiar)
+    _write_pngs(root / "b-bright", np.clip(familiar[:4].astype(int) + 150, 0, 255).astype(np.uint8))
+    return root
+
+
+def test_every_format_carries_the_score_and_the_flag(stats_ckpt, mixed):
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed)]
+    rows = list(csv.DictReader(io.StringIO(_classify(*m, "-f", "csv", "-q").stdout)))
+    assert [r["ood"] for r in rows[8:]] == ["true"] * 4
+    assert all(float(r["ood_score"]) > 0 for r in rows)
+    doc = json.loads(_classify(*m, "-f", "json", "-q").stdout)
+    assert doc["ood_threshold_source"] == "model"
+    assert doc["summary"]["ood"] == sum(r["ood"] for r in doc["rows"]) >= 4
+    assert [r["ood_score"] for r in doc["rows"]] == [float(r["ood_score"]) for r in rows]
+    lines = _classify(*m, "-f", "jsonl", "-q").stdout.splitlines()
+    assert [json.loads(line)["ood"] for line in lines] == [r["ood"] == "true" for r in rows]
+    table = _classify(*m, "-f", "table", "-q").stdout
+    assert "ood_score" in table.splitlines()[0] and table.count(" ood ") >= 4
+
+
+def test_the_summary_says_how_many_look_unlike_the_training_x_rays(stats_ckpt, mixed):
+    result = _classify("--checkpoint", str(stats_ckpt), "-r", str(mixed), "-f", "csv")
+    flagged = sum(r["ood"] == "true" for r in csv.DictReader(io.StringIO(result.stdout)))
+    assert f"ood: {flagged} of 12 images look unlike the model's training X-rays" in result.stderr
+
+
+def test_fail_on_ood_exits_4_and_a_threshold_above_every_score_exits_0(stats_ckpt, mixed, tmp_path):
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed), "-q", "-f", "csv"]
+    assert _classify(*m, "--fail-on-ood").exit_code == EXIT_OOD == 4
+    assert _classify(*m).exit_code == 0
+    high = _classify(*m, "--fail-on-ood", "--ood-threshold", "1e5")
+    assert high.exit_code == 0
+    assert {r["ood"] for r in csv.DictReader(io.StringIO(high.stdout))} == {"false"}
+    config = tmp_path / "c.toml"
+    config.write_text("[classify]\nfail_on_ood = true\nood_threshold = 100000.0\n")
+    assert _classify(*m, "--config", str(config)).exit_code == 0
+    config.write_text("[classify]\nfail_on_ood = true\n")
+    assert _classify(*m, "--config", str(config)).exit_code == 4
+
+
+def test_unreadable_files_keep_their_error_rows_beside_the_scores(stats_ckpt, mixed, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    result = _classify("--checkpoint", str(stats_ckpt), str(broken), "-r", str(mixed), "-f", "csv")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert result.exit_code == 3
+    assert rows[0]["error"] and rows[0]["ood_score"] == "" and rows[0]["ood"] == ""
+    assert all(r["ood_score"] for r in rows[1:])
+
+
+def test_a_model_without_statistics_classifies_with_empty_columns_and_one_note(ckpt, mixed):
+    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv", "--fail-on-ood")
+    assert result.exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {r["ood_score"] for r in rows} == {""} and {r["ood"] for r in rows} == {""}
+    assert result.stderr.count("no out-of-distribution statistics") == 1
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_stores_statistics_in_best_and_last_and_the_summary(dataset, tmp_path):
+    from threengan_cli.settings import TrainSettings
+    from threengan_cli.training import train
+
+    settings = TrainSettings(method="vanilla", size=12, epochs=2, batch_size=4, width=4)
+    summary = train(dataset, settings, tmp_path / "run", checkpoint_every_s=None)
+    assert summary["stats"]["temperature"] > 0
+    assert set(summary["stats"]["ood_flagged"]) == {"val", "test"}
+    for name in ("best.safetensors", "last.safetensors"):
+        model = npclassifier.load(tmp_path / "run" / name)
+        assert model.stats is not None
+        assert model.stats.info["ood"]["fitted_on"] == {"labelled": 12, "unlabelled": 0}
+        assert model.stats.info["ood"]["threshold"]["split"] == "val"
+    # the threshold is the 95th percentile of the 8 val images' scores: one at most is above
+    assert summary["stats"]["ood_flagged"]["val"] <= 1 / 8
+
+
+# ----------------------------------------------------------------------------- evaluate
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Class folders: 8 familiar and 4 bright images per class."""
+    root = tmp_path_factory.mktemp("labelled")
+    for k, name in enumerate(("normal", "pneumonia")):
+        familiar = familiar_images(8, 32, seed=20 + k)
+        _write_pngs(root / name / "familiar", familiar)
+        bright = np.clip(familiar[:4].astype(int) + 150, 0, 255).astype(np.uint8)
+        _write_pngs(root / name / "bright", bright)
+    return root
+
+
+def test_evaluate_reports_the_flagged_share_and_the_metrics_over_the_unflagged(
+    stats_ckpt, labelled, tmp_path
+):
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    rows = list(
+        csv.DictReader(
+            io.StringIO(_classify("--checkpoint", str(stats_ckpt), "-r", str(labelled)).stdout)
+        )
+    )
+    flagged = [r["ood"] == "true" for r in rows]
+    assert report["ood_flagged"] == pytest.approx(np.mean(flagged)) and 0 < np.mean(flagged) < 1
+    assert report["unflagged"]["n"] == flagged.count(False)
+    assert report["n"] == 24 and 0 <= report["ece"] <= 1 and 0 <= report["brier"] <= 1
+    # a threshold above every score flags nothing: the unflagged metrics are the metrics
+    high = json.loads(runner.invoke(app, [*args, "--ood-threshold", "1e5"]).stdout)
+    assert high["ood_flagged"] == 0 and high["unflagged"]["accuracy"] == high["accuracy"]
+
+
+def test_evaluate_plots_a_reliability_diagram_and_the_scores(stats_ckpt, labelled, tmp_path):
+    pytest.importorskip("matplotlib")
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--plot", str(tmp_path)]
+    assert runner.invoke(app, [*args, "--json"]).exit_code == 0
+    for name in ("reliability.png", "ood_scores.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_scores_and_flags_are_the_same_for_every_batch_size(stats_ckpt, engine):
+    model = npclassifier.load(stats_ckpt) if engine == "numpy" else load_model(stats_ckpt)
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 32, 32), dtype=np.uint8)
+    whole = model.outputs_of(pixels)[1]
+    for batch in (1, 3):
+        parts = [model.outputs_of(pixels[i : i + batch])[1] for i in range(0, 40, batch)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(model.outputs_of(pixels[::-1])[1][::-1], whole)
