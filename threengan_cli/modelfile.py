@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
@@ -389,12 +390,19 @@ def stored_threshold(meta: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
+_MAX_HEADER = 100_000_000
+
+
 def _read_header(fh: Any, path: Path) -> dict[str, Any]:
     """The JSON header of an open safetensors file (the file positioned at its start)."""
     import struct
 
     try:
         (length,) = struct.unpack("<Q", fh.read(8))
+        # A damaged length (2**40) must not become one huge read: the header lies inside
+        # the file, and safetensors itself refuses headers over 100 MB.
+        if length > min(_MAX_HEADER, os.fstat(fh.fileno()).st_size - 8):
+            raise ValueError
         header = json.loads(fh.read(length))
         if not isinstance(header, dict):
             raise ValueError
