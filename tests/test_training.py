@@ -237,18 +237,13 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
         if isinstance(event, training.EpochDone):
             clock.now += 45.0
 
-    cfg = _settings(method="3ngan", epochs=6, recipe="robust")
+    cfg = _settings(method="vanilla", epochs=5, recipe="robust")  # EMA and precise BN too
     full = tmp_path / "full"
     training.train(dataset, cfg, full, on_event=every_45_s, checkpoint_every_s=60)
-    # 60 s apart: after epochs 3 and 5, after the last one, and once more when finished
+    # 60 s apart: after epoch 3, after the last one, and once more when finished
     assert [name for run, name in writes if run == "full" and name == "last.safetensors"] == [
         "last.safetensors"
-    ] * 4
-    assert sorted(p.name for p in (full / "samples").iterdir()) == [
-        "epoch_0003.png",
-        "epoch_0005.png",
-        "epoch_0006.png",
-    ]
+    ] * 3
 
     killed = tmp_path / "killed"
     clock.now = 0.0
