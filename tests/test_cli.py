@@ -171,6 +171,7 @@ def test_a_size_that_does_not_divide_over_the_classes_is_refused(dataset, tmp_pa
     assert "does not divide over 2 classes" in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_prints_the_resume_hint(dataset, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "threengan_cli", "train", str(dataset), "--out", str(run_dir),

@@ -257,6 +257,7 @@ def test_classify_adapt_bn_refuses_too_few_images_and_says_when_it_adapted(tmp_p
 
 
 # ------------------------------------------------------------------------------ real data
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_dir(), reason="the real chest X-ray data is not here")
 def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_path):
     """The issue's case: `train kermany --method vanilla --size 100 --epochs 5` once called

@@ -75,7 +75,7 @@ class Model:
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
-        return self.predict_proba(torch.from_numpy(images_u8)).numpy()
+        return self.predict_proba(torch.from_numpy(np.ascontiguousarray(images_u8))).numpy()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1)

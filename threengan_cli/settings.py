@@ -9,10 +9,10 @@ it allows, which the CLI prints and exits 2 on.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,6 +22,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli before it joined the standard library
+    import tomli as tomllib
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
