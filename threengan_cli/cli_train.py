@@ -151,7 +151,7 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
         )
 
 
-def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
+def _warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
     """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
     (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
     if precision != "bf16" or quiet or device not in ("auto", "cpu"):
@@ -160,8 +160,9 @@ def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
 
     if system.cpu_bf16() and system.select_device(device).type == "cpu":
         warn(
-            "--precision bf16 on a CPU: not known to be faster than fp32 here (on the CPUs "
-            "measured so far it was slower); `threengan info --measure` times both on this one"
+            "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
+            "on one CPU with native bf16, slower on others); `threengan info --measure` times "
+            "both on this one"
         )
 
 
@@ -464,7 +465,7 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
-    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     view = views.TrainView(quiet)
     try:
         return training.train(
@@ -554,7 +555,7 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
         fail(str(exc), EXIT_USAGE)
     dataset_dir = prepared_or_exit(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
-    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     view = views.BenchView(quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
     held = contextlib.ExitStack()
