@@ -148,12 +148,13 @@ def test_classify_reads_its_format_from_the_config(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- train
-def test_train_refuses_an_existing_run_name(dataset):
+def test_train_refuses_an_existing_run_name_with_other_settings(dataset):
     first = run("train", dataset, "--name", "r1", *TINY, "-q")
     assert first.exit_code == 0, first.output
-    again = run("train", dataset, "--name", "r1", *TINY)
+    again = run("train", dataset, "--name", "r1", *TINY, "--seed", "9")
     assert again.exit_code == 2
-    assert "already holds a run: use --resume" in again.stderr
+    assert "already holds a run with other settings (seed" in again.stderr
+    assert "--resume" in again.stderr and "--force" in again.stderr
 
 
 def test_train_resume_of_a_missing_run_is_a_usage_error():

@@ -221,7 +221,9 @@ def test_plots_are_written_with_the_plot_extra(tmp_path, tree, model_file):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, tree, model_file, monkeypatch):
+def test_plot_without_matplotlib_is_a_failure_not_a_usage_error(
+    tmp_path, tree, model_file, monkeypatch
+):
     import builtins
 
     real = builtins.__import__
@@ -233,4 +235,44 @@ def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, tree, model_fi
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     done = _eval(str(tree / "test"), "--checkpoint", str(model_file), "--plot", str(tmp_path))
-    assert done.exit_code == 2 and "threengan[plot]" in done.stderr
+    # the command is right as given; what is missing is an install (exit 1, as a missing
+    # torch is), not a usage error (2)
+    assert done.exit_code == 1 and "threengan[plot]" in done.stderr
+
+
+def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prepared, tmp_path):
+    import subprocess
+    import sys
+
+    from threengan_cli import runs
+
+    run = tmp_path / "run"
+    checkpoint = make_checkpoint(run / runs.BEST, classes=CLASSES)
+    (run / runs.RUN).write_text("{}")
+    before = checkpoint.read_bytes()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom threengan_cli import runs\n"
+            "with runs.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for model in (["--run", str(run)], ["--checkpoint", str(checkpoint)]):
+            done = _eval(prepared, *model, "--threshold-from", "val")
+            assert done.exit_code == 1, done.output
+            assert f"pid {holder.pid}" in done.stderr and "is in use" in done.stderr
+        assert checkpoint.read_bytes() == before
+        plain = _eval(prepared, "--run", str(run), "--json")  # reading it needs no lock
+        assert plain.exit_code == 0, plain.output
+    finally:
+        holder.kill()
+        holder.wait()
+    done = _eval(prepared, "--run", str(run), "--threshold-from", "val", "--json")
+    assert done.exit_code == 0, done.output
+    assert checkpoint.read_bytes() != before and not (run / runs.LOCK).exists()

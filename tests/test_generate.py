@@ -25,8 +25,14 @@ def _pixels(folder: Path) -> dict[str, np.ndarray]:
 
 def test_writes_count_8bit_grayscale_pngs_at_model_size(tmp_path, model):
     result = generate(model, 7, seed=0, out_dir=tmp_path / "out", batch_size=3)
-    files = sorted((tmp_path / "out").iterdir())
+    files = sorted((tmp_path / "out").glob("*.png"))
     assert [f.name for f in files] == [f"gen_{i:05d}.png" for i in range(7)]
+    made = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert made == {"model": model.model_id, "count": 7, "seed": 0, "label": False, "labels": None}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        *(f.name for f in files),
+        "generate.json",
+    ]
     for f in files:
         with Image.open(f) as img:
             assert (img.format, img.mode, img.size) == ("PNG", "L", (32, 32))
@@ -137,7 +143,8 @@ def test_cli_generate_exit_codes(tmp_path, ckpt, monkeypatch):
         return runner.invoke(app, ["generate", "--checkpoint", str(ckpt), *args])
 
     assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 0
-    assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 2  # not empty now
+    assert run("--count", "2", "--out", str(tmp_path / "a")).exit_code == 0  # its own: a no-op
+    assert run("--count", "3", "--out", str(tmp_path / "a")).exit_code == 2  # other settings
     assert run("--grid", str(tmp_path / "g.png"), "--label").exit_code == 2
     assert run("--count", "0").exit_code == 2
     monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")

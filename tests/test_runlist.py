@@ -81,9 +81,7 @@ def test_runs_with_nothing_there_says_so(threengan_home):
     assert runner.invoke(app, ["runs", "nope"]).exit_code == 2
 
 
-def test_prune_last_keeps_final_weights_and_the_run_still_classifies(
-    dataset, finished, tmp_path
-):
+def test_prune_last_keeps_final_weights_and_the_run_still_classifies(dataset, finished, tmp_path):
     before = load_model(finished / "last.safetensors", device="cpu")
     image = str(write_image(tmp_path / "a.png"))
     first = runner.invoke(app, ["classify", image, "--run", "done", "-f", "jsonl"]).stdout
@@ -135,3 +133,125 @@ def test_benchmark_runs_are_listed_under_their_benchmark(threengan_home):
     (threengan_home / "benchmarks" / "k-quick" / "runs" / "not-a-run").mkdir()
     [info] = runlist.list_runs()
     assert (info.name, info.method, info.size) == ("k-quick/3ngan-n200-r0", "3ngan", 200)
+
+
+# ----------------------------------------------------------------------- damaged runs
+def _damaged_copies(finished, home):
+    """Copies of a finished run, each damaged in one way that once stopped `runs`."""
+    import shutil
+    import struct
+
+    made = {}
+
+    def copy(name):
+        run = home / "runs" / name
+        shutil.copytree(finished, run)
+        made[name] = run
+        return run
+
+    (copy("list-line") / "metrics.jsonl").write_text("[1, 2]\n")
+    (copy("text-epoch") / "metrics.jsonl").write_text('{"epoch": "one"}\n')
+    (copy("not-utf8") / "metrics.jsonl").write_bytes(b'{"epoch": 1, "note": "\xff"}\n')
+    run = copy("val-list")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "val": [0.5]}))
+    run = copy("method-list")
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps({**settings, "method": ["3ngan"]}))
+    run = copy("huge-header")
+    with open(run / "last.safetensors", "r+b") as fh:
+        fh.write(struct.pack("<Q", 2**40))
+    return made
+
+
+def test_a_damaged_run_is_listed_as_damaged_and_the_others_still_list(finished, threengan_home):
+    damaged = _damaged_copies(finished, threengan_home)
+    done = runner.invoke(app, ["runs", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert rows["done"]["state"] == "finished" and rows["done"]["error"] is None
+    for name in damaged:
+        assert rows[name]["state"] == "damaged", name
+        assert rows[name]["error"], name
+    assert "header" in rows["huge-header"]["error"]
+    assert "UTF-8" in rows["not-utf8"]["error"]
+    table = runner.invoke(app, ["runs"])
+    assert table.exit_code == 0 and "Traceback" not in table.output
+    assert "done" in table.stdout and table.stdout.count("damaged") == len(damaged)
+    assert "huge-header is damaged" in table.stderr
+
+
+# ------------------------------------------------------------------------ prune and lock
+def test_prune_leaves_a_run_that_another_process_writes_alone(finished):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom threengan_cli import runs\n"
+            "with runs.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+            str(finished),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = runner.invoke(app, ["runs", "--prune-last"])
+        assert done.exit_code == 1
+        assert f"cannot prune done: {finished} is in use" in done.stderr
+        assert f"pid {holder.pid}" in done.stderr
+        assert (finished / "last.safetensors").exists()
+        assert not (finished / "final.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner.invoke(app, ["runs", "--prune-last"]).exit_code == 0
+    assert not (finished / "last.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ output
+def test_run_names_are_never_cut_short_in_the_table(dataset, threengan_home):
+    long_name = "kermany-3ngan-n200-s0-a-name-long-enough-to-be-cut-by-an-80-column-table"
+    run = threengan_home / "runs" / long_name
+    training.train(dataset, _settings(method="vanilla", size=8), run)
+    table = runner.invoke(app, ["runs"])  # stdout is not a terminal here: 80 columns
+    assert table.exit_code == 0
+    assert long_name in table.stdout and "…" not in table.stdout
+
+
+def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
+    dataset, threengan_home, monkeypatch
+):
+    # Accuracies staged by call order (epoch 1 val, epoch 2 val, final test, final val,
+    # BN-adapted test, test of the best-on-val model), so that the best epoch on val (1) and
+    # the final epoch (2) have different test accuracies.
+    staged = {1: 0.9, 2: 0.6, 3: 0.7, 6: 0.8}
+    calls = []
+    real = training.evaluate
+
+    def evaluate(*args, **kwargs):
+        out = dict(real(*args, **kwargs))
+        calls.append(out)
+        if len(calls) in staged:
+            out["accuracy"] = staged[len(calls)]
+        return out
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    args = ["train", str(dataset), "--name", "two", "--method", "vanilla", "--recipe", "paper"]
+    args += ["--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    summary = json.loads((threengan_home / "runs" / "two" / "summary.json").read_text())
+    assert summary["best_epoch_on_val"] == 1
+    assert (summary["test"]["accuracy"], summary["test_of_best_on_val"]["accuracy"]) == (0.7, 0.8)
+    line = done.stderr.splitlines()[-1]
+    assert "test accuracy 0.8000" in line and "the model --run uses" in line
+    assert "epoch 1, the best on val" in line and "the final epoch 2: test accuracy 0.7000" in line
+    [row] = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
+    assert (row["test_accuracy"], row["best_epoch"], row["val_accuracy"]) == (0.8, 1, 0.9)
+    assert row["test_accuracy_final"] == 0.7
+    table = runner.invoke(app, ["runs"]).stdout
+    assert "0.8000 (1)" in table and "0.7000" in table and "--run uses" in table

@@ -47,6 +47,67 @@ def test_a_damaged_json_line_is_named_by_file_and_line(tmp_path):
         runs.read_json(settings)
 
 
+def test_a_last_line_cut_short_by_a_kill_is_dropped_and_a_bad_middle_line_is_not(tmp_path):
+    path = tmp_path / runs.METRICS
+    path.write_bytes(b'{"epoch": 1}\n{"epoch": 2, "val": {"accu')  # killed mid-append
+    assert [r["epoch"] for r in runs.read_metrics(path)] == [1]
+    path.write_bytes(b'{"epoch": 1}\n{"epoch": 2, "val"\xc3')  # cut inside a UTF-8 character
+    assert [r["epoch"] for r in runs.read_metrics(path)] == [1]
+    path.write_bytes(b'{"epoch": 1}\n{"epoch": 2}')  # whole, only its newline missing
+    assert [r["epoch"] for r in runs.read_metrics(path)] == [1, 2]
+    path.write_bytes(b'{"epoch": 1}\n{"epo\n{"epoch": 3}\n')  # written whole: damage
+    with pytest.raises(runs.RunError, match="line 2 is not valid JSON"):
+        runs.read_metrics(path)
+    path.write_bytes(b'{"epoch": 1}\n{"epoch": 2}\nnot json\n')  # its newline was written
+    with pytest.raises(runs.RunError, match="line 3 is not valid JSON"):
+        runs.read_metrics(path)
+
+
+def test_a_run_killed_mid_append_resumes(dataset, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(training.Interrupted):
+        training.train(dataset, _settings(epochs=2), run, on_event=_stop_after_epoch(1))
+    with open(run / runs.METRICS, "a") as fh:
+        fh.write('{"epoch": 2, "train": {"loss')  # what a kill in the middle of a line leaves
+    result = runner.invoke(app, ["train", "--resume", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in runs.read_metrics(run / runs.METRICS)] == [1, 2]
+    assert (run / runs.METRICS).read_bytes().endswith(b"}\n")
+
+
+def _stop_after_epoch(epoch: int):
+    """An event handler that asks the run to stop (as Ctrl+C does) once ``epoch`` is done."""
+
+    def on_event(event):
+        if isinstance(event, training.EpochDone) and event.epoch + 1 == epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_event
+
+
+def test_a_summary_is_checked_before_it_is_used(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert runs.read_summary(run) is None
+    good = {"epochs": 1, "elapsed_s": 2.5, "val": {"accuracy": 0.5}, "test": {"accuracy": 1}}
+    for damage, why in [
+        ({"epochs": 1}, "no elapsed_s"),
+        ([1, 2], "not a JSON object"),
+        ({**good, "epochs": "1"}, "no epoch count"),
+        ({**good, "val": [0.5]}, "val is not an object"),
+        ({**good, "test": {"accuracy": "high"}}, "test.accuracy is not a number"),
+        ({**good, "best_epoch_on_val": 1.5}, "best_epoch_on_val"),
+    ]:
+        (run / runs.SUMMARY).write_text(json.dumps(damage))
+        with pytest.raises(runs.RunError, match=f"{runs.SUMMARY} is damaged .{why}"):
+            runs.read_summary(run)
+    (run / runs.SUMMARY).write_text(json.dumps(good))
+    assert runs.read_summary(run) == good
+
+
 def test_states_of_a_run_folder(tmp_path):
     run = tmp_path / "run"
     assert runs.state(run) == "absent"
@@ -123,6 +184,64 @@ def test_a_lock_file_naming_a_dead_pid_is_stale(tmp_path):
         pass
 
 
+def test_a_lock_that_is_a_symbolic_link_is_never_written_through(dataset, tmp_path):
+    run = tmp_path / "run"
+    training.train(dataset, _settings(epochs=1), run)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's own words\n")
+    (run / runs.LOCK).symlink_to(precious)
+    with pytest.raises(runs.RunError, match="is a symbolic link"):
+        with runs.lock(run):
+            pass
+    result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "2"])
+    assert result.exit_code == 1 and "is a symbolic link" in result.output
+    assert result.output.count("\n") == 1
+    assert precious.read_text() == "the user's own words\n"
+    assert (run / runs.LOCK).is_symlink()  # left as it was: the user removes it
+    assert runs.locked_by(run) is None  # and it makes no one a holder
+
+
+def test_a_run_file_that_is_a_symbolic_link_is_never_appended_through(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine\n")
+    (tmp_path / runs.METRICS).symlink_to(precious)
+    with pytest.raises(runs.RunError, match="symbolic link"):
+        runs.append_line(tmp_path / runs.METRICS, "{}")
+    assert precious.read_text() == "mine\n"
+
+
+def test_a_lock_naming_another_host_that_no_one_holds_is_not_running(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"pid": 1, "host": "another-node", "since": "yesterday"}
+    (folder / runs.LOCK).write_text(json.dumps(record))
+    assert runs.locked_by(folder) is None
+    with runs.lock(folder):  # and it is taken over
+        holder = runs._holder(folder / runs.LOCK)
+        assert holder["pid"] == os.getpid()
+
+
+def test_a_held_lock_names_its_holder(held):
+    folder, child = held
+    assert runs.locked_by(folder)["pid"] == child.pid
+
+
+def test_a_folder_the_lock_made_goes_again_when_nothing_was_written(tmp_path):
+    folder = tmp_path / "runs" / "new"
+    with runs.lock(folder):
+        assert folder.is_dir()
+    assert not folder.exists() and (tmp_path / "runs").is_dir()
+    kept = tmp_path / "kept"
+    with runs.lock(kept):
+        (kept / "settings.json").write_text("{}")
+    assert (kept / "settings.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with runs.lock(mine):
+        pass
+    assert mine.is_dir()  # not made by the lock: left alone
+
+
 def test_the_lock_is_re_entrant_within_one_process(tmp_path):
     with runs.lock(tmp_path / "r"), runs.lock(tmp_path / "r"):
         assert (tmp_path / "r" / runs.LOCK).exists()
@@ -197,8 +316,9 @@ def test_a_folder_with_other_files_is_never_taken_for_a_new_run(dataset, tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("keep me")
-    result = runner.invoke(app, ["train", str(dataset), "--out", str(run), *TINY])
-    assert result.exit_code == 2 and "already holds a run" in result.output
+    for force in ([], ["--force"]):
+        result = runner.invoke(app, ["train", str(dataset), "--out", str(run), *TINY, *force])
+        assert result.exit_code == 2 and "holds files that are not a run's" in result.output
     assert (run / "notes.txt").read_text() == "keep me"
 
 
@@ -250,7 +370,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
     from threengan_cli import checkpoints
 
     args = [str(dataset), "--width", "4", "--batch-size", "4", "--epochs", "2"]
-    args += ["--device", "cpu", "--seed", "5", "-q"]
+    args += ["--device", "cpu", "--seed", "5", "-q", "--checkpoint-every", "0"]
     assert runner.invoke(app, ["train", *args, "--out", str(tmp_path / "whole")]).exit_code == 0
 
     real, writes = checkpoints.fileio.write_bytes, []

@@ -212,6 +212,85 @@ def test_a_stop_request_writes_the_pending_best_checkpoint_too(dataset, tmp_path
     assert summary["epochs"] == 2
 
 
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that a test moves on: 45 s per epoch here."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    writes = []
+    real_save = training.checkpoints.save
+
+    def save(path, *args, **kwargs):
+        writes.append((path.parent.name, path.name))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.checkpoints, "save", save)
+
+    def every_45_s(event):
+        if isinstance(event, training.EpochDone):
+            clock.now += 45.0
+
+    cfg = _settings(method="vanilla", epochs=5, recipe="robust")  # EMA and precise BN too
+    full = tmp_path / "full"
+    training.train(dataset, cfg, full, on_event=every_45_s, checkpoint_every_s=60)
+    # 60 s apart: after epoch 3, after the last one, and once more when finished
+    assert [name for run, name in writes if run == "full" and name == "last.safetensors"] == [
+        "last.safetensors"
+    ] * 3
+
+    killed = tmp_path / "killed"
+    clock.now = 0.0
+
+    def kill_in_epoch_5(event):
+        every_45_s(event)
+        if isinstance(event, training.StepDone) and event.epoch == 4 and event.step == 2:
+            raise KeyboardInterrupt  # a kill: no stop request, nothing saved on the way out
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(dataset, cfg, killed, on_event=kill_in_epoch_5, checkpoint_every_s=60)
+    assert training.checkpoints.load(killed / "last.safetensors").meta["position"]["epoch"] == 3
+    assert [r["epoch"] for r in _metrics(killed)] == [1, 2, 3, 4]  # ahead of the checkpoint
+    training.train(dataset, cfg, killed, resume=True, checkpoint_every_s=60)
+
+    def strip(records):
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records
+        ]
+
+    assert strip(_metrics(killed)) == strip(_metrics(full))
+    for name in ("last.safetensors", "best.safetensors"):
+        a = training.checkpoints.load(full / name).group("net")
+        b = training.checkpoints.load(killed / name).group("net")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_writes_its_checkpoints_on_a_time_basis_by_default(dataset, monkeypatch):
+    from typer.testing import CliRunner
+
+    from threengan_cli.cli import app
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise training.TrainingError("stopped by the test")
+
+    monkeypatch.setattr(training, "train", record)
+    args = ["train", str(dataset), "--device", "cpu", "--epochs", "1", "-q"]
+    CliRunner().invoke(app, args)
+    assert seen["checkpoint_every_s"] == 60
+    CliRunner().invoke(app, [*args, "--checkpoint-every", "0"])
+    assert seen["checkpoint_every_s"] is None  # 0: after every epoch
+
+
 def test_the_eager_step_runner_calls_the_step_as_is():
     seen = []
     runner = training.StepRunner(lambda idx: seen.append(idx.tolist()) or {"x": idx}, graphs=False)

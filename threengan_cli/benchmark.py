@@ -64,9 +64,6 @@ CHECKPOINT_EVERY_S = 60.0
 _RUN_NAME = re.compile(
     r"^(?P<method>[a-z0-9-]+)(\+(?P<recipe>[a-z]+))?-n(?P<size>\d+)-r(?P<repeat>\d+)$"
 )
-# Fields that may differ between a run folder and the command that resumes it: the same
-# run continued on another device, or with(out) CUDA graphs, is the same experiment.
-_IGNORED_FIELDS = frozenset({"device", "cuda_graphs"})
 
 
 class BenchmarkError(Exception):
@@ -190,11 +187,7 @@ def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
     if saved_path.is_file():
         saved = _read_json(saved_path)
         asked = spec.settings.model_dump(mode="json")
-        diff = sorted(
-            k
-            for k in set(saved) | set(asked)
-            if k not in _IGNORED_FIELDS and saved.get(k) != asked.get(k)
-        )
+        diff = runs.settings_differ(saved, asked)
         if diff:
             k = diff[0]
             raise BenchmarkError(
@@ -426,7 +419,7 @@ def run(
         if parallel == 1:
             for position, spec in enumerate(todo, start=1):
                 if stop.is_set():
-                    raise KeyboardInterrupt
+                    raise training.Stopped(getattr(stop, "signum", None))
                 train_one(position, spec, stop)
         else:
             _in_threads(train_one, list(enumerate(todo, start=1)), parallel, stop)
@@ -476,7 +469,9 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
         errors.sort(key=lambda e: isinstance(e, Interrupted))
         raise errors[0]
     if stop.is_set():
-        raise KeyboardInterrupt
+        from threengan_cli.training import Stopped
+
+        raise Stopped(getattr(stop, "signum", None))
 
 
 def merge(dirs: list[Path], out: Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Exit codes (the same for every command):
   1  failure (nothing usable was produced)
   2  usage error (bad flag, bad setting, missing input path)
   3  partial success (some inputs could not be read; the rest were processed)
-  130 interrupted (Ctrl+C); what was finished is kept
+  130 interrupted (Ctrl+C, SIGINT); what was finished is kept
+  143 terminated (SIGTERM, as CI runners cancel a job); what was finished is kept
 """
 
 # No ``from __future__ import annotations`` here, unlike the other modules: typer would then
@@ -37,6 +38,7 @@ from threengan_cli.views import err, note, print_json, warn  # noqa: E402
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPT = 0, 1, 2, 3, 130
 EXIT_OOD = 4  # classify --fail-on-ood: some images look unlike the model's training X-rays
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
 
 
@@ -87,7 +89,8 @@ app = typer.Typer(
     "and a classifier trained together.\n\n"
     "Typical use: [bold]threengan prepare[/] a folder of X-rays, [bold]threengan train[/] "
     "a model on it, then [bold]threengan classify[/] new images.",
-    epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, 130 interrupted.",
+    epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 some inputs unreadable, "
+    "130 interrupted (Ctrl+C), 143 terminated (SIGTERM).",
 )
 
 
@@ -126,19 +129,27 @@ def device_opt(section: str) -> Any:
     ]
 
 
+def interrupt_code(signum: int | None) -> int:
+    """The exit code of a command stopped by signal ``signum``: 128 + its number, as shells
+    report it (SIGINT 130, SIGTERM 143); Ctrl+C's where it is not known."""
+    return 128 + int(signum) if signum else EXIT_INTERRUPT
+
+
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One clear line on stderr, then a documented exit code; never a traceback."""
     views.error(message)
     raise typer.Exit(code)
 
 
-def lock_or_exit(stack, folder: Path, what: str = "run") -> None:
-    """Take ``folder``'s writer lock into ``stack``, or exit 1 saying who holds it."""
+def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
+    """Take ``folder``'s writer lock into ``holder`` (an ExitStack, or the click context: held
+    until the command ends), or exit 1 saying who holds it."""
     from threengan_cli import runs
 
+    enter = getattr(holder, "enter_context", None) or holder.with_resource
     try:
-        stack.enter_context(runs.lock(folder, what))
-    except runs.RunLocked as exc:
+        enter(runs.lock(folder, what))
+    except runs.RunError as exc:  # in use, or a .lock that is not a lock file
         fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"creating {folder}"))
@@ -176,18 +187,40 @@ def _root(
 
 # --------------------------------------------------------------------------------------- info
 @command()
-def info(as_json: JsonOpt = False) -> None:
+def info(
+    measure: Annotated[
+        bool,
+        flag(
+            "--measure",
+            help="Also time a 3ngan training step in fp32 and in bf16 on this CPU (a few "
+            "seconds where bf16 is native, up to a minute where it is emulated) and say "
+            "which is faster here.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """What a bug report needs: versions, devices, CPU features, the data directory.
+
+    Whether bf16 pays on this CPU is measured (--measure), never read from a table of CPU
+    kinds: without --measure it says "unmeasured".
 
     [bold]Examples[/]
 
       threengan info
 
-      threengan info --json > info.json
+      threengan info --measure --json > info.json
     """
-    from threengan_cli.system import describe
+    from threengan_cli.system import bf16_fact, describe
 
     facts = describe()
+    if measure:
+        from threengan_cli.accel import measure_cpu_bf16
+
+        note("timing a 3ngan training step in fp32 and in bf16 on this CPU ...")
+        measured = measure_cpu_bf16()
+        facts["bf16 on cpu"] = bf16_fact(measured)
+        if as_json:
+            facts["bf16 on cpu, measured"] = measured
     if as_json:
         print_json(facts)
     else:
@@ -302,6 +335,14 @@ def prepare(
             "\\[default: Kermany's person<id>_ / IM-<id>-]."
         ),
     ] = None,
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            help="Name the classes, comma-separated, in the source's order (a MedMNIST .npz: "
+            "label 0 first; folders: sorted names), e.g. NORMAL,PNEUMONIA for an .npz whose "
+            "classes are 0 and 1. \\[default: the source's names]"
+        ),
+    ] = None,
     strict: Annotated[
         bool | None,
         flag(
@@ -336,7 +377,7 @@ def prepare(
 
       threengan prepare ~/data/chest_xray --name kermany
 
-      threengan prepare chestmnist.npz --image-size 32 --json > report.json
+      threengan prepare pneumoniamnist.npz --class-names NORMAL,PNEUMONIA
 
       threengan prepare labels.csv --out ./prepared/xr --force
     """
@@ -354,6 +395,7 @@ def prepare(
         workers=workers,
         patient_pattern=patient_pattern,
         strict=strict,
+        class_names=class_names,
     )
     target = _prepare_target(source, name, out_dir)
     view = views.BarView(not quiet and err.is_terminal, "decoding", counted=True)
@@ -377,6 +419,8 @@ def prepare(
                 "settings (--force prepares it again)"
             )
         return
+    if report.repaired:
+        warn(f"{target}/data.safetensors was damaged (not the file prepare wrote): prepared again")
     if as_json:
         print_json(report.to_dict())
     elif not quiet:
@@ -529,6 +573,14 @@ def generate(
         ),
     ] = None,
     device: device_opt("generate") = None,
+    force: Annotated[
+        bool,
+        flag(
+            "--force",
+            help="Replace an earlier output of generate in --out made with other settings "
+            "(a folder generate did not make is never replaced).",
+        ),
+    ] = False,
     config: config_opt("generate") = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -541,6 +593,10 @@ def generate(
     one sub-folder per class, and into uncertain/ where its top probability
     is below --tau, and writes labels.csv (file, label, p_<class>...): the
     pseudo-labels 3N-GAN trains its classifier on.
+
+    generate.json in the folder records how it was made: the same command
+    run again finds its own output, writes nothing and exits 0; other
+    settings are refused (exit 2) unless --force replaces the folder.
 
     [bold]Examples[/]
 
@@ -573,6 +629,7 @@ def generate(
             label=label,
             tau=cfg.tau,
             on_progress=view.update,
+            force=force,
         )
     except KeyboardInterrupt:
         view.close()
@@ -593,6 +650,8 @@ def generate(
         print_json(result.as_dict())
     elif not quiet:
         made = f"wrote {result.count} images to {result.out_dir}" if result.out_dir else ""
+        if result.unchanged:
+            made = f"{result.out_dir} already holds these {result.count} images: kept as they are"
         if result.labels:
             made += " (" + ", ".join(f"{k}: {v}" for k, v in result.labels.items()) + ")"
         if result.grid:
@@ -603,13 +662,30 @@ def generate(
 command()(cli_train.benchmark)
 
 
+_TERMINATED: list[int] = []  # the SIGTERM that stopped this process, once one came
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM stops a command the way Ctrl+C does (what is finished is kept, temporaries
+    are removed, train saves a resumable checkpoint), and it exits 143, not 130."""
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except SystemExit as exc:  # typer turns an interrupt into exit 130
+        if exc.code == EXIT_INTERRUPT and _TERMINATED:
+            sys.exit(interrupt_code(_TERMINATED[0]))
+        raise
     except KeyboardInterrupt:
         note("interrupted")
-        sys.exit(EXIT_INTERRUPT)
+        sys.exit(interrupt_code(_TERMINATED[0] if _TERMINATED else None))
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
             raise

@@ -479,7 +479,16 @@ def classify(
 
     counts = tally.counts
     if counts["inputs"] == 0:
-        fail("nothing to classify (no paths were given on stdin)")
+        if shard_ij is not None:
+            fail(
+                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
+                "empty (fewer inputs than shards)"
+            )
+        fail(
+            "nothing to classify (no paths were given on stdin)"
+            if "-" in inputs
+            else "nothing to classify (the inputs named no files)"
+        )
     if counts["classified"] == 0:
         fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
     if not quiet:

@@ -23,6 +23,7 @@ from threengan_cli.cli import (
     fail,
     flag,
     load_classifier_or_exit,
+    lock_or_exit,
     ood_threshold_of,
 )
 from threengan_cli.views import note, print_json, warn
@@ -49,12 +50,30 @@ def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_USAGE)
+            # a missing extra is not a usage error: the same command works once it is there
+            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_FAIL)
+
+
+def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -> None:
+    """Hold the writer lock of the run whose checkpoint ``evaluate --threshold-from`` will
+    write until the command ends (``ctx`` releases it): a training run that rewrote that file
+    meanwhile would lose the threshold, or the threshold would be of other weights."""
+    from threengan_cli import runs
+    from threengan_cli.modelfile import ModelError, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint, run)
+    except ModelError:
+        return  # loading it says what is wrong
+    folder = runs.run_of(path)
+    if folder is not None:
+        lock_or_exit(ctx, folder)
 
 
 # Long by its declared options and help text (what typer reads), and the threshold's three
 # sources; the checks and the work are in _check_flags and threengan_cli.evaluate.
 def evaluate(
+    ctx: typer.Context,
     data: Annotated[
         str,
         typer.Argument(
@@ -164,6 +183,8 @@ def evaluate(
     )
 
     _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
+    if threshold_from is not None:  # it writes the checkpoint: one writer per run
+        _lock_run_of(ctx, checkpoint, run)
     model = load_classifier_or_exit(checkpoint, run, device, engine)
     try:
         model.require_classifier()
@@ -280,6 +301,7 @@ def runs(
       threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
     """
     from threengan_cli import runlist
+    from threengan_cli import runs as run_folder
     from threengan_cli.modelfile import CheckpointError
 
     found = runlist.list_runs()
@@ -289,12 +311,16 @@ def runs(
         if missing:
             fail(f"no run named {missing[0]} (see `threengan runs`)", EXIT_USAGE)
         found = [r for r in found if r.name in names]
-    pruned = []
+    pruned, busy = [], []
     if prune_last:
         for run in found:
             try:
                 done = runlist.prune_last(run)
-            except (OSError, CheckpointError) as exc:
+            except run_folder.RunLocked as exc:  # another process writes it: never pruned
+                views.error(f"cannot prune {run.name}: {exc}")
+                busy.append(run.name)
+                continue
+            except (OSError, CheckpointError, run_folder.RunError) as exc:
                 fail(f"cannot prune {run.name}: {exc}")
             if done is not None:
                 pruned.append(done)
@@ -306,6 +332,10 @@ def runs(
         views.runs_table(found)
     elif not quiet:
         note("no runs yet: run `threengan train DATASET`")
+    if not quiet:
+        for run in found:
+            if run.state == "damaged":
+                warn(f"{run.name} is damaged: {run.error}")
     if prune_last and not quiet:
         freed = sum(p.freed_bytes for p in pruned)
         note(
@@ -313,3 +343,5 @@ def runs(
             if pruned
             else "nothing to prune: no finished run keeps a last.safetensors"
         )
+    if busy:  # some runs were left alone: all of them (1), or beside pruned ones (3)
+        raise typer.Exit(EXIT_PARTIAL if pruned else EXIT_FAIL)

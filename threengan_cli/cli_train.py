@@ -13,7 +13,6 @@ import typer
 
 from threengan_cli import views
 from threengan_cli.cli import (
-    EXIT_INTERRUPT,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
@@ -24,12 +23,19 @@ from threengan_cli.cli import (
     device_opt,
     fail,
     flag,
+    interrupt_code,
     lock_or_exit,
     prepared_or_exit,
     settings_or_exit,
 )
 from threengan_cli.helptext import method_names, shown
 from threengan_cli.views import note, print_json, warn
+
+# train writes its resumable checkpoint at most this often, as the benchmark does: a width-64
+# robust run with an unlabelled pool writes 160 MB each time, and writing it after every
+# epoch cost the time in docs/performance.md ("Checkpoints on a time basis"). A kill -9 then
+# loses at most this much training; Ctrl+C and SIGTERM still save where they stop.
+DEFAULT_CHECKPOINT_EVERY_S = 60.0
 
 
 # -------------------------------------------------------------------------------------- train
@@ -88,29 +94,56 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
     return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
 
 
+def _finished_summary(run_dir: Path, quiet: bool) -> dict | None:
+    """The summary of a finished run; ``None`` while it is not finished, or when its summary
+    is damaged or missing and the last checkpoint lets training recompute it (said on
+    stderr). Damage that cannot be recovered is a one-line error."""
+    from threengan_cli import modelfile, runs
+
+    meta = None
+    if (run_dir / runs.LAST).is_file():
+        try:
+            meta = modelfile.read_meta(run_dir / runs.LAST)
+        except modelfile.CheckpointError as exc:
+            fail(str(exc))
+        if not meta.get("finished"):
+            return None
+    try:
+        summary = runs.read_summary(run_dir)
+    except runs.RunError as exc:
+        if meta is None:
+            fail(
+                f"{exc}; the run's resumable checkpoint was pruned, so it cannot be "
+                "recomputed: train it again with --force"
+            )
+        if not quiet:
+            warn(f"{exc}; the final evaluation runs again to rewrite it")
+        return None
+    return summary
+
+
 def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
-    """``train --resume`` of a finished run without a larger --epochs: its summary, exit 0
-    (so a CI script can run the same line twice); of a pruned one with a larger --epochs:
-    a clear error. Otherwise return, and training continues."""
-    import json
+    """A finished run asked for no more epochs than it has: its summary, exit 0 (so a CI job
+    can run the same line twice); a pruned one asked for more: a clear error. Otherwise
+    return, and training continues."""
+    from threengan_cli import runs
 
-    from threengan_cli import runlist
-
-    run = runlist.read_run(run_dir)
-    if run.state != "finished":
+    summary = _finished_summary(run_dir, quiet)
+    if summary is None:
         return
-    if epochs is None or epochs <= run.epochs_done:
-        summary = json.loads((run_dir / "summary.json").read_text())
+    done = summary["epochs"]
+    if epochs is None or epochs <= done:
+        if not quiet:
+            note(
+                f"{run_dir} already finished its {done} epochs; pass --epochs larger than "
+                f"{done} to extend it (with --resume)"
+            )
         if as_json:
             print_json(summary)
         elif not quiet:
-            note(
-                f"{run_dir} already finished its {run.epochs_done} epochs; pass --epochs "
-                f"larger than {run.epochs_done} to extend it"
-            )
             note(_train_done_line(summary, run_dir))
         raise typer.Exit(EXIT_OK)
-    if not run.resumable:
+    if not (run_dir / runs.LAST).is_file():
         fail(
             f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
             "(threengan runs --prune-last); train a new run instead",
@@ -118,38 +151,91 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
         )
 
 
-def _warn_if_bf16_is_slower(precision: str, device: str, quiet: bool) -> None:
-    """bf16 on a CPU where it runs natively but was not measured faster than fp32 (see
-    ``system.cpu_bf16_verdict``): a warning. Where it is emulated, training refuses it."""
+def _warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
+    """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
+    (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
     if precision != "bf16" or quiet or device not in ("auto", "cpu"):
         return
     from threengan_cli import system
 
-    verdict, why = system.cpu_bf16_verdict()
-    if verdict in ("slower", "unproven") and system.select_device(device).type == "cpu":
-        warn(f"--precision bf16 on this CPU is likely slower than fp32: {why}")
+    if system.cpu_bf16() and system.select_device(device).type == "cpu":
+        warn(
+            "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
+            "on one CPU with native bf16, slower on others); `threengan info --measure` times "
+            "both on this one"
+        )
 
 
-def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, name, out_dir, held):
-    """(settings, dataset folder, run folder) of a new run, its folder locked into ``held``;
-    an existing run is refused."""
+def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, force: bool, held):
+    """(settings, dataset folder, run folder, resume) of a new run, its folder locked into
+    ``held``. A folder that holds the same run (same dataset and settings) is that run
+    again: finished, the caller says so and exits 0; unfinished, it resumes. Another run
+    there is refused, naming --resume and --force; --force replaces it."""
     from threengan_cli import runs
 
     if dataset is None:
         fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
     cfg = settings_or_exit("train", config, **flags)
     dataset_dir = prepared_or_exit(dataset)
-    run_dir = _run_dir_for(dataset, cfg, name, out_dir)
+    run_dir = _run_dir_for(dataset, cfg, *where)
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"{run_dir} is a file, not a run folder", EXIT_USAGE)
-    taken = f"{run_dir} already holds a run: use --resume {run_dir} or another --name"
-    if runs.holds_run(run_dir):
-        fail(taken, EXIT_USAGE)
-    # Locked before it is looked at again, so that two commands cannot both find it free.
+    # Locked before it is looked at, so that two commands cannot both find it free.
     lock_or_exit(held, run_dir)
-    if runs.holds_run(run_dir):
-        fail(taken, EXIT_USAGE)
-    return cfg, dataset_dir, run_dir
+    state = runs.state(run_dir)
+    if state in ("absent", "empty", "unstarted"):
+        return cfg, dataset_dir, run_dir, False
+    if state == "other":
+        fail(
+            f"{run_dir} holds files that are not a run's; choose another --name or --out "
+            "(--force replaces only a run's own files)",
+            EXIT_USAGE,
+        )
+    if force:
+        runs.clear(run_dir)
+        return cfg, dataset_dir, run_dir, False
+    _same_run_or_exit(run_dir, cfg, dataset_dir)
+    return cfg, dataset_dir, run_dir, True
+
+
+def _same_run_or_exit(run_dir: Path, cfg, dataset_dir: Path) -> None:
+    """Return when ``run_dir`` holds a run of ``cfg`` on ``dataset_dir``; else a usage
+    error that says what differs and what to do."""
+    from threengan_cli import runs
+
+    try:
+        saved = runs.read_json(run_dir / runs.SETTINGS)
+        run_meta = runs.read_json(run_dir / runs.RUN)
+    except runs.RunError as exc:
+        fail(f"{run_dir} already holds a run, and {exc}; --force replaces it", EXIT_USAGE)
+    if not isinstance(saved, dict) or not isinstance(run_meta, dict):
+        fail(f"{run_dir} already holds a damaged run; --force replaces it", EXIT_USAGE)
+    there = run_meta.get("dataset")
+    if not isinstance(there, str) or Path(there).resolve() != dataset_dir.resolve():
+        fail(
+            f"{run_dir} already holds a run on another dataset ({there}); use another "
+            "--name, or --force to replace it",
+            EXIT_USAGE,
+        )
+    saved = {"recipe": "paper", **saved}  # runs from before recipes: the paper's protocol
+    asked = cfg.model_dump(mode="json")
+    differ = runs.settings_differ(saved, asked)
+    if differ == ["epochs"] and asked["epochs"] > saved.get("epochs", 0):
+        fail(
+            f"{run_dir} already holds this run with {saved.get('epochs')} epochs; extend it "
+            f"with: threengan train --resume {run_dir} --epochs {asked['epochs']} (or --force "
+            "to train it again from scratch)",
+            EXIT_USAGE,
+        )
+    if differ:
+        k = differ[0]
+        more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
+        fail(
+            f"{run_dir} already holds a run with other settings ({k} = {saved.get(k)!r} "
+            f"there, {asked.get(k)!r} asked{more}): continue it as it is with --resume "
+            f"{run_dir}, use another --name, or --force to replace it",
+            EXIT_USAGE,
+        )
 
 
 def _metric(metrics: dict, key: str) -> str:
@@ -158,14 +244,24 @@ def _metric(metrics: dict, key: str) -> str:
 
 
 def _train_done_line(summary: dict, run_dir: Path) -> str:
+    """The test metrics of the model ``--run`` uses (best.safetensors: the best epoch on val),
+    and the final epoch's accuracy beside them where that is another epoch."""
     test = summary.get("test") or {}
     where = f"summary in {run_dir / 'summary.json'}"
     if not test.get("n"):
         return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
+    best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
+    used = summary.get("test_of_best_on_val") or test
+    if best_epoch is None or best_epoch == epochs:
+        whose, final = f"final epoch {epochs}, also the best on val", ""
+    else:
+        whose = f"epoch {best_epoch}, the best on val"
+        final = f"; the final epoch {epochs}: test accuracy {_metric(test, 'accuracy')}"
     return (
-        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(test, 'accuracy')}, "
-        f"AUC {_metric(test, 'auc')}, sensitivity {_metric(test, 'sensitivity')}, "
-        f"specificity {_metric(test, 'specificity')} (final epoch; {where})"
+        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(used, 'accuracy')}, "
+        f"AUC {_metric(used, 'auc')}, sensitivity {_metric(used, 'sensitivity')}, "
+        f"specificity {_metric(used, 'specificity')} of the model --run uses "
+        f"(best.safetensors: {whose}){final} ({where})"
     )
 
 
@@ -274,6 +370,22 @@ def train(
         str | None,
         typer.Option(help="Continue the run of this name or folder exactly where it stopped."),
     ] = None,
+    force: Annotated[
+        bool,
+        flag(
+            "--force",
+            help="Replace the run already in --name/--out (its run files are deleted) "
+            "instead of refusing a run with other settings.",
+        ),
+    ] = False,
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            help="Seconds: write last.safetensors (and best, and a sample grid) at most this "
+            "often, and always after the last epoch and on Ctrl+C or SIGTERM; 0 = after every "
+            "epoch.",
+        ),
+    ] = DEFAULT_CHECKPOINT_EVERY_S,
     config: config_opt("train") = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -283,7 +395,11 @@ def train(
     The run folder gets settings.json, metrics.jsonl (one line per epoch), samples/ (images
     from a fixed latent batch), last.safetensors (resumable), best.safetensors (best val
     accuracy) and summary.json (test metrics, computed once at the end). Ctrl+C saves a
-    resumable checkpoint and exits 130.
+    resumable checkpoint and exits 130 (SIGTERM: 143).
+
+    The same command run again (same --name or --out, dataset and settings) does not train
+    twice: a finished run prints its summary and exits 0, an unfinished one resumes. A run
+    with other settings in that folder is refused (see --resume, --force).
 
     [bold]Examples[/]
 
@@ -314,33 +430,56 @@ def train(
         "augment": augment,
         "unlabelled": unlabelled,
     }
+    if checkpoint_every < 0:
+        fail(f"--checkpoint-every takes seconds, 0 or more (got {checkpoint_every})", EXIT_USAGE)
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
-    if resume is not None:
-        given_other = config is not None or dataset is not None
-        cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other, held)
-        try:
+    with held:
+        if resume is not None:
+            if force:
+                fail("--force starts a run over; --resume continues one: give one", EXIT_USAGE)
+            given_other = config is not None or dataset is not None
+            cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other, held)
+            again = True
             _finished_run_or_continue(run_dir, flags["epochs"], as_json, quiet)
-        except typer.Exit:
-            held.close()  # nothing to train: the lock goes with the command
-            raise
-    else:
-        cfg, dataset_dir, run_dir = _new_run_plan(dataset, flags, config, name, out_dir, held)
+        else:
+            where = (name, out_dir)
+            cfg, dataset_dir, run_dir, again = _new_run_plan(
+                dataset, flags, config, where, force, held
+            )
+            if again:  # the same run: finished, say so and exit 0; else it resumes
+                _finished_run_or_continue(run_dir, None, as_json, quiet)
+                if not quiet:
+                    note(f"{run_dir} holds this run (same dataset and settings), unfinished")
+        summary = _train_locked(dataset_dir, cfg, run_dir, again, checkpoint_every, quiet)
+    if summary.get("extended") and not quiet:
+        note(f"extended the finished run to {cfg.epochs} epochs")
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        note(_train_done_line(summary, run_dir))
 
+
+def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, quiet: bool):
+    """Run the engine on a locked run folder; its errors as one line and an exit code."""
     from threengan_cli import runs, training
     from threengan_cli.checkpoints import CheckpointError
     from threengan_cli.datasets import DatasetError
 
-    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     view = views.TrainView(quiet)
     try:
-        with held:
-            summary = training.train(
-                dataset_dir, cfg, run_dir, resume=resume is not None, on_event=view
-            )
+        return training.train(
+            dataset_dir,
+            cfg,
+            run_dir,
+            resume=resume,
+            on_event=view,
+            checkpoint_every_s=every_s or None,
+        )
     except training.Interrupted as exc:
         view.close()
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
-        raise typer.Exit(EXIT_INTERRUPT) from None
+        raise typer.Exit(interrupt_code(exc.signum)) from None
     except (
         training.TrainingError,
         CheckpointError,
@@ -355,12 +494,6 @@ def train(
         fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
     finally:
         view.close()
-    if summary.get("extended") and not quiet:
-        note(f"extended the finished run to {cfg.epochs} epochs")
-    if as_json:
-        print_json(summary)
-    elif not quiet:
-        note(_train_done_line(summary, run_dir))
 
 
 # ---------------------------------------------------------------------------------- benchmark
@@ -422,7 +555,7 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
         fail(str(exc), EXIT_USAGE)
     dataset_dir = prepared_or_exit(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
-    _warn_if_bf16_is_slower(cfg.precision, cfg.device, quiet)
+    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     view = views.BenchView(quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
     held = contextlib.ExitStack()
@@ -432,10 +565,10 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
             results = bench.run(
                 dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
             )
-    except (training.Interrupted, KeyboardInterrupt):
+    except (training.Interrupted, KeyboardInterrupt) as exc:
         view.close()
         note(f"interrupted: {hint}")
-        raise typer.Exit(EXIT_INTERRUPT) from None
+        raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
     except (
         bench.BenchmarkError,
         training.TrainingError,

@@ -7,8 +7,9 @@ writes one folder:
 
 - ``data.safetensors``: ``images`` uint8 (N, H, W), ``labels`` int64 (N,), ``split`` uint8
   (N,) with 0 = train, 1 = val, 2 = test; rows sorted by split, then source path.
-- ``manifest.json``: format version, source, settings, class names, counts, and for every
-  row its source path, sha256, label, split and patient id.
+- ``manifest.json``: format version, source, settings, class names, counts, the report's
+  facts, the sha256 of ``data.safetensors``, and for every row its source path, sha256,
+  label, split and patient id.
 - ``settings.json``: the resolved prepare settings.
 
 Integrity rules, in this order:
@@ -88,6 +89,8 @@ class PrepareReport:
     patients_shared_train_test: int = 0
     seconds: float = 0.0
     up_to_date: bool = False  # the same source and settings were prepared already: no work
+    data_sha256: str = ""  # of data.safetensors as written, checked by the "up to date" test
+    repaired: bool = False  # data.safetensors was damaged and was prepared again
 
     @property
     def total(self) -> int:
@@ -220,10 +223,30 @@ def _carve_val(train: list[Item], fraction: float, seed: int, n_classes: int) ->
 _NO_EFFECT = ("workers",)  # settings that cannot change what prepare writes
 
 
+_REPORTED_PAIRS = (
+    "skipped",
+    "duplicates_dropped",
+    "test_duplicates",
+    "leakage_removed",
+    "label_conflicts",
+)
+# What the manifest keeps of the report, so that an "up to date" run reports the same facts
+_REPORTED = (
+    *_REPORTED_PAIRS,
+    "val_carved",
+    "val_note",
+    "source_val_images",
+    "val_patient_moves",
+    "patients",
+    "patients_shared_train_test",
+)
+
+
 def _up_to_date(out: Path, source: Path, settings: PrepareSettings) -> PrepareReport | None:
     """The report of ``out`` when it was prepared from this very source (same files, sizes
-    and times: :func:`source_fingerprint`) with the same settings; else ``None`` (and the
-    caller refuses to replace it without --force, naming what differs)."""
+    and times: :func:`source_fingerprint`) with the same settings: the facts of the run that
+    wrote it, marked ``up_to_date``; else ``None`` (and the caller refuses to replace it
+    without --force, naming what differs)."""
     try:
         manifest = _read_manifest(out)
     except DatasetError:
@@ -241,6 +264,9 @@ def _up_to_date(out: Path, source: Path, settings: PrepareSettings) -> PrepareRe
         why = "and its source changed since (files added, removed or modified)"
     else:
         report = manifest.get("report", {})
+        facts = {k: report[k] for k in _REPORTED if k in report}
+        for key in _REPORTED_PAIRS:
+            facts[key] = [tuple(pair) for pair in facts.get(key, [])]
         return PrepareReport(
             path=out,
             source=str(source),
@@ -248,11 +274,36 @@ def _up_to_date(out: Path, source: Path, settings: PrepareSettings) -> PrepareRe
             classes=list(manifest.get("classes", [])),
             counts=manifest.get("counts", {}),
             image_size=int(manifest.get("image_size", settings.image_size)),
-            val_note=str(report.get("val_note", "")),
-            patients=report.get("patients", {}),
+            data_sha256=str(manifest.get("data_sha256", "")),
             up_to_date=True,
+            **facts,
         )
     raise DatasetError(f"{out} was prepared {why}; use --force to replace it")
+
+
+def _data_intact(out: Path, report: PrepareReport) -> bool:
+    """Whether ``data.safetensors`` is the file prepare wrote: its sha256 where the manifest
+    records one (a second's work for Kermany's 24 MB), else whether it loads and matches the
+    manifest (datasets of an earlier threengan)."""
+    data = out / "data.safetensors"
+    if report.data_sha256:
+        try:
+            return _file_sha256(data) == report.data_sha256
+        except OSError:
+            return False
+    try:
+        load_prepared(out)
+    except DatasetError:
+        return False
+    return True
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -278,15 +329,20 @@ def prepare(
     from train/val, choose the val split, write."""
     started = time.perf_counter()
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
+    repair = False
     if out.exists() and not force:
         current = _up_to_date(out, source, settings)
-        if current is not None:
+        if current is not None and _data_intact(out, current):
             current.seconds = round(time.perf_counter() - started, 3)
             return current
+        # Its own dataset of this source and settings, with its data file damaged (cut
+        # short, changed): written again in place, and the report says so.
+        repair = force = current is not None
     _check_out(out, force)
     _writable_parent(out)
     src = scan(source)
     src.fingerprint = source_fingerprint(source, src)
+    _name_classes(src, settings.class_names)
     kept_items, skipped = _decode_items(src, settings, on_progress)
     present = _check_readable(source, src, kept_items, skipped, settings)
     kept_items, conflicts = _drop_label_conflicts(source, src, kept_items, present)
@@ -323,9 +379,22 @@ def prepare(
         patients_shared_train_test=len(train_patients & test_patients),
         **split,
     )
+    report.repaired = repair
     _write(out, final, src, settings, report, force)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _name_classes(src: Source, names: list[str] | None) -> None:
+    """``--class-names``: the source's classes renamed, in their order (npz: label 0 first)."""
+    if names is None:
+        return
+    if len(names) != len(src.classes):
+        raise DatasetError(
+            f"--class-names gives {len(names)} names, but the source has {len(src.classes)} "
+            f"classes ({', '.join(src.classes)}, in that order)"
+        )
+    src.classes = list(names)
 
 
 def _decode_items(src: Source, settings: PrepareSettings, on_progress):
@@ -514,22 +583,7 @@ def _write(
         "classes": list(src.classes),
         "image_size": settings.image_size,
         "counts": report.counts,
-        "report": {
-            k: summary[k]
-            for k in (
-                "skipped",
-                "duplicates_dropped",
-                "test_duplicates",
-                "leakage_removed",
-                "label_conflicts",
-                "val_carved",
-                "val_note",
-                "source_val_images",
-                "val_patient_moves",
-                "patients",
-                "patients_shared_train_test",
-            )
-        },
+        "report": {k: summary[k] for k in _REPORTED},
         "images": [
             {
                 "path": i.path,
@@ -549,6 +603,7 @@ def _write(
             save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
             # safetensors creates its file 0600, whatever the umask says
             os.chmod(tmp / "data.safetensors", 0o666 & ~fileio.umask())
+            report.data_sha256 = manifest["data_sha256"] = _file_sha256(tmp / "data.safetensors")
             # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's rows
             (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
             (tmp / "settings.json").write_text(dump(settings))

@@ -17,11 +17,19 @@ class NonFiniteLoss(TrainingError):
 
 
 class Interrupted(Exception):
-    """Ctrl+C: a resumable checkpoint was saved at ``path``."""
+    """Ctrl+C or SIGTERM (``signum``): a resumable checkpoint was saved at ``path``."""
 
-    def __init__(self, path: Path, epoch: int, step: int):
+    def __init__(self, path: Path, epoch: int, step: int, signum: int | None = None):
         super().__init__(f"stopped at epoch {epoch + 1} step {step}; resumable from {path}")
-        self.path, self.epoch, self.step = path, epoch, step
+        self.path, self.epoch, self.step, self.signum = path, epoch, step, signum
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop request (``signum``: Ctrl+C or SIGTERM) honoured between a benchmark's runs."""
+
+    def __init__(self, signum: int | None = None):
+        super().__init__()
+        self.signum = signum
 
 
 # ------------------------------------------------------------------------------ events

@@ -12,12 +12,18 @@ the classifier labels each image: it goes into a sub-folder named for its class,
 ``file,label,p_<class>...`` (probabilities written as classify writes them:
 :func:`classify.exact`). The folder is built under a temporary name and renamed into
 place at the end, so an interrupted run leaves nothing half-written.
+
+``generate.json`` in the folder records what made it (model id, count, seed, label, tau)
+and the per-folder counts: the same command run again finds its own output and does nothing
+(a CI job can run twice); other settings are refused unless ``force`` replaces the folder,
+and a folder without that record, which this program did not make, is never replaced.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +43,7 @@ from threengan_cli.networks import from_model_range
 Z_BLOCK = 256
 GRID_MAX = 64  # the grid shows the first images only: 10,000 thumbnails help no one
 UNCERTAIN = "uncertain"
+MADE_BY = "generate.json"
 
 
 class GenerateError(Exception):
@@ -51,6 +58,7 @@ class GenerateResult:
     out_dir: Path | None
     grid: Path | None
     labels: dict[str, int] = field(default_factory=dict)  # images per folder, with --label
+    unchanged: bool = False  # out_dir already held exactly these images: nothing was written
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -113,11 +121,14 @@ def generate(
     tau: float = 0.9,
     batch_size: int = 256,
     on_progress: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> GenerateResult:
     """Write ``count`` images to ``out_dir`` and/or a grid of the first ones to ``grid``.
 
-    ``out_dir`` must not exist or be empty. ``on_progress(n)`` is called with the number of
-    images done after each batch.
+    ``out_dir`` must not exist, be empty, or hold this command's own earlier output (see the
+    module docstring; ``result.unchanged`` says so); with ``force`` an earlier output of
+    other settings is replaced. ``on_progress(n)`` is called with the number of images done
+    after each batch.
     """
     model.require("G")
     if label:
@@ -127,9 +138,23 @@ def generate(
         raise GenerateError("nothing to write: give an output folder, a grid file, or both")
     busy = out_dir is not None and out_dir.exists()
     if busy and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise GenerateError(f"{out_dir} already exists and is not an empty folder")
+        if not (out_dir / MADE_BY).is_file():
+            mine = f" (no {MADE_BY}: generate did not make it, and --force leaves it alone)"
+            raise GenerateError(
+                f"{out_dir} already exists and is not an empty folder{mine if force else ''}"
+            )
+    else:
+        busy = False
 
     result = GenerateResult(count, seed, model.model_id, out_dir, grid)
+    asked = {"model": model.model_id, "count": count, "seed": seed, "label": label}
+    if label:
+        asked["tau"] = tau
+    if busy and not force:
+        result.labels, result.unchanged = _same_output(out_dir, asked), True
+        out_dir = None  # it holds these images already: only a grid is left to write
+        if grid is None:
+            return result
     grid_count = min(count, GRID_MAX)
     grid_parts: list[torch.Tensor] = []
     # Without an output folder only the grid's images are made.
@@ -170,7 +195,7 @@ def generate(
             (folder / file).write_bytes(_png(img))
 
     if out_dir is not None:
-        with fileio.atomic_dir(out_dir) as tmp:
+        with fileio.atomic_dir(out_dir, force=busy) as tmp:
             if label:
                 for name in [*model.classes, UNCERTAIN]:
                     (tmp / name).mkdir()
@@ -180,12 +205,37 @@ def generate(
                     write_all(tmp, table)
             else:
                 write_all(tmp, None)
+            if label:
+                result.labels = {name: counts.get(name, 0) for name in [*model.classes, UNCERTAIN]}
+            made = {**asked, "labels": result.labels or None}
+            (tmp / MADE_BY).write_text(json.dumps(made, indent=2) + "\n")
     else:
         write_all(None, None)
     if grid is not None:
         images = torch.cat(grid_parts)[:grid_count]
         pixels = to_uint8(images).numpy()
         fileio.write_bytes(grid, grid_png(pixels, nrow=math.ceil(math.sqrt(len(images)))))
-    if label:
-        result.labels = {name: counts.get(name, 0) for name in [*model.classes, UNCERTAIN]}
     return result
+
+
+def _same_output(out_dir: Path, asked: dict[str, Any]) -> dict[str, int]:
+    """The per-folder counts of ``out_dir`` when ``generate.json`` says it was made by this
+    very command (same model, count, seed, label and tau); else a GenerateError saying what
+    differs and naming --force."""
+    try:
+        made = json.loads((out_dir / MADE_BY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        made = None
+    if not isinstance(made, dict):
+        raise GenerateError(
+            f"{out_dir / MADE_BY} is damaged; use another --out, or --force to replace the folder"
+        )
+    differ = [k for k in asked if made.get(k) != asked[k]]
+    if differ or set(made) - {*asked, "labels"}:
+        k = differ[0] if differ else "tau"
+        raise GenerateError(
+            f"{out_dir} holds images generated with other settings ({k} = {made.get(k)!r} "
+            f"there, {asked.get(k)!r} asked); use another --out, or --force to replace them"
+        )
+    labels = made.get("labels")
+    return labels if isinstance(labels, dict) else {}

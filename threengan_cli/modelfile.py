@@ -403,6 +403,9 @@ def stored_threshold(meta: dict[str, Any], path: Path | str) -> dict[str, Any] |
     return found
 
 
+_MAX_HEADER = 100_000_000
+
+
 # ------------------------------------------------------------------ the bundled model
 def check_writable(path: Path) -> None:
     """Refuse to change the bundled default model: it is part of the installed package, and
@@ -425,6 +428,10 @@ def _read_header(fh: Any, path: Path) -> dict[str, Any]:
 
     try:
         (length,) = struct.unpack("<Q", fh.read(8))
+        # A damaged length (2**40) must not become one huge read: the header lies inside
+        # the file, and safetensors itself refuses headers over 100 MB.
+        if length > min(_MAX_HEADER, os.fstat(fh.fileno()).st_size - 8):
+            raise ValueError
         header = json.loads(fh.read(length))
         if not isinstance(header, dict):
             raise ValueError

@@ -11,7 +11,7 @@ import torch
 
 from threengan_cli import paths, system
 from threengan_cli.datasets import PreparedDataset, balanced_subset, load_prepared
-from threengan_cli.images import ImageReadError, is_image_file, load_image
+from threengan_cli.images import ImageReadError, is_image_file, load_image_and_hash
 from threengan_cli.settings import TrainSettings
 
 
@@ -65,7 +65,9 @@ def load_run_data(
     test_x, test_y = dataset.subset("test")
     sources = [img.get("source") for img in dataset.manifest.get("images", [])]
     fit = dataset.manifest.get("settings", {}).get("fit", "squash")
-    pool = unlabelled_pool(settings.unlabelled, rest, int(train_x.shape[-1]), fit)
+    pool = unlabelled_pool(
+        settings.unlabelled, rest, int(train_x.shape[-1]), fit, held_out_hashes(dataset)
+    )
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -84,8 +86,23 @@ def load_run_data(
     )
 
 
+def held_out_hashes(dataset: PreparedDataset) -> dict[str, str]:
+    """sha256 -> split of the images a run must never train on, labels or not: the test split
+    (its metrics) and val (the choice of the best checkpoint). prepare hashed them: the file's
+    bytes, or an .npz row's pixels."""
+    return {
+        img["sha256"]: img["split"]
+        for img in dataset.manifest.get("images", [])
+        if img.get("split") in ("test", "val") and img.get("sha256")
+    }
+
+
 def unlabelled_pool(
-    source: str | None, rest: np.ndarray, image_size: int, fit: str
+    source: str | None,
+    rest: np.ndarray,
+    image_size: int,
+    fit: str,
+    held_out: dict[str, str] | None = None,
 ) -> np.ndarray | None:
     """Real images without labels, uint8 (M, H, W) at the model size, or ``None``.
 
@@ -93,6 +110,10 @@ def unlabelled_pool(
     which leaves the run without a pool rather than failing); a prepared dataset (name or
     folder): all its train-split images, labels ignored; a folder: every image in it, at any
     depth, decoded as ``prepare`` decodes (unreadable files are skipped).
+
+    A pool that holds exact copies of the run's test or val images (``held_out``: sha256 ->
+    split) is refused: trained on, even without labels, they would make the test metrics
+    transductive. ``rest`` never does (prepare removes train images that are also in test).
     """
     if source is None:
         return None
@@ -107,23 +128,46 @@ def unlabelled_pool(
                 f"unlabelled dataset {source} holds {images.shape[-1]} px images; "
                 f"this run trains at {image_size} px"
             )
+        found = [
+            (img.get("sha256", ""), img.get("path", "?"))
+            for img in other.manifest.get("images", [])
+            if img.get("split") == "train"
+        ]
     elif Path(source).expanduser().is_dir():
-        images = _decode_folder(Path(source).expanduser(), image_size, fit)
+        images, found = _decode_folder(Path(source).expanduser(), image_size, fit)
     else:
         raise DataError(
             f"--unlabelled {source}: not 'rest', a prepared dataset or a folder of images"
         )
     if not len(images):
         raise DataError(f"--unlabelled {source} holds no readable images")
+    _refuse_held_out(source, found, held_out or {})
     return images
 
 
-def _decode_folder(folder: Path, image_size: int, fit: str) -> np.ndarray:
+def _refuse_held_out(source: str, found: list[tuple[str, str]], held_out: dict[str, str]) -> None:
+    copies = [(where, held_out[digest]) for digest, where in found if digest in held_out]
+    if copies:
+        splits = " and ".join(sorted({split for _, split in copies}, reverse=True))
+        raise DataError(
+            f"--unlabelled {source} holds {len(copies)} exact copies of this dataset's "
+            f"{splits} images (first: {copies[0][0]}, a {copies[0][1]} image): training on "
+            "them would make the test metrics transductive; use a pool without them"
+        )
+
+
+def _decode_folder(
+    folder: Path, image_size: int, fit: str
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The folder's readable images, and (sha256 of the file, path) of each."""
     found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-    decoded = []
+    decoded, hashes = [], []
     for path in found:
         try:
-            decoded.append(load_image(path, image_size, fit))
+            pixels, digest = load_image_and_hash(path, image_size, fit)
         except ImageReadError:
             continue  # an unlabelled pool is a bonus: a bad file only makes it smaller
-    return np.stack(decoded) if decoded else np.zeros((0, image_size, image_size), np.uint8)
+        decoded.append(pixels)
+        hashes.append((digest, str(path)))
+    empty = np.zeros((0, image_size, image_size), np.uint8)
+    return (np.stack(decoded) if decoded else empty), hashes

@@ -55,12 +55,44 @@ class PrepareSettings(_Section):
     workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
     patient_pattern: str | None = Field(None, description="regex with one group: patient id")
     strict: bool = False
+    class_names: list[str] | None = Field(
+        None, description="names for the source's classes, in its order (npz: label 0, 1, ...)"
+    )
 
     @field_validator("image_size")
     @classmethod
     def _trainable(cls, value: int) -> int:
         if value & (value - 1):  # networks.py builds stride-2 stages from 4 px up
             raise ValueError("must be a power of two (8, 16, 32, 64, ...): the sizes train builds")
+        return value
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """``NORMAL,PNEUMONIA`` (a flag) or a list (a settings file)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",")]
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _usable_names(cls, value: list[str] | None) -> list[str] | None:
+        """Class names become folder names (``classify --sort-into``, ``generate --label``)
+        and CSV columns: plain, distinct names only."""
+        if value is None:
+            return None
+        import re
+
+        if len(value) < 2:
+            raise ValueError("needs one name per class, at least two, comma-separated")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}", name):
+                raise ValueError(
+                    f"{name!r} is not a usable class name: letters, digits, space, '.', '_' "
+                    "or '-', starting with a letter or digit (at most 100)"
+                )
+        if len({n.casefold() for n in value}) != len(value):
+            raise ValueError("names must differ (ignoring case: they become folder names)")
         return value
 
     @field_validator("patient_pattern")

@@ -23,37 +23,35 @@ def cpu_flags() -> set[str]:
 
 def cpu_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); whether that is
-    faster than fp32 is :func:`cpu_bf16_verdict`'s question."""
+    faster than fp32 only a measurement of this CPU says (``accel.measure_cpu_bf16``)."""
     flags = cpu_flags()
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def cpu_bf16_verdict(flags: set[str] | None = None) -> tuple[str, str]:
-    """Whether bf16 training pays on this CPU, from its features: ``(verdict, why)`` with
-    verdict ``unproven``, ``slower`` or ``emulated``. None of them is ``pays``: no CPU has
-    yet been measured training these networks faster in bf16.
-
-    - AMX (``amx_bf16``): bf16 matrix products run on the tile unit, about 5x fp32 (2048^2
-      matmul, 175 against 31 GFLOP/s), but the 64 px 3ngan step measured 10.7 s bf16 against
-      8.0 s fp32, and 12.0 against 9.6 s, in one of three runs 4.0 against 4.3 s
-      (``benchmarks/bench_step.py --precisions fp32,bf16`` on a loaded 2-core AMX VM, issue
-      12): convolutions at batch 10 and autocast's casts eat the matmul gain. Train warns.
-    - AVX512-BF16 without AMX: measured slower than fp32 on an Intel Xeon (a 2048^2 matmul at
-      166 GFLOP/s against 300-322 for fp32; the 3ngan step 291 ms against 215 ms): warns.
-    - neither: emulated, 13-20x slower than fp32 (measured on an AVX2 EPYC): refused.
-    """
+def cpu_bf16_support(flags: set[str] | None = None) -> str:
+    """What this CPU's features say about bf16: native (and by which unit) or emulated. Not
+    a speed verdict: bf16 was measured faster than fp32 on one AVX512-BF16 CPU and slower on
+    another, and slower on an AMX one in two runs of three (docs/performance.md)."""
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
-        return "unproven", (
-            "native (AMX), but threengan's training step was not measured faster than fp32 "
-            "on an AMX CPU (3ngan 10.7 s against 8.0 s per step): fp32 recommended"
-        )
+        return "native (AMX)"
     if "avx512_bf16" in flags:
-        return "slower", (
-            "AVX512-BF16 without AMX: measured slower than fp32 on such a CPU "
-            "(3ngan step 291 ms against 215 ms)"
-        )
-    return "emulated", "no AVX512-BF16 or AMX: emulated, 13-20x slower than fp32 (refused)"
+        return "native (AVX512-BF16, no AMX)"
+    return "emulated (no AVX512-BF16 or AMX: train refuses bf16)"
+
+
+def bf16_fact(measured: dict | None = None, flags: set[str] | None = None) -> str:
+    """``info``'s line on bf16 training on this CPU: its support, and the speed as measured
+    here (``measured``, from ``accel.measure_cpu_bf16``) or "unmeasured"."""
+    support = cpu_bf16_support(flags)
+    if measured is None:
+        return f"{support}; speed unmeasured (threengan info --measure times it)"
+    ratio = measured["bf16_speedup"]
+    verdict = f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+    return (
+        f"{support}; measured now: 3ngan step fp32 {measured['fp32_ms']:.0f} ms, bf16 "
+        f"{measured['bf16_ms']:.0f} ms (median of {measured['steps']}): bf16 {verdict}"
+    )
 
 
 def available_devices() -> list[str]:
@@ -160,7 +158,7 @@ def describe() -> dict[str, object]:
         "cpu cores": os.cpu_count(),
         "torch threads": torch.get_num_threads() if torch else "-",
         "cpu features": features,
-        "bf16 on cpu": "{}: {}".format(*cpu_bf16_verdict(flags)),
+        "bf16 on cpu": bf16_fact(flags=flags),
         "devices": available_devices() if torch else ["cpu (NumPy engine only)"],
         # What torch was built with, not what this machine has ("devices" says that).
         "torch built with CUDA": (torch.version.cuda or "no (a CPU-only build)") if torch else "-",

@@ -63,6 +63,7 @@ from threengan_cli.events import (  # noqa: F401  (the CLI reads them as trainin
     RunFinished,
     RunStarted,
     StepDone,
+    Stopped,
     TrainingError,
 )
 from threengan_cli.images import NORMALISATION, grid_png
@@ -87,24 +88,37 @@ def _finite_or_raise(losses: dict[str, torch.Tensor], epoch: int, step: int) -> 
             )
 
 
+class StopFlag(threading.Event):
+    """A stop request: set by the first Ctrl+C or SIGTERM, whose number is ``signum`` (the
+    command's exit code says which: 130 or 143)."""
+
+    signum: int | None = None
+
+
 @contextlib.contextmanager
 def stop_requests():
     """Turn the first Ctrl+C (or SIGTERM) into a flag checked between steps.
 
     Stopping between steps keeps networks, optimizers and RNG consistent, so the saved
-    checkpoint resumes exactly. A second Ctrl+C stops at once, as users expect.
+    checkpoint resumes exactly. A second one stops at once, as users expect: through the
+    handler that was there before (the CLI's records a SIGTERM), else as a Ctrl+C.
     """
-    flag = threading.Event()
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
         if flag.is_set():
+            before = previous.get(signum)
+            if callable(before) and before is not handler:
+                before(signum, frame)
             raise KeyboardInterrupt
+        flag.signum = signum
         flag.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
+    previous.update({sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)})
     try:
         yield flag
     finally:
@@ -281,7 +295,7 @@ def _create(loop: Loop) -> None:
         "train_sources": loop.data.subset_paths,
     }
     fileio.write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
-    (run_dir / METRICS).write_text("")
+    fileio.write_text(run_dir / METRICS, "")  # replaces what is there, never writes through it
 
 
 # ------------------------------------------------------------------- prediction weights
@@ -457,8 +471,7 @@ def _epoch_done(
         record["test_optimistic"] = evaluate(
             loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
         )
-    with open(loop.run_dir / METRICS, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    runs.append_line(loop.run_dir / METRICS, json.dumps(record))
     due = (
         every_s is None
         or epoch + 1 >= settings.epochs
@@ -548,8 +561,14 @@ def _train(
         resume = False
         _create(loop)
     # A run stopped after its last epoch but before its summary just runs the final
-    # evaluation; only a finished run needs a larger --epochs to go on.
-    if resume and loop.finished_before and loop.epoch >= settings.epochs:
+    # evaluation, and so does a finished run whose summary was lost or damaged (the
+    # evaluation of saved weights is the same again); only a finished run needs a larger
+    # --epochs to go on.
+    if resume and loop.epoch > settings.epochs:
+        raise TrainingError(
+            f"the run already has {loop.epoch} epochs; --epochs {settings.epochs} cannot shorten it"
+        )
+    if resume and loop.finished_before and loop.epoch >= settings.epochs and _summary_ok(run_dir):
         raise TrainingError(
             f"the run already has {loop.epoch} epochs; pass --epochs larger than that to extend it"
         )
@@ -583,7 +602,7 @@ def _train(
                 if stop.is_set():
                     _write_pending_best(loop)
                     _save_last(loop, epoch, step)
-                    raise Interrupted(run_dir / LAST, epoch, step)
+                    raise Interrupted(run_dir / LAST, epoch, step, getattr(stop, "signum", None))
                 lo, hi = loop.spans[step]
                 idx = order[lo:hi]
                 if unlabelled is not None:
@@ -604,6 +623,13 @@ def _train(
     _save_last(loop, settings.epochs, 0, used=used, stats=stats, finished=True)
     emit(RunFinished(summary))
     return summary
+
+
+def _summary_ok(run_dir: Path) -> bool:
+    try:
+        return runs.read_summary(run_dir) is not None
+    except runs.RunError:
+        return False
 
 
 def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:

@@ -202,12 +202,32 @@ def _plain_table(**options: Any):
     return Table(**options)
 
 
+def print_whole(table: Any) -> None:
+    """Print ``table`` on stdout at the width its cells need, when that is more than the
+    console's (80 columns when stdout is not a terminal): rich would otherwise cut cells
+    short with "…", and run names and paths in them are what users type next. A terminal
+    narrower than the table wraps its lines; nothing is lost."""
+    from rich.measure import Measurement
+
+    console = out.console
+    needed = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    if needed <= console.width:
+        console.print(table)
+        return
+    width = console.width
+    console.width = needed
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def info_table(facts: dict[str, Any]) -> None:
     table = _plain_table(show_header=False, box=None)
     for key, value in facts.items():
         shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
         table.add_row(f"[bold]{esc(key)}[/]", esc(shown))
-    out.print(table)
+    print_whole(table)
 
 
 def prepare_table(name: str, report, image_size: int) -> None:
@@ -248,7 +268,7 @@ def datasets_table(found: list[dict[str, Any]]) -> None:
             esc(", ".join(d["classes"])),
             esc(d["path"]),
         )
-    out.print(table)
+    print_whole(table)
 
 
 def bench_tables(results: dict) -> None:
@@ -541,29 +561,37 @@ def evaluation_tables(result) -> None:
 
 
 def runs_table(found) -> None:
-    """``threengan runs``: one row per run."""
+    """``threengan runs``: one row per run. The accuracies are of the model ``--run`` uses
+    (best on val, its epoch in brackets); ``final`` is the final epoch's test accuracy."""
     from rich import box
     from rich.table import Table
 
     from threengan_cli.runlist import human_bytes
 
-    table = Table(box=box.SIMPLE_HEAD)
-    for column in ("name", "method", "N", "epochs", "state", "val acc", "test acc", "size"):
-        right = column in ("N", "epochs", "val acc", "test acc", "size")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        caption="val/test acc: of best.safetensors, the model --run uses (its epoch); "
+        "final: test acc of the final epoch",
+    )
+    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "final", "size")
+    for column in columns:
+        right = column in ("N", "epochs", "val acc", "test acc", "final", "size")
         table.add_column(column, justify="right" if right else "left")
 
     def acc(value) -> str:
         return "–" if value is None else f"{value:.4f}"
 
     for r in found:
+        epoch = f" ({r.best_epoch})" if r.best_epoch is not None else ""
         table.add_row(
             esc(r.name),
-            r.method or "?",
-            str(r.size or "all"),
-            f"{r.epochs_done}/{r.epochs_planned or '?'}",
-            r.state,
+            esc(r.method or "?"),
+            esc(r.size or ("?" if r.state == "damaged" else "all")),
+            esc(f"{r.epochs_done}/{r.epochs_planned or '?'}"),
+            f"[red]{r.state}[/]" if r.state == "damaged" else r.state,
             acc(r.val_accuracy),
-            acc(r.test_accuracy),
+            acc(r.test_accuracy) + (epoch if r.test_accuracy is not None else ""),
+            acc(r.test_accuracy_final),
             human_bytes(r.bytes),
         )
-    out.print(table)
+    print_whole(table)
