@@ -296,6 +296,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     record.update(
         status="finished",
         test=summary["test"],
+        val=summary.get("val") or {},
         best_epoch_on_test=best,
         best_epoch_on_val=summary.get("best_epoch_on_val"),
         test_adapted_bn=summary.get("test_adapted_bn"),
