@@ -303,3 +303,21 @@ def test_a_step_without_labellers_labels_the_pool_as_the_papers_rule():
         _step("3ngan", settings, nets, opts, real, labels, unlabelled=_pool(), pseudo=pseudo)
         runs.append([_params(net) for net in nets.values()])
     assert all(_same(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_with_labelled_norm_the_pool_is_labelled_under_the_labelled_batchs_statistics():
+    from threengan_cli.networks import separately
+
+    pool = _pool() * 0.5 + 0.4  # brighter than the labelled batch: other statistics
+
+    settings, nets, opts, real, labels = _setup(
+        "3ngan", unlabelled_norm="labelled", unlabelled_tau=0.0
+    )
+    with torch.no_grad():
+        own = separately(copy.deepcopy(nets["C"]), pool)[0].argmax(1)
+        borrowed = separately(copy.deepcopy(nets["C"]), real, pool, borrow={1: 0})[1].argmax(1)
+    pseudo = _labels_from(settings)
+    _step("3ngan", settings, nets, opts, real, labels, unlabelled=pool, pseudo=pseudo)
+    assert torch.equal(pseudo.unlabelled.counts[0], torch.bincount(borrowed, minlength=K).float())
+    # else this test could not tell the two apart
+    assert not torch.equal(torch.bincount(own, minlength=K), torch.bincount(borrowed, minlength=K))

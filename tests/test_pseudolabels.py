@@ -124,6 +124,7 @@ ALL_OPTIONS = {
     "unlabelled_teacher": True,
     "unlabelled_ratio": 2,
     "unlabelled_rampup": 2,
+    "unlabelled_norm": "labelled",
     "generated_teacher": True,
 }
 

@@ -110,7 +110,7 @@ def test_a_config_file_number_for_a_float_setting_is_fine(tmp_path):
 
 def test_a_non_utf8_or_oversized_config_or_a_section_that_is_no_table_is_one_line(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_bytes(b"[train]\nepochs = 3\nname = \"caf\xe9\"\n")
+    config.write_bytes(b'[train]\nepochs = 3\nname = "caf\xe9"\n')
     with pytest.raises(SettingsError, match="line 3 is not UTF-8 text"):
         resolve("train", config)
     config.write_text("train = 3\n")

@@ -33,7 +33,9 @@ from pydantic import ValidationError
 from threengan_cli import fileio, runs, system
 from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
     ABLATIONS,
+    GENERATED_RUNGS,
     LADDER,
+    POOL_RUNGS,
     PROFILES,
     VARIANTS,
     BenchmarkSettings,

@@ -26,8 +26,9 @@ _PBN = {"recipe": "paper", "precise_bn": True}
 _PBN_EMA = {**_PBN, "ema": 0.999}
 _PBN_EMA_AUG = {**_PBN_EMA, "augment": "translation,cutout,color"}
 # The `ssl` profile's rungs, all under the robust recipe: the unlabelled pool with one
-# pseudo-label option at a time (distribution alignment, FreeMatch thresholds, a mean
-# teacher, mu = 7, a ramp-up over 10 epochs), and without a pool the generated images' term
+# pseudo-label option at a time (the pool's pseudo-labels under the labelled batch's
+# BatchNorm statistics, distribution alignment, FreeMatch thresholds, a mean teacher, mu = 7,
+# a ramp-up over 10 epochs), and without a pool the generated images' term
 # with a larger weight, a lower bar or a teacher (pseudolabels.py says what each does).
 _POOL = {"recipe": "robust", "unlabelled": "rest"}
 _GEN = {"recipe": "robust"}
@@ -45,6 +46,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "3ngan-unl-mt": ("3ngan", {**_POOL, "unlabelled_teacher": True}),
     "3ngan-unl-mu7": ("3ngan", {**_POOL, "unlabelled_ratio": 7}),
     "3ngan-unl-ramp": ("3ngan", {**_POOL, "unlabelled_rampup": 10}),
+    "3ngan-unl-bn": ("3ngan", {**_POOL, "unlabelled_norm": "labelled"}),
     "3ngan-lam-0p1": ("3ngan", {**_GEN, "lam": 0.1}),
     "3ngan-lam-1": ("3ngan", {**_GEN, "lam": 1.0}),
     "3ngan-tau-0p7": ("3ngan", {**_GEN, "tau": 0.7}),
@@ -53,7 +55,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 ABLATIONS = ("3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
 # What a variant is compared with, on the same seeds (cells of the same recipe): the cell it
 # adds one thing to, and for the pool with and without 3N-GAN's game, its vanilla twin.
-POOL_RUNGS = ("3ngan-unl-da", "3ngan-unl-fm", "3ngan-unl-mt", "3ngan-unl-mu7", "3ngan-unl-ramp")
+POOL_RUNGS = (
+    "3ngan-unl-bn",
+    "3ngan-unl-da",
+    "3ngan-unl-fm",
+    "3ngan-unl-mt",
+    "3ngan-unl-mu7",
+    "3ngan-unl-ramp",
+)
 GENERATED_RUNGS = ("3ngan-lam-0p1", "3ngan-lam-1", "3ngan-tau-0p7", "3ngan-gmt")
 BASELINES: dict[str, tuple[str, ...]] = {
     "3ngan-unl": ("3ngan", "vanilla-unl"),

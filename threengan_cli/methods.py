@@ -148,11 +148,15 @@ def _teacher(pseudo: pseudolabels.PseudoLabels | None, kind: str) -> nn.Module |
 
 
 @torch.no_grad()
-def _teacher_logits(teacher: nn.Module, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The teacher's logits of ``batches``, no gradient. Its BatchNorm layers normalise each
-    batch by its own statistics, as C's do in training: the averaged weights do not fit C's
-    running statistics (averaging.py), and their own are not kept during training."""
-    return tuple(o.float() for o in separately(teacher, *batches))
+def _teacher_logits(
+    teacher: nn.Module, batch: torch.Tensor, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The teacher's logits of ``batch``, no gradient. Its BatchNorm layers normalise the
+    batch by its own statistics, as C's do in training (the averaged weights do not fit C's
+    running statistics, averaging.py), or by those of ``reference`` where given."""
+    if reference is None:
+        return separately(teacher, batch)[0].float()
+    return separately(teacher, reference, batch, borrow={1: 0})[1].float()
 
 
 def _classifier_views(
@@ -161,19 +165,28 @@ def _classifier_views(
     *batches: torch.Tensor,
     unlabelled: torch.Tensor | None,
     teacher: nn.Module | None = None,
+    labelled_norm: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """C's logits of the augmented ``batches`` and, with ``unlabelled``, of its weak
     (un-augmented) and strong (augmented) views, all in one call of C. With a ``teacher``,
-    the weak view's logits are the teacher's, and C sees the strong view only."""
+    the weak view's logits are the teacher's, and C sees the strong view only. With
+    ``labelled_norm`` the weak view is normalised by the statistics of the first batch (the
+    labelled images) un-augmented, not by its own: the pool's class mix then does not move
+    what its pseudo-labels are."""
     t = aug or _same
     parts = [t(b) for b in batches]
     n = len(batches)
     if unlabelled is None:
         return [o.float() for o in separately(C, *parts)], None, None
+    reference = batches[0] if labelled_norm else None
     if teacher is not None:
-        (weak,) = _teacher_logits(teacher, unlabelled)
+        weak = _teacher_logits(teacher, unlabelled, reference)
         out = [o.float() for o in separately(C, *parts, t(unlabelled))]
         return out[:n], weak, out[n]
+    if reference is not None:
+        parts += [reference, unlabelled, t(unlabelled)]
+        out = [o.float() for o in separately(C, *parts, borrow={n + 1: n})]
+        return out[:n], out[n + 1].detach(), out[n + 2]
     parts += [unlabelled, t(unlabelled)] if aug is not None else [unlabelled]
     out = [o.float() for o in separately(C, *parts)]
     weak = out[n]
@@ -297,6 +310,7 @@ class Vanilla(Method):
                     real,
                     unlabelled=unlabelled,
                     teacher=_teacher(pseudo, "unlabelled"),
+                    labelled_norm=settings.unlabelled_norm == "labelled",
                 )
             loss_c = F.cross_entropy(logits, labels)
             if weak is not None:
@@ -431,12 +445,13 @@ class ThreeNGAN(Method):
                     fake.detach(),
                     unlabelled=unlabelled,
                     teacher=_teacher(pseudo, "unlabelled"),
+                    labelled_norm=settings.unlabelled_norm == "labelled",
                 )
         pseudo = pseudo or _plain_pseudo_labels(settings, c_real)
         gen_teacher = pseudo.teacher_for("generated")
         if gen_teacher is not None:
             with _autocast(real.device, autocast):
-                (fake_labelled_by,) = _teacher_logits(gen_teacher, fake.detach())
+                fake_labelled_by = _teacher_logits(gen_teacher, fake.detach())
         else:
             fake_labelled_by = c_fake
         fake_labels, weights = pseudo.generated(fake_labelled_by)

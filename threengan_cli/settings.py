@@ -29,6 +29,7 @@ Recipe = Literal["paper", "robust"]
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
 Threshold = Literal["fixed", "adaptive"]
+Norm = Literal["own", "labelled"]
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
@@ -152,6 +153,11 @@ class TrainSettings(_Section):
     )
     unlabelled_teacher: bool = Field(
         False, description="the pool's pseudo-labels from the averaged weights (needs ema)"
+    )
+    unlabelled_norm: Norm = Field(
+        "own",
+        description="BatchNorm statistics of the pool's un-augmented view: its own batch's, or "
+        "the labelled batch's",
     )
     unlabelled_rampup: int = Field(
         0, ge=0, le=100_000, description="epochs over which the pool's weight ramps up; 0 = none"
