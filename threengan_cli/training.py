@@ -557,7 +557,9 @@ def _epoch_done(
         grid = loop.run_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
         _save_samples(used["G"], loop.fixed_z, grid)
     val_acc = record["val"].get("accuracy", 0.0) if record["val"] else 0.0
-    if val_acc > loop.best_acc or loop.best_epoch is None:
+    # Without a val split (a few labels, all trained on) nothing tells epochs apart: the best
+    # checkpoint follows the last epoch, so a run's model is its final one, not its first.
+    if not record["val"] or val_acc > loop.best_acc or loop.best_epoch is None:
         loop.best_acc, loop.best_epoch = val_acc, epoch + 1
         loop.best_pending = (epoch + 1, _weights(used))
     if due:
