@@ -59,7 +59,7 @@ def test_the_model_a_run_started_from_is_in_settings_run_json_and_checkpoints(da
 
 def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dataset, tmp_path):
     model = make_checkpoint(tmp_path / "m.safetensors", classes=CLASSES)
-    settings = _settings(init=str(model), epochs=3, unlabelled="rest")
+    settings = _settings(init=str(model), epochs=2, unlabelled="rest")
     full = tmp_path / "full"
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
@@ -79,15 +79,6 @@ def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dat
         ga, gb = a.group(group), b.group(group)
         assert ga and all(torch.equal(ga[k], gb[k]) for k in ga), group
     assert b.meta["init"] == a.meta["init"]
-
-
-def test_a_run_started_from_a_model_differs_from_one_started_fresh(dataset, tmp_path):
-    model = make_checkpoint(tmp_path / "m.safetensors", classes=CLASSES, seed=7)
-    training.train(dataset, _settings(init=str(model), epochs=1), tmp_path / "a")
-    training.train(dataset, _settings(epochs=1), tmp_path / "b")
-    a = checkpoints.load(tmp_path / "a" / "last.safetensors").group("net/C")
-    b = checkpoints.load(tmp_path / "b" / "last.safetensors").group("net/C")
-    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_every_epoch_logs_the_pseudo_label_shares_and_mask_rates(dataset, tmp_pa
 def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path):
     from threengan_cli import checkpoints, training
 
-    settings = _loop_settings(**ALL_OPTIONS)
+    settings = _loop_settings(epochs=2, **ALL_OPTIONS)
     full = tmp_path / "full"
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
