@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_factory import make_checkpoint
 
 from threengan_cli.datasets import prepare
 from threengan_cli.settings import PrepareSettings
@@ -46,6 +45,8 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
     """A randomly initialised 3ngan checkpoint (G, D and C at width 4, 32 px)."""
+    from model_factory import make_checkpoint  # imports torch: only the tests that need it
+
     return make_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors")
 
 

@@ -52,6 +52,7 @@ def _count_train_calls(monkeypatch):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
     out, results, events = smoke
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
@@ -262,6 +263,7 @@ def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_
 
 
 # ------------------------------------------------------------------------ shards, merge
+@pytest.mark.slow
 def test_two_shards_merged_equal_the_unsharded_report(smoke, dataset, tmp_path):
     specs = benchmark.grid(_smoke())
     one = benchmark.shard_of(specs, (1, 2))
@@ -367,6 +369,7 @@ def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- parallel repeats
+@pytest.mark.slow
 def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(dataset, tmp_path):
     cfg = _smoke(methods=("3ngan", "vanilla"), sizes=(16,), repeats=3)
     alone = benchmark.run(dataset, cfg, tmp_path / "alone", parallel=1)
@@ -379,6 +382,7 @@ def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(da
         assert all(torch.equal(a.group("net")[k], b.group("net")[k]) for k in a.group("net"))
 
 
+@pytest.mark.slow
 def test_repeats_in_parallel_are_taken_cell_by_cell(dataset, tmp_path):
     cfg = _smoke(methods=("vanilla", "3ngan"), sizes=(8, 16), repeats=2)
     events = []
@@ -389,6 +393,7 @@ def test_repeats_in_parallel_are_taken_cell_by_cell(dataset, tmp_path):
     assert sorted(ends) == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_path):
     cfg = _smoke(methods=("3ngan",), sizes=(16,), repeats=2, epochs=3)
     out = tmp_path / "b"

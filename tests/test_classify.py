@@ -329,7 +329,7 @@ def test_cli_exit_codes(tmp_path, ckpt):
     assert _cli(good, *m, "--threshold", "1.5").exit_code == 2
     assert _cli(good, "--checkpoint", str(tmp_path / "none.safetensors")).exit_code == 2
     assert _cli(good, "--checkpoint", str(ckpt), "--run", "x").exit_code == 2
-    assert _cli("-", *m, input="").exit_code == 1  # nothing to classify
+    assert _cli("-", *m, input="").exit_code == 2  # no paths on stdin: as no PATH
 
 
 def test_cli_without_a_model_fails_with_a_clear_message(tmp_path, monkeypatch):

@@ -52,6 +52,9 @@ def test_probabilities_are_identical_for_every_batch_size(tmp_path, engine, mode
     for batch in (1, 3):
         parts = [model.probabilities_of(pixels[i : i + batch]) for i in range(0, 64, batch)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+    # every image in another position, beside other neighbours
+    np.testing.assert_array_equal(model.probabilities_of(pixels[::-1])[::-1], whole)
+    np.testing.assert_array_equal(model.probabilities_of(pixels[5:])[:7], whole[5:12])
 
 
 def test_cli_rows_are_identical_for_batch_sizes_1_3_and_64(tmp_path):

@@ -65,6 +65,26 @@ def test_help_shows_the_models_default():
     assert "[default: 100]" in result.stdout  # --epochs, from TrainSettings
 
 
+def test_help_examples_are_never_wrapped_when_stdout_is_not_a_terminal():
+    """Each example stays one line (to paste into a shell), however long; CliRunner's
+    stdout is no terminal, where rich would wrap at 80 columns."""
+    import inspect
+
+    import typer
+    from rich.text import Text
+
+    group = typer.main.get_command(app)
+    longest = 0
+    for name, command in group.commands.items():
+        output = run(name, "--help").stdout.splitlines()
+        for line in inspect.cleandoc(command.help or "").splitlines():
+            if line.startswith("  ") and line.strip():
+                example = Text.from_markup(line.strip()).plain
+                longest = max(longest, len(example))
+                assert any(example in shown for shown in output), f"{name}: {example}"
+    assert longest > 76  # one example at least would not fit rich's 80 columns otherwise
+
+
 def test_flags_take_no_value():
     assert run("info", "--json", "true").exit_code == 2
     assert "<bool>" not in run("info", "--help").stdout
@@ -170,6 +190,7 @@ def test_a_size_that_does_not_divide_over_the_classes_is_refused(dataset, tmp_pa
     assert "does not divide over 2 classes" in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_prints_the_resume_hint(dataset, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "threengan_cli", "train", str(dataset), "--out", str(run_dir),

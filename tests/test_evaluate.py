@@ -146,7 +146,7 @@ def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model
     chosen = doc["threshold_chosen"]
     assert doc["threshold_source"] == "chosen" and doc["threshold"] == chosen["value"]
     assert chosen["split"] == "val" and chosen["rule"] == "youden"
-    stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta)
+    stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta, model_file)
     assert stored["value"] == chosen["value"]
     after = npclassifier.load(model_file)  # the weights are untouched
     for (k1, _), (k2, _) in zip(before, after.layers, strict=True):
@@ -175,6 +175,32 @@ def test_threshold_from_val_refuses_the_bundled_model_and_non_prepared_data(tree
     both = _eval(str(tree), "--checkpoint", str(model_file), "--threshold", "0.3",
                  "--threshold-from", "val")
     assert both.exit_code == 2
+
+
+def test_the_bundled_model_is_never_rewritten_however_it_is_named(tmp_path, prepared, monkeypatch):
+    """Given by its own path, a link to it or a run whose checkpoint is a hard link to it,
+    the bundled default model is refused before any work, with how to make a copy."""
+    bundled = make_checkpoint(tmp_path / "package" / "default.safetensors", classes=CLASSES)
+    monkeypatch.setattr(modelfile, "bundled_model", lambda: bundled)
+    before = bundled.read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(bundled)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "best.safetensors").hardlink_to(bundled)
+    for given in (["--checkpoint", str(bundled)], ["--checkpoint", str(link)], ["--run", str(run)]):
+        result = _eval(prepared, *given, "--threshold-from", "val")
+        assert result.exit_code == 2, result.output
+        assert "bundled default model" in result.stderr and "cp " in result.stderr
+    default = _eval(prepared, "--threshold-from", "val")  # no model named: the bundled one
+    assert default.exit_code == 2 and "bundled default model" in default.stderr
+    with pytest.raises(modelfile.ReadOnlyModel):
+        modelfile.update_meta(bundled, {"threshold": {"value": 0.3}})
+    assert bundled.read_bytes() == before
+    copy = tmp_path / "my-model.safetensors"
+    copy.write_bytes(before)
+    assert _eval(prepared, "--checkpoint", str(copy), "--threshold-from", "val").exit_code == 0
 
 
 def test_update_meta_rewrites_only_the_metadata_and_keeps_the_file_loadable(model_file):

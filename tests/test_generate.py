@@ -153,3 +153,15 @@ def test_the_bundled_default_model_generates_a_grid_right_after_install(tmp_path
 
     with Image.open(grid) as img:
         assert img.mode == "L" and img.width > 64 * 4
+
+
+def test_labels_csv_writes_the_probabilities_classify_writes(tmp_path, model):
+    """The exact float32 digits of classify (6 fixed decimals lose the ranking near 0 and 1)."""
+    from threengan_cli.classify import exact
+
+    generate(model, 4, out_dir=tmp_path / "lab", label=True, tau=0.0)
+    rows = list(csv.DictReader((tmp_path / "lab" / "labels.csv").open()))
+    pixels = np.stack([np.array(Image.open(tmp_path / "lab" / row["file"])) for row in rows])
+    probs = model.probabilities_of(pixels)  # the one batch generate classified, in order
+    for row, p in zip(rows, probs.tolist(), strict=True):
+        assert [row[f"p_{c}"] for c in model.classes] == [repr(exact(v)) for v in p]

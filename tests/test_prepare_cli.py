@@ -150,6 +150,7 @@ def test_prepare_does_not_import_torch(tmp_path):
     assert (tmp_path / "ds" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not KERMANY.is_dir(), reason="shared Kermany data not present")
 def test_real_kermany_download_prepares_with_its_known_properties(tmp_path):
     result = run("prepare", KERMANY, "--out", tmp_path / "kermany", "--json")

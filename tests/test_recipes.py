@@ -256,7 +256,39 @@ def test_classify_adapt_bn_refuses_too_few_images_and_says_when_it_adapted(tmp_p
     assert "adapted: BatchNorm statistics recomputed on 40" in result.output
 
 
+def test_classify_adapt_bn_counts_only_the_images_that_decode(tmp_path, ckpt):
+    """Unreadable files are not images: they neither count towards the 32 needed nor enter
+    the BatchNorm statistics (rows equal those of the readable images alone)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    clean, mixed = tmp_path / "clean", tmp_path / "mixed"
+    for folder in (clean, mixed):
+        folder.mkdir()
+    for i in range(40):
+        pixels = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+        for folder in (clean, mixed):
+            Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    for i in range(30):
+        (mixed / f"bad{i:02d}.png").write_bytes(b"not an image")
+    runner = CliRunner()
+    m = ["--checkpoint", str(ckpt), "--adapt", "bn", "-f", "jsonl", "--workers", "1"]
+    alone = runner.invoke(app, ["classify", str(clean), *m])
+    beside = runner.invoke(app, ["classify", str(mixed), *m])
+    assert beside.exit_code == 3 and "recomputed on 40 of these images" in beside.stderr
+    rows = [json.loads(line) for line in beside.stdout.splitlines()]
+    good = {Path(r["path"]).name: r["p_normal"] for r in rows if r["error"] is None}
+    want = {Path(r["path"]).name: r["p_normal"] for r in map(json.loads, alone.stdout.splitlines())}
+    assert good == want
+    for i in range(12, 40):
+        (mixed / f"{i:02d}.png").unlink()  # 12 readable images and 30 unreadable files
+    few = runner.invoke(app, ["classify", str(mixed), *m])
+    assert few.exit_code == 2 and "at least 32 readable images" in few.stderr
+    assert "(got 12)" in few.stderr
+
+
 # ------------------------------------------------------------------------------ real data
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_dir(), reason="the real chest X-ray data is not here")
 def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_path):
     """The issue's case: `train kermany --method vanilla --size 100 --epochs 5` once called

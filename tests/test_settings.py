@@ -128,3 +128,10 @@ def test_the_pseudo_label_options_are_off_in_both_recipes(recipe):
     assert not (cfg.unlabelled_align or cfg.unlabelled_teacher or cfg.generated_teacher)
     assert cfg.unlabelled_threshold == "fixed"
     assert resolve("train", recipe=recipe, ema=0.99, unlabelled_teacher=True).unlabelled_teacher
+
+
+def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("[classify]\nbatch_size = " + "[" * 500 + "]" * 500 + "\n")
+    with pytest.raises(SettingsError, match="nests arrays or tables too deeply"):
+        resolve("classify", config)

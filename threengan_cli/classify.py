@@ -31,19 +31,17 @@ import glob
 import hashlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from threengan_cli import images, metrics
+from threengan_cli import fileio, images, metrics, paths, sources
 from threengan_cli.workers import decode_pool
 
 if TYPE_CHECKING:
@@ -78,78 +76,133 @@ class Row:
 
 # ------------------------------------------------------------------------------- inputs
 def expand(
-    inputs: Iterable[str], recursive: bool = False, stdin: TextIO | None = None
+    inputs: Iterable[str],
+    recursive: bool = False,
+    stdin: Iterable[str] | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
+    on_skip: Callable[[str], None] | None = None,
 ) -> Iterator[Item]:
-    """The files to classify, lazily, in input order; inputs that give none yield an error."""
+    """The files to classify, lazily, in input order; inputs that give none yield an error.
+
+    Folder scans and glob patterns leave out everything under the ``exclude`` folders (where
+    ``--sort-into`` writes, so a rerun never classifies its own copies), and call
+    ``on_skip(path)`` for each file they pass over because its name is not an image's
+    (system files such as ``.DS_Store`` and ``Thumbs.db`` are passed over without a call).
+    A file named as an input is always tried, whatever its name."""
+    scan = _Scan(recursive, tuple(os.fspath(e) for e in exclude), on_skip)
     for given in inputs:
         if given == STDIN:
             stream = sys.stdin if stdin is None else stdin
             for line in stream:
                 line = line.rstrip("\r\n")
                 if line.strip() and line != STDIN:
-                    yield from _expand_one(line, recursive)
+                    yield from scan.one(line)
         else:
-            yield from _expand_one(given, recursive)
+            yield from scan.one(given)
 
 
-def _expand_one(given: str, recursive: bool) -> Iterator[Item]:
-    if "\0" in given:  # os.path would raise on it; one bad line must not end the run
-        yield given, "invalid path (contains a NUL byte)"
-    elif os.path.isdir(given):
-        yield from _folder(given, recursive)
-    elif os.path.lexists(given):
-        yield given, None  # any file is tried, whatever its name; decoding decides
-    elif _GLOB_CHARS & set(given):
-        matches = sorted(glob.iglob(given, recursive=True))
-        if not matches:
-            yield given, "no file matches this pattern"
-        for match in matches:
-            if not os.path.isdir(match):
-                yield match, None
-            elif "**" not in given:  # with ** the pattern already reaches every file below
-                yield from _folder(match, recursive)
-    else:
-        yield given, "file not found"
+@dataclass(frozen=True)
+class _Scan:
+    """How inputs are expanded: see :func:`expand`."""
+
+    recursive: bool
+    exclude: tuple[str, ...]
+    on_skip: Callable[[str], None] | None
+
+    def one(self, given: str) -> Iterator[Item]:
+        if "\0" in given:  # os.path would raise on it; one bad line must not end the run
+            yield given, "invalid path (contains a NUL byte)"
+        elif os.path.isdir(given):
+            yield from self.folder(given)
+        elif os.path.lexists(given):
+            yield given, None  # any file is tried, whatever its name; decoding decides
+        elif _GLOB_CHARS & set(given):
+            matches = sorted(glob.iglob(given, recursive=True))
+            if not matches:
+                yield given, "no file matches this pattern"
+            for match in matches:
+                if self.excluded(match):
+                    continue
+                if not os.path.isdir(match):
+                    yield match, None
+                elif "**" not in given:  # with ** the pattern already reaches every file below
+                    yield from self.folder(match)
+        else:
+            yield given, "file not found"
+
+    def excluded(self, path: str) -> bool:
+        """Whether a glob's match lies in an excluded folder."""
+        if not self.exclude:
+            return False
+        real = os.path.realpath(path)
+        for folder in map(os.path.realpath, self.exclude):
+            if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+                return True
+        return False
+
+    def excluded_folders(self) -> set[tuple[int, int]]:
+        """The excluded folders that exist now, as (device, inode): --sort-into's appears
+        during the run."""
+        return {found for found in map(_identity, self.exclude) if found is not None}
+
+    def folder(self, folder: str) -> Iterator[Item]:
+        found = False
+        subfolders: list[str] = []
+        for item in self.walk(folder, subfolders):
+            found = True
+            yield item
+        if not found:
+            hint = " (use --recursive to look in sub-folders)" if subfolders else ""
+            yield folder, f"no image files in folder{hint}"
+
+    def walk(self, top: str, subfolders: list[str]) -> Iterator[Item]:
+        """Image files of a folder sorted by name, then (when recursive) its sub-folders',
+        depth first. Iterative, with its own stack: a tree thousands of folders deep needs
+        no deeper a call stack. ``subfolders`` receives ``top``'s sub-folders."""
+        seen: set[tuple[int, int]] = set()
+        todo = [top]  # folders still to list, the next one last
+        while todo:
+            folder = todo.pop()
+            # Folders are told apart by (device, inode), not by their real path: resolving a
+            # path costs a lookup per component, which made a walk 1,000 levels deep take
+            # 40 s (each level resolving all the levels above it).
+            found = _identity(folder)
+            if found is not None:
+                if found in seen or found in self.excluded_folders():  # a link loop; --sort-into
+                    continue
+                seen.add(found)
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                yield folder, f"cannot list folder ({exc.strerror or exc})"
+                continue
+            below = []
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if not entry.name.startswith("."):
+                        below.append(entry.path)
+                elif images.is_image_file(entry.path):
+                    yield entry.path, None
+                elif self.on_skip is not None and not sources.is_system_file(entry.name):
+                    self.on_skip(entry.path)
+            if folder is top:
+                subfolders.extend(below)
+            if self.recursive:
+                todo.extend(reversed(below))
 
 
-def _folder(folder: str, recursive: bool) -> Iterator[Item]:
-    found = False
-    subfolders: list[str] = []
-    for item in _walk(folder, recursive, set(), subfolders):
-        found = True
-        yield item
-    if not found:
-        hint = " (use --recursive to look in sub-folders)" if subfolders else ""
-        yield folder, f"no image files in folder{hint}"
-
-
-def _walk(folder: str, recursive: bool, seen: set[str], subfolders: list[str]) -> Iterator[Item]:
-    """Image files of a folder sorted by name, then (when recursive) its sub-folders'."""
-    real = os.path.realpath(folder)
-    if real in seen:  # a symlink loop
-        return
-    seen.add(real)
+def _identity(folder: str | os.PathLike) -> tuple[int, int] | None:
+    """A folder's (device, inode), links followed; ``None`` where it cannot be read."""
     try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        yield folder, f"cannot list folder ({exc.strerror or exc})"
-        return
-    below = []
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if is_dir:
-            if not entry.name.startswith("."):
-                below.append(entry.path)
-        elif images.is_image_file(entry.path):
-            yield entry.path, None
-    subfolders.extend(below)
-    if recursive:
-        for sub in below:
-            yield from _walk(sub, recursive, seen, [])
+        st = os.stat(folder)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -259,18 +312,21 @@ def classify(
     workers: int = 0,
     threshold: float = 0.5,
     recursive: bool = False,
-    stdin: TextIO | None = None,
+    stdin: Iterable[str] | None = None,
     shard: tuple[int, int] | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
+    on_skip: Callable[[str], None] | None = None,
 ) -> Iterator[Row]:
     """Rows for every input file, in input order (see the module docstring).
 
-    ``workers=0`` uses every core; ``stdin`` is the stream ``-`` reads (default sys.stdin).
+    ``workers=0`` uses every core; ``stdin`` is the stream ``-`` reads (default sys.stdin);
+    ``exclude`` and ``on_skip`` as for :func:`expand`.
     """
     model.require_classifier()
     workers = workers or os.cpu_count() or 1
     size, fit = model.image_size, model.fit
     pending: deque[tuple[list[Item], list[Future]]] = deque()
-    items: Iterable[Item] = expand(inputs, recursive, stdin)
+    items: Iterable[Item] = expand(inputs, recursive, stdin, exclude, on_skip)
     if shard is not None:
         items = shard_of(items, shard)
     pool = _executor(workers)
@@ -294,47 +350,72 @@ def classify(
 
 
 # ------------------------------------------------------------------------------ sorting
-def sort_into(row: Row, folder: Path | str, link: bool = False) -> Path | None:
-    """Copy (or with ``link`` hard-link, else symlink) a classified input into
-    ``folder/<label>/``; ``None`` for an error row.
+class Sorter:
+    """``--sort-into DIR``: copies (or with ``link`` hard-links, else symlinks) each
+    classified input into ``DIR/<label>/``.
 
-    The file keeps its name; a different file of the same name already there gets the name
-    with a short hash of its source path added, so two inputs never overwrite each other,
-    and a rerun replaces what it wrote before. A copy appears whole or not at all.
+    The model's class names become folder names, so each must be a plain one
+    (:func:`paths.check_class_folder`, a ValueError otherwise): a checkpoint's names are not
+    trusted to stay inside ``DIR``. The file keeps its name; a different file of that name
+    already there gets the name with a short hash of its source path added, so two inputs
+    never overwrite each other. A rerun replaces what it wrote before, in the input's label
+    folder and in the others: where a rerun (another model or threshold) gives an input
+    another label, its earlier copy is removed from the old label's folder. Copies appear
+    whole or not at all, through :mod:`fileio`'s marked temporaries; one cut short by a kill
+    is removed when a later run first writes into that folder.
     """
-    if not row.ok or row.label is None:
-        return None
-    source = Path(row.path)
-    target_dir = Path(folder) / row.label
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / source.name
-    if target.exists() and not _same_file(source, target):
-        tag = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
-        target = target_dir / f"{source.stem}-{tag}{source.suffix}"
-    if link:
-        if target.exists() and _same_file(source, target):
-            return target
-        tmp = target_dir / f".{target.name}.{os.getpid()}.link"
-        try:
-            os.link(source, tmp)
-        except OSError:  # another file system, or links not allowed: a symbolic link
-            os.symlink(source.resolve(), tmp)
-        os.replace(tmp, target)
+
+    def __init__(self, folder: Path | str, classes: Iterable[str], link: bool = False):
+        self.classes = [paths.check_class_folder(name) for name in classes]
+        self.folder, self.link = Path(folder), link
+        self._ready: set[str] = set()
+
+    def __call__(self, row: Row) -> Path | None:
+        """Sort one row's input; ``None`` for an error row."""
+        if not row.ok or row.label is None:
+            return None
+        source = Path(row.path)
+        target = self._target(source, self._label_folder(row.label))
+        if not _same_file(source, target):
+            fileio.copy_file(source, target, link=self.link)
+        for other in self.classes:
+            if other != row.label:
+                self._remove_earlier(source, self.folder / other)
         return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target_dir)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        shutil.copystat(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+
+    def _label_folder(self, label: str) -> Path:
+        folder = self.folder / label
+        if label not in self._ready:  # once per run, not once per file
+            folder.mkdir(parents=True, exist_ok=True)
+            fileio.clean_stale(folder)
+            self._ready.add(label)
+        return folder
+
+    @staticmethod
+    def _names(source: Path) -> tuple[str, str]:
+        tag = hashlib.sha1(os.fsencode(source.resolve())).hexdigest()[:8]
+        return source.name, f"{source.stem}-{tag}{source.suffix}"
+
+    def _target(self, source: Path, folder: Path) -> Path:
+        plain, tagged = self._names(source)
+        target = folder / plain
+        if os.path.lexists(target) and not _same_file(source, target):
+            target = folder / tagged
+        return target
+
+    def _remove_earlier(self, source: Path, folder: Path) -> None:
+        for name in self._names(source):
+            earlier = folder / name
+            if not os.path.isfile(earlier):
+                continue
+            if os.path.realpath(earlier) == os.path.realpath(source):
+                continue  # the input itself lies there: never removed
+            if _same_file(source, earlier):
+                earlier.unlink()
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """``b`` is ``a`` itself (a link to it) or a copy of it made by :func:`sort_into`."""
+    """``b`` is ``a`` itself (a link to it) or a copy of it made by :class:`Sorter`."""
     try:
         if os.path.samefile(a, b):
             return True
@@ -360,30 +441,36 @@ class AdaptError(Exception):
 
 
 def adapt_bn(
-    inputs: list[str], model: Classifier, workers: int = 0, recursive: bool = False
+    inputs: list[str],
+    model: Classifier,
+    workers: int = 0,
+    recursive: bool = False,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> int:
     """``classify --adapt bn``: recompute the classifier's BatchNorm statistics on the readable
     images among ``inputs`` (no labels are used: transductive, label-free adaptation to the
     images at hand), before they are classified. Needs the torch engine; returns how many
-    images the statistics came from. Fewer than :data:`ADAPT_MIN_IMAGES` is an
-    :class:`AdaptError`."""
+    images the statistics came from: those that decoded, never the unreadable ones. Fewer
+    than :data:`ADAPT_MIN_IMAGES` is an :class:`AdaptError`."""
     import numpy as np
     import torch
 
     if not hasattr(model, "adapt_bn"):
         raise AdaptError("--adapt bn needs the torch engine (--engine torch)")
     workers = workers or os.cpu_count() or 1
-    paths = [path for path, error in expand(inputs, recursive, None) if error is None]
-    step = max(1, -(-len(paths) // workers))
+    found = [path for path, error in expand(inputs, recursive, None, exclude) if error is None]
+    step = max(1, -(-len(found) // workers))
     pool = _executor(workers)
     try:
         parts = [
-            pool.submit(decode_chunk, paths[i : i + step], model.image_size, model.fit)
-            for i in range(0, len(paths), step)
+            pool.submit(decode_chunk, found[i : i + step], model.image_size, model.fit)
+            for i in range(0, len(found), step)
         ]
-        arrays = [future.result()[0] for future in parts]
+        decoded = [future.result() for future in parts]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    # A file that failed to decode left a zero image in its place: it is no X-ray.
+    arrays = [a[[i for i, e in enumerate(errors) if e is None]] for a, errors in decoded]
     images = np.concatenate(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
     if len(images) < ADAPT_MIN_IMAGES:
         raise AdaptError(

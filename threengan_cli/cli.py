@@ -49,7 +49,12 @@ def _plain_flags(params: list) -> list:
 
 class Command(TyperCommand):
     """Usage lines as man pages write them: ``SOURCE``, ``[PATH]...`` (typer writes
-    ``{source}`` for a required argument); flags without a value type."""
+    ``{source}`` for a required argument); flags without a value type; examples never
+    wrapped."""
+
+    def format_help(self, ctx, formatter) -> None:
+        with views.unwrapped_examples(self.help or ""):
+            super().format_help(ctx, formatter)
 
     def get_params(self, ctx) -> list:
         return _plain_flags(super().get_params(ctx))

@@ -30,33 +30,58 @@ from threengan_cli.helptext import shown
 from threengan_cli.views import err, note, warn
 
 
-def _classify_format(fmt: str | None, output: Path | None) -> str:
+def _classify_format(given: str | None, configured: str | None, output: Path | None) -> str:
+    """The output format: ``--format``; else --output's suffix; else the config file's
+    ``format``; else table on a terminal, csv otherwise. An explicit flag or file name wins
+    over the config file, which holds defaults. An --output that is not a regular file
+    (``/dev/stdout``, a FIFO, a device) needs no suffix: it gets csv, as a pipe does."""
+    from threengan_cli import fileio
     from threengan_cli.rows import FORMATS, SUFFIX_FORMATS
 
+    fmt = given
+    if fmt is None and output is not None:
+        fmt = SUFFIX_FORMATS.get(output.suffix.lower()) or configured
+        if fmt is None and fileio.writes_in_place(output):
+            fmt = "csv"
+        if fmt is None:
+            known = ", ".join(SUFFIX_FORMATS)
+            fail(
+                f"cannot tell the format of {output} from its suffix (known: {known}); "
+                "give --format csv, json or jsonl",
+                EXIT_USAGE,
+            )
     if fmt is None:
-        if output is not None:
-            fmt = SUFFIX_FORMATS.get(output.suffix.lower())
-            if fmt is None:
-                known = ", ".join(SUFFIX_FORMATS)
-                fail(
-                    f"cannot tell the format of {output} from its suffix (known: {known}); "
-                    "give --format csv, json or jsonl",
-                    EXIT_USAGE,
-                )
-        else:
-            fmt = "table" if sys.stdout.isatty() else "csv"
+        fmt = configured or ("table" if sys.stdout.isatty() else "csv")
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})", EXIT_USAGE)
     return fmt
 
 
+def _stdin_paths(inputs: list[str]):
+    """stdin's lines, when ``-`` is among the inputs, read up to the first path before any
+    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH."""
+    import itertools
+
+    if "-" not in inputs:
+        return None
+    for line in sys.stdin:
+        if line.strip() and line.rstrip("\r\n") != "-":
+            return itertools.chain([line], sys.stdin)
+    if inputs == ["-"]:
+        fail("no paths were given on stdin (one per line)", EXIT_USAGE)
+    return iter(())
+
+
 class _ClassifyTally:
-    """Counts rows as they stream past, and lists the first unreadable inputs on stderr."""
+    """Counts rows as they stream past, lists the first unreadable inputs on stderr, and
+    counts the files folder scans passed over (names that are not image names)."""
 
     def __init__(self, listing: bool, classes: list[str]):
-        self.counts = {"inputs": 0, "classified": 0, "errors": 0}
+        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0}
         self.per_label = dict.fromkeys(classes, 0)
         self.listing, self.listed = listing, 0
+        self.first_error: str | None = None
+        self.first_skipped: str | None = None
 
     def add(self, row) -> None:
         self.counts["inputs"] += 1
@@ -65,18 +90,30 @@ class _ClassifyTally:
             self.per_label[row.label] += 1
             return
         self.counts["errors"] += 1
+        if self.first_error is None:
+            self.first_error = f"{row.path}: {row.error}"
         if self.listing and self.listed < MAX_LISTED:
             warn(f"{row.path}: {row.error}")
             self.listed += 1
+
+    def skip(self, path: str) -> None:
+        self.counts["skipped"] += 1
+        self.first_skipped = self.first_skipped or path
 
 
 def _threshold_of(model, cfg) -> tuple[float, str, str]:
     """The threshold to use, where it comes from (given, model or default) and a note for
     stderr: a given --threshold (flag or --config) wins; else the one ``evaluate
-    --threshold-from`` stored in the model; else the default."""
-    stored = model.stored_threshold
+    --threshold-from`` stored in the model; else the default. A damaged stored one is an
+    error (exit 1), unless --threshold overrides it."""
+    from threengan_cli.modelfile import ModelError
+
     if "threshold" in cfg.model_fields_set:
         return cfg.threshold, "given", ""
+    try:
+        stored = model.stored_threshold
+    except ModelError as exc:
+        fail(str(exc))
     if stored is None:
         return cfg.threshold, "default", ""
     how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
@@ -88,8 +125,9 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
     """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
     from threengan_cli import fileio
     from threengan_cli.classify import classify as run_classify
-    from threengan_cli.classify import sort_into as sort_row
     from threengan_cli.rows import RowWriter
+
+    sorter = extra["sorter"]
 
     def consume(stream) -> None:
         writer = RowWriter(fmt, stream, model, cfg.threshold, extra["threshold_source"])
@@ -101,16 +139,19 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             workers=cfg.workers,
             threshold=cfg.threshold,
             recursive=cfg.recursive,
+            stdin=extra["stdin"],
             shard=extra["shard"],
+            exclude=[sorter.folder] if sorter is not None else [],
+            on_skip=tally.skip,
         )
         for row in rows:
             writer.write(row)
             tally.add(row)
-            if row.ok and extra["sort_into"] is not None:
+            if row.ok and sorter is not None:
                 try:
-                    sort_row(row, extra["sort_into"], link=extra["link"])
+                    sorter(row)
                 except OSError as exc:
-                    fail(f"cannot sort {row.path} into {extra['sort_into']}: {exc}")
+                    fail(f"cannot sort {row.path} into {sorter.folder}: {exc}")
             view.update(tally.counts["inputs"])
         writer.end({**tally.counts, "labels": tally.per_label})
 
@@ -122,17 +163,17 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
         sys.stdout.flush()
 
 
-def _adapt_bn(inputs: list[str], model, cfg, quiet: bool) -> list[str]:
+def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> list[str]:
     """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
     stdin's paths read once (both passes need them)."""
     from threengan_cli.classify import AdaptError, adapt_bn
 
-    if "-" in inputs:
-        inputs = [p for p in inputs if p != "-"] + [
-            line.strip() for line in sys.stdin if line.strip()
-        ]
+    if stdin is not None:
+        inputs = [p for p in inputs if p != "-"] + [line.strip() for line in stdin if line.strip()]
     try:
-        adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive)
+        adapted = adapt_bn(
+            inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude
+        )
     except AdaptError as exc:
         fail(str(exc), EXIT_USAGE)
     if not quiet:
@@ -165,8 +206,9 @@ def classify(
         typer.Option(
             "--format",
             "-f",
-            help="table, csv, json or jsonl \\[default: from --output's suffix; else table "
-            "on a terminal, csv when piped].",
+            help="table, csv, json or jsonl \\[default: from --output's suffix; else the "
+            "--config file's format; else table on a terminal, csv when piped or when --output "
+            "is a device or FIFO].",
         ),
     ] = None,
     output: Annotated[
@@ -221,7 +263,8 @@ def classify(
         Path | None,
         typer.Option(
             "--sort-into",
-            help="Also copy each classified input into DIR/<label>/.",
+            help="Also copy each classified input into DIR/<label>/; a rerun replaces what it "
+            "wrote, and folder scans leave DIR out.",
             file_okay=False,
             metavar="DIR",
         ),
@@ -271,11 +314,14 @@ def classify(
     Probabilities are written with the fewest digits that read back as
     the model's float32 value, and do not depend on --batch-size. A count
     per label goes to stderr. --output's suffix (.csv, .json, .jsonl,
-    .ndjson) sets the format; any other suffix needs --format.
+    .ndjson) sets the format unless --format is given; any other suffix
+    needs --format (or format in --config). In CSV a cell that starts
+    with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
     Exit codes: 0 every input classified, 3 some could not be read,
     1 none could (or no model), 2 usage error (no PATH, bad option,
-    --checkpoint or --run that does not exist).
+    --checkpoint or --run that does not exist, --sort-into with class
+    names that cannot be folder names).
 
     [bold]Examples[/]
 
@@ -317,13 +363,13 @@ def classify(
         recursive=recursive,
         format=fmt,
     )
-    fmt = _classify_format(cfg.format, output)
+    fmt = _classify_format(fmt, cfg.format, output)
     if inputs.count("-") > 1:
         fail("- (paths from stdin) may be given once", EXIT_USAGE)
     if link and sort_into is None:
         fail("--link goes with --sort-into DIR", EXIT_USAGE)
 
-    from threengan_cli.classify import parse_shard
+    from threengan_cli.classify import Sorter, parse_shard
     from threengan_cli.modelfile import ModelError
 
     try:
@@ -333,14 +379,23 @@ def classify(
 
     if adapt not in ("none", "bn"):
         fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
+    stdin = _stdin_paths(inputs)
     engine_name = "torch" if adapt == "bn" else cfg.engine
     model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
     try:
         model.require_classifier()
     except ModelError as exc:
         fail(str(exc))
+    sorter = None
+    if sort_into is not None:
+        try:
+            sorter = Sorter(sort_into, model.classes, link=link)
+        except ValueError as exc:
+            fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
     if adapt == "bn":
-        inputs = _adapt_bn(inputs, model, cfg, quiet)
+        exclude = [sort_into] if sort_into is not None else []
+        inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)
+        stdin = None
     threshold_value, threshold_source, source_note = _threshold_of(model, cfg)
     cfg = cfg.model_copy(update={"threshold": threshold_value})
     if not quiet:
@@ -355,14 +410,17 @@ def classify(
     extra = {
         "threshold_source": threshold_source,
         "shard": shard_ij,
-        "sort_into": sort_into,
-        "link": link,
+        "sorter": sorter,
+        "stdin": stdin,
     }
+    from threengan_cli.fileio import writes_in_place  # a device or FIFO keeps what it got
+
+    whole = output is not None and not writes_in_place(output)
+    kept = f"; nothing written to {output}" if whole else ""
     try:
         _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
     except KeyboardInterrupt:
         view.close()
-        kept = f"; nothing written to {output}" if output is not None else ""
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
     except ModelError as exc:
@@ -376,7 +434,6 @@ def classify(
         if output is None:
             views.stdout_gone()
         where = output if output is not None else "stdout"
-        kept = f"; nothing written to {output}" if output is not None else ""
         fail(views.os_failure(exc, f"writing the results to {where}") + kept)
     finally:
         view.close()
@@ -385,7 +442,7 @@ def classify(
     if counts["inputs"] == 0:
         fail("nothing to classify (no paths were given on stdin)")
     if counts["classified"] == 0:
-        fail(f"none of the {counts['inputs']} inputs could be classified")
+        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
     if not quiet:
         where = f" -> {output}" if output is not None else ""
         note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
@@ -393,6 +450,12 @@ def classify(
         errors = f", errors {counts['errors']}" if counts["errors"] else ""
         sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
         note(f"labels: {labels}{errors}{sorted_to}")
+        if counts["skipped"]:
+            files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
+            warn(
+                f"skipped {files} in the folders whose names are not image names (the first: "
+                f"{tally.first_skipped}); give them as PATHs to classify them anyway"
+            )
     if counts["errors"]:
         if not quiet:
             if tally.listing and tally.listed < counts["errors"]:

@@ -28,7 +28,7 @@ from threengan_cli.views import note, print_json, warn
 
 
 # ----------------------------------------------------------------------------------- evaluate
-def _check_flags(split, threshold, threshold_from, threshold_rule, checkpoint, run, engine, plot):
+def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot):
     """Usage errors of evaluate's options, before any model or data is read."""
     from threengan_cli import evaluate as ev
 
@@ -42,13 +42,6 @@ def _check_flags(split, threshold, threshold_from, threshold_rule, checkpoint, r
         fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
     if threshold is not None and not 0.0 < threshold < 1.0:
         fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
-    if threshold_from is not None and checkpoint is None and run is None:
-        fail(
-            "--threshold-from stores the threshold in the model's checkpoint, and the bundled "
-            "default model is part of the installed package: copy it (threengan info shows "
-            "where it is) and pass --checkpoint COPY, or use --run",
-            EXIT_USAGE,
-        )
     if engine not in ("numpy", "torch"):
         fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
     if plot is not None:
@@ -128,8 +121,9 @@ def evaluate(
 
     --threshold-from val chooses the threshold on the val split of the
     prepared dataset DATA and stores it in the checkpoint's metadata
-    (--run or --checkpoint; the bundled model is never changed): classify
-    and evaluate then use it unless --threshold is given, and say so.
+    (--run or --checkpoint; the bundled model is never changed: copy it
+    first): classify and evaluate then use it unless --threshold is
+    given, and say so.
 
     Exit codes: 0 ok, 3 some images unreadable (scored without them),
     1 none readable, 2 usage error.
@@ -145,12 +139,22 @@ def evaluate(
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
     from threengan_cli import evaluate as ev
-    from threengan_cli.modelfile import CheckpointError, ModelError, update_meta
+    from threengan_cli.modelfile import (
+        CheckpointError,
+        ModelError,
+        ReadOnlyModel,
+        check_writable,
+        update_meta,
+    )
 
-    _check_flags(split, threshold, threshold_from, threshold_rule, checkpoint, run, engine, plot)
+    _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
     model = load_classifier_or_exit(checkpoint, run, device, engine)
     try:
         model.require_classifier()
+        if threshold_from is not None:  # before the work: the threshold is stored in it
+            check_writable(model.path)
+    except ReadOnlyModel as exc:
+        fail(str(exc), EXIT_USAGE)
     except ModelError as exc:
         fail(str(exc))
     try:
@@ -177,6 +181,8 @@ def evaluate(
         else:
             used, source = 0.5, "default"
         result = ev.evaluate(data_set, model, used, source, batch_size, workers, chosen=chosen)
+    except ModelError as exc:  # a damaged stored threshold
+        fail(str(exc))
     except ev.EvaluateError as exc:
         fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
     except KeyboardInterrupt:

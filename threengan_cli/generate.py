@@ -9,7 +9,8 @@ training.
 Files: ``gen_00000.png`` ... as 8-bit grayscale PNGs at the model's size. With ``label``
 the classifier labels each image: it goes into a sub-folder named for its class, or into
 ``uncertain/`` where its highest probability is below ``tau``, and ``labels.csv`` lists
-``file,label,p_<class>...``. The folder is built under a temporary name and renamed into
+``file,label,p_<class>...`` (probabilities written as classify writes them:
+:func:`classify.exact`). The folder is built under a temporary name and renamed into
 place at the end, so an interrupted run leaves nothing half-written.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from threengan_cli import fileio, system
+from threengan_cli import fileio, paths, system
+from threengan_cli.classify import exact
 from threengan_cli.images import grid_png
 from threengan_cli.inference import Model
 from threengan_cli.networks import from_model_range
@@ -36,7 +37,6 @@ from threengan_cli.networks import from_model_range
 Z_BLOCK = 256
 GRID_MAX = 64  # the grid shows the first images only: 10,000 thumbnails help no one
 UNCERTAIN = "uncertain"
-_SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
 class GenerateError(Exception):
@@ -95,10 +95,12 @@ def _batches(model: Model, count: int, seed: int, batch_size: int) -> Iterator[t
 
 def _check_classes(classes: list[str]) -> None:
     for name in classes:
-        if not _SAFE_FOLDER.match(name) or name == UNCERTAIN:
-            raise GenerateError(
-                f"class name {name!r} cannot be a folder name; --label needs plain class names"
-            )
+        try:
+            paths.check_class_folder(name)
+        except ValueError as exc:
+            raise GenerateError(f"--label sorts into class folders: {exc}") from None
+        if name == UNCERTAIN:
+            raise GenerateError(f"--label cannot sort a class named {name!r}: it is its own folder")
 
 
 def generate(
@@ -164,7 +166,7 @@ def generate(
             if table is not None:
                 file = f"{names[k]}/{file}"
                 counts[names[k]] += 1
-                table.writerow([file, names[k], *(f"{v:.6f}" for v in probs[k])])
+                table.writerow([file, names[k], *(exact(v) for v in probs[k])])
             (folder / file).write_bytes(_png(img))
 
     if out_dir is not None:

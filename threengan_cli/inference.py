@@ -71,11 +71,11 @@ class Model:
     @property
     def stored_threshold(self) -> dict[str, Any] | None:
         """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
-        return stored_threshold(self.meta)
+        return stored_threshold(self.meta, self.path or self.model_id)
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
-        return self.predict_proba(torch.from_numpy(images_u8)).numpy()
+        return self.predict_proba(torch.from_numpy(np.ascontiguousarray(images_u8))).numpy()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,10 @@ class ModelError(Exception):
 
 class ModelNotFound(ModelError):
     """The checkpoint or run the user named does not exist (a usage error, not a failure)."""
+
+
+class ReadOnlyModel(ModelError):
+    """A change to the bundled default model was asked for (a usage error)."""
 
 
 # ------------------------------------------------------------------------ checking a file
@@ -389,16 +394,40 @@ def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
 THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
 
 
-def stored_threshold(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata,
-    or ``None`` (none stored, or not a usable value: the default 0.5 applies then)."""
+def stored_threshold(meta: dict[str, Any], path: Path | str) -> dict[str, Any] | None:
+    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata, or
+    ``None`` where none is stored.
+
+    A stored value that is not a number strictly between 0 and 1 (NaN, 2.0, text) is a
+    :class:`ModelError`: deciding at the default 0.5 instead would silently give other
+    labels than the ones the stored threshold was chosen to give. Checked where the
+    threshold is used, so that ``--threshold`` or a new ``--threshold-from`` still works."""
     found = meta.get(THRESHOLD_KEY)
-    if not isinstance(found, dict):
+    if found is None:
         return None
-    value = found.get("value")
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        return None
+    value = found.get("value") if isinstance(found, dict) else found
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ModelError(
+            f"{path}: its stored threshold {value!r} is not a number between 0 and 1 (damaged "
+            "metadata); give --threshold, or store a new one with evaluate --threshold-from val"
+        )
     return found
+
+
+# ------------------------------------------------------------------ the bundled model
+def check_writable(path: Path) -> None:
+    """Refuse to change the bundled default model: it is part of the installed package, and
+    every later run without --run or --checkpoint would silently use what was changed."""
+    bundled = bundled_model()
+    try:
+        same = bundled is not None and os.path.samefile(path, bundled)
+    except OSError:
+        same = False
+    if same:
+        raise ReadOnlyModel(
+            f"{path} is the bundled default model, which threengan never changes: copy it "
+            f"(cp {bundled} my-model.safetensors) and pass --checkpoint my-model.safetensors"
+        )
 
 
 def _read_header(fh: Any, path: Path) -> dict[str, Any]:
@@ -437,6 +466,7 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
     and its metadata updated by ``changes`` (a key set to None is dropped)."""
     from threengan_cli import fileio
 
+    check_writable(target)
     check_file(source)
     with open(source, "rb") as src:
         header = _read_header(src, source)
@@ -492,6 +522,7 @@ def update_meta(path: Path, changes: dict[str, Any]) -> None:
     """
     from threengan_cli import fileio
 
+    check_writable(path)
     check_file(path)
     with open(path, "rb") as src:
         header = _read_header(src, path)

@@ -14,6 +14,10 @@ Images go through exactly the preprocessing recorded in the checkpoint: ``prepar
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +35,15 @@ def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> n
     """x (B, H, W, C) channels-last, ``kernel`` (k*k*C, O) from :func:`_kernel` -> (B, H', W', O).
 
     im2col with the channels innermost (each window is copied in runs of C contiguous values,
-    not gathered value by value), then one matrix product.
+    not gathered value by value), then one matrix product per image (see :func:`_per_image`).
     """
     if pad:
         x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
     windows = windows[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)  # (B, H', W', k, k, C)
     b, h, w = windows.shape[:3]
-    columns = windows.reshape(b * h * w, -1)
-    return (columns @ kernel).reshape(b, h, w, kernel.shape[1])
+    columns = windows.reshape(b, h * w, -1)  # (B, H'*W', k*k*C)
+    return np.matmul(columns, kernel).reshape(b, h, w, kernel.shape[1])
 
 
 def _kernel(weight: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -67,13 +71,25 @@ class NumpyClassifier:
     scale: float = 1 / 127.5  # uint8 -> model range, as the checkpoint records
     offset: float = -1.0
     device: str = "cpu (numpy)"
-    stored_threshold: dict[str, Any] | None = None  # from ``evaluate --threshold-from``
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def stored_threshold(self) -> dict[str, Any] | None:
+        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
+        return modelfile.stored_threshold(self.meta, self.path)
 
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
+        logits = _per_image(self._logits, images_u8)[:, : self.keep]
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def _logits(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W) -> all the head's logits (B, outputs)."""
         scale, offset = np.float32(self.scale), np.float32(self.offset)
         x = images_u8.astype(np.float32)[..., None] * scale + offset
         for kernel, shift in self.layers:
@@ -82,19 +98,38 @@ class NumpyClassifier:
                 x += shift
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
         kernel, bias = self.head
-        # The head is one (K*K*C) x classes product per image, one image at a time: as a
-        # single (B, K*K*C) product, OpenBLAS picks its kernel (and so its summation order)
-        # by B, and the same image gave a different last digit at --batch-size 1 and 64.
-        # The stages above are big products whose rows never change kernel with B; a test
-        # checks batch sizes 1, 3 and 64 give identical probabilities.
-        heads = [_conv(x[i : i + 1], kernel, _K, stride=1, pad=0) for i in range(x.shape[0])]
-        logits = np.concatenate(heads).reshape(x.shape[0], -1)
-        if bias is not None:
-            logits = logits + bias
-        logits = logits[:, : self.keep]
-        logits = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
+        return logits if bias is None else logits + bias
+
+
+# Why one matrix product per image, on one BLAS thread: OpenBLAS's GEMM kernels sum a row's
+# terms in an order that depends on where the row falls in the call (its tile, the tail of a
+# block, the slice a thread takes). Measured on an AMD EPYC under the Haswell/Zen kernels
+# (the ones OpenBLAS picks on AVX2 CPUs): moving the same rows by one position in a call
+# changed a sixth of them in the last bits, even at a fixed call shape, so images batched
+# into one product got probabilities that depended on their neighbours (525 of the 624 test
+# images changed between --batch-size 1 and 64). np.matmul over a stack makes one call per
+# image, always of the same shape and at the same position, so an image's probabilities are
+# the same in every batch, shard and position. One BLAS thread per call keeps them the same
+# for any thread count too, and is faster on these small products than two (measured: the
+# classifier at 1.18x the time of one batched product, against 3x with BLAS threads); the
+# images are spread over a thread pool instead (matmul releases the GIL).
+@functools.cache
+def _threads() -> tuple[int, ThreadPoolExecutor, Any]:
+    """One thread per usable core, their pool, and a handle on BLAS's own thread count."""
+    from threadpoolctl import ThreadpoolController
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    return cores, ThreadPoolExecutor(cores), ThreadpoolController()
+
+
+def _per_image(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``forward`` over ``images``, split across the thread pool, with BLAS at one thread."""
+    cores, pool, blas = _threads()
+    chunks = [c for c in np.array_split(images, cores) if len(c)] or [images]
+    with blas.limit(limits=1, user_api="blas"):
+        return np.concatenate(list(pool.map(forward, chunks)))
 
 
 def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassifier:
@@ -137,7 +172,7 @@ def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassif
         layers=_layers(weights, path),
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
         keep=keep,
-        stored_threshold=modelfile.stored_threshold(meta),
+        meta=meta,
         scale=scale,
         offset=offset,
     )

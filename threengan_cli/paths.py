@@ -13,6 +13,10 @@ from pathlib import Path
 
 ENV_HOME = "THREENGAN_HOME"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A class name that becomes a folder: letters and digits of any script, then also space,
+# '.', '_' and '-'; never a trailing space or dot (Windows drops them). So never "..", a
+# slash, an absolute path, a hidden name or a control character.
+_CLASS_FOLDER = re.compile(r"[^\W_](?:[\w .-]{0,98}[\w-])?")
 
 
 def home() -> Path:
@@ -37,6 +41,18 @@ def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(
             f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)"
+        )
+    return name
+
+
+def check_class_folder(name: str) -> str:
+    """A class name used as a folder name (``classify --sort-into``, ``generate --label``)
+    must be one plain path component; a model's class names come from its checkpoint, which
+    anybody may have written, so they are never trusted to stay inside the output folder."""
+    if not isinstance(name, str) or not _CLASS_FOLDER.fullmatch(name):
+        raise ValueError(
+            f"class name {name!r} cannot be a folder name (letters, digits, space, '.', '_' "
+            "or '-', starting with a letter or digit, at most 100)"
         )
     return name
 

@@ -1,4 +1,12 @@
-"""The classify row writer: streams result rows as a table, CSV, JSON or JSONL, one at a time."""
+"""The classify row writer: streams result rows as a table, CSV, JSON or JSONL, one at a time.
+
+JSON and JSONL hold every value exactly: a file name that is not UTF-8 keeps its bytes as
+``\\udcXX`` escapes (Python's ``json`` and ``os.fsencode`` give the bytes back). CSV and the
+table are text for people and spreadsheets, so there (:func:`csv_cell`) such bytes are
+written as ``\\xNN``, and a text cell that a spreadsheet would run as a formula (starting with
+``=``, ``+``, ``-``, ``@``, a tab or a carriage return, as OWASP lists them) gets a leading
+``'``, as OWASP advises: the cell then shows as the text it is.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,26 @@ from typing import Any
 
 FORMATS = ("table", "csv", "json", "jsonl")
 SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text(value: str) -> str:
+    """A file name as UTF-8 text: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) become ``\\xNN``, so writing the name can never fail."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name byte gives (from stdin, say)
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value for a CSV cell: text made writable (:func:`text`) and never a live spreadsheet
+    formula; numbers as they are."""
+    if not isinstance(value, str):
+        return value
+    value = text(value)
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
 
 
 class RowWriter:
@@ -27,7 +55,7 @@ class RowWriter:
 
     def begin(self) -> None:
         if self.fmt == "csv":
-            self.csv.writerow(self.columns)
+            self.csv.writerow([csv_cell(c) for c in self.columns])
         elif self.fmt == "json":
             head = json.dumps(
                 {
@@ -56,7 +84,7 @@ class RowWriter:
     def write(self, row) -> None:
         if self.fmt == "csv":
             rec = self.record(row)
-            self.csv.writerow(["" if rec[k] is None else rec[k] for k in self.columns])
+            self.csv.writerow(["" if rec[k] is None else csv_cell(rec[k]) for k in self.columns])
         elif self.fmt == "jsonl":
             self.stream.write(json.dumps(self.record(row)) + "\n")
         elif self.fmt == "json":
@@ -68,8 +96,8 @@ class RowWriter:
                 (f"{probs[c]:.4f}" if c in probs else "-").ljust(w)
                 for c, w in zip(self.classes, self.widths[1:], strict=True)
             ]
-            tail = f"  (error: {row.error})" if row.error else ""
-            self.stream.write("  ".join([*cells, row.path]) + tail + "\n")
+            tail = f"  (error: {text(row.error)})" if row.error else ""
+            self.stream.write("  ".join([*cells, text(row.path)]) + tail + "\n")
         self.first = False
 
     def end(self, summary: dict[str, int]) -> None:

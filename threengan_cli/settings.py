@@ -9,10 +9,10 @@ it allows, which the CLI prints and exits 2 on.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,6 +22,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli before it joined the standard library
+    import tomli as tomllib
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
@@ -337,6 +342,10 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise SettingsError(f"config file {path} line {line} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} cannot be read: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise SettingsError(
+            f"config file {path} nests arrays or tables too deeply to be a settings file"
+        ) from None
     unknown = sorted(set(data) - set(SECTION_NAMES))
     if unknown:
         raise SettingsError(

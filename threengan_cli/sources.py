@@ -76,7 +76,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
 _SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
 
 
-def _is_system_file(name: str) -> bool:
+def is_system_file(name: str) -> bool:
     """``.DS_Store``, ``._*`` resource forks, ``Thumbs.db``...: skipped without a word."""
     return name.startswith(".") or name.lower() in _SYSTEM_FILES
 
@@ -85,7 +85,7 @@ def _loose_files(folder: Path, source: Path, why: str) -> list[tuple[str, str]]:
     """Files lying beside the class folders: skipped, with the reason."""
     out = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if _is_system_file(entry.name):
+        if is_system_file(entry.name):
             continue
         if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
             rel = _rel(Path(entry.path), source)
@@ -124,7 +124,7 @@ def _walk_class(folder: Path, label: int, split: str, source: Path, items, skipp
             rel = f"{rel_root}/{name}"
             if images.is_image_file(full):
                 items.append(Item(rel, label, split, full))
-            elif not _is_system_file(name):
+            elif not is_system_file(name):
                 skipped.append((rel, NOT_AN_IMAGE))
 
 

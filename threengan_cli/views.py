@@ -8,8 +8,11 @@ imported on first use: ``rich.console`` alone costs about 40 ms of every start.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import json
+import os
 import sys
 import time
 import types
@@ -80,6 +83,39 @@ def esc(text: Any) -> str:
     from rich.markup import escape
 
     return escape(str(text))
+
+
+# ----------------------------------------------------------------------------------- help
+def _example_width(help_text: str) -> int:
+    """Columns the widest example of a help text needs: its indented lines, with rich's
+    one-column padding on each side."""
+    from rich.text import Text
+
+    lines = inspect.cleandoc(help_text).splitlines()
+    examples = [line for line in lines if line.startswith("  ") and line.strip()]
+    return max((Text.from_markup(line).cell_len for line in examples), default=0) + 2
+
+
+@contextlib.contextmanager
+def unwrapped_examples(help_text: str):
+    """Examples are meant to be pasted into a shell. Where stdout is not a terminal (help
+    piped into a file or a pager) rich wraps the help at 80 columns, which cuts a long
+    example in two; there the help is made as wide as its widest example instead."""
+    from rich.console import Console
+
+    need = _example_width(help_text)
+    if sys.stdout.isatty() or need <= Console().width:
+        yield
+        return
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(need)  # the width rich's consoles take when not on a terminal
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
 
 
 # ------------------------------------------------------------------------------- messages
