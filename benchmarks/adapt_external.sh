@@ -7,8 +7,9 @@
 # names of ../shared/data/external-dev/nih-cxr8-darkcovidnet); WORK: a new folder outside
 # the repository. Splits SOURCE by patient (tools/adapt_split.py: 20 labelled and 35
 # unlabelled per class, the rest held out), prepares the labelled + held-out images, then
-# scores on the held-out images: the bundled model; 3ngan started from it with and without
-# the unlabelled pool; and 3ngan trained from scratch on the same labels. Every run: the
+# scores on the held-out images: the bundled model; 3ngan started from it with the
+# unlabelled pool (as the pool runs by default, and with unlabelled_norm = "labelled") and
+# without; and 3ngan trained from scratch on the same labels. Every run: the
 # robust recipe, width 64 (the bundled model's), all the labelled images, EPOCHS epochs
 # (default 60), the final model. Prints one line per model; the runs and their summaries stay
 # under HOME/runs/adapt-s<SEED>-*.
@@ -37,6 +38,8 @@ train() {  # run name, extra flags...
 train init-pool --init default --unlabelled "$work/unlabelled"
 train init --init default
 train scratch
+printf '[train]\nunlabelled_norm = "labelled"\n' >"$work/labelled-norm.toml"
+train init-pool-bn --init default --unlabelled "$work/unlabelled" --config "$work/labelled-norm.toml"
 
 $py - "$work" <<'EOF'
 import json, sys
@@ -44,8 +47,9 @@ from pathlib import Path
 
 work = Path(sys.argv[1])
 rows = [("bundled model", json.loads((work / "bundled.json").read_text()))]
-for run, label in (("init-pool", "--init default, pool"), ("init", "--init default, no pool"),
-                   ("scratch", "from scratch")):
+for run, label in (("init-pool", "--init default, pool"),
+                   ("init-pool-bn", "--init default, pool, unlabelled_norm = labelled"),
+                   ("init", "--init default, no pool"), ("scratch", "from scratch")):
     rows.append((label, json.loads((work / f"{run}.json").read_text())["test"]))
 print("model | held-out n | accuracy | AUC | sensitivity | specificity")
 for label, m in rows:
