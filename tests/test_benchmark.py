@@ -80,6 +80,8 @@ def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
     ]
     report = (out / "report.md").read_text()
     assert "Profile **smoke**" in report and "beside the paper's Table 1" in report
+    assert "## Val (the split carved from train: what to choose on)" in report
+    assert rows[0]["val_accuracy_mean"] != ""
     assert "optimistic" in report and "epochs 1 instead of 100" in report
     if importlib.util.find_spec("matplotlib") is None:
         assert "pip install 'threengan[plot]'" in report
@@ -152,6 +154,43 @@ def test_aggregation_is_mean_and_sample_std_over_finished_repeats():
     assert row["accuracy_diff_points"] == pytest.approx(90.0 - 91.52)
     assert rows[0]["accuracy"]["std"] is None  # one repeat: no spread to report
     assert report.mean_std([])["mean"] is None and report.mean_std([])["n"] == 0
+
+
+def test_paired_differences_carry_the_same_difference_on_val():
+    def run(method, repeat, test_acc, val_acc):
+        return {**_fake_run(method, 200, repeat, test_acc), "val": {"accuracy": val_acc}}
+
+    runs = [
+        run("3ngan", 0, 0.80, 0.90),
+        run("3ngan", 1, 0.84, 0.92),
+        run("vanilla", 0, 0.78, 0.91),
+        run("vanilla", 1, 0.80, 0.95),
+    ]
+    (c,) = report.comparisons(runs, [("3ngan", "vanilla")], [200])
+    assert c["mean"] == pytest.approx(0.03) and c["pairs"] == 2
+    assert c["val"]["mean"] == pytest.approx(-0.02) and c["val"]["pairs"] == 2
+    (row,) = report.aggregate(runs, ["3ngan"], [200])
+    assert row["val_accuracy"]["mean"] == pytest.approx(0.91)
+    without_val = [{k: v for k, v in r.items() if k != "val"} for r in runs]
+    assert report.comparisons(without_val, [("3ngan", "vanilla")], [200])[0]["val"] is None
+
+
+def test_the_ssl_profile_compares_each_rung_with_the_cell_it_adds_to():
+    cfg = benchmark.resolve_settings("ssl", repeats=2)
+    assert cfg.recipes == ("robust",)
+    pairs = set(benchmark.comparison_pairs(cfg))
+    assert ("3ngan-unl+robust", "3ngan+robust") in pairs
+    assert ("3ngan-unl+robust", "vanilla-unl+robust") in pairs  # the game, with the pool
+    assert ("vanilla-unl+robust", "vanilla+robust") in pairs
+    for rung in benchmark.POOL_RUNGS:
+        assert (f"{rung}+robust", "3ngan-unl+robust") in pairs
+    for rung in benchmark.GENERATED_RUNGS:
+        assert (f"{rung}+robust", "3ngan+robust") in pairs
+    by_method = {s.method: s.settings for s in benchmark.grid(cfg) if s.repeat == 0}
+    assert by_method["3ngan-unl-mu7"].unlabelled_ratio == 7
+    assert by_method["3ngan-unl-mt"].unlabelled_teacher and by_method["3ngan-unl-mt"].ema > 0
+    assert by_method["3ngan-gmt"].generated_teacher and by_method["3ngan-gmt"].unlabelled is None
+    assert {s.recipe for s in by_method.values()} == {"robust"}
 
 
 # ---------------------------------------------------------------------- skip and resume

@@ -171,7 +171,7 @@ def test_threshold_from_val_refuses_the_bundled_model_and_non_prepared_data(tree
     assert bundled.exit_code == 2 and "--checkpoint" in bundled.stderr
     folder = _eval(str(tree), "--checkpoint", str(model_file), "--threshold-from", "val")
     assert folder.exit_code == 2 and "prepared dataset" in folder.stderr
-    assert "threshold" not in json.dumps(load_model(model_file, device="cpu").meta)
+    assert "threshold" not in load_model(model_file, device="cpu").meta  # nothing stored
     both = _eval(str(tree), "--checkpoint", str(model_file), "--threshold", "0.3",
                  "--threshold-from", "val")
     assert both.exit_code == 2

@@ -164,3 +164,44 @@ def test_losses_stay_finite_for_extreme_logits():
     assert torch.isfinite(losses.sgan_discriminator_loss(big, torch.tensor([0, 1]), big))
     assert torch.isfinite(losses.kl_batch_mean(big[:, :2], -big[:, :2]))
     assert torch.isfinite(losses.kl_per_pair(big[:, :2], -big[:, :2]))
+
+
+def test_confident_argmax_takes_a_threshold_per_class_of_the_argmax():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]])
+    labels, weights = losses.confident_argmax(probs, torch.tensor([0.65, 0.9]))
+    assert labels.tolist() == [0, 1, 1]
+    assert weights.tolist() == [1.0, 0.0, 0.0]  # 0.7 > 0.65; 0.6 and 0.8 not over 0.9
+    _, same = losses.confident_argmax(probs, 0.65)
+    assert same.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_pseudo_labels_are_the_confident_argmax_of_the_softmax():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 0.1]])
+    expected = losses.confident_argmax(torch.softmax(logits, dim=1), 0.9)
+    got = losses.pseudo_labels(logits, 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_distribution_alignment_scales_by_target_over_model_mean_and_renormalises():
+    probs = torch.tensor([[0.6, 0.4], [0.2, 0.8]])
+    target = torch.tensor([0.5, 0.5])
+    model_mean = torch.tensor([0.8, 0.2])  # the model favours class 0
+    # row 1: 0.6 * 0.625 = 0.375, 0.4 * 2.5 = 1.0 -> 0.2727, 0.7273
+    # row 2: 0.2 * 0.625 = 0.125, 0.8 * 2.5 = 2.0 -> 0.0588, 0.9412
+    got = losses.align_distribution(probs, target, model_mean)
+    assert got[0].tolist() == pytest.approx([0.375 / 1.375, 1.0 / 1.375])
+    assert got[1].tolist() == pytest.approx([0.125 / 2.125, 2.0 / 2.125])
+    same = losses.align_distribution(probs, target, target)
+    assert torch.allclose(same, probs)
+
+
+def test_adaptive_thresholds_scale_the_global_bar_by_each_class_mean_over_the_largest():
+    got = losses.adaptive_thresholds(torch.tensor(0.8), torch.tensor([0.3, 0.6]))
+    assert got.tolist() == pytest.approx([0.4, 0.8])
+
+
+def test_rampup_rises_from_exp_minus_5_to_1_and_stays():
+    values = losses.rampup(torch.tensor([-1.0, 0.0, 0.5, 1.0, 3.0])).tolist()
+    assert values == pytest.approx(
+        [math.exp(-5), math.exp(-5), math.exp(-5 * 0.25), 1.0, 1.0], rel=1e-6
+    )

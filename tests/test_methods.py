@@ -231,3 +231,93 @@ def test_frozen_restores_requires_grad_even_after_an_error():
         assert not any(p.requires_grad for p in net.parameters())
         raise RuntimeError
     assert all(p.requires_grad for p in net.parameters())
+
+
+# ------------------------------------------------------------------ pseudo-label options
+def _pool(seed: int = 5, n: int = BATCH) -> torch.Tensor:
+    return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _labels_from(settings, teacher=None):
+    from threengan_cli import pseudolabels
+
+    if teacher is None:
+        return pseudolabels.plain(settings, K, torch.device("cpu"))
+    return pseudolabels.build(settings, K, torch.device("cpu"), teacher=teacher)
+
+
+def _c_after_step(method, nets, settings, pseudo, **kw):
+    opts = METHODS[method].optimizers(nets, settings)
+    real = torch.rand(BATCH, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    _step(method, settings, nets, opts, real, torch.tensor([0, 1, 0, 1]), pseudo=pseudo, **kw)
+    return _params(nets["C"])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "3ngan"])
+def test_a_teacher_labels_the_pool_and_is_never_updated(method):
+    settings, nets, *_ = _setup(method, ema=0.99, unlabelled_teacher=True, unlabelled_tau=0.0)
+    teacher = _with_other_classifier(nets)["C"]
+    kept = _params(teacher)
+    pseudo = _labels_from(settings, teacher)
+    with_teacher = _c_after_step(method, copy.deepcopy(nets), settings, pseudo, unlabelled=_pool())
+    assert _same(kept, _params(teacher))
+    # the pool's pseudo-labels are the teacher's argmax on the un-augmented pool images
+    with torch.no_grad():
+        expected = torch.bincount(teacher(_pool()).argmax(1), minlength=K).float()
+    assert torch.equal(pseudo.unlabelled.counts[0], expected)
+    # and C learns from them: labelled by C itself, C ends elsewhere
+    own = _c_after_step(method, nets, settings, _labels_from(settings), unlabelled=_pool())
+    assert not _same(with_teacher, own)
+
+
+def test_a_teacher_labels_the_generated_images_when_asked():
+    settings, nets, *_ = _setup("3ngan", ema=0.99, generated_teacher=True, tau=0.0, lam=1.0)
+    teacher = _with_other_classifier(nets)["C"]
+    kept = _params(teacher)
+    with_teacher = _c_after_step(
+        "3ngan", copy.deepcopy(nets), settings, _labels_from(settings, teacher)
+    )
+    assert _same(kept, _params(teacher))
+    own = _c_after_step("3ngan", nets, settings, _labels_from(settings))
+    assert not _same(with_teacher, own)
+
+
+def test_with_a_larger_unlabelled_ratio_d_still_sees_one_batch_of_the_pool():
+    results = {}
+    for ratio in (1, 2):
+        settings, nets, opts, real, labels = _setup("3ngan", unlabelled_ratio=ratio)
+        pool = _labels_from(settings)
+        unlabelled = _pool(n=ratio * BATCH)
+        _step("3ngan", settings, nets, opts, real, labels, unlabelled=unlabelled, pseudo=pool)
+        results[ratio] = (_params(nets["D"]), _params(nets["C"]), pool.unlabelled.counts)
+    assert _same(results[1][0], results[2][0])  # D: the same first batch of the pool
+    assert not _same(results[1][1], results[2][1])  # C: pseudo-labels of all of it
+    assert results[1][2][0].sum() == BATCH and results[2][2][0].sum() == 2 * BATCH
+
+
+def test_a_step_without_labellers_labels_the_pool_as_the_papers_rule():
+    runs = []
+    for given in (False, True):
+        settings, nets, opts, real, labels = _setup("3ngan")
+        pseudo = _labels_from(settings) if given else None
+        _step("3ngan", settings, nets, opts, real, labels, unlabelled=_pool(), pseudo=pseudo)
+        runs.append([_params(net) for net in nets.values()])
+    assert all(_same(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_with_labelled_norm_the_pool_is_labelled_under_the_labelled_batchs_statistics():
+    from threengan_cli.networks import separately
+
+    pool = _pool() * 0.5 + 0.4  # brighter than the labelled batch: other statistics
+
+    settings, nets, opts, real, labels = _setup(
+        "3ngan", unlabelled_norm="labelled", unlabelled_tau=0.0
+    )
+    with torch.no_grad():
+        own = separately(copy.deepcopy(nets["C"]), pool)[0].argmax(1)
+        borrowed = separately(copy.deepcopy(nets["C"]), real, pool, borrow={1: 0})[1].argmax(1)
+    pseudo = _labels_from(settings)
+    _step("3ngan", settings, nets, opts, real, labels, unlabelled=pool, pseudo=pseudo)
+    assert torch.equal(pseudo.unlabelled.counts[0], torch.bincount(borrowed, minlength=K).float())
+    # else this test could not tell the two apart
+    assert not torch.equal(torch.bincount(own, minlength=K), torch.bincount(borrowed, minlength=K))

@@ -141,3 +141,32 @@ def test_separately_is_not_the_same_as_normalising_the_stacked_batch_together():
     split = torch.cat(separately(net, real, fake))
     together = net(torch.cat([real, fake]))
     assert not torch.allclose(split, together, atol=1e-3)
+
+
+def test_a_borrowing_part_is_normalised_by_the_other_parts_statistics_and_tracks_none():
+    torch.manual_seed(0)
+    net = Classifier(2, width=4, image_size=16, channels=1)
+    net.apply(init_dcgan_weights)
+    alone = copy.deepcopy(net)
+    ref, other = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16) * 3 + 2
+    ref_out, borrowed = separately(net, ref, other, borrow={1: 0})
+    torch.testing.assert_close(ref_out, alone(ref), rtol=1e-5, atol=1e-6)
+    # by hand: every BatchNorm layer uses the reference's batch mean and (biased) variance,
+    # obtained by running both through the network in eval mode with those as its statistics
+    by_hand = copy.deepcopy(net)
+    norms = [m for m in by_hand.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    captured = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].detach())) for m in norms
+    ]
+    by_hand.train()(ref)
+    for h in hooks:
+        h.remove()
+    for m, x in zip(norms, captured, strict=True):
+        m.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        m.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    torch.testing.assert_close(borrowed, by_hand.eval()(other), rtol=1e-4, atol=1e-5)
+    # only the reference part moved the running statistics: as one call on it alone
+    for (name, b), c in zip(alone.named_buffers(), net.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(borrowed, separately(net, ref, other)[1], atol=1e-3)

@@ -32,6 +32,16 @@ def test_flags_override_the_config_file(tmp_path):
         ({"lr": 0}, "train.lr: must satisfy 0.0 < lr <= 1.0 (got 0)"),
         ({"method": "gan"}, "train.method: must be one of"),
         ({"device": "gpu"}, "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+        (
+            {"recipe": "paper", "unlabelled_teacher": True},
+            "train.unlabelled_teacher: needs ema > 0: the teacher is the moving average",
+        ),
+        (
+            {"ema": 0.0, "generated_teacher": True},
+            "train.generated_teacher: needs ema > 0",
+        ),
+        ({"unlabelled_ratio": 0}, "train.unlabelled_ratio: must satisfy 1 <= unlabelled_ratio"),
+        ({"unlabelled_threshold": "flex"}, "train.unlabelled_threshold: must be one of"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_field_and_range(flags, expected):
@@ -100,7 +110,7 @@ def test_a_config_file_number_for_a_float_setting_is_fine(tmp_path):
 
 def test_a_non_utf8_or_oversized_config_or_a_section_that_is_no_table_is_one_line(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_bytes(b"[train]\nepochs = 3\nname = \"caf\xe9\"\n")
+    config.write_bytes(b'[train]\nepochs = 3\nname = "caf\xe9"\n')
     with pytest.raises(SettingsError, match="line 3 is not UTF-8 text"):
         resolve("train", config)
     config.write_text("train = 3\n")
@@ -109,6 +119,15 @@ def test_a_non_utf8_or_oversized_config_or_a_section_that_is_no_table_is_one_lin
     config.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
     with pytest.raises(SettingsError, match="larger than"):
         resolve("train", config)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "robust"])
+def test_the_pseudo_label_options_are_off_in_both_recipes(recipe):
+    cfg = resolve("train", recipe=recipe)
+    assert (cfg.unlabelled_ratio, cfg.unlabelled_rampup) == (1, 0)
+    assert not (cfg.unlabelled_align or cfg.unlabelled_teacher or cfg.generated_teacher)
+    assert cfg.unlabelled_threshold == "fixed"
+    assert resolve("train", recipe=recipe, ema=0.99, unlabelled_teacher=True).unlabelled_teacher
 
 
 def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):

@@ -358,3 +358,30 @@ def test_gpu_turns_are_lent_for_host_work_and_taken_back():
     order.append("back")
     turns.release()
     assert order == ["other", "host work", "back"]
+
+
+def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
+    from model_factory import write_image
+
+    from threengan_cli.datasets import prepare
+    from threengan_cli.settings import PrepareSettings
+
+    for i in range(6):
+        for label in ("a", "b"):
+            write_image(
+                tmp_path / "src" / label / f"{label}{i}.png",
+                (16, 16),
+                seed=i + 100 * (label == "b"),
+            )
+    prepare(
+        tmp_path / "src",
+        tmp_path / "ds",
+        PrepareSettings(image_size=16, val_fraction=0.0, min_val=0),
+    )
+    run = tmp_path / "run"
+    summary = training.train(tmp_path / "ds", _settings(epochs=3), run)
+    assert summary["best_epoch_on_val"] == 3
+    best = training.checkpoints.load(run / "best.safetensors")
+    last = training.checkpoints.load(run / "last.safetensors")
+    assert best.meta["position"]["epoch"] == 3
+    assert all(torch.equal(v, last.group("net")[k]) for k, v in best.group("net").items())

@@ -33,7 +33,9 @@ from pydantic import ValidationError
 from threengan_cli import fileio, runs, system
 from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
     ABLATIONS,
+    GENERATED_RUNGS,
     LADDER,
+    POOL_RUNGS,
     PROFILES,
     VARIANTS,
     BenchmarkSettings,
@@ -289,6 +291,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     record.update(
         status="finished",
         test=summary["test"],
+        val=summary.get("val") or {},
         best_epoch_on_test=best,
         best_epoch_on_val=summary.get("best_epoch_on_val"),
         test_adapted_bn=summary.get("test_adapted_bn"),

@@ -362,6 +362,15 @@ def train(
             "a folder; 'none' for none. \\[default: by recipe]"
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a trained model's networks to fine-tune them: default (the "
+            "bundled model), a run (name or folder) or a checkpoint file. Its classes, image "
+            "size and width must be the run's. \\[default: fresh networks]",
+            show_default=False,
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)
@@ -408,6 +417,8 @@ def train(
       threengan train kermany --method vanilla --size 1000 --seed 1 --name van-1000-s1
 
       threengan train --resume van-1000-s1 --epochs 150
+
+      threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
     flags = {
         "method": method,
@@ -429,6 +440,7 @@ def train(
         "ema": ema,
         "augment": augment,
         "unlabelled": unlabelled,
+        "init": init,
     }
     if checkpoint_every < 0:
         fail(f"--checkpoint-every takes seconds, 0 or more (got {checkpoint_every})", EXIT_USAGE)
@@ -480,6 +492,9 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
         view.close()
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(interrupt_code(exc.signum)) from None
+    except training.InitNotFound as exc:
+        view.close()
+        fail(str(exc), EXIT_USAGE)
     except (
         training.TrainingError,
         CheckpointError,

@@ -12,6 +12,10 @@ class TrainingError(Exception):
     """A run that cannot start or continue; the message is one line meant for the user."""
 
 
+class InitNotFound(TrainingError):
+    """The model ``train --init`` names does not exist (a usage error, not a failure)."""
+
+
 class NonFiniteLoss(TrainingError):
     """A loss became NaN or inf; the last good checkpoint is kept."""
 

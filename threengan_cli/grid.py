@@ -25,6 +25,13 @@ from threengan_cli.settings import Precision, Recipe, TrainSettings
 _PBN = {"recipe": "paper", "precise_bn": True}
 _PBN_EMA = {**_PBN, "ema": 0.999}
 _PBN_EMA_AUG = {**_PBN_EMA, "augment": "translation,cutout,color"}
+# The `ssl` profile's rungs, all under the robust recipe: the unlabelled pool with one
+# pseudo-label option at a time (the pool's pseudo-labels under the labelled batch's
+# BatchNorm statistics, distribution alignment, FreeMatch thresholds, a mean teacher, mu = 7,
+# a ramp-up over 10 epochs), and without a pool the generated images' term
+# with a larger weight, a lower bar or a teacher (pseudolabels.py says what each does).
+_POOL = {"recipe": "robust", "unlabelled": "rest"}
+_GEN = {"recipe": "robust"}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "3ngan-nokl": ("3ngan", {"kl": "none"}),
     "3ngan-nogc": ("3ngan", {"use_generator_classifier_loss": False}),
@@ -32,9 +39,37 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "3ngan-pbn": ("3ngan", _PBN),
     "3ngan-pbn-ema": ("3ngan", _PBN_EMA),
     "3ngan-pbn-ema-aug": ("3ngan", _PBN_EMA_AUG),  # the robust recipe, named as a rung
-    "3ngan-unl": ("3ngan", {"recipe": "robust", "unlabelled": "rest"}),
+    "3ngan-unl": ("3ngan", _POOL),
+    "vanilla-unl": ("vanilla", _POOL),
+    "3ngan-unl-da": ("3ngan", {**_POOL, "unlabelled_align": True}),
+    "3ngan-unl-fm": ("3ngan", {**_POOL, "unlabelled_threshold": "adaptive"}),
+    "3ngan-unl-mt": ("3ngan", {**_POOL, "unlabelled_teacher": True}),
+    "3ngan-unl-mu7": ("3ngan", {**_POOL, "unlabelled_ratio": 7}),
+    "3ngan-unl-ramp": ("3ngan", {**_POOL, "unlabelled_rampup": 10}),
+    "3ngan-unl-bn": ("3ngan", {**_POOL, "unlabelled_norm": "labelled"}),
+    "3ngan-lam-0p1": ("3ngan", {**_GEN, "lam": 0.1}),
+    "3ngan-lam-1": ("3ngan", {**_GEN, "lam": 1.0}),
+    "3ngan-tau-0p7": ("3ngan", {**_GEN, "tau": 0.7}),
+    "3ngan-gmt": ("3ngan", {**_GEN, "generated_teacher": True}),
 }
 ABLATIONS = ("3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
+# What a variant is compared with, on the same seeds (cells of the same recipe): the cell it
+# adds one thing to, and for the pool with and without 3N-GAN's game, its vanilla twin.
+POOL_RUNGS = (
+    "3ngan-unl-bn",
+    "3ngan-unl-da",
+    "3ngan-unl-fm",
+    "3ngan-unl-mt",
+    "3ngan-unl-mu7",
+    "3ngan-unl-ramp",
+)
+GENERATED_RUNGS = ("3ngan-lam-0p1", "3ngan-lam-1", "3ngan-tau-0p7", "3ngan-gmt")
+BASELINES: dict[str, tuple[str, ...]] = {
+    "3ngan-unl": ("3ngan", "vanilla-unl"),
+    "vanilla-unl": ("vanilla",),
+    **dict.fromkeys(POOL_RUNGS, ("3ngan-unl",)),
+    **dict.fromkeys(GENERATED_RUNGS, ("3ngan",)),
+}
 
 
 def variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -56,7 +91,7 @@ UNLABELLED_COST = 1.7
 # 577 img/s on the same 2 cores, 1.7 ms).
 EVAL_MS_PER_IMAGE = 1.7
 
-Profile = Literal["smoke", "quick", "paper", "study"]
+Profile = Literal["smoke", "quick", "paper", "study", "ssl"]
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Seconds on a tiny dataset; what the tests run. Not a measurement of anything.
@@ -116,6 +151,29 @@ PROFILES: dict[str, dict[str, Any]] = {
         "width": 32,
         "latent": 100,
         "recipes": ("paper", "robust"),
+    },
+    # Do unlabelled X-rays pay, and can generated ones? Under the robust recipe, N = 200:
+    # vanilla and 3ngan with and without the unlabelled rest of train, each pseudo-label
+    # option on the pool alone, and the generated images' term made heavier, laxer or
+    # teacher-labelled. The val columns are what to choose on; test is reported, never used.
+    # The study profile's CPU reductions (width 32, 30 epochs); `--width 64 --epochs 100` is
+    # the paper's scale.
+    "ssl": {
+        "methods": (
+            "vanilla",
+            "3ngan",
+            "vanilla-unl",
+            "3ngan-unl",
+            *POOL_RUNGS,
+            *GENERATED_RUNGS,
+        ),
+        "sizes": (200,),
+        "repeats": 5,
+        "epochs": 30,
+        "batch_size": 10,
+        "width": 32,
+        "latent": 100,
+        "recipes": ("robust",),
     },
 }
 
@@ -226,7 +284,7 @@ class RunSpec:
         steps = math.ceil(self.size / self.settings.batch_size)
         step_ms = METHODS[self.settings.method].step_ms
         if self.settings.unlabelled is not None:
-            step_ms *= UNLABELLED_COST
+            step_ms *= 1 + (UNLABELLED_COST - 1) * self.settings.unlabelled_ratio
         per_epoch = steps * step_ms + eval_images * EVAL_MS_PER_IMAGE
         return per_epoch * self.settings.epochs
 
@@ -267,6 +325,10 @@ def comparison_pairs(cfg: BenchmarkSettings) -> list[tuple[str, str]]:
             pairs.append((cell, base))
         if recipe and method in present:
             pairs.append((cell, method))
+        for other in BASELINES.get(method, ()):
+            lower = other + (f"+{recipe}" if recipe else "")
+            if lower in present and (cell, lower) not in pairs:
+                pairs.append((cell, lower))
     rungs = [r for r in ("3ngan", *LADDER, "3ngan+robust", "3ngan-unl+robust") if r in present]
     steps = zip(rungs, rungs[1:], strict=False)
     pairs += [(upper, lower) for lower, upper in steps if (upper, lower) not in pairs]

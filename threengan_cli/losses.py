@@ -46,9 +46,41 @@ def pseudo_labels(logits_fake: torch.Tensor, tau: float) -> tuple[torch.Tensor, 
 
     Both are detached: the pseudo-label is a target, not something to optimise.
     """
-    probs = torch.softmax(logits_fake.detach().float(), dim=1)
+    return confident_argmax(torch.softmax(logits_fake.detach().float(), dim=1), tau)
+
+
+def confident_argmax(
+    probs: torch.Tensor, tau: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax class of each row of ``probs`` (B, K) and a float weight, 1 where its
+    probability exceeds ``tau``: one number, or a threshold per class, (K,)."""
     confidence, labels = probs.max(dim=1)
-    return labels, (confidence > tau).float()
+    threshold = tau[labels] if isinstance(tau, torch.Tensor) else tau
+    return labels, (confidence > threshold).float()
+
+
+def align_distribution(
+    probs: torch.Tensor, target: torch.Tensor, model_mean: torch.Tensor
+) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch, Berthelot et al. 2020): each row of ``probs``
+    (B, K) times ``target / model_mean`` (K,), renormalised to sum to 1. A model whose mean
+    prediction favours a class more than the target does has that class scaled down."""
+    aligned = probs * (target / model_mean)
+    return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+def adaptive_thresholds(confidence: torch.Tensor, class_mean: torch.Tensor) -> torch.Tensor:
+    """FreeMatch's self-adaptive thresholds (Wang et al. 2023), (K,): the global threshold
+    ``confidence`` (a running mean of the top probability) times each class's running mean
+    probability over the largest one, so a class the model predicts less gets a lower bar."""
+    return confidence * class_mean / class_mean.max()
+
+
+def rampup(progress: torch.Tensor) -> torch.Tensor:
+    """exp(-5 (1 - t)^2) for t = ``progress`` clamped to [0, 1]: the sigmoid-shaped ramp of
+    an unsupervised weight (Laine & Aila 2017; Mean Teacher), from 0.0067 at t = 0 to 1."""
+    t = progress.clamp(0.0, 1.0)
+    return torch.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ Options of the robust recipe reach a step as two arguments: ``aug``, a different
 augmentation applied alike to every batch D and C see, real or generated, and in G's loss
 (DiffAugment); and ``unlabelled``, a batch of real images without labels, which D sees as
 real and C learns from through confident pseudo-labels of its un-augmented view (FixMatch's
-weak/strong split). Without them a step is exactly the paper's.
+weak/strong split). Without them a step is exactly the paper's. A third, ``pseudo``
+(:class:`pseudolabels.PseudoLabels`, built by the loop from the settings), chooses the
+pseudo-labels of generated and unlabelled images, from C or from its moving average (the
+teacher), and counts them; a step called without it labels as the paper does.
 
 A step reads top to bottom: (1) update D on ``fake.detach()``, (2) update C on real images and
 confident fakes, (3) update G on the same ``fake``. Where one network sees real and generated
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threengan_cli import losses
+from threengan_cli import losses, pseudolabels
 from threengan_cli.augment import Augment
 from threengan_cli.networks import (
     Classifier,
@@ -121,27 +124,71 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pseudo_label_term(
-    logits_weak: torch.Tensor, logits_strong: torch.Tensor, settings: TrainSettings
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    settings: TrainSettings,
+    pseudo: pseudolabels.PseudoLabels,
 ) -> torch.Tensor:
     """Unlabelled images: CE of the strongly augmented view against the confident argmax of
-    the weak (un-augmented) view, masked by ``unlabelled_tau``, times its weight (FixMatch)."""
-    pseudo, weights = losses.pseudo_labels(logits_weak, settings.unlabelled_tau)
-    return settings.unlabelled_weight * losses.masked_ce(logits_strong, pseudo, weights)
+    the weak (un-augmented) view, masked by the pool's labeller, times its weight (FixMatch)."""
+    labels, weights = pseudo.unlabelled(logits_weak)
+    return settings.unlabelled_weight * losses.masked_ce(logits_strong, labels, weights)
+
+
+def _plain_pseudo_labels(
+    settings: TrainSettings, logits: torch.Tensor
+) -> pseudolabels.PseudoLabels:
+    """The labellers of a step called without any (tests, bench_step.py): fixed bars, C's
+    own logits, none of the options."""
+    return pseudolabels.plain(settings, logits.shape[1], logits.device)
+
+
+def _teacher(pseudo: pseudolabels.PseudoLabels | None, kind: str) -> nn.Module | None:
+    return pseudo.teacher_for(kind) if pseudo is not None else None
+
+
+@torch.no_grad()
+def _teacher_logits(
+    teacher: nn.Module, batch: torch.Tensor, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The teacher's logits of ``batch``, no gradient. Its BatchNorm layers normalise the
+    batch by its own statistics, as C's do in training (the averaged weights do not fit C's
+    running statistics, averaging.py), or by those of ``reference`` where given."""
+    if reference is None:
+        return separately(teacher, batch)[0].float()
+    return separately(teacher, reference, batch, borrow={1: 0})[1].float()
 
 
 def _classifier_views(
-    C: nn.Module, aug: Augment | None, *batches: torch.Tensor, unlabelled: torch.Tensor | None
+    C: nn.Module,
+    aug: Augment | None,
+    *batches: torch.Tensor,
+    unlabelled: torch.Tensor | None,
+    teacher: nn.Module | None = None,
+    labelled_norm: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """C's logits of the augmented ``batches`` and, with ``unlabelled``, of its weak
-    (un-augmented) and strong (augmented) views, all in one call of C."""
+    (un-augmented) and strong (augmented) views, all in one call of C. With a ``teacher``,
+    the weak view's logits are the teacher's, and C sees the strong view only. With
+    ``labelled_norm`` the weak view is normalised by the statistics of the first batch (the
+    labelled images) un-augmented, not by its own: the pool's class mix then does not move
+    what its pseudo-labels are."""
     t = aug or _same
     parts = [t(b) for b in batches]
-    if unlabelled is not None:
-        parts += [unlabelled, t(unlabelled)] if aug is not None else [unlabelled]
-    out = [o.float() for o in separately(C, *parts)]
     n = len(batches)
     if unlabelled is None:
-        return out, None, None
+        return [o.float() for o in separately(C, *parts)], None, None
+    reference = batches[0] if labelled_norm else None
+    if teacher is not None:
+        weak = _teacher_logits(teacher, unlabelled, reference)
+        out = [o.float() for o in separately(C, *parts, t(unlabelled))]
+        return out[:n], weak, out[n]
+    if reference is not None:
+        parts += [reference, unlabelled, t(unlabelled)]
+        out = [o.float() for o in separately(C, *parts, borrow={n + 1: n})]
+        return out[:n], out[n + 1].detach(), out[n + 2]
+    parts += [unlabelled, t(unlabelled)] if aug is not None else [unlabelled]
+    out = [o.float() for o in separately(C, *parts)]
     weak = out[n]
     strong = out[n + 1] if aug is not None else out[n]
     return out[:n], weak, strong
@@ -205,6 +252,7 @@ class Method:
         rng: torch.Generator | None = None,
         aug: Augment | None = None,
         unlabelled: torch.Tensor | None = None,
+        pseudo: pseudolabels.PseudoLabels | None = None,
     ) -> StepOutput:
         raise NotImplementedError
 
@@ -238,7 +286,17 @@ class Vanilla(Method):
 
     @classmethod
     def step(
-        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+        cls,
+        nets,
+        opts,
+        real,
+        labels,
+        settings,
+        autocast=None,
+        rng=None,
+        aug=None,
+        unlabelled=None,
+        pseudo=None,
     ) -> StepOutput:
         if aug is None and unlabelled is None:  # the paper's baseline, as it always ran
             with _autocast(real.device, autocast):
@@ -247,11 +305,17 @@ class Vanilla(Method):
         else:
             with _autocast(real.device, autocast):
                 (logits,), weak, strong = _classifier_views(
-                    nets["C"], aug, real, unlabelled=unlabelled
+                    nets["C"],
+                    aug,
+                    real,
+                    unlabelled=unlabelled,
+                    teacher=_teacher(pseudo, "unlabelled"),
+                    labelled_norm=settings.unlabelled_norm == "labelled",
                 )
             loss_c = F.cross_entropy(logits, labels)
             if weak is not None:
-                loss_c = loss_c + _pseudo_label_term(weak, strong, settings)
+                pseudo = pseudo or _plain_pseudo_labels(settings, logits)
+                loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo)
         _update(opts["C"], loss_c)
         return StepOutput(loss_c=loss_c.detach())
 
@@ -280,7 +344,17 @@ class SGAN(Method):
 
     @classmethod
     def step(
-        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+        cls,
+        nets,
+        opts,
+        real,
+        labels,
+        settings,
+        autocast=None,
+        rng=None,
+        aug=None,
+        unlabelled=None,
+        pseudo=None,
     ) -> StepOutput:
         G, D = nets["G"], nets["D"]
         t = aug or _same
@@ -322,7 +396,17 @@ class ThreeNGAN(Method):
 
     @classmethod
     def step(
-        cls, nets, opts, real, labels, settings, autocast=None, rng=None, aug=None, unlabelled=None
+        cls,
+        nets,
+        opts,
+        real,
+        labels,
+        settings,
+        autocast=None,
+        rng=None,
+        aug=None,
+        unlabelled=None,
+        pseudo=None,
     ) -> StepOutput:
         G, D, C = nets["G"], nets["D"], nets["C"]
         use_kl = cls.kl_in_classifier
@@ -332,15 +416,21 @@ class ThreeNGAN(Method):
         with _autocast(real.device, autocast):
             fake = G(z)
 
-        # (1) Update D: real -> 1 (labelled and unlabelled alike), generated -> 0
-        seen_real = real if unlabelled is None else torch.cat([real, unlabelled])
+        # (1) Update D: real -> 1 (labelled and unlabelled alike), generated -> 0. With more
+        # unlabelled images than labelled ones (unlabelled_ratio > 1) D sees one batch of
+        # them: the ratio is the pseudo-label term's, and D's real batch keeps its size.
+        if unlabelled is not None:
+            seen_real = torch.cat([real, unlabelled[: settings.batch_size]])
+        else:
+            seen_real = real
         with _autocast(real.device, autocast):
             d_real, d_fake = separately(D, t(seen_real), t(fake.detach()))
         loss_d = losses.discriminator_loss(d_real.float(), d_fake.float())
         _update(opts["D"], loss_d)
 
         # (2) Update C: labelled real images, confident generated ones (eq. 1), and confident
-        # unlabelled real ones when there are any
+        # unlabelled real ones when there are any. With a teacher, the generated images'
+        # pseudo-labels come from its logits of the un-augmented fakes.
         weak = strong = None
         if aug is None and unlabelled is None:
             with _autocast(real.device, autocast):
@@ -349,21 +439,34 @@ class ThreeNGAN(Method):
         else:
             with _autocast(real.device, autocast):
                 (c_real, c_fake), weak, strong = _classifier_views(
-                    C, aug, real, fake.detach(), unlabelled=unlabelled
+                    C,
+                    aug,
+                    real,
+                    fake.detach(),
+                    unlabelled=unlabelled,
+                    teacher=_teacher(pseudo, "unlabelled"),
+                    labelled_norm=settings.unlabelled_norm == "labelled",
                 )
-        pseudo, weights = losses.pseudo_labels(c_fake, settings.tau)
+        pseudo = pseudo or _plain_pseudo_labels(settings, c_real)
+        gen_teacher = pseudo.teacher_for("generated")
+        if gen_teacher is not None:
+            with _autocast(real.device, autocast):
+                fake_labelled_by = _teacher_logits(gen_teacher, fake.detach())
+        else:
+            fake_labelled_by = c_fake
+        fake_labels, weights = pseudo.generated(fake_labelled_by)
         loss_c = losses.classifier_loss(
             c_real,
             labels,
             c_fake,
-            pseudo,
+            fake_labels,
             weights,
             lam=settings.lam,
             alpha=settings.alpha if use_kl else 0.0,
             kl=settings.kl if use_kl else "none",
         )
         if weak is not None:
-            loss_c = loss_c + _pseudo_label_term(weak, strong, settings)
+            loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo)
         _update(opts["C"], loss_c)
 
         # (3) Update G on the same fake: fool D and, in 3ngan, be classified confidently by C

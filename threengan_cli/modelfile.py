@@ -317,6 +317,18 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
     return found
 
 
+def resolve_init(source: str) -> Path:
+    """The checkpoint ``train --init`` starts from: ``default`` (the bundled model), a
+    checkpoint file, or a run (name or folder), whose checkpoint is chosen as ``--run``
+    chooses it."""
+    if source == "default":
+        return resolve_checkpoint()
+    path = Path(source).expanduser()
+    if path.is_file() or path.suffix == ".safetensors":
+        return resolve_checkpoint(checkpoint=path)
+    return resolve_checkpoint(run=source)
+
+
 def file_id(path: Path) -> str:
     """A short, content-based name of a checkpoint: ``file name@first 12 hex of sha256``."""
     digest = hashlib.sha256()

@@ -42,32 +42,55 @@ def from_model_range(images: torch.Tensor) -> torch.Tensor:
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, buffers and state dict) that, inside
     :func:`separately`, normalises each part of a stacked batch on its own: the same outputs,
-    gradients and running statistics as one call per part, in order."""
+    gradients and running statistics as one call per part, in order. A part may instead be
+    normalised by another part's statistics (``borrow``: part -> the part it borrows from),
+    taken as constants; such a part leaves the running statistics alone."""
 
     parts: Sequence[int] | None = None  # batch sizes of the stacked parts, set by separately()
+    borrow: dict[int, int] | None = None  # part -> the part whose statistics it uses
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parts is None or not self.training:
             return super().forward(x)
         one = super().forward  # (a comprehension cannot call super() itself)
-        return torch.cat([one(part) for part in x.split(self.parts)])
+        chunks = x.split(self.parts)
+        if not self.borrow:
+            return torch.cat([one(part) for part in chunks])
+        out = []
+        for i, part in enumerate(chunks):
+            source = self.borrow.get(i)
+            if source is None:
+                out.append(one(part))
+                continue
+            ref = chunks[source].detach()
+            mean, var = ref.mean(dim=(0, 2, 3)), ref.var(dim=(0, 2, 3), unbiased=False)
+            out.append(
+                nn.functional.batch_norm(
+                    part, mean, var, self.weight, self.bias, False, 0.0, self.eps
+                )
+            )
+        return torch.cat(out)
 
 
-def separately(net: nn.Module, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def separately(
+    net: nn.Module, *batches: torch.Tensor, borrow: dict[int, int] | None = None
+) -> tuple[torch.Tensor, ...]:
     """``tuple(net(b) for b in batches)`` computed in one call of ``net`` on the stacked batch.
 
     Exact for these networks: convolutions, activations and heads act on each image alone,
     and every BatchNorm layer is a :class:`BatchNorm2d` that splits the batch back into its
-    parts in training mode (in eval mode it uses running statistics, per image anyway)."""
+    parts in training mode (in eval mode it uses running statistics, per image anyway).
+    ``borrow`` maps a batch's index to the index of the batch whose statistics normalise it
+    (:class:`BatchNorm2d`)."""
     sizes = [b.shape[0] for b in batches]
     norms = [m for m in net.modules() if isinstance(m, BatchNorm2d)]
     for m in norms:
-        m.parts = sizes
+        m.parts, m.borrow = sizes, borrow
     try:
         out = net(torch.cat(batches))
     finally:
         for m in norms:
-            m.parts = None
+            m.parts = m.borrow = None
     return out.split(sizes)
 
 

@@ -2,11 +2,15 @@
 interval over seeds; paired differences (same seeds) between methods and between recipes; each
 run's epoch-to-epoch swing; and the tables, CSV, Markdown report and plot built from them.
 
-Nothing here chooses anything on test. The swing (max - min of test accuracy over the last 20%
-of epochs) is a diagnostic of how much the final number depends on the exact epoch stopped at;
-"best epoch on test" is shown only as the optimistic column it is; the BN-adapted column is
-transductive (it recomputes BatchNorm statistics on the unlabelled test images themselves) and
-is never mixed with the inductive numbers.
+Nothing here chooses anything on test. The final model's val metrics (the split carved from
+train) are reported beside, with paired differences of their own: they are what a choice
+between cells (an option, a recipe) is made on.
+
+The swing (max - min of test accuracy over the last 20% of epochs) is a diagnostic of how much
+the final number depends on the exact epoch stopped at; "best epoch on test" is shown only as
+the optimistic column it is; the BN-adapted column is transductive (it recomputes BatchNorm
+statistics on the unlabelled test images themselves) and is never mixed with the inductive
+numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from threengan_cli import fileio, system
 
 RESULTS_FORMAT_VERSION = 2
 METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1", "ece")
+VAL_METRICS = ("accuracy", "auc")
 SWING_TAIL = 0.2  # the swing is measured over this last share of the epochs
 
 # The paper's Table 1 (accuracy %, 624-image test set), docs/method.md.
@@ -126,6 +131,8 @@ def aggregate(runs: list[dict[str, Any]], cells: Iterable[str], sizes: Iterable[
             }
             for m in METRICS:
                 row[m] = mean_std(r["test"].get(m) for r in done)
+            for m in VAL_METRICS:
+                row[f"val_{m}"] = mean_std((r.get("val") or {}).get(m) for r in done)
             row["optimistic_best_epoch_accuracy"] = mean_std(
                 (r.get("best_epoch_on_test") or {}).get("accuracy") for r in done
             )
@@ -151,19 +158,22 @@ def aggregate(runs: list[dict[str, Any]], cells: Iterable[str], sizes: Iterable[
     return rows
 
 
-def paired(runs: list[dict[str, Any]], a: str, b: str, size: int) -> dict[str, Any] | None:
-    """Accuracy of cell ``a`` minus cell ``b`` at ``size``, paired by repeat (same seed, same
-    labelled subset): mean, std and 95% CI of the differences. ``None`` without a pair."""
+def paired(
+    runs: list[dict[str, Any]], a: str, b: str, size: int, split: str = "test"
+) -> dict[str, Any] | None:
+    """Accuracy of cell ``a`` minus cell ``b`` at ``size`` on ``split`` (test, or val),
+    paired by repeat (same seed, same labelled subset): mean, std and 95% CI of the
+    differences, and on test the same on val under ``val``. ``None`` without a pair."""
 
     def by_repeat(cell: str) -> dict[int, float]:
         return {
-            r["repeat"]: r["test"]["accuracy"]
+            r["repeat"]: (r.get(split) or {}).get("accuracy")
             for r in runs
             if cell_of(r) == cell and r["size"] == size and r.get("status") == "finished"
         }
 
     left, right = by_repeat(a), by_repeat(b)
-    common = sorted(set(left) & set(right))
+    common = sorted(k for k in set(left) & set(right) if None not in (left[k], right[k]))
     if not common:
         return None
     stat = mean_std(left[k] - right[k] for k in common)
@@ -177,7 +187,10 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, size: int) -> dict[str, A
         if ci[1] < 0
         else "no difference shown"
     )
-    return {"a": a, "b": b, "size": size, "pairs": len(common), **stat, "verdict": verdict}
+    out = {"a": a, "b": b, "size": size, "pairs": len(common), **stat, "verdict": verdict}
+    if split == "test":
+        out["val"] = paired(runs, a, b, size, "val")
+    return out
 
 
 def comparisons(runs: list[dict[str, Any]], pairs: list[tuple[str, str]], sizes: list[int]):
@@ -218,6 +231,7 @@ def reductions(cfg: Any, paper: dict[str, Any]) -> list[str]:
 CSV_COLUMNS = (
     ["method", "size", "runs", "failed"]
     + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "ci_low", "ci_high")]
+    + [f"val_{m}_{s}" for m in VAL_METRICS for s in ("mean", "std", "ci_low", "ci_high")]
     + [
         "optimistic_best_epoch_accuracy_mean",
         "optimistic_best_epoch_accuracy_std",
@@ -239,7 +253,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         flat: dict[str, Any] = {k: row[k] for k in ("method", "size", "runs", "failed")}
-        for m in METRICS:
+        for m in (*METRICS, *(f"val_{v}" for v in VAL_METRICS)):
             ci = row[m]["ci95"] or (None, None)
             flat[f"{m}_mean"], flat[f"{m}_std"] = row[m]["mean"], row[m]["std"]
             flat[f"{m}_ci_low"], flat[f"{m}_ci_high"] = ci
@@ -322,11 +336,12 @@ def report_markdown(results: dict[str, Any]) -> str:
         "",
         "Numbers are of the **final-epoch model** on the test split at threshold 0.5, mean ± "
         "sample std (n - 1) over repeats, with a 95% t-interval of the mean. Nothing "
-        "(checkpoint, epoch, threshold) is chosen on test; the val split is not used for "
-        "anything reported here. A cell `method+robust` is trained with the robust recipe "
-        "(docs/method.md); a plain `method` with the paper's. The column **best epoch on "
-        "test** is the highest test accuracy over the epochs: it selects on test and is "
-        "**optimistic**, shown only because published GAN-SSL numbers are often of that kind.",
+        "(checkpoint, epoch, threshold) is chosen on test; the final model's val metrics are "
+        "reported apart (a section of their own, and a column of the paired differences): a "
+        "choice between cells is made on them. A cell `method+robust` is trained with the "
+        "robust recipe (docs/method.md); a plain `method` with the paper's. The column **best "
+        "epoch on test** is the highest test accuracy over the epochs: it selects on test and "
+        "is **optimistic**, shown only because published GAN-SSL numbers are often of that kind.",
         "",
         "## Accuracy (%) beside the paper's Table 1",
         "",
@@ -376,20 +391,39 @@ def report_markdown(results: dict[str, Any]) -> str:
             f"{_pp(r['swing_median'])} | {_pp(r['swing_max'])} | "
             f"{percent(r['adapted_bn_accuracy'])} |"
         )
+    if any(r["val_accuracy"]["n"] for r in rows):
+        lines += [
+            "",
+            "## Val (the split carved from train: what to choose on)",
+            "",
+            "The final-epoch model on the val split, threshold 0.5.",
+            "",
+            "| method | N | val accuracy | 95% CI | val AUC | test accuracy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['size']} | {percent(r['val_accuracy'])} | "
+                f"{interval(r['val_accuracy'])} | {percent(r['val_auc'])} | "
+                f"{percent(r['accuracy'])} |"
+            )
     pairs = results.get("comparisons") or []
     if pairs:
         lines += [
             "",
             "## Paired differences (accuracy, points; same seeds and labelled subsets)",
             "",
-            "| a − b | N | pairs | mean | 95% CI | reading |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
+            "| a − b | N | pairs | test: mean | 95% CI | reading | val: mean | 95% CI |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         for c in pairs:
             std = f" ± {100 * c['std']:.2f}" if c["std"] is not None else ""
+            val = c.get("val") or {}
+            val_mean = f"{100 * val['mean']:+.2f}" if val.get("mean") is not None else "–"
             lines.append(
                 f"| {c['a']} − {c['b']} | {c['size']} | {c['pairs']} | "
-                f"{100 * c['mean']:+.2f}{std} | {interval(c)} | {c['verdict']} |"
+                f"{100 * c['mean']:+.2f}{std} | {interval(c)} | {c['verdict']} | "
+                f"{val_mean} | {interval(val) if val else '–'} |"
             )
     compared = [r for r in rows if r["accuracy_diff_points"] is not None]
     below = [r for r in compared if r["accuracy_diff_points"] < 0]

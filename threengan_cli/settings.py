@@ -33,6 +33,8 @@ Recipe = Literal["paper", "robust"]
 # fp16 is not offered: training would need a loss scaler (training.autocast_dtype).
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
+Threshold = Literal["fixed", "adaptive"]
+Norm = Literal["own", "labelled"]
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
@@ -177,6 +179,32 @@ class TrainSettings(_Section):
         0.95, ge=0.0, le=1.0, description="confidence for a pseudo-label of an unlabelled image"
     )
     unlabelled_weight: float = Field(1.0, ge=0.0, description="weight of that pseudo-label term")
+    unlabelled_ratio: int = Field(
+        1, ge=1, le=16, description="unlabelled images per labelled one in a step (FixMatch's mu)"
+    )
+    unlabelled_align: bool = Field(
+        False, description="align the pool's pseudo-label probabilities to the labels' shares"
+    )
+    unlabelled_threshold: Threshold = Field(
+        "fixed", description="fixed: unlabelled_tau; adaptive: FreeMatch's per-class bars"
+    )
+    unlabelled_teacher: bool = Field(
+        False, description="the pool's pseudo-labels from the averaged weights (needs ema)"
+    )
+    unlabelled_norm: Norm = Field(
+        "own",
+        description="BatchNorm statistics of the pool's un-augmented view: its own batch's, or "
+        "the labelled batch's",
+    )
+    unlabelled_rampup: int = Field(
+        0, ge=0, le=100_000, description="epochs over which the pool's weight ramps up; 0 = none"
+    )
+    init: str | None = Field(
+        None, description="start from this model's networks: default, a run, or a checkpoint file"
+    )
+    generated_teacher: bool = Field(
+        False, description="generated images' pseudo-labels from the averaged weights (needs ema)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -211,11 +239,25 @@ class TrainSettings(_Section):
             raise ValueError(f"must be one of {', '.join(map(repr, METHODS))}")
         return value
 
+    @field_validator("init")
+    @classmethod
+    def _init_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("names no model (default, a run, or a checkpoint file)")
+        return value
+
     @field_validator("unlabelled")
     @classmethod
     def _no_pool(cls, value: str | None) -> str | None:
         """``none`` turns the pool off, also where a recipe would set one."""
         return None if value is not None and value.lower() == "none" else value
+
+    @field_validator("unlabelled_teacher", "generated_teacher")
+    @classmethod
+    def _teacher_needs_averages(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("ema"):
+            raise ValueError("needs ema > 0: the teacher is the moving average of the weights")
+        return value
 
     @field_validator("augment")
     @classmethod

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from threengan_cli import augment, checkpoints, fileio, runs, system
+from threengan_cli import augment, checkpoints, fileio, modelfile, pseudolabels, runs, system
 from threengan_cli import settings as settings_mod
 from threengan_cli.accel import (
     GPU_TURNS,
@@ -58,6 +58,7 @@ from threengan_cli.datasets import load_prepared
 from threengan_cli.events import (  # noqa: F401  (the CLI reads them as training.*)
     EpochDone,
     Event,
+    InitNotFound,
     Interrupted,
     NonFiniteLoss,
     RunFinished,
@@ -145,6 +146,7 @@ class Loop:
     turns: GpuTurns | None
     averager: Averager | None
     augment: Any
+    pseudo: pseudolabels.PseudoLabels
     fixed_z: torch.Tensor
     spans: list[tuple[int, int]]
     # Running loss sums of the epoch: one slot per StepOutput field in the order the step
@@ -187,8 +189,10 @@ def _open(
     settings: TrainSettings,
     run_dir: Path,
     turns: GpuTurns | None,
+    fresh: bool = True,
 ) -> Loop:
-    """Data, freshly initialised networks and optimizers, and the run's metadata."""
+    """Data, freshly initialised networks (or, for a ``fresh`` run with ``init``, those of
+    the model it starts from) and optimizers, and the run's metadata."""
     amp = autocast_dtype(settings.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
@@ -202,11 +206,25 @@ def _open(
         system.seed_everything(settings.seed)
         nets = method.networks(settings, num_classes, data.image_size)
         rng = run_generator(settings.seed, device)
+    started_from = None
+    if settings.init is not None and fresh:
+        started_from = _start_from(settings, nets, data, method)
     nets = place(nets, device)
     opts = method.optimizers(nets, settings)
     averager = None
     if settings.ema > 0:
         averager = Averager(nets, _used_networks(method, nets), settings.ema)
+    spans = batches(int(data.train_y.numel()), settings.batch_size)
+    if (settings.unlabelled_teacher or settings.generated_teacher) and "C" not in nets:
+        raise TrainingError(f"teacher pseudo-labels need a classifier C; {method.name} has none")
+    pseudo = pseudolabels.build(
+        settings,
+        num_classes,
+        device,
+        label_shares=torch.bincount(data.train_y, minlength=num_classes) / data.train_y.numel(),
+        steps_per_epoch=len(spans),
+        teacher=averager.copies.get("C") if averager is not None else None,
+    )
     # A fixed latent batch from its own generator: sample grids are comparable across epochs
     # and drawing them never moves the training RNG.
     fixed_z = torch.randn(
@@ -228,6 +246,8 @@ def _open(
         "versions": system.library_versions(),
         "seed": settings.seed,
     }
+    if started_from is not None:
+        meta["init"] = started_from
     return Loop(
         settings=settings,
         device=device,
@@ -242,10 +262,81 @@ def _open(
         turns=turns,
         averager=averager,
         augment=augment.policy(settings.augments, rng),
+        pseudo=pseudo,
         fixed_z=fixed_z,
-        spans=batches(int(data.train_y.numel()), settings.batch_size),
+        spans=spans,
         sums=torch.zeros(SUM_SLOTS, device=device),
     )
+
+
+def _start_from(
+    settings: TrainSettings, nets: dict[str, torch.nn.Module], data: RunData, method
+) -> dict[str, Any]:
+    """Load into ``nets`` the networks of the model ``source`` names (``train --init``):
+    each from the model's weights to use (averaged, BatchNorm statistics recomputed) where it
+    holds them, else from its live weights; networks it lacks (the bundled model has no D)
+    keep their fresh initialisation. Returns what the run's metadata records of it. A model
+    of other classes, image size, width or latent size is a one-line TrainingError."""
+    source = str(settings.init)
+    try:
+        path = modelfile.resolve_init(source)
+    except modelfile.ModelNotFound as exc:
+        raise InitNotFound(f"--init {source}: {exc}") from None
+    except modelfile.ModelError as exc:
+        raise TrainingError(f"--init {source}: {exc}") from None
+    try:
+        ckpt = checkpoints.load(path)  # safetensors and JSON: never unpickles
+        info = modelfile.check_meta(ckpt.meta, path)
+    except (modelfile.CheckpointError, modelfile.ModelError) as exc:
+        raise TrainingError(f"--init {source}: {exc}") from None
+    stored: TrainSettings = info["settings"]
+    theirs_by, _, _ = modelfile.classifier_spec(ckpt.meta, path)
+    if theirs_by != method.classifier.network:  # sgan's D classifies; elsewhere C does
+        raise TrainingError(
+            f"--init {source}: a {info['method']} model (classified by {theirs_by}) cannot start "
+            f"a {method.name} run (classified by {method.classifier.network})"
+        )
+    mismatch = [
+        (what, theirs, mine)
+        for what, theirs, mine in (
+            ("classes", info["classes"], list(data.classes)),
+            ("image size", info["image_size"], data.image_size),
+            ("width", stored.width, settings.width),
+            ("latent size", stored.latent, settings.latent),
+        )
+        if theirs != mine and (what != "latent size" or "G" in nets)
+    ]
+    if mismatch:
+        what, theirs, mine = mismatch[0]
+        verb = "are" if what == "classes" else "is"
+        if what == "classes":
+            theirs, mine = ", ".join(theirs), ", ".join(mine)
+        raise TrainingError(
+            f"--init {source}: the model's {what} {verb} {theirs}, this run's {verb} {mine} "
+            f"({path}); train at the model's {what} or start from scratch"
+        )
+    loaded = []
+    for name, net in nets.items():
+        prefix = next((p for p in (ckpt.weights_prefix, "net") if ckpt.group(f"{p}/{name}")), None)
+        if prefix is None:
+            continue
+        try:
+            checkpoints.restore_networks(ckpt, {name: net}, prefix=prefix)
+        except modelfile.CheckpointError as exc:
+            raise TrainingError(f"--init {source}: {exc}") from None
+        loaded.append(name)
+    if method.classifier.network not in loaded:
+        raise TrainingError(
+            f"--init {source}: {path} holds no {method.classifier.network} for "
+            f"{method.name} to start from"
+        )
+    return {
+        "source": source,
+        "path": str(path),
+        "file": modelfile.file_id(path),
+        "method": info["method"],
+        "networks": loaded,
+    }
 
 
 def _used_networks(method, nets: dict[str, torch.nn.Module]) -> list[str]:
@@ -262,7 +353,10 @@ def _restore(loop: Loop) -> None:
     loop.epoch, loop.step = pos["epoch"], pos["step"]
     reseed = loop.settings.seed + 1_000_003 * loop.epoch + loop.step
     set_rng_state(ckpt.group("rng"), loop.rng, reseed)
+    if "init" in ckpt.meta:
+        loop.meta["init"] = ckpt.meta["init"]
     state = ckpt.group("state")
+    loop.pseudo.restore(state)
     if "sums" in state:  # older files kept 8 slots, the step count in the last
         saved = state["sums"].to(loop.device)
         loop.sums[:-1] = saved[: SUM_SLOTS - 1]
@@ -368,7 +462,7 @@ def _save_last(
     (``meta["weights"]`` then names that group); at the end of a run, the statistics of
     those weights (``stats``)."""
     groups: dict[str, dict[str, Any]] = {}
-    state = {"sums": loop.sums}
+    state = {"sums": loop.sums, **loop.pseudo.state()}
     if loop.averager is not None:
         groups["avg"] = loop.averager.state()
         state["ema_steps"] = loop.averager.steps
@@ -409,7 +503,7 @@ def _one_step(loop: Loop, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     data, settings = loop.data, loop.settings
     unlabelled = None
     if data.unlabelled is not None:
-        cut = idx.shape[0] - settings.batch_size
+        cut = idx.shape[0] - settings.unlabelled_ratio * settings.batch_size
         idx, u_idx = idx[:cut], idx[cut:]
         unlabelled = to_model_range(data.unlabelled[u_idx])
     real = to_model_range(data.train_x[idx])
@@ -423,6 +517,7 @@ def _one_step(loop: Loop, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         rng=loop.rng,
         aug=loop.augment,
         unlabelled=unlabelled,
+        pseudo=loop.pseudo,
     )
     if loop.averager is not None:
         loop.averager.update()
@@ -440,7 +535,7 @@ def _epoch_indices(loop: Loop, epoch: int) -> torch.Tensor | None:
     if pool is None:
         return None
     gen = torch.Generator().manual_seed(system.stream_seed(loop.settings.seed, epoch, 500_009))
-    shape = (len(loop.spans), loop.settings.batch_size)
+    shape = (len(loop.spans), loop.settings.unlabelled_ratio * loop.settings.batch_size)
     return torch.randint(0, len(pool), shape, generator=gen).to(loop.device)
 
 
@@ -467,6 +562,9 @@ def _epoch_done(
         "seconds": round(seconds, 3),
         "images_per_s": round((loop.spans[-1][1] - loop.spans[first][0]) / max(seconds, 1e-9), 2),
     }
+    pseudo = loop.pseudo.summary(data.classes)
+    if pseudo:
+        record["pseudo"] = pseudo
     if test_every_epoch:
         record["test_optimistic"] = evaluate(
             loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
@@ -481,7 +579,9 @@ def _epoch_done(
         grid = loop.run_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
         _save_samples(used["G"], loop.fixed_z, grid)
     val_acc = record["val"].get("accuracy", 0.0) if record["val"] else 0.0
-    if val_acc > loop.best_acc or loop.best_epoch is None:
+    # Without a val split (a few labels, all trained on) nothing tells epochs apart: the best
+    # checkpoint follows the last epoch, so a run's model is its final one, not its first.
+    if not record["val"] or val_acc > loop.best_acc or loop.best_epoch is None:
         loop.best_acc, loop.best_epoch = val_acc, epoch + 1
         loop.best_pending = (epoch + 1, _weights(used))
     if due:
@@ -549,16 +649,16 @@ def _train(
     turns: GpuTurns | None = None,
 ) -> dict[str, Any]:
     test_every_epoch, checkpoint_every_s, stop_flag = options
-    try:
-        loop = _open(device, dataset_path, settings, run_dir, turns)
-    except DataError as exc:
-        raise TrainingError(str(exc)) from None
     # Killed before the first checkpoint: nothing was kept, so start over from scratch, which
     # is exactly what the uninterrupted run did.
-    if resume and (run_dir / LAST).exists():
+    resume = resume and (run_dir / LAST).exists()
+    try:
+        loop = _open(device, dataset_path, settings, run_dir, turns, fresh=not resume)
+    except DataError as exc:
+        raise TrainingError(str(exc)) from None
+    if resume:
         _restore(loop)
     else:
-        resume = False
         _create(loop)
     # A run stopped after its last epoch but before its summary just runs the final
     # evaluation, and so does a finished run whose summary was lost or damaged (the
@@ -598,6 +698,7 @@ def _train(
             first = loop.step if epoch == loop.epoch else 0
             if first == 0:
                 loop.sums.zero_()  # in place: a captured step holds this tensor's address
+                loop.pseudo.zero_counts()
             for step in range(first, len(loop.spans)):
                 if stop.is_set():
                     _write_pending_best(loop)
