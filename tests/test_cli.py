@@ -14,7 +14,7 @@ import pytest
 from image_factory import class_tree
 from typer.testing import CliRunner
 
-from threengan_cli import helptext, settings
+from threengan_cli import helptext, paths, settings
 from threengan_cli.benchmark import BenchmarkSettings
 from threengan_cli.cli import app
 
@@ -162,16 +162,16 @@ def test_train_resume_of_a_missing_run_is_a_usage_error():
     assert "no run to resume" in result.stderr
 
 
-def test_train_resume_of_a_finished_run_says_so_without_a_traceback(dataset):
+def test_train_resume_of_a_finished_run_exits_0_and_trains_nothing(dataset):
     assert run("train", dataset, "--name", "done", *TINY, "-q").exit_code == 0
+    run_dir = paths.runs_dir() / "done"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     result = run("train", "--resume", "done")
-    # Today the engine refuses it (exit 1) with one line; issue 12 item 6 makes it print the
-    # summary and exit 0. Either way: a documented code, a clear message, no traceback.
-    assert result.exit_code in (0, 1), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 0, result.output
+    assert "already finished its 1 epochs; pass --epochs larger than 1" in result.stderr
     assert "Traceback" not in result.output
-    if result.exit_code == 1:
-        assert "--epochs larger" in result.stderr
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # no epoch trained, no checkpoint or metrics line rewritten
 
 
 def test_train_without_a_test_split_says_so(tmp_path):
