@@ -59,7 +59,7 @@ def both_refuse(path: Path, match: str) -> None:
 def test_the_saved_checksum_is_verified_and_old_files_without_it_still_load(good, tmp_path):
     meta, _ = _read(good)
     assert set(meta[DIGEST_KEY]) == {"net/G", "net/D", "net/C"}
-    old = variant(good, tmp_path, lambda m, t: None)  # no checksum: as before this change
+    old = variant(good, tmp_path, lambda m, t: None)  # written without a checksum
     assert load_model(old, device="cpu").classes == ["normal", "pneumonia"]
     assert npclassifier.load(old).classes == ["normal", "pneumonia"]
 

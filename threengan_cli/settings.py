@@ -30,7 +30,7 @@ else:  # Python 3.10: the same parser, published as tomli before it joined the s
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
-# fp16 is not offered: training would need a loss scaler (training.autocast_dtype).
+# fp16 is not offered: training would need a loss scaler (see accel.autocast_dtype).
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
@@ -233,8 +233,8 @@ SECTIONS: dict[str, type[_Section]] = {
     "classify": ClassifySettings,
     "generate": GenerateSettings,
 }
-# A config file may also hold a [benchmark] table. Its model, benchmark.BenchmarkSettings,
-# lives beside the profiles that fill its required fields (the CLI resolves it there).
+# A config file may also hold a [benchmark] table. Its model, grid.BenchmarkSettings, lives
+# beside the profiles that fill its required fields (grid.resolve_settings builds it).
 SECTION_NAMES = (*SECTIONS, "benchmark")
 
 

@@ -36,8 +36,8 @@ def cpu_bf16_verdict(flags: set[str] | None = None) -> tuple[str, str]:
     - AMX (``amx_bf16``): bf16 matrix products run on the tile unit, about 5x fp32 (2048^2
       matmul, 175 against 31 GFLOP/s), but the 64 px 3ngan step measured 10.7 s bf16 against
       8.0 s fp32, and 12.0 against 9.6 s, in one of three runs 4.0 against 4.3 s
-      (``benchmarks/bench_step.py --precisions fp32,bf16`` on a loaded 2-core AMX VM, issue
-      12): convolutions at batch 10 and autocast's casts eat the matmul gain. Train warns.
+      (``benchmarks/bench_step.py --precisions fp32,bf16`` on a loaded 2-core AMX VM):
+      convolutions at batch 10 and autocast's casts eat the matmul gain. Train warns.
     - AVX512-BF16 without AMX: measured slower than fp32 on an Intel Xeon (a 2048^2 matmul at
       166 GFLOP/s against 300-322 for fp32; the 3ngan step 291 ms against 215 ms): warns.
     - neither: emulated, 13-20x slower than fp32 (measured on an AVX2 EPYC): refused.
