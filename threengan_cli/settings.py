@@ -238,7 +238,7 @@ SECTIONS: dict[str, type[_Section]] = {
 SECTION_NAMES = (*SECTIONS, "benchmark")
 
 
-def _range(model: type[_Section], name: str) -> str | None:
+def _range(model: type[BaseModel], name: str) -> str | None:
     """The allowed range of a numeric field, as ``a <= x <= b`` style text."""
     info = model.model_fields.get(name)
     if info is None:
@@ -258,17 +258,21 @@ def _range(model: type[_Section], name: str) -> str | None:
     return f"{lo + ' ' if lo else ''}{name}{' ' + hi if hi else ''}"
 
 
-def _explain(exc: ValidationError, section: str) -> str:
-    """Turn pydantic's report into one line: field, what was given, what is allowed."""
+def explain(exc: ValidationError, section: str, model: type[BaseModel] | None = None) -> str:
+    """Turn pydantic's report into one line: field, what is allowed, what was given.
+
+    ``model`` is the section's model, where it is not one of :data:`SECTIONS` (the
+    benchmark's); it supplies the allowed range of a number."""
     err = exc.errors()[0]
-    name = str(err["loc"][0]) if err["loc"] else section
+    name = ".".join(str(part) for part in err["loc"]) or section  # methods.1: the second method
     given = err.get("input")
     got = "" if isinstance(given, dict) else f" (got {given!r})"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{section}.{name}: unknown setting"
     if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
-        allowed = f"must satisfy {_range(SECTIONS[section], name)}"
+        field = str(err["loc"][0])
+        allowed = f"must satisfy {_range(model or SECTIONS[section], field)}"
     elif kind == "literal_error":
         allowed = f"must be one of {err['ctx']['expected']}"
     else:
@@ -327,12 +331,12 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     try:
         model.model_validate(from_file, strict=True)
     except ValidationError as exc:
-        raise SettingsError(f"config file {config}: {_explain(exc, section)}") from None
+        raise SettingsError(f"config file {config}: {explain(exc, section)}") from None
     values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
     try:
         return model(**values)
     except ValidationError as exc:
-        raise SettingsError(_explain(exc, section)) from None
+        raise SettingsError(explain(exc, section)) from None
 
 
 def dump(settings: BaseModel) -> str:
