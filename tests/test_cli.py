@@ -266,3 +266,41 @@ def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch,
     assert shown.startswith("epoch 2/2") and " 3/6 " in shown and "eta" in shown
     assert max(len(line) for line in shown.splitlines()) <= 80
     assert "epoch 1/2 loss_c=0.500 val_acc=0.7500" in screen.getvalue()  # kept, not overwritten
+
+
+def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
+    monkeypatch, tmp_path
+):
+    import io
+
+    from rich.console import Console
+
+    from threengan_cli import views
+
+    src = class_tree(tmp_path / "src", {"a": 2})
+    (src / "b").mkdir()
+    (src / "b" / "broken.png").write_bytes(b"not an image")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, color_system=None, highlight=False)
+    monkeypatch.setattr(views.err, "_console", console)
+    bars = []
+    make_bar = views.BarView.__init__
+
+    def recorded(self, *args, **kwargs):
+        make_bar(self, *args, **kwargs)
+        bars.append((self, self.progress is not None))
+
+    monkeypatch.setattr(views.BarView, "__init__", recorded)
+    live_at_error = []
+    print_error = views.error
+
+    def error(message):
+        live_at_error.extend(bar.progress is not None for bar, _ in bars)
+        print_error(message)
+
+    monkeypatch.setattr(views, "error", error)
+    result = run("prepare", src, "--out", tmp_path / "out", "--workers", "1")
+    assert result.exit_code == 1
+    assert "at least two are needed" in screen.getvalue()
+    assert [started for _, started in bars] == [True]  # the bar was live while decoding
+    assert live_at_error == [False]
