@@ -3,17 +3,19 @@
     python benchmarks/bench_startup.py [--repeats 10] [--exe PATH/TO/threengan ...]
     python benchmarks/bench_startup.py --phases [--exe PATH/TO/threengan ...]
 
-Prints the median wall time of ``threengan --version``, ``threengan --help`` and
-``threengan classify ONE.png`` (the bundled model, one 1500x1300 JPEG made here, CSV to
-stdout), each in a new process, next to ``python -c pass`` (the interpreter's own start-up,
-the floor no command can go under). The commands are timed in turn, one run of each per
-round, so that a slow moment on a shared machine slows all of them alike.
+Prints the median wall time of ``threengan --version``, ``threengan --help``, ``threengan
+classify --help`` and ``threengan classify ONE.png`` (the bundled model, one 1500x1300 JPEG
+made here, CSV to stdout), each in a new process, next to ``python -c pass`` (the
+interpreter's own start-up, the floor no command can go under). The commands are timed in
+turn, one run of each per round, so that a slow moment on a shared machine slows all of them
+alike.
 
 ``--exe`` measures another installation, e.g. one from the wheel in a fresh virtual
 environment, which is what users run: an editable install (``pip install -e``) adds a path
 finder to every start of its interpreter, about 30 ms here. The floor uses the interpreter
 beside the measured ``threengan``. Given several times, it compares installations (two
-versions, say) with all their commands timed in turn.
+versions, say) with all their commands timed in turn, and prints each command's median as a
+ratio of the first installation's.
 
 ``--phases`` splits ``threengan --help`` into its parts instead, timed inside fresh processes
 of the same interpreter: importing typer, importing threengan's CLI module, building the
@@ -95,6 +97,11 @@ def phases(pythons: list[str], repeats: int) -> None:
         print(f"| {name} | {cells} |")
 
 
+def _tag_of(label: str) -> str:
+    """`` [exe]`` at the end of a command's label, or nothing."""
+    return label[label.rfind(" [") :] if label.endswith("]") else ""
+
+
 def _python_beside(exe: str) -> str:
     """The interpreter of the environment ``exe`` is installed in (else this one)."""
     python = Path(exe).with_name("python")
@@ -133,14 +140,17 @@ def main() -> None:
                 f"python -c pass (floor){tag}": [python, "-c", "pass"],
                 f"threengan --version{tag}": [exe, "--version"],
                 f"threengan --help{tag}": [exe, "--help"],
+                f"threengan classify --help{tag}": [exe, "classify", "--help"],
                 f"threengan classify ONE.jpg{tag}": [exe, "classify", str(image), "-f", "csv"],
             }
         walls = median_walls(cmds, args.repeats)
         print(f"{', '.join(exes)}: {args.repeats} fresh processes each, output to a pipe\n")
-        print("| command | median s | slowest s |")
-        print("| --- | ---: | ---: |")
+        first = f" [{exes[0]}]" if len(exes) > 1 else ""
+        print("| command | median s | slowest s | vs first |")
+        print("| --- | ---: | ---: | ---: |")
         for label, (median, slowest) in walls.items():
-            print(f"| `{label}` | {median:.3f} | {slowest:.3f} |")
+            base = walls[label.removesuffix(_tag_of(label)) + first][0]
+            print(f"| `{label}` | {median:.3f} | {slowest:.3f} | {median / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -289,11 +289,17 @@ def test_merging_different_grids_is_refused(smoke, dataset, tmp_path):
         benchmark.merge([smoke[0], tmp_path / "other"], tmp_path / "m")
 
 
-def test_shard_text_is_parsed_or_refused():
-    assert benchmark.parse_shard("2/8") == (2, 8)
-    for bad in ("0/2", "3/2", "2", "a/b"):
-        with pytest.raises(ValueError, match="shard"):
-            benchmark.parse_shard(bad)
+def test_a_bad_grid_setting_is_one_line_like_any_other_section():
+    for flags, line in [
+        ({"repeats": 0}, "benchmark.repeats: must satisfy 1 <= repeats <= 1000 (got 0)"),
+        ({"repeat": 2}, "benchmark.repeat: unknown setting"),
+        ({"recipes": ("x",)}, "benchmark.recipes.0: must be one of 'paper' or 'robust' (got 'x')"),
+        ({"methods": ("sgan", 3)}, "benchmark.methods.1: input should be a valid string (got 3)"),
+        ({"sizes": (8, 8)}, "benchmark.sizes: lists a size twice (got (8, 8))"),
+    ]:
+        with pytest.raises(settings_mod.SettingsError) as refused:
+            grid.resolve_settings("smoke", **flags)
+        assert str(refused.value) == line
 
 
 # -------------------------------------------------------------------------------- CLI

@@ -87,8 +87,10 @@ def test_shards_concatenated_in_order_equal_one_unsharded_run(tmp_path, ckpt):
 
 def test_bad_shard_is_a_usage_error(tmp_path, ckpt):
     image = str(write_image(tmp_path / "a.png"))
-    for bad in ("0/3", "4/3", "x", "1/0"):
+    for bad in ("0/3", "4/3", "x", "1/0", "2", "a/b"):
         assert _cli(image, "--checkpoint", str(ckpt), "--shard", bad).exit_code == 2
+        with pytest.raises(ValueError, match="--shard must be I/N with 1 <= I <= N"):
+            parse_shard(bad)
     assert parse_shard(" 2 / 5 ") == (2, 5)
 
 

@@ -14,7 +14,7 @@ import pytest
 from image_factory import class_tree
 from typer.testing import CliRunner
 
-from threengan_cli import helptext, settings
+from threengan_cli import helptext, paths, settings
 from threengan_cli.benchmark import BenchmarkSettings
 from threengan_cli.cli import app
 
@@ -163,16 +163,16 @@ def test_train_resume_of_a_missing_run_is_a_usage_error():
     assert "no run to resume" in result.stderr
 
 
-def test_train_resume_of_a_finished_run_says_so_without_a_traceback(dataset):
+def test_train_resume_of_a_finished_run_exits_0_and_trains_nothing(dataset):
     assert run("train", dataset, "--name", "done", *TINY, "-q").exit_code == 0
+    run_dir = paths.runs_dir() / "done"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     result = run("train", "--resume", "done")
-    # Today the engine refuses it (exit 1) with one line; issue 12 item 6 makes it print the
-    # summary and exit 0. Either way: a documented code, a clear message, no traceback.
-    assert result.exit_code in (0, 1), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 0, result.output
+    assert "already finished its 1 epochs; pass --epochs larger than 1" in result.stderr
     assert "Traceback" not in result.output
-    if result.exit_code == 1:
-        assert "--epochs larger" in result.stderr
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # no epoch trained, no checkpoint or metrics line rewritten
 
 
 def test_train_without_a_test_split_says_so(tmp_path):
@@ -267,3 +267,41 @@ def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch,
     assert shown.startswith("epoch 2/2") and " 3/6 " in shown and "eta" in shown
     assert max(len(line) for line in shown.splitlines()) <= 80
     assert "epoch 1/2 loss_c=0.500 val_acc=0.7500" in screen.getvalue()  # kept, not overwritten
+
+
+def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
+    monkeypatch, tmp_path
+):
+    import io
+
+    from rich.console import Console
+
+    from threengan_cli import views
+
+    src = class_tree(tmp_path / "src", {"a": 2})
+    (src / "b").mkdir()
+    (src / "b" / "broken.png").write_bytes(b"not an image")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, color_system=None, highlight=False)
+    monkeypatch.setattr(views.err, "_console", console)
+    bars = []
+    make_bar = views.BarView.__init__
+
+    def recorded(self, *args, **kwargs):
+        make_bar(self, *args, **kwargs)
+        bars.append((self, self.progress is not None))
+
+    monkeypatch.setattr(views.BarView, "__init__", recorded)
+    live_at_error = []
+    print_error = views.error
+
+    def error(message):
+        live_at_error.extend(bar.progress is not None for bar, _ in bars)
+        print_error(message)
+
+    monkeypatch.setattr(views, "error", error)
+    result = run("prepare", src, "--out", tmp_path / "out", "--workers", "1")
+    assert result.exit_code == 1
+    assert "at least two are needed" in screen.getvalue()
+    assert [started for _, started in bars] == [True]  # the bar was live while decoding
+    assert live_at_error == [False]

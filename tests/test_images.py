@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 
 import numpy as np
@@ -201,3 +202,32 @@ def test_is_image_file_skips_hidden_and_other_names(tmp_path):
     assert not is_image_file(tmp_path / "notes.txt")
     assert is_image_file(tmp_path / "IM-0001.JPEG")
     assert ".png" in images.IMAGE_SUFFIXES
+
+
+def _grid_before_torchvision(pixels: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+    """The grid layout grid_png had before it used torchvision's make_grid."""
+    b, h, w = pixels.shape
+    rows = -(-b // nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i in range(b):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[top : top + h, left : left + w] = pixels[i]
+    return grid
+
+
+@pytest.mark.parametrize(
+    ("count", "nrow"),
+    [(64, 8)]  # training's sample grid
+    + [(n, math.ceil(math.sqrt(n))) for n in (2, 3, 10, 16, 17, 63, 64)],  # generate's
+)
+def test_grid_png_keeps_the_layout_and_pixels_of_its_numpy_version(count, nrow):
+    pixels = np.random.default_rng(count).integers(0, 256, (count, 12, 10), dtype=np.uint8)
+    with Image.open(io.BytesIO(images.grid_png(pixels, nrow=nrow))) as img:
+        assert img.mode == "L"
+        np.testing.assert_array_equal(np.asarray(img), _grid_before_torchvision(pixels, nrow))
+
+
+def test_a_grid_of_one_image_is_that_image_without_gutters():
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 12, 10), dtype=np.uint8)
+    with Image.open(io.BytesIO(images.grid_png(pixels, nrow=1))) as img:
+        np.testing.assert_array_equal(np.asarray(img), pixels[0])

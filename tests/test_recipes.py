@@ -291,9 +291,9 @@ def test_classify_adapt_bn_counts_only_the_images_that_decode(tmp_path, ckpt):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL.is_dir(), reason="the real chest X-ray data is not here")
 def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_path):
-    """The issue's case: `train kermany --method vanilla --size 100 --epochs 5` once called
-    every val image pneumonia in eval mode. Width 16 keeps it quick; the collapse came from
-    the BatchNorm statistics, not from the width."""
+    """`train kermany --method vanilla --size 100 --epochs 5` once called every val image
+    pneumonia in eval mode. Width 16 keeps it quick; the collapse came from the BatchNorm
+    statistics, not from the width."""
     from threengan_cli.datasets import prepare
     from threengan_cli.settings import PrepareSettings
 

@@ -23,7 +23,9 @@ def _metrics(run):
 
 
 @pytest.mark.parametrize("method", ["vanilla", "sgan", "ecgan", "3ngan"])
-def test_a_run_folder_holds_everything_the_issue_lists(dataset, tmp_path, method):
+def test_a_finished_run_folder_holds_settings_metrics_checkpoints_and_samples(
+    dataset, tmp_path, method
+):
     run = tmp_path / "run"
     summary = training.train(dataset, _settings(method=method), run)
     names = {p.name for p in run.iterdir()}

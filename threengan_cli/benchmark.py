@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from threengan_cli import fileio, runs, system
+from threengan_cli.classify import parse_shard  # noqa: F401  (the CLI reads it as benchmark.*)
 from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
     ABLATIONS,
     GENERATED_RUNGS,
@@ -43,7 +44,6 @@ from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as bench
     cells,
     comparison_pairs,
     grid,
-    parse_shard,
     resolve_settings,
     run_name,
     shard_of,

@@ -398,17 +398,13 @@ def prepare(
         class_names=class_names,
     )
     target = _prepare_target(source, name, out_dir)
-    view = views.BarView(not quiet and err.is_terminal, "decoding", counted=True)
     try:
-        report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
+        with views.BarView(not quiet and err.is_terminal, "decoding", counted=True) as view:
+            report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
     except DatasetError as exc:
-        view.close()
         fail(str(exc))
     except OSError as exc:
-        view.close()
         fail(views.os_failure(exc, f"preparing {target}"))
-    finally:
-        view.close()
 
     if report.up_to_date:
         if as_json:
@@ -618,34 +614,28 @@ def generate(
 
     model = load_model_or_exit(checkpoint, run, cfg.device)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
-    view = views.BarView(not quiet and err.is_terminal, "generating", total=total)
     try:
-        result = run_generate(
-            model,
-            cfg.count,
-            cfg.seed,
-            out_dir,
-            grid,
-            label=label,
-            tau=cfg.tau,
-            on_progress=view.update,
-            force=force,
-        )
+        with views.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
+            result = run_generate(
+                model,
+                cfg.count,
+                cfg.seed,
+                out_dir,
+                grid,
+                label=label,
+                tau=cfg.tau,
+                on_progress=view.update,
+                force=force,
+            )
     except KeyboardInterrupt:
-        view.close()
         note("interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPT) from None
     except GenerateError as exc:
-        view.close()
         fail(str(exc), EXIT_USAGE)
     except ModelError as exc:
-        view.close()
         fail(str(exc))
     except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
-        view.close()
         fail(views.os_failure(exc, f"writing {out_dir or grid}"))
-    finally:
-        view.close()
     if as_json:
         print_json(result.as_dict())
     elif not quiet:

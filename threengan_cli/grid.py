@@ -5,7 +5,6 @@ initialisation differ between repeats and are shared between methods (paired com
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -244,23 +243,11 @@ def resolve_settings(profile: str = "quick", **flags: Any) -> BenchmarkSettings:
     try:
         cfg = BenchmarkSettings(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "benchmark"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise settings_mod.SettingsError(f"benchmark.{name}: {msg}") from None
+        raise settings_mod.SettingsError(
+            settings_mod.explain(exc, "benchmark", BenchmarkSettings)
+        ) from None
     grid(cfg)  # the per-run TrainSettings validate device, precision and ranges
     return cfg
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 1 <= I <= N; anything else is a ValueError."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"--shard must look like I/N, e.g. 2/8 (got {text!r})")
-    i, n = int(match[1]), int(match[2])
-    if not 1 <= i <= n:
-        raise ValueError(f"--shard I/N needs 1 <= I <= N (got {text!r})")
-    return i, n
 
 
 # ---------------------------------------------------------------------------------- grid

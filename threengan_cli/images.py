@@ -321,13 +321,16 @@ def _dicom_pixels(data: bytes) -> np.ndarray:
 
 
 def grid_png(pixels: np.ndarray, nrow: int = 8, pad: int = 2) -> bytes:
-    """A PNG of uint8 images (B, H, W) in a grid, ``nrow`` per row, black gutters."""
-    b, h, w = pixels.shape
-    rows = -(-b // nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
-    for i in range(b):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[top : top + h, left : left + w] = pixels[i]
+    """An 8-bit grayscale PNG of uint8 images (B, H, W) laid out by torchvision's
+    ``make_grid``: ``nrow`` per row, ``pad`` px black gutters; one image is written as it is.
+
+    Only the training and generate paths, which have torch already, make grids: torchvision
+    is imported here, on the first grid, so that decoding never needs it."""
+    import torch
+    from torchvision.utils import make_grid
+
+    # make_grid repeats a single channel into three; the first is the grayscale grid.
+    grid = make_grid(torch.from_numpy(pixels)[:, None], nrow=nrow, padding=pad)[0]
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    Image.fromarray(grid.numpy()).save(buf, format="PNG")
     return buf.getvalue()

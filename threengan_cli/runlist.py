@@ -3,8 +3,8 @@
 A run folder holds ``run.json``, ``settings.json``, ``metrics.jsonl`` (one line per epoch),
 ``last.safetensors`` (everything a resume needs: weights, optimizer and RNG state; about
 109 MB for a width-64 3ngan run), ``best.safetensors`` (the best-on-val weights) and, once
-finished, ``summary.json``. :func:`read_run` reads only the checkpoints' JSON headers, never
-their tensors, and never imports torch.
+finished, ``summary.json``. :func:`read_run` sums up one folder for the listing; it reads
+only the checkpoints' JSON headers, never their tensors, and never imports torch.
 
 State: ``finished`` when the last checkpoint says so (or, once pruned, ``summary.json`` is
 there), else ``running`` while a live process holds the run's writer lock (:mod:`runs`),

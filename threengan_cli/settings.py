@@ -30,7 +30,7 @@ else:  # Python 3.10: the same parser, published as tomli before it joined the s
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
-# fp16 is not offered: training would need a loss scaler (training.autocast_dtype).
+# fp16 is not offered: training would need a loss scaler (see accel.autocast_dtype).
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
 Threshold = Literal["fixed", "adaptive"]
@@ -312,12 +312,12 @@ SECTIONS: dict[str, type[_Section]] = {
     "classify": ClassifySettings,
     "generate": GenerateSettings,
 }
-# A config file may also hold a [benchmark] table. Its model, benchmark.BenchmarkSettings,
-# lives beside the profiles that fill its required fields (the CLI resolves it there).
+# A config file may also hold a [benchmark] table. Its model, grid.BenchmarkSettings, lives
+# beside the profiles that fill its required fields (grid.resolve_settings builds it).
 SECTION_NAMES = (*SECTIONS, "benchmark")
 
 
-def _range(model: type[_Section], name: str) -> str | None:
+def _range(model: type[BaseModel], name: str) -> str | None:
     """The allowed range of a numeric field, as ``a <= x <= b`` style text."""
     info = model.model_fields.get(name)
     if info is None:
@@ -337,17 +337,21 @@ def _range(model: type[_Section], name: str) -> str | None:
     return f"{lo + ' ' if lo else ''}{name}{' ' + hi if hi else ''}"
 
 
-def _explain(exc: ValidationError, section: str) -> str:
-    """Turn pydantic's report into one line: field, what was given, what is allowed."""
+def explain(exc: ValidationError, section: str, model: type[BaseModel] | None = None) -> str:
+    """Turn pydantic's report into one line: field, what is allowed, what was given.
+
+    ``model`` is the section's model, where it is not one of :data:`SECTIONS` (the
+    benchmark's); it supplies the allowed range of a number."""
     err = exc.errors()[0]
-    name = str(err["loc"][0]) if err["loc"] else section
+    name = ".".join(str(part) for part in err["loc"]) or section  # methods.1: the second method
     given = err.get("input")
     got = "" if isinstance(given, dict) else f" (got {given!r})"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{section}.{name}: unknown setting"
     if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
-        allowed = f"must satisfy {_range(SECTIONS[section], name)}"
+        field = str(err["loc"][0])
+        allowed = f"must satisfy {_range(model or SECTIONS[section], field)}"
     elif kind == "literal_error":
         allowed = f"must be one of {err['ctx']['expected']}"
     else:
@@ -406,12 +410,12 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     try:
         model.model_validate(from_file, strict=True)
     except ValidationError as exc:
-        raise SettingsError(f"config file {config}: {_explain(exc, section)}") from None
+        raise SettingsError(f"config file {config}: {explain(exc, section)}") from None
     values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
     try:
         return model(**values)
     except ValidationError as exc:
-        raise SettingsError(_explain(exc, section)) from None
+        raise SettingsError(explain(exc, section)) from None
 
 
 def dump(settings: BaseModel) -> str:

@@ -322,7 +322,11 @@ def bench_tables(results: dict) -> None:
 # ------------------------------------------------------------------------- progress views
 class LiveView:
     """Progress of a long command on stderr: a live bar on a terminal (``self.progress``,
-    started by the subclass), plain lines otherwise, nothing with ``quiet``."""
+    started by the subclass), plain lines otherwise, nothing with ``quiet``.
+
+    Used as a context manager around the engine call, inside the ``try`` that maps its errors
+    to exit codes: the bar is gone before an error line is printed, and closing is
+    idempotent, so a view closed early (when its run ends) can be closed again."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -341,6 +345,12 @@ class LiveView:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class BarView(LiveView):
