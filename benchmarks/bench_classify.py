@@ -8,11 +8,16 @@ model. Both are medians over repeats, pool start-up included in both. The target
 within 1.2x. Inference alone (the model on ready uint8 batches) is timed too, to show which
 side is the bottleneck.
 
+--stats: the same model twice, without and with out-of-distribution statistics and a
+temperature (fitted here on 256 random images, as training fits them on its own), timed in
+turn within each repeat: the ratio is what the out-of-distribution score costs classify.
+
 Memory (--memory): peak RSS of the ``threengan classify -`` process over 1,000 and 100,000
 paths on stdin (100 tiny PNGs repeated), to show that memory stays flat with the input size.
 
     python benchmarks/bench_classify.py                      # 400 synthetic X-rays, width 64
     python benchmarks/bench_classify.py --folder /work/shared/data/kermany-chest-xray/val
+    python benchmarks/bench_classify.py --stats              # the cost of the ood score
     python benchmarks/bench_classify.py --memory
 """
 
@@ -34,14 +39,15 @@ from PIL import Image
 from threengan_cli import images
 
 
-def make_model(path: Path, width: int, image_size: int) -> Path:
+def make_model(path: Path, width: int, image_size: int, stats: bool = False) -> Path:
     """A randomly initialised 3ngan checkpoint as shipped (G and C only): same FLOPs as a
-    trained one."""
+    trained one; with ``stats``, out-of-distribution statistics and a temperature too."""
     import torch
 
-    from threengan_cli import checkpoints
+    from threengan_cli import checkpoints, ood
     from threengan_cli.images import NORMALISATION
     from threengan_cli.methods import METHODS
+    from threengan_cli.scoring import _logits_and_features
     from threengan_cli.settings import TrainSettings
 
     settings = TrainSettings(width=width)
@@ -57,7 +63,17 @@ def make_model(path: Path, width: int, image_size: int) -> Path:
         "fit": "squash",
         "normalisation": NORMALISATION,
     }
-    checkpoints.save(path, meta, {k: v for k, v in nets.items() if k in ("G", "C")})
+    stored = None
+    if stats:
+        rng = np.random.default_rng(0)
+        pixels = torch.from_numpy(rng.integers(0, 256, (256, image_size, image_size), np.uint8))
+        _, features = _logits_and_features(nets["C"], pixels, 2)
+        tensors, info = ood.fit_ood(features[:192], features[192:])
+        tensors["temperature"] = np.array(1.5, dtype=np.float32)
+        stored = {k: torch.from_numpy(np.array(v, order="C")) for k, v in tensors.items()}
+        meta["stats"] = {"ood": info, "temperature": {"split": "val", "images": 64}}
+    nets = {k: v for k, v in nets.items() if k in ("G", "C")}
+    checkpoints.save(path, meta, nets, stats=stored)
     return path
 
 
@@ -143,6 +159,10 @@ def throughput(args) -> None:
             "numpy": npclassifier.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
+        if args.stats:
+            scored = make_model(tmp / "s.safetensors", args.width, args.image_size, stats=True)
+            models["numpy+ood"] = npclassifier.load(scored)
+            models["torch+ood"] = load_model(scored, device=args.device)
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache
         floors: list[float] = []
         runs: dict[str, list[float]] = {name: [] for name in models}
@@ -167,6 +187,12 @@ def throughput(args) -> None:
             print(
                 f"classify {name}: {n / run_s:8.1f} img/s  ({run_s:.2f} s; "
                 f"{run_s / floor_s:.2f}x the floor, target <= 1.2x)"
+            )
+        for name in [m for m in models if m.endswith("+ood")]:
+            plain = statistics.median(runs[name.removesuffix("+ood")])
+            print(
+                f"with the ood score, {name.removesuffix('+ood')}: "
+                f"{plain / statistics.median(runs[name]):.3f}x the throughput without it"
             )
         for name, model in models.items():
             print(
@@ -247,6 +273,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory", action="store_true", help="peak RSS over 1k and 100k paths")
+    parser.add_argument("--stats", action="store_true", help="also time the ood score's cost")
     parser.add_argument("--make-model", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_model:
