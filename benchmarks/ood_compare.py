@@ -16,7 +16,10 @@ sources; they only measure. Candidates:
   features pooled over positions (mean; mean and std) of one stage or of all;
 - Gaussians in the top principal directions of the last feature map, whole (4x4
   positions) or in 2x2 blocks of positions: the last is what threengan ships (ood.py);
-- the 8x8-downsampled pixels themselves, as a baseline that needs no model.
+- the 8x8-downsampled pixels themselves, as a baseline that needs no model;
+- with --checkpoint a run's checkpoint that keeps D (a run's last.safetensors; the bundled
+  model has none): the discriminator's score, minus its "real" logit (D was trained to tell
+  real X-rays from generated ones).
 """
 
 from __future__ import annotations
@@ -66,6 +69,33 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
         len(pixels), 8, size // 8, 8, size // 8
     ).mean(axis=(2, 4)).reshape(len(pixels), -1)
     return result
+
+
+def discriminator_logits(checkpoint: Path, pixels: np.ndarray) -> np.ndarray | None:
+    """D's "real" logit of every image, in fp32; None where the checkpoint holds no D."""
+    from threengan_cli import checkpoints
+    from threengan_cli.methods import METHODS
+    from threengan_cli.networks import to_model_range
+
+    ckpt = checkpoints.load(checkpoint)
+    # D is a training network: its weights to use are its live ones (a run's last checkpoint
+    # keeps averaged weights under use/ for G and C only)
+    prefix = ckpt.weights_prefix if "D" in ckpt.network_names else "net"
+    if not ckpt.group(f"{prefix}/D"):
+        return None
+    settings = TrainSettings.from_stored(ckpt.meta["settings"])
+    nets = METHODS[ckpt.meta["method"]].networks(
+        settings, ckpt.meta["num_classes"], ckpt.meta["image_size"]
+    )
+    d = nets["D"]
+    checkpoints.restore_networks(ckpt, {"D": d}, prefix=prefix)
+    d.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), 64):
+            x = torch.from_numpy(pixels[start : start + 64])[:, None]
+            out.append(d(to_model_range(x)).reshape(len(x), -1)[:, 0].float().numpy())
+    return np.concatenate(out)[:, None]
 
 
 def mahalanobis(train, labels, shrink=0.1):
@@ -123,6 +153,10 @@ def main() -> None:
         size, fit = model.image_size, model.fit
         pixels[source.name] = np.stack([images.load_image(f, size, fit) for f in files])
     acts = {name: activations(model, p) for name, p in pixels.items()}
+    for name, p in pixels.items():
+        d = discriminator_logits(model.path, p)
+        if d is not None:
+            acts[name]["d"] = d
     labels = data.train_y.numpy()
     last = len(model.layers) - 1
 
@@ -157,6 +191,10 @@ def main() -> None:
             lambda a: a["blocks"], shipped
         ),
     }
+    if "d" in acts["train"]:
+        candidates["discriminator (minus its real logit)"] = (
+            lambda a: a["d"], lambda t: lambda x: -x[:, 0]
+        )
     external = [name for name in pixels if name not in ("train", "val", "test")]
     head = " | ".join(f"{name}: AUROC, flagged" for name in external)
     print(f"| detector | test flagged | {head} |")
