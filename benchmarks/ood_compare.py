@@ -93,7 +93,8 @@ def discriminator_logits(checkpoint: Path, pixels: np.ndarray) -> np.ndarray | N
     out = []
     with torch.no_grad():
         for start in range(0, len(pixels), 64):
-            x = torch.from_numpy(pixels[start : start + 64])[:, None]
+            chunk = pixels[start : start + 64]
+            x = torch.from_numpy(chunk).reshape(len(chunk), *chunk.shape[-2:])
             out.append(d(to_model_range(x)).reshape(len(x), -1)[:, 0].float().numpy())
     return np.concatenate(out)[:, None]
 
