@@ -1,6 +1,6 @@
 """The classify command: input paths -> one row per file, streamed to stdout or a file.
 
-Registered on the app by ``cli``; see there for the exit codes.
+Registered on the app by ``cli``; exit codes in ``cli_common``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from threengan_cli import views
-from threengan_cli.cli import (
+from threengan_cli.cli_common import (
     EXIT_INTERRUPT,
     EXIT_OOD,
     EXIT_PARTIAL,

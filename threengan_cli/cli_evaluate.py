@@ -1,5 +1,5 @@
 """The evaluate and runs commands: scoring a model on labelled X-rays, and listing (and
-pruning) training runs. Registered on the app by ``cli``; see there for the exit codes.
+pruning) training runs. Registered on the app by ``cli``; exit codes in ``cli_common``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from threengan_cli import views
-from threengan_cli.cli import (
+from threengan_cli.cli_common import (
     EXIT_FAIL,
     EXIT_INTERRUPT,
     EXIT_PARTIAL,
