@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from threengan_cli.cli import app
 from threengan_cli.generate import GenerateError, generate, latents
-from threengan_cli.inference import ModelError, load_model
+from threengan_cli.inference import load_model
+from threengan_cli.modelfile import ModelError
 
 runner = CliRunner()
 

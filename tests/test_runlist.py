@@ -10,7 +10,7 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import runlist, training
+from threengan_cli import events, runlist, scoring, training
 from threengan_cli.cli import app
 from threengan_cli.inference import load_model
 from threengan_cli.settings import TrainSettings
@@ -36,10 +36,10 @@ def _stopped(dataset, threengan_home):
     flag = threading.Event()
 
     def stop(event):
-        if isinstance(event, training.EpochDone):
+        if isinstance(event, events.EpochDone):
             flag.set()
 
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(events.Interrupted):
         cfg = _settings(method="vanilla", epochs=2)
         training.train(dataset, cfg, run, on_event=stop, stop_flag=flag)
     assert (run / "last.safetensors").exists()
@@ -230,7 +230,7 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
     # the final epoch (2) have different test accuracies.
     staged = {1: 0.9, 2: 0.6, 3: 0.7, 6: 0.8}
     calls = []
-    real = training.evaluate
+    real = scoring.evaluate
 
     def evaluate(*args, **kwargs):
         out = dict(real(*args, **kwargs))

@@ -31,28 +31,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from threengan_cli import fileio, runs, system
-from threengan_cli.classify import parse_shard  # noqa: F401  (the CLI reads it as benchmark.*)
-from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
-    ABLATIONS,
-    GENERATED_RUNGS,
-    LADDER,
-    POOL_RUNGS,
+from threengan_cli.grid import (
     PROFILES,
-    VARIANTS,
     BenchmarkSettings,
     RunSpec,
     cells,
     comparison_pairs,
     grid,
-    resolve_settings,
-    run_name,
     shard_of,
-    variant,
 )
-from threengan_cli.report import (  # noqa: F401  (METRICS, PAPER_TABLE1: read as benchmark.*)
-    METRICS,
-    PAPER_TABLE1,
-    cell_of,
+from threengan_cli.report import (
     reductions,
     swing,
     write_outputs,
@@ -347,7 +335,7 @@ def run(
     Raises BenchmarkError (bad folder, sizes too large), DatasetError, TrainingError and
     training.Interrupted (Ctrl+C; every finished run is kept, the ones in progress resumable).
     """
-    from threengan_cli import training
+    from threengan_cli import events, training
 
     lock = threading.Lock()  # events come from several threads; the view sees one at a time
 
@@ -390,7 +378,7 @@ def run(
 
         def forward(event) -> None:
             with lock:
-                if isinstance(event, training.StepDone):
+                if isinstance(event, events.StepDone):
                     clock.step(spec, event)
                 fraction, eta = clock.fraction, clock.eta_s
             emit(RunProgress(spec, position, len(todo), event, fraction, eta))
@@ -406,7 +394,7 @@ def run(
                 checkpoint_every_s=CHECKPOINT_EVERY_S,
                 stop_flag=stop,
             )
-        except training.NonFiniteLoss as exc:
+        except events.NonFiniteLoss as exc:
             # A diverged run is a result of the method, not a reason to stop the grid; it
             # would diverge again when re-run, so it is recorded and skipped from now on.
             fileio.write_text(
@@ -422,7 +410,7 @@ def run(
         if parallel == 1:
             for position, spec in enumerate(todo, start=1):
                 if stop.is_set():
-                    raise training.Stopped(getattr(stop, "signum", None))
+                    raise events.Stopped(getattr(stop, "signum", None))
                 train_one(position, spec, stop)
         else:
             _in_threads(train_one, list(enumerate(todo, start=1)), parallel, stop)
@@ -449,7 +437,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    from threengan_cli.training import Interrupted
+    from threengan_cli.events import Interrupted
 
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run") as pool:
@@ -472,7 +460,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
         errors.sort(key=lambda e: isinstance(e, Interrupted))
         raise errors[0]
     if stop.is_set():
-        from threengan_cli.training import Stopped
+        from threengan_cli.events import Stopped
 
         raise Stopped(getattr(stop, "signum", None))
 

@@ -314,8 +314,8 @@ def prepare(
 
       threengan prepare labels.csv --out ./prepared/xr --force
     """
-    from threengan_cli.datasets import DatasetError
     from threengan_cli.datasets import prepare as run_prepare
+    from threengan_cli.sources import DatasetError
 
     cfg = settings_or_exit(
         "prepare",
@@ -472,7 +472,7 @@ def generate(
 
     from threengan_cli.generate import GenerateError
     from threengan_cli.generate import generate as run_generate
-    from threengan_cli.inference import ModelError
+    from threengan_cli.modelfile import ModelError
 
     model = load_model_or_exit(checkpoint, run, cfg.device)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)

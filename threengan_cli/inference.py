@@ -142,7 +142,7 @@ def load_model(
         raise ModelNotFound(str(exc)) from None
     try:
         ckpt = checkpoints.load(path, map_location="cpu")
-    except checkpoints.CheckpointError as exc:
+    except modelfile.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     meta = ckpt.meta
     # Everything the networks are built from is checked, and each tensor's shape compared
@@ -177,7 +177,7 @@ def load_model(
     nets = {name: shapes[name].to_empty(device="cpu") for name in present}
     try:
         checkpoints.restore_networks(ckpt, nets, prefix=prefix)
-    except checkpoints.CheckpointError as exc:
+    except modelfile.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     nets = {name: net.to(torch_device).eval().requires_grad_(False) for name, net in nets.items()}
     if classifier in nets and torch_device.type in ("cpu", "cuda"):

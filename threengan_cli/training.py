@@ -55,7 +55,7 @@ from threengan_cli.accel import (
 )
 from threengan_cli.averaging import Averager, prediction_copies, recompute_bn
 from threengan_cli.datasets import load_prepared
-from threengan_cli.events import (  # noqa: F401  (the CLI reads them as training.*)
+from threengan_cli.events import (
     EpochDone,
     Event,
     InitNotFound,
@@ -64,7 +64,6 @@ from threengan_cli.events import (  # noqa: F401  (the CLI reads them as trainin
     RunFinished,
     RunStarted,
     StepDone,
-    Stopped,
     TrainingError,
 )
 from threengan_cli.images import NORMALISATION, grid_png
