@@ -27,6 +27,7 @@ from threengan_cli.cli_common import (
     load_classifier_or_exit,
     ood_threshold_of,
     settings_or_exit,
+    threshold_of,
 )
 from threengan_cli.helptext import shown
 from threengan_cli.views import err, note, warn
@@ -102,26 +103,6 @@ class _ClassifyTally:
     def skip(self, path: str) -> None:
         self.counts["skipped"] += 1
         self.first_skipped = self.first_skipped or path
-
-
-def _threshold_of(model, cfg) -> tuple[float, str, str]:
-    """The threshold to use, where it comes from (given, model or default) and a note for
-    stderr: a given --threshold (flag or --config) wins; else the one ``evaluate
-    --threshold-from`` stored in the model; else the default. A damaged stored one is an
-    error (exit 1), unless --threshold overrides it."""
-    from threengan_cli.modelfile import ModelError
-
-    if "threshold" in cfg.model_fields_set:
-        return cfg.threshold, "given", ""
-    try:
-        stored = model.stored_threshold
-    except ModelError as exc:
-        fail(str(exc))
-    if stored is None:
-        return cfg.threshold, "default", ""
-    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
-    note = f" (the model's: {how}; --threshold overrides it)"
-    return float(stored["value"]), "model", note
 
 
 def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
@@ -428,7 +409,8 @@ def classify(
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)
         stdin = None
-    threshold_value, threshold_source, source_note = _threshold_of(model, cfg)
+    given = cfg.threshold if "threshold" in cfg.model_fields_set else None
+    threshold_value, threshold_source, source_note = threshold_of(model, given)
     cfg = cfg.model_copy(update={"threshold": threshold_value})
     ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
     if not quiet:
@@ -440,7 +422,6 @@ def classify(
         )
 
     tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
-    view = views.BarView(not quiet and err.is_terminal, "classifying")
     extra = {
         "header": {
             "threshold": cfg.threshold,
@@ -457,25 +438,20 @@ def classify(
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
     try:
-        _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
+        with views.BarView(not quiet and err.is_terminal, "classifying") as view:
+            _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
     except KeyboardInterrupt:
-        view.close()
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
     except ModelError as exc:
-        view.close()
         fail(str(exc))
     except BrokenPipeError:
-        view.close()
         views.reader_gone()
     except OSError as exc:  # a full disk under -o or under a redirected stdout
-        view.close()
         if output is None:
             views.stdout_gone()
         where = output if output is not None else "stdout"
         fail(views.os_failure(exc, f"writing the results to {where}") + kept)
-    finally:
-        view.close()
 
     counts = tally.counts
     if counts["inputs"] == 0:

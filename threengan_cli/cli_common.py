@@ -141,6 +141,27 @@ def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: st
     return loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
 
 
+def threshold_of(model, given: float | None) -> tuple[float, str, str]:
+    """The decision threshold classify and evaluate use, where it comes from (given, model
+    or default) and a note for stderr: a given one (flag or --config) wins; else the one
+    ``evaluate --threshold-from`` stored in the model; else classify's default. A damaged
+    stored one is an error (exit 1), unless a given one overrides it."""
+    from threengan_cli.modelfile import ModelError
+    from threengan_cli.settings import ClassifySettings
+
+    if given is not None:
+        return given, "given", ""
+    try:
+        stored = model.stored_threshold
+    except ModelError as exc:
+        fail(str(exc))
+    if stored is None:
+        return ClassifySettings.model_fields["threshold"].default, "default", ""
+    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
+    note = f" (the model's: {how}; --threshold overrides it)"
+    return float(stored["value"]), "model", note
+
+
 def ood_threshold_of(model, given: float | None) -> tuple[float | None, str | None, str]:
     """The out-of-distribution threshold classify and evaluate flag above, where it comes
     from (given or model) and a note for stderr: a given one (flag or --config) wins; else

@@ -25,6 +25,7 @@ from threengan_cli.cli_common import (
     load_classifier_or_exit,
     lock_or_exit,
     ood_threshold_of,
+    threshold_of,
 )
 from threengan_cli.views import note, print_json, warn
 
@@ -197,9 +198,7 @@ def evaluate(
     try:
         data_set = ev.read_labelled(data, split, model)
         chosen = None
-        if threshold is not None:
-            used, source = threshold, "given"
-        elif threshold_from is not None:
+        if threshold is None and threshold_from is not None:
             if data_set.kind != "prepared":
                 fail(
                     "--threshold-from val needs a prepared dataset as DATA (its val split "
@@ -213,10 +212,8 @@ def evaluate(
             chosen = ev.choose_threshold(val.labels, probs, threshold_rule)
             chosen.update(split="val", dataset=val.source)
             used, source = chosen["value"], "chosen"
-        elif model.stored_threshold is not None:
-            used, source = float(model.stored_threshold["value"]), "model"
         else:
-            used, source = 0.5, "default"
+            used, source, _ = threshold_of(model, threshold)
         ood_value = ood_threshold_of(model, ood_threshold)[0]
         result = ev.evaluate(
             data_set, model, used, source, batch_size, workers, chosen, ood_value
