@@ -358,8 +358,20 @@ def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
 
 
 def test_run_folder_names_have_one_owner():
-    assert training.LAST is runs.LAST and training.BEST is runs.BEST
-    assert Path(runs.LAST).suffix == ".safetensors"
+    """The modules that read or write run folders use runs' names, never spell them."""
+    import ast
+
+    names = {runs.RUN, runs.METRICS, runs.SUMMARY, runs.FAILED, runs.BEST, runs.LAST, runs.FINAL}
+    names.add(runs.SETTINGS)
+    package = Path(runs.__file__).parent
+    users = ("benchmark", "cli_evaluate", "cli_train", "modelfile", "paths", "runlist", "training")
+    spelled = [
+        (module, node.lineno, node.value)
+        for module in users
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    ]
+    assert spelled == []
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(

@@ -48,7 +48,7 @@ from threengan_cli.modelfile import (
 )
 from threengan_cli.modelfile import META_KEY as _META_KEY
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "load", "save"]
+__all__ = ["Checkpoint", "load", "save"]
 
 
 @dataclass

@@ -321,7 +321,7 @@ def runs(
                 fail(f"cannot prune {run.name}: {exc}")
             if done is not None:
                 pruned.append(done)
-        found = [runlist.read_run(Path(r.path), r.name) for r in found]
+        found = [runlist.read_run_info(Path(r.path), r.name) for r in found]
     if as_json:
         rows = [r.to_dict() for r in found]
         print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)

@@ -248,8 +248,10 @@ def _metric(metrics: dict, key: str) -> str:
 def _train_done_line(summary: dict, run_dir: Path) -> str:
     """The test metrics of the model ``--run`` uses (best.safetensors: the best epoch on val),
     and the final epoch's accuracy beside them where that is another epoch."""
+    from threengan_cli import runs
+
     test = summary.get("test") or {}
-    where = f"summary in {run_dir / 'summary.json'}"
+    where = f"summary in {run_dir / runs.SUMMARY}"
     if not test.get("n"):
         return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
     best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]

@@ -36,7 +36,7 @@ from threengan_cli.modelfile import (
 from threengan_cli.networks import Classifier, Generator, to_model_range
 from threengan_cli.npclassifier import per_image
 
-__all__ = ["Model", "ModelError", "ModelNotFound", "load_model"]
+__all__ = ["Model", "load_model"]
 
 
 @dataclass

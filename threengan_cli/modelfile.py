@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 
 from threengan_cli import paths
+from threengan_cli.runs import BEST, FINAL, LAST
 
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 META_KEY = "threengan"
-BEST, LAST = "best.safetensors", "last.safetensors"
-FINAL = "final.safetensors"  # the final epoch's weights alone, once ``runs --prune-last`` ran
 DEFAULT_MODEL = "default.safetensors"
 DIGEST_KEY = "sha256"  # metadata: {group: sha256 of its tensors}
 STATS = "stats"  # tensor group of a model's out-of-distribution statistics and temperature

@@ -74,7 +74,6 @@ from threengan_cli.scoring import evaluate, flagged_share, model_statistics
 from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
-LAST, BEST, METRICS = runs.LAST, runs.BEST, runs.METRICS
 SAMPLE_GRID = 64
 
 
@@ -345,7 +344,7 @@ def _used_networks(method, nets: dict[str, torch.nn.Module]) -> list[str]:
 
 def _restore(loop: Loop) -> None:
     """Continue from the last checkpoint: weights, optimizers, RNG, position, sums."""
-    ckpt = checkpoints.load(loop.run_dir / LAST, map_location=loop.device)
+    ckpt = checkpoints.load(loop.run_dir / runs.LAST, map_location=loop.device)
     checkpoints.restore_networks(ckpt, loop.nets)
     checkpoints.restore_optimizers(ckpt, loop.opts)
     pos = ckpt.meta["position"]
@@ -370,7 +369,7 @@ def _restore(loop: Loop) -> None:
     loop.elapsed_before = ckpt.meta.get("elapsed_s", 0.0)
     loop.finished_before = ckpt.meta.get("finished", False)
     loop.extended = loop.finished_before and loop.epoch < loop.settings.epochs
-    metrics_path = loop.run_dir / METRICS
+    metrics_path = loop.run_dir / runs.METRICS
     history = runs.read_metrics(metrics_path, loop.epoch)  # damage: a RunError naming it
     fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
@@ -380,15 +379,15 @@ def _create(loop: Loop) -> None:
     run_dir = loop.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    fileio.write_text(run_dir / "settings.json", settings_mod.dump(loop.settings))
+    fileio.write_text(run_dir / runs.SETTINGS, settings_mod.dump(loop.settings))
     run_meta = {
         **loop.meta,
         "format_version": RUN_FORMAT_VERSION,
         "train_images": loop.n,
         "train_sources": loop.data.subset_paths,
     }
-    fileio.write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
-    fileio.write_text(run_dir / METRICS, "")  # replaces what is there, never writes through it
+    fileio.write_text(run_dir / runs.RUN, json.dumps(run_meta, indent=2) + "\n")
+    fileio.write_text(run_dir / runs.METRICS, "")  # replaces what is there, never writes through it
 
 
 # ------------------------------------------------------------------- prediction weights
@@ -471,7 +470,7 @@ def _save_last(
     if stats is not None:
         extra["stats"] = stats[1]
     checkpoints.save(
-        loop.run_dir / LAST,
+        loop.run_dir / runs.LAST,
         _run_meta(loop, epoch, step, elapsed_s=loop.elapsed(), **extra),
         loop.nets,
         optimizers=loop.opts,
@@ -487,7 +486,7 @@ def _write_pending_best(loop: Loop) -> None:
     if loop.best_pending is not None:
         position, weights = loop.best_pending
         checkpoints.save(
-            loop.run_dir / BEST,
+            loop.run_dir / runs.BEST,
             _run_meta(loop, position, 0, weights="best-on-val"),
             weights,
             host_work=loop.host_work(),
@@ -568,7 +567,7 @@ def _epoch_done(
         record["test_optimistic"] = evaluate(
             loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
         )
-    runs.append_line(loop.run_dir / METRICS, json.dumps(record))
+    runs.append_line(loop.run_dir / runs.METRICS, json.dumps(record))
     due = (
         every_s is None
         or epoch + 1 >= settings.epochs
@@ -650,7 +649,7 @@ def _train(
     test_every_epoch, checkpoint_every_s, stop_flag = options
     # Killed before the first checkpoint: nothing was kept, so start over from scratch, which
     # is exactly what the uninterrupted run did.
-    resume = resume and (run_dir / LAST).exists()
+    resume = resume and (run_dir / runs.LAST).exists()
     try:
         loop = _open(device, dataset_path, settings, run_dir, turns, fresh=not resume)
     except DataError as exc:
@@ -702,7 +701,8 @@ def _train(
                 if stop.is_set():
                     _write_pending_best(loop)
                     _save_last(loop, epoch, step)
-                    raise Interrupted(run_dir / LAST, epoch, step, getattr(stop, "signum", None))
+                    signum = getattr(stop, "signum", None)
+                    raise Interrupted(run_dir / runs.LAST, epoch, step, signum)
                 lo, hi = loop.spans[step]
                 idx = order[lo:hi]
                 if unlabelled is not None:
@@ -742,7 +742,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
     adapted = evaluate_adapted(loop, used)
     best_test, best_stats = final_test, stats
-    best = checkpoints.load(loop.run_dir / BEST, map_location=data.train_x.device)
+    best = checkpoints.load(loop.run_dir / runs.BEST, map_location=data.train_x.device)
     if loop.best_epoch is not None and loop.best_epoch != settings.epochs:
         saved = _weights(used)
         checkpoints.restore_networks(best, used)
@@ -754,7 +754,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     if best_stats is not None:
         nets = {name: best.group(f"net/{name}") for name in best.network_names}
         meta = {**best.meta, "stats": best_stats[1]}
-        checkpoints.save(loop.run_dir / BEST, meta, nets, stats=best_stats[0])
+        checkpoints.save(loop.run_dir / runs.BEST, meta, nets, stats=best_stats[0])
     flagged = {}
     if stats is not None:
         for split in ("val", "test"):
@@ -782,7 +782,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
         "extended": loop.extended,
         "settings": settings.model_dump(mode="json"),
     }
-    fileio.write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    fileio.write_text(loop.run_dir / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
