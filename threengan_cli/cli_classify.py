@@ -39,7 +39,7 @@ def _classify_format(given: str | None, configured: str | None, output: Path | N
     over the config file, which holds defaults. An --output that is not a regular file
     (``/dev/stdout``, a FIFO, a device) needs no suffix: it gets csv, as a pipe does."""
     from threengan_cli import fileio
-    from threengan_cli.rows import FORMATS, SUFFIX_FORMATS
+    from threengan_cli.classify_output import FORMATS, SUFFIX_FORMATS
 
     fmt = given
     if fmt is None and output is not None:
@@ -110,7 +110,7 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
     from threengan_cli import fileio
     from threengan_cli.classify import Decision
     from threengan_cli.classify import classify as run_classify
-    from threengan_cli.rows import RowWriter
+    from threengan_cli.classify_output import RowWriter
 
     sorter = extra["sorter"]
 
