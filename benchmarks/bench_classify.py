@@ -124,7 +124,7 @@ def throughput(args) -> None:
     import torch
 
     from threengan_cli import npclassifier
-    from threengan_cli.inference import load_model
+    from threengan_cli.classify_torch import load_model
 
     workers = args.workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

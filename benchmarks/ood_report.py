@@ -71,7 +71,7 @@ def main() -> None:
 
         model = load(args.checkpoint)
     else:
-        from threengan_cli.inference import load_model
+        from threengan_cli.classify_torch import load_model
 
         model = load_model(args.checkpoint, device="cpu")
     if model.stats is None:

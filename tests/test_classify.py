@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from threengan_cli import images, npclassifier
 from threengan_cli.classify import Decision, classify, decide, expand
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 from threengan_cli.modelfile import ModelError, ModelNotFound
 
 runner = CliRunner()

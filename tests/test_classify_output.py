@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from threengan_cli import npclassifier
 from threengan_cli.classify import Decision, classify, exact, parse_shard
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 
 runner = CliRunner()
 

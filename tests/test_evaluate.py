@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from threengan_cli import evaluate as ev
 from threengan_cli import modelfile, npclassifier
 from threengan_cli.classify import classify
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.datasets import prepare
-from threengan_cli.inference import load_model
 from threengan_cli.metrics import classification_metrics
 from threengan_cli.settings import PrepareSettings
 

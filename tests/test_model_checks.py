@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from threengan_cli import checkpoints, modelfile, npclassifier
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 from threengan_cli.modelfile import DIGEST_KEY, META_KEY, ModelError
 from threengan_cli.networks import Classifier, MultiTaskDiscriminator
 

@@ -14,9 +14,9 @@ from model_factory import familiar_images, make_checkpoint
 from typer.testing import CliRunner
 
 from threengan_cli import metrics, npclassifier, ood
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.cli_common import EXIT_OOD
-from threengan_cli.inference import load_model
 from threengan_cli.modelfile import ModelError
 
 runner = CliRunner()

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from threengan_cli import augment, benchmark, checkpoints, events, grid, methods, training
 from threengan_cli.averaging import Averager, recompute_bn
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.datasets import load_prepared
-from threengan_cli.inference import load_model
 from threengan_cli.networks import Classifier, to_model_range
 from threengan_cli.rundata import load_run_data
 from threengan_cli.settings import RECIPES, SettingsError, TrainSettings, resolve

@@ -11,8 +11,8 @@ from model_factory import write_image
 from typer.testing import CliRunner
 
 from threengan_cli import events, runlist, scoring, training
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 from threengan_cli.settings import TrainSettings
 
 runner = CliRunner()

@@ -126,7 +126,7 @@ def loaded_or_exit(load: Any) -> Any:
 
 
 def load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
-    from threengan_cli.inference import load_model
+    from threengan_cli.classify_torch import load_model
 
     return loaded_or_exit(lambda: load_model(checkpoint, run, device))
 
