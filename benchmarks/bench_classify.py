@@ -123,7 +123,7 @@ def inference_rate(model, batch_size: int, batches: int = 20) -> float:
 def throughput(args) -> None:
     import torch
 
-    from threengan_cli import npclassifier
+    from threengan_cli import classify_numpy
     from threengan_cli.classify_torch import load_model
 
     workers = args.workers or os.cpu_count() or 1
@@ -140,7 +140,7 @@ def throughput(args) -> None:
         checkpoint = make_model(tmp / "m.safetensors", args.width, args.image_size)
         # The CLI's engine on a CPU is NumPy (no torch import); torch's is --device cuda/mps.
         models = {
-            "numpy": npclassifier.load(checkpoint),
+            "numpy": classify_numpy.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache

@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.engine == "numpy":
-        from threengan_cli.npclassifier import load
+        from threengan_cli.classify_numpy import load
 
         model = load(args.checkpoint)
     else:

@@ -207,12 +207,12 @@ def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(datas
 
 
 def test_the_numpy_engine_reads_the_weights_to_use_of_a_robust_checkpoint(dataset, tmp_path):
-    from threengan_cli import npclassifier
+    from threengan_cli import classify_numpy
 
     run = tmp_path / "run"
     training.train(dataset, _settings(recipe="robust", size=8, epochs=1), run)
     torch_model = load_model(checkpoint=run / "last.safetensors", device="cpu")
-    numpy_model = npclassifier.load(checkpoint=run / "last.safetensors")
+    numpy_model = classify_numpy.load(checkpoint=run / "last.safetensors")
     images = load_prepared(dataset).subset("test")[0]
     assert np.allclose(
         torch_model.probabilities_of(images), numpy_model.probabilities_of(images), atol=1e-5

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from threengan_cli import checkpoints, modelfile, ood, system
+from threengan_cli.classify_numpy import per_image
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
@@ -34,7 +35,6 @@ from threengan_cli.modelfile import (
     stored_threshold,
 )
 from threengan_cli.networks import Classifier, Generator, to_model_range
-from threengan_cli.npclassifier import per_image
 
 __all__ = ["Model", "load_model"]
 

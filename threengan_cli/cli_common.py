@@ -136,9 +136,9 @@ def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: st
     never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
     if device not in ("auto", "cpu") or engine == "torch":
         return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
-    from threengan_cli import npclassifier
+    from threengan_cli import classify_numpy
 
-    return loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
+    return loaded_or_exit(lambda: classify_numpy.load(checkpoint, run))
 
 
 def threshold_of(model, given: float | None) -> tuple[float, str, str]:
