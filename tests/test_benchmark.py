@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, events, grid, report, training
+from threengan_cli import benchmark, grid, report, train_events, training
 from threengan_cli import settings as settings_mod
 from threengan_cli.cli import app
 from threengan_cli.methods import METHODS
@@ -30,9 +30,9 @@ def _smoke(**flags):
 def smoke(dataset, tmp_path_factory):
     """The smoke profile (vanilla + 3ngan at N = 8, 16; one repeat), trained once."""
     out = tmp_path_factory.mktemp("bench") / "smoke"
-    events = []
-    results = benchmark.run(dataset, _smoke(), out, on_event=events.append)
-    return out, results, events
+    seen = []
+    results = benchmark.run(dataset, _smoke(), out, on_event=seen.append)
+    return out, results, seen
 
 
 def _numbers(rows):
@@ -54,7 +54,7 @@ def _count_train_calls(monkeypatch):
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
-    out, results, events = smoke
+    out, results, seen = smoke
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         "3ngan-n16-r0",
         "3ngan-n8-r0",
@@ -87,9 +87,9 @@ def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
         assert "pip install 'threengan[plot]'" in report
     else:
         assert (out / "accuracy_vs_size.png").is_file()
-    planned = [e for e in events if isinstance(e, benchmark.GridPlanned)]
+    planned = [e for e in seen if isinstance(e, benchmark.GridPlanned)]
     assert planned[0].total == 4 and len(planned[0].todo) == 4
-    ends = [e for e in events if isinstance(e, benchmark.RunEnds)]
+    ends = [e for e in seen if isinstance(e, benchmark.RunEnds)]
     assert [e.position for e in ends] == [1, 2, 3, 4] and ends[-1].eta_s == pytest.approx(0)
 
 
@@ -213,7 +213,8 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
     monkeypatch.setattr(benchmark, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
 
     def stop_after_first_epoch(event):
-        if isinstance(event, benchmark.RunProgress) and isinstance(event.event, events.EpochDone):
+        inner = getattr(event, "event", None)
+        if isinstance(event, benchmark.RunProgress) and isinstance(inner, train_events.EpochDone):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -248,7 +249,7 @@ def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_
 
     def diverge_3ngan(dataset, settings, run_dir, **kw):
         if settings.method == "3ngan":
-            raise events.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
+            raise train_events.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
         return real(dataset, settings, run_dir, **kw)
 
     monkeypatch.setattr(training, "train", diverge_3ngan)
@@ -354,7 +355,7 @@ def test_cli_merge_and_a_settings_mismatch(smoke, dataset, tmp_path):
 
 def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch):
     def interrupted(dataset, settings, run_dir, **kw):
-        raise events.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
+        raise train_events.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
 
     monkeypatch.setattr(training, "train", interrupted)
     result = _cli(dataset, "--profile", "smoke", "--device", "cpu", "--out", tmp_path / "b")
@@ -364,7 +365,7 @@ def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch)
 
 def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
     def diverge(dataset, settings, run_dir, **kw):
-        raise events.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
+        raise train_events.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
 
     monkeypatch.setattr(training, "train", diverge)
     result = _cli(
@@ -391,11 +392,11 @@ def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(da
 @pytest.mark.slow
 def test_repeats_in_parallel_are_taken_cell_by_cell(dataset, tmp_path):
     cfg = _smoke(methods=("vanilla", "3ngan"), sizes=(8, 16), repeats=2)
-    events = []
-    benchmark.run(dataset, cfg, tmp_path / "b", parallel=2, on_event=events.append)
-    planned = next(e for e in events if isinstance(e, benchmark.GridPlanned))
+    seen = []
+    benchmark.run(dataset, cfg, tmp_path / "b", parallel=2, on_event=seen.append)
+    planned = next(e for e in seen if isinstance(e, benchmark.GridPlanned))
     assert planned.todo[:4] == ("vanilla-n8-r0", "vanilla-n8-r1", "3ngan-n8-r0", "3ngan-n8-r1")
-    ends = [e.position for e in events if isinstance(e, benchmark.RunEnds)]
+    ends = [e.position for e in seen if isinstance(e, benchmark.RunEnds)]
     assert sorted(ends) == list(range(1, 9))
 
 
@@ -410,7 +411,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
         if (
             not sent
             and isinstance(event, benchmark.RunProgress)
-            and isinstance(event.event, events.StepDone)
+            and isinstance(event.event, train_events.StepDone)
             and event.event.epoch == 1
         ):
             import os
@@ -419,7 +420,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
             sent.append(event.spec.name)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises((events.Interrupted, KeyboardInterrupt)):
+    with pytest.raises((train_events.Interrupted, KeyboardInterrupt)):
         benchmark.run(dataset, cfg, out, parallel=2, on_event=stop_on_second_epoch)
     stopped = out / "runs" / sent[0]
     assert (stopped / "last.safetensors").is_file() and not (stopped / "summary.json").exists()

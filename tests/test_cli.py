@@ -246,18 +246,18 @@ def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch,
 
     from rich.console import Console
 
-    from threengan_cli import events, views
+    from threengan_cli import train_events, views
 
     screen = io.StringIO()
     console = Console(file=screen, width=80, force_terminal=True, highlight=False)
     monkeypatch.setattr(views.err, "_console", console)
     view = views.TrainView(quiet=False)
-    view(events.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
+    view(train_events.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
     record = {"epoch": 1, "train": {"loss_c": 0.5}, "val": {"accuracy": 0.75},
               "images_per_s": 10.0, "seconds": 2.4}  # fmt: skip
-    view(events.StepDone(0, 6, 6))
-    view(events.EpochDone(0, 2, record))
-    view(events.StepDone(1, 3, 6))
+    view(train_events.StepDone(0, 6, 6))
+    view(train_events.EpochDone(0, 2, record))
+    view(train_events.StepDone(1, 3, 6))
     bar = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
     with bar.capture() as captured:
         bar.print(view.progress.get_renderable())

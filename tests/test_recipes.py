@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import augment, benchmark, checkpoints, events, grid, methods, training
+from threengan_cli import augment, benchmark, checkpoints, grid, methods, train_events, training
 from threengan_cli.averaging import Averager, recompute_bn
 from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
@@ -164,7 +164,7 @@ def test_every_method_trains_with_augmentation_and_unlabelled_images(method):
 # ------------------------------------------------------------------------------ the loop
 def _stop_at(epoch: int, step: int, flag: threading.Event):
     def on_event(event):
-        if isinstance(event, events.StepDone) and (event.epoch, event.step) == (epoch, step):
+        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (epoch, step):
             flag.set()
 
     return on_event
@@ -176,7 +176,7 @@ def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
     flag = threading.Event()
-    with pytest.raises(events.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, settings, stopped, on_event=_stop_at(1, 1, flag), stop_flag=flag)
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")

@@ -10,7 +10,7 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import events, runlist, scoring, training
+from threengan_cli import runlist, scoring, train_events, training
 from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.settings import TrainSettings
@@ -36,10 +36,10 @@ def _stopped(dataset, threengan_home):
     flag = threading.Event()
 
     def stop(event):
-        if isinstance(event, events.EpochDone):
+        if isinstance(event, train_events.EpochDone):
             flag.set()
 
-    with pytest.raises(events.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         cfg = _settings(method="vanilla", epochs=2)
         training.train(dataset, cfg, run, on_event=stop, stop_flag=flag)
     assert (run / "last.safetensors").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, events, grid, runs, training
+from threengan_cli import benchmark, grid, runs, train_events, training
 from threengan_cli.cli import app
 from threengan_cli.settings import TrainSettings
 
@@ -65,7 +65,7 @@ def test_a_last_line_cut_short_by_a_kill_is_dropped_and_a_bad_middle_line_is_not
 
 def test_a_run_killed_mid_append_resumes(dataset, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(events.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, _settings(epochs=2), run, on_event=_stop_after_epoch(1))
     with open(run / runs.METRICS, "a") as fh:
         fh.write('{"epoch": 2, "train": {"loss')  # what a kill in the middle of a line leaves
@@ -79,7 +79,7 @@ def _stop_after_epoch(epoch: int):
     """An event handler that asks the run to stop (as Ctrl+C does) once ``epoch`` is done."""
 
     def on_event(event):
-        if isinstance(event, events.EpochDone) and event.epoch + 1 == epoch:
+        if isinstance(event, train_events.EpochDone) and event.epoch + 1 == epoch:
             import os
             import signal
 

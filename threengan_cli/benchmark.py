@@ -328,7 +328,7 @@ def run(
     Raises BenchmarkError (bad folder, sizes too large), DatasetError, TrainingError and
     training.Interrupted (Ctrl+C; every finished run is kept, the ones in progress resumable).
     """
-    from threengan_cli import events, training
+    from threengan_cli import train_events, training
 
     lock = threading.Lock()  # events come from several threads; the view sees one at a time
 
@@ -371,7 +371,7 @@ def run(
 
         def forward(event) -> None:
             with lock:
-                if isinstance(event, events.StepDone):
+                if isinstance(event, train_events.StepDone):
                     clock.step(spec, event)
                 fraction, eta = clock.fraction, clock.eta_s
             emit(RunProgress(spec, position, len(todo), event, fraction, eta))
@@ -387,7 +387,7 @@ def run(
                 checkpoint_every_s=CHECKPOINT_EVERY_S,
                 stop_flag=stop,
             )
-        except events.NonFiniteLoss as exc:
+        except train_events.NonFiniteLoss as exc:
             # A diverged run is a result of the method, not a reason to stop the grid; it
             # would diverge again when re-run, so it is recorded and skipped from now on.
             fileio.write_text(
@@ -403,7 +403,7 @@ def run(
         if parallel == 1:
             for position, spec in enumerate(todo, start=1):
                 if stop.is_set():
-                    raise events.Stopped(getattr(stop, "signum", None))
+                    raise train_events.Stopped(getattr(stop, "signum", None))
                 train_one(position, spec, stop)
         else:
             _in_threads(train_one, list(enumerate(todo, start=1)), parallel, stop)
@@ -430,7 +430,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    from threengan_cli.events import Interrupted
+    from threengan_cli.train_events import Interrupted
 
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run") as pool:
@@ -453,7 +453,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
         errors.sort(key=lambda e: isinstance(e, Interrupted))
         raise errors[0]
     if stop.is_set():
-        from threengan_cli.events import Stopped
+        from threengan_cli.train_events import Stopped
 
         raise Stopped(getattr(stop, "signum", None))
 

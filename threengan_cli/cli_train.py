@@ -477,7 +477,7 @@ def train(
 
 def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, quiet: bool):
     """Run the engine on a locked run folder; its errors as one line and an exit code."""
-    from threengan_cli import events, runs, training
+    from threengan_cli import runs, train_events, training
     from threengan_cli.modelfile import CheckpointError
     from threengan_cli.sources import DatasetError
 
@@ -492,13 +492,13 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
                 on_event=view,
                 checkpoint_every_s=every_s or None,
             )
-    except events.Interrupted as exc:
+    except train_events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(interrupt_code(exc.signum)) from None
-    except events.InitNotFound as exc:
+    except train_events.InitNotFound as exc:
         fail(str(exc), EXIT_USAGE)
     except (
-        events.TrainingError,
+        train_events.TrainingError,
         CheckpointError,
         DatasetError,
         runs.RunError,
@@ -558,7 +558,7 @@ def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli import benchmark as bench
-    from threengan_cli import classify, events, paths, runs
+    from threengan_cli import classify, paths, runs, train_events
     from threengan_cli.modelfile import CheckpointError
     from threengan_cli.sources import DatasetError
 
@@ -577,12 +577,12 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
             results = bench.run(
                 dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
             )
-    except (events.Interrupted, KeyboardInterrupt) as exc:
+    except (train_events.Interrupted, KeyboardInterrupt) as exc:
         note(f"interrupted: {hint}")
         raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
     except (
         bench.BenchmarkError,
-        events.TrainingError,
+        train_events.TrainingError,
         CheckpointError,
         DatasetError,
         runs.RunError,

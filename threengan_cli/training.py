@@ -55,7 +55,13 @@ from threengan_cli.accel import (
 )
 from threengan_cli.averaging import Averager, prediction_copies, recompute_bn
 from threengan_cli.datasets import load_prepared
-from threengan_cli.events import (
+from threengan_cli.images import NORMALISATION, grid_png
+from threengan_cli.methods import METHODS, StepOutput
+from threengan_cli.networks import from_model_range, to_model_range
+from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
+from threengan_cli.scoring import evaluate, flagged_share, model_statistics
+from threengan_cli.settings import TrainSettings
+from threengan_cli.train_events import (
     EpochDone,
     Event,
     InitNotFound,
@@ -66,12 +72,6 @@ from threengan_cli.events import (
     StepDone,
     TrainingError,
 )
-from threengan_cli.images import NORMALISATION, grid_png
-from threengan_cli.methods import METHODS, StepOutput
-from threengan_cli.networks import from_model_range, to_model_range
-from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
-from threengan_cli.scoring import evaluate, flagged_share, model_statistics
-from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
 SAMPLE_GRID = 64
