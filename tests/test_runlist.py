@@ -230,16 +230,16 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
     # the final epoch (2) have different test accuracies.
     staged = {1: 0.9, 2: 0.6, 3: 0.7, 6: 0.8}
     calls = []
-    real = scoring.evaluate
+    real = scoring.score_split
 
-    def evaluate(*args, **kwargs):
+    def score_split(*args, **kwargs):
         out = dict(real(*args, **kwargs))
         calls.append(out)
         if len(calls) in staged:
             out["accuracy"] = staged[len(calls)]
         return out
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training, "score_split", score_split)
     args = ["train", str(dataset), "--name", "two", "--method", "vanilla", "--recipe", "paper"]
     args += ["--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu"]
     done = runner.invoke(app, args)

@@ -59,7 +59,7 @@ from threengan_cli.images import NORMALISATION, grid_png
 from threengan_cli.methods import METHODS, StepOutput
 from threengan_cli.networks import from_model_range, to_model_range
 from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
-from threengan_cli.scoring import evaluate, flagged_share, model_statistics
+from threengan_cli.scoring import flagged_share, model_statistics, score_split
 from threengan_cli.settings import TrainSettings
 from threengan_cli.train_events import (
     EpochDone,
@@ -435,7 +435,8 @@ def evaluate_adapted(loop: Loop, nets: dict[str, torch.nn.Module]) -> dict[str, 
     adapted = dict(nets)
     adapted[name] = copy.deepcopy(nets[name])
     recompute_bn(adapted[name], (to_model_range(x) for x in data.test_x.split(64) if len(x) > 1))
-    return evaluate(loop.method, adapted, data.test_x, data.test_y, len(data.classes), amp=loop.amp)
+    k = len(data.classes)
+    return score_split(loop.method, adapted, data.test_x, data.test_y, k, amp=loop.amp)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -556,7 +557,7 @@ def _epoch_done(
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "train": means,
-        "val": evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp),
+        "val": score_split(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp),
         "seconds": round(seconds, 3),
         "images_per_s": round((loop.spans[-1][1] - loop.spans[first][0]) / max(seconds, 1e-9), 2),
     }
@@ -564,7 +565,7 @@ def _epoch_done(
     if pseudo:
         record["pseudo"] = pseudo
     if test_every_epoch:
-        record["test_optimistic"] = evaluate(
+        record["test_optimistic"] = score_split(
             loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
         )
     runs.append_line(loop.run_dir / runs.METRICS, json.dumps(record))
@@ -738,8 +739,8 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     is written again with the statistics of its own weights."""
     settings, data = loop.settings, loop.data
     k = len(data.classes)
-    final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **_how(loop, stats))
-    final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
+    final_test = score_split(loop.method, used, data.test_x, data.test_y, k, **_how(loop, stats))
+    final_val = score_split(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
     adapted = evaluate_adapted(loop, used)
     best_test, best_stats = final_test, stats
     best = checkpoints.load(loop.run_dir / runs.BEST, map_location=data.train_x.device)
@@ -748,7 +749,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
         checkpoints.restore_networks(best, used)
         best_stats = model_statistics(loop.method, used, data)
         how = _how(loop, best_stats)
-        best_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **how)
+        best_test = score_split(loop.method, used, data.test_x, data.test_y, k, **how)
         for name, net in used.items():
             net.load_state_dict(saved[name])
     if best_stats is not None:
