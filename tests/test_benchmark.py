@@ -194,6 +194,7 @@ def test_the_ssl_profile_compares_each_rung_with_the_cell_it_adds_to():
 
 
 # ---------------------------------------------------------------------- skip and resume
+@pytest.mark.slow
 def test_rerunning_skips_finished_runs_and_gives_the_same_report(
     smoke, dataset, tmp_path, monkeypatch
 ):
@@ -205,6 +206,7 @@ def test_rerunning_skips_finished_runs_and_gives_the_same_report(
     assert _numbers(results["results"]) == _numbers(smoke[1]["results"])
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
     dataset, tmp_path, monkeypatch
 ):

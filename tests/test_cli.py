@@ -148,6 +148,7 @@ def test_classify_reads_its_format_from_the_config(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- train
+@pytest.mark.slow
 def test_train_refuses_an_existing_run_name_with_other_settings(dataset):
     first = run("train", dataset, "--name", "r1", *TINY, "-q")
     assert first.exit_code == 0, first.output
@@ -163,6 +164,7 @@ def test_train_resume_of_a_missing_run_is_a_usage_error():
     assert "no run to resume" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_resume_of_a_finished_run_exits_0_and_trains_nothing(dataset):
     assert run("train", dataset, "--name", "done", *TINY, "-q").exit_code == 0
     run_dir = paths.runs_dir() / "done"

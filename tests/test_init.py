@@ -45,6 +45,7 @@ def test_init_loads_the_models_networks_and_leaves_the_ones_it_lacks_fresh(datas
     assert loop.meta["init"]["networks"] == ["G", "C"]
 
 
+@pytest.mark.slow
 def test_the_model_a_run_started_from_is_in_settings_run_json_and_checkpoints(dataset, tmp_path):
     model = make_checkpoint(tmp_path / "m.safetensors", classes=CLASSES)
     run = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_the_model_a_run_started_from_is_in_settings_run_json_and_checkpoints(da
         assert modelfile.read_meta(run / name)["init"] == recorded
 
 
+@pytest.mark.slow
 def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dataset, tmp_path):
     model = make_checkpoint(tmp_path / "m.safetensors", classes=CLASSES)
     settings = _settings(init=str(model), epochs=2, unlabelled="rest")

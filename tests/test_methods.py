@@ -127,6 +127,7 @@ def test_ecgan_generator_gets_no_gradient_from_the_classifier():
     )
 
 
+@pytest.mark.slow
 def test_3ngan_generator_gets_gradient_from_the_classifier():
     _, nets, *_ = _setup("3ngan")
     other = _with_other_classifier(nets)

@@ -170,6 +170,7 @@ def _stop_at(epoch: int, step: int, flag: threading.Event):
     return on_event
 
 
+@pytest.mark.slow
 def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
     settings = _settings(recipe="robust", unlabelled="rest", size=8, epochs=3)
     full = tmp_path / "full"
@@ -187,6 +188,7 @@ def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
         assert all(torch.equal(ga[k], gb[k]) for k in ga), group
 
 
+@pytest.mark.slow
 def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(dataset, tmp_path):
     run = tmp_path / "run"
     summary = training.train(dataset, _settings(recipe="robust", size=8), run)
@@ -206,6 +208,7 @@ def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(datas
     assert "accuracy" in summary["test_adapted_bn"]
 
 
+@pytest.mark.slow
 def test_the_numpy_engine_reads_the_weights_to_use_of_a_robust_checkpoint(dataset, tmp_path):
     from threengan_cli import classify_numpy
 
@@ -219,6 +222,7 @@ def test_the_numpy_engine_reads_the_weights_to_use_of_a_robust_checkpoint(datase
     )
 
 
+@pytest.mark.slow
 def test_a_method_registered_by_a_plugin_trains_benchmarks_and_classifies(dataset, tmp_path):
     @methods.register
     class Toy(methods.Vanilla):
@@ -307,6 +311,7 @@ def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_pa
 
 
 # ------------------------------------------------------------------------- paper recipe
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vanilla", "3ngan"])
 def test_the_paper_recipe_is_the_bare_method_steps_and_nothing_more(dataset, tmp_path, method):
     """Replay the paper's protocol by hand (seed, init, batch order, one method step per

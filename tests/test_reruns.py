@@ -132,6 +132,7 @@ def test_training_a_finished_run_again_with_the_same_settings_is_a_no_op(tiny, t
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_training_a_run_again_with_other_settings_names_resume_and_force(tiny, threengan_home):
     assert _train(tiny, "--name", "w", "--epochs", "1", "-q").exit_code == 0
     more = _train(tiny, "--name", "w", "--epochs", "2")
@@ -146,6 +147,7 @@ def test_training_a_run_again_with_other_settings_names_resume_and_force(tiny, t
     assert saved["lr"] == 0.001
 
 
+@pytest.mark.slow
 def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny, threengan_home):
     import threading
 
@@ -173,6 +175,7 @@ def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny
     assert a["test"] == b["test"] and a["val"] == b["val"]
 
 
+@pytest.mark.slow
 def test_a_damaged_summary_is_recomputed_by_resume(tiny, threengan_home):
     first = _train(tiny, "--name", "w", "--epochs", "1", "--json", "-q")
     summary = threengan_home / "runs" / "w" / runs.SUMMARY
@@ -200,6 +203,7 @@ def test_a_missing_unlabelled_dataset_leaves_no_run_folder(tiny, threengan_home)
     assert not (threengan_home / "runs" / "w").exists()
 
 
+@pytest.mark.slow
 def test_an_unlabelled_pool_holding_the_test_split_is_refused(tmp_path, threengan_home):
     from image_factory import kermany_like
 
@@ -252,6 +256,7 @@ def test_force_never_replaces_a_folder_generate_did_not_make(tmp_path, ckpt):
 
 
 # ---------------------------------------------------------------------------- --json
+@pytest.mark.slow
 def test_every_json_output_is_one_json_document(tiny, tmp_path, ckpt, threengan_home):
     image = str(write_image(tmp_path / "a.png"))
     assert _train(tiny, "--name", "w", "--epochs", "1", "-q").exit_code == 0
@@ -395,6 +400,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_train_stopped_by_sigterm_exits_143_and_stays_resumable(dataset, tmp_path):
     # (Ctrl+C's 130: tests/test_cli.py)
     run = tmp_path / "run"

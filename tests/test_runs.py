@@ -374,6 +374,7 @@ def test_run_folder_names_have_one_owner():
     assert spelled == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
     dataset, tmp_path, monkeypatch
 ):

@@ -54,6 +54,7 @@ def test_a_finished_run_folder_holds_settings_metrics_checkpoints_and_samples(
     assert samples == ([] if method == "vanilla" else ["epoch_0001.png", "epoch_0002.png"])
 
 
+@pytest.mark.slow
 def test_two_identical_cpu_runs_give_identical_metrics(dataset, tmp_path):
     training.train(dataset, _settings(), tmp_path / "a")
     training.train(dataset, _settings(), tmp_path / "b")
@@ -63,6 +64,7 @@ def test_two_identical_cpu_runs_give_identical_metrics(dataset, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_exactly_like_an_uninterrupted_one(dataset, tmp_path):
     full = tmp_path / "full"
     training.train(dataset, _settings(epochs=3), full)
@@ -93,6 +95,7 @@ def test_an_interrupted_run_resumes_exactly_like_an_uninterrupted_one(dataset, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_stop_request_saves_a_mid_epoch_checkpoint_that_resumes(dataset, tmp_path):
     run = tmp_path / "run"
 
@@ -111,6 +114,7 @@ def test_a_stop_request_saves_a_mid_epoch_checkpoint_that_resumes(dataset, tmp_p
     assert summary["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_extended_by_a_larger_epoch_count(dataset, tmp_path):
     run = tmp_path / "run"
     training.train(dataset, _settings(epochs=1), run)
@@ -143,6 +147,7 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
     assert accel.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
 
 
+@pytest.mark.slow
 def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_over(dataset, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     training.train(dataset, _settings(epochs=1), full)
@@ -172,6 +177,7 @@ def test_a_run_stopped_before_its_summary_resumes_into_the_final_evaluation(
     assert (run / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val(
     dataset, tmp_path, monkeypatch
 ):
@@ -196,6 +202,7 @@ def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val
     assert summary["best_epoch_on_val"] == vals.index(max(vals)) + 1
 
 
+@pytest.mark.slow
 def test_a_stop_request_writes_the_pending_best_checkpoint_too(dataset, tmp_path):
     run = tmp_path / "run"
 
@@ -224,6 +231,7 @@ class _Clock:
         return self.now
 
 
+@pytest.mark.slow
 def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_path, monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(training.time, "perf_counter", clock)
@@ -362,6 +370,7 @@ def test_gpu_turns_are_lent_for_host_work_and_taken_back():
     assert order == ["other", "host work", "back"]
 
 
+@pytest.mark.slow
 def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
     from model_factory import write_image
 
