@@ -139,8 +139,8 @@ def inference_rate(model, batch_size: int, batches: int = 20) -> float:
 def throughput(args) -> None:
     import torch
 
-    from threengan_cli import npclassifier
-    from threengan_cli.inference import load_model
+    from threengan_cli import classify_numpy
+    from threengan_cli.classify_torch import load_model
 
     workers = args.workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,12 +156,12 @@ def throughput(args) -> None:
         checkpoint = make_model(tmp / "m.safetensors", args.width, args.image_size)
         # The CLI's engine on a CPU is NumPy (no torch import); torch's is --device cuda/mps.
         models = {
-            "numpy": npclassifier.load(checkpoint),
+            "numpy": classify_numpy.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
         if args.stats:
             scored = make_model(tmp / "s.safetensors", args.width, args.image_size, stats=True)
-            models["numpy+ood"] = npclassifier.load(scored)
+            models["numpy+ood"] = classify_numpy.load(scored)
             models["torch+ood"] = load_model(scored, device=args.device)
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache
         floors: list[float] = []

@@ -33,10 +33,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from threengan_cli import methods
+from threengan_cli import networks
+from threengan_cli.accel import StepRunner, place
 from threengan_cli.methods import METHODS
 from threengan_cli.settings import TrainSettings
-from threengan_cli.training import StepRunner, place
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -86,12 +86,12 @@ def matmul(largest: int, dtype: torch.dtype, device: torch.device) -> tuple[int,
 def _one_call_per_batch():
     """The earlier step, for the ``unpaired`` mode: D and C called once on real and once on
     generated images, instead of once on both (``networks.separately``)."""
-    saved = methods.separately
-    methods.separately = lambda net, *batches: tuple(net(b) for b in batches)
+    saved = networks.separately
+    networks.separately = lambda net, *batches: tuple(net(b) for b in batches)
     try:
         yield
     finally:
-        methods.separately = saved
+        networks.separately = saved
 
 
 def prepare_step(name: str, precision: str, mode: str, args) -> tuple:

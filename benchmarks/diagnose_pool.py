@@ -137,7 +137,8 @@ def main() -> None:
     from threengan_cli import checkpoints
     from threengan_cli.methods import METHODS
     from threengan_cli.settings import TrainSettings
-    from threengan_cli.training import EpochDone, train
+    from threengan_cli.train_events import EpochDone
+    from threengan_cli.training import train
 
     torch.set_num_threads(2)
     values = {

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threengan_cli import images, modelfile, npclassifier, ood
+from threengan_cli import classify_numpy, images, modelfile, ood
 from threengan_cli.datasets import load_prepared
 from threengan_cli.metrics import roc_auc
 from threengan_cli.rundata import load_run_data
@@ -47,7 +47,7 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
         x = x + np.float32(model.offset)
         found = {}
         for j, (kernel, shift) in enumerate(model.layers):
-            x = npclassifier._conv(x, kernel, 4, stride=2, pad=1)
+            x = classify_numpy._conv(x, kernel, 4, stride=2, pad=1)
             if shift is not None:
                 x += shift
             np.maximum(x, x * np.float32(0.2), out=x)
@@ -56,7 +56,7 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
         found["map"] = x.reshape(len(x), -1)
         found["blocks"] = ood.pooled_features(x)
         kernel, bias = model.head
-        found["logits"] = npclassifier._conv(x, kernel, 4, stride=1, pad=0).reshape(len(x), -1)
+        found["logits"] = classify_numpy._conv(x, kernel, 4, stride=1, pad=0).reshape(len(x), -1)
         found["logits"] = found["logits"] + bias
         return found
 
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--external", type=Path, default=Path("../shared/data/external-dev"))
     args = parser.parse_args()
-    model = npclassifier.load(args.checkpoint)
+    model = classify_numpy.load(args.checkpoint)
     meta = modelfile.read_meta(model.path)
     settings = TrainSettings.from_stored(meta["settings"])
     data = load_run_data(load_prepared(args.dataset), settings, torch.device("cpu"))

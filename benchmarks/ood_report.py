@@ -67,11 +67,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.engine == "numpy":
-        from threengan_cli.npclassifier import load
+        from threengan_cli.classify_numpy import load
 
         model = load(args.checkpoint)
     else:
-        from threengan_cli.inference import load_model
+        from threengan_cli.classify_torch import load_model
 
         model = load_model(args.checkpoint, device="cpu")
     if model.stats is None:

@@ -52,6 +52,6 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model(ckpt):
-    from threengan_cli.inference import load_model
+    from threengan_cli.classify_torch import load_model
 
     return load_model(ckpt, device="cpu")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, grid, report, training
+from threengan_cli import benchmark, grid, report, train_events, training
 from threengan_cli import settings as settings_mod
 from threengan_cli.cli import app
 from threengan_cli.methods import METHODS
@@ -23,16 +23,16 @@ TIMING = ("wall_s", "images_per_s")
 
 
 def _smoke(**flags):
-    return benchmark.resolve_settings("smoke", device="cpu", **flags)
+    return grid.resolve_settings("smoke", device="cpu", **flags)
 
 
 @pytest.fixture(scope="module")
 def smoke(dataset, tmp_path_factory):
     """The smoke profile (vanilla + 3ngan at N = 8, 16; one repeat), trained once."""
     out = tmp_path_factory.mktemp("bench") / "smoke"
-    events = []
-    results = benchmark.run(dataset, _smoke(), out, on_event=events.append)
-    return out, results, events
+    seen = []
+    results = benchmark.run(dataset, _smoke(), out, on_event=seen.append)
+    return out, results, seen
 
 
 def _numbers(rows):
@@ -54,7 +54,7 @@ def _count_train_calls(monkeypatch):
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
-    out, results, events = smoke
+    out, results, seen = smoke
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         "3ngan-n16-r0",
         "3ngan-n8-r0",
@@ -87,14 +87,14 @@ def test_smoke_profile_writes_results_csv_and_a_report_beside_the_paper(smoke):
         assert "pip install 'threengan[plot]'" in report
     else:
         assert (out / "accuracy_vs_size.png").is_file()
-    planned = [e for e in events if isinstance(e, benchmark.GridPlanned)]
+    planned = [e for e in seen if isinstance(e, benchmark.GridPlanned)]
     assert planned[0].total == 4 and len(planned[0].todo) == 4
-    ends = [e for e in events if isinstance(e, benchmark.RunEnds)]
+    ends = [e for e in seen if isinstance(e, benchmark.RunEnds)]
     assert [e.position for e in ends] == [1, 2, 3, 4] and ends[-1].eta_s == pytest.approx(0)
 
 
 def test_repeat_r_uses_seed_base_plus_r_in_its_own_folder():
-    specs = benchmark.grid(_smoke(repeats=2, seed=10, sizes=(8,), methods=("vanilla",)))
+    specs = grid.grid(_smoke(repeats=2, seed=10, sizes=(8,), methods=("vanilla",)))
     assert [(s.name, s.settings.seed) for s in specs] == [
         ("vanilla-n8-r0", 10),
         ("vanilla-n8-r1", 11),
@@ -104,7 +104,7 @@ def test_repeat_r_uses_seed_base_plus_r_in_its_own_folder():
 def test_ablate_adds_three_named_3ngan_variants():
     cfg = _smoke(ablate=True)
     assert cfg.methods == ("vanilla", "3ngan", "3ngan-nokl", "3ngan-nogc", "3ngan-pairkl")
-    by_name = {s.method: s.settings for s in benchmark.grid(cfg) if s.size == 8}
+    by_name = {s.method: s.settings for s in grid.grid(cfg) if s.size == 8}
     assert by_name["3ngan-nokl"].kl == "none"
     assert by_name["3ngan-nogc"].use_generator_classifier_loss is False
     assert by_name["3ngan-pairkl"].kl == "per-pair"
@@ -113,9 +113,9 @@ def test_ablate_adds_three_named_3ngan_variants():
 
 # --------------------------------------------------------------------------- aggregation
 def _fake_run(method, size, repeat, acc, auc=0.9, best=None, status="finished"):
-    test = dict.fromkeys(benchmark.METRICS, 0.5) | {"accuracy": acc, "auc": auc}
+    test = dict.fromkeys(report.METRICS, 0.5) | {"accuracy": acc, "auc": auc}
     return {
-        "name": benchmark.run_name(method, size, repeat),
+        "name": grid.run_name(method, size, repeat),
         "method": method,
         "size": size,
         "repeat": repeat,
@@ -176,17 +176,17 @@ def test_paired_differences_carry_the_same_difference_on_val():
 
 
 def test_the_ssl_profile_compares_each_rung_with_the_cell_it_adds_to():
-    cfg = benchmark.resolve_settings("ssl", repeats=2)
+    cfg = grid.resolve_settings("ssl", repeats=2)
     assert cfg.recipes == ("robust",)
-    pairs = set(benchmark.comparison_pairs(cfg))
+    pairs = set(grid.comparison_pairs(cfg))
     assert ("3ngan-unl+robust", "3ngan+robust") in pairs
     assert ("3ngan-unl+robust", "vanilla-unl+robust") in pairs  # the game, with the pool
     assert ("vanilla-unl+robust", "vanilla+robust") in pairs
-    for rung in benchmark.POOL_RUNGS:
+    for rung in grid.POOL_RUNGS:
         assert (f"{rung}+robust", "3ngan-unl+robust") in pairs
-    for rung in benchmark.GENERATED_RUNGS:
+    for rung in grid.GENERATED_RUNGS:
         assert (f"{rung}+robust", "3ngan+robust") in pairs
-    by_method = {s.method: s.settings for s in benchmark.grid(cfg) if s.repeat == 0}
+    by_method = {s.method: s.settings for s in grid.grid(cfg) if s.repeat == 0}
     assert by_method["3ngan-unl-mu7"].unlabelled_ratio == 7
     assert by_method["3ngan-unl-mt"].unlabelled_teacher and by_method["3ngan-unl-mt"].ema > 0
     assert by_method["3ngan-gmt"].generated_teacher and by_method["3ngan-gmt"].unlabelled is None
@@ -215,7 +215,8 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
     monkeypatch.setattr(benchmark, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
 
     def stop_after_first_epoch(event):
-        if isinstance(event, benchmark.RunProgress) and isinstance(event.event, training.EpochDone):
+        inner = getattr(event, "event", None)
+        if isinstance(event, benchmark.RunProgress) and isinstance(inner, train_events.EpochDone):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -225,7 +226,7 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
     # A folder that got its settings but no checkpoint (stopped during start-up).
     second = out / "runs" / "vanilla-n16-r0"
     second.mkdir(parents=True)
-    spec = benchmark.grid(cfg)[1]
+    spec = grid.grid(cfg)[1]
     (second / "settings.json").write_text(settings_mod.dump(spec.settings))
 
     calls = _count_train_calls(monkeypatch)
@@ -250,7 +251,7 @@ def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_
 
     def diverge_3ngan(dataset, settings, run_dir, **kw):
         if settings.method == "3ngan":
-            raise training.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
+            raise train_events.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
         return real(dataset, settings, run_dir, **kw)
 
     monkeypatch.setattr(training, "train", diverge_3ngan)
@@ -267,9 +268,9 @@ def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_
 # ------------------------------------------------------------------------ shards, merge
 @pytest.mark.slow
 def test_two_shards_merged_equal_the_unsharded_report(smoke, dataset, tmp_path):
-    specs = benchmark.grid(_smoke())
-    one = benchmark.shard_of(specs, (1, 2))
-    two = benchmark.shard_of(specs, (2, 2))
+    specs = grid.grid(_smoke())
+    one = grid.shard_of(specs, (1, 2))
+    two = grid.shard_of(specs, (2, 2))
     assert [s.index for s in one] == [0, 2] and [s.index for s in two] == [1, 3]
 
     a = benchmark.run(dataset, _smoke(), tmp_path / "s1", shard=(1, 2))
@@ -356,7 +357,7 @@ def test_cli_merge_and_a_settings_mismatch(smoke, dataset, tmp_path):
 
 def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch):
     def interrupted(dataset, settings, run_dir, **kw):
-        raise training.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
+        raise train_events.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
 
     monkeypatch.setattr(training, "train", interrupted)
     result = _cli(dataset, "--profile", "smoke", "--device", "cpu", "--out", tmp_path / "b")
@@ -366,7 +367,7 @@ def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch)
 
 def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
     def diverge(dataset, settings, run_dir, **kw):
-        raise training.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
+        raise train_events.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
 
     monkeypatch.setattr(training, "train", diverge)
     result = _cli(
@@ -393,11 +394,11 @@ def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(da
 @pytest.mark.slow
 def test_repeats_in_parallel_are_taken_cell_by_cell(dataset, tmp_path):
     cfg = _smoke(methods=("vanilla", "3ngan"), sizes=(8, 16), repeats=2)
-    events = []
-    benchmark.run(dataset, cfg, tmp_path / "b", parallel=2, on_event=events.append)
-    planned = next(e for e in events if isinstance(e, benchmark.GridPlanned))
+    seen = []
+    benchmark.run(dataset, cfg, tmp_path / "b", parallel=2, on_event=seen.append)
+    planned = next(e for e in seen if isinstance(e, benchmark.GridPlanned))
     assert planned.todo[:4] == ("vanilla-n8-r0", "vanilla-n8-r1", "3ngan-n8-r0", "3ngan-n8-r1")
-    ends = [e.position for e in events if isinstance(e, benchmark.RunEnds)]
+    ends = [e.position for e in seen if isinstance(e, benchmark.RunEnds)]
     assert sorted(ends) == list(range(1, 9))
 
 
@@ -412,7 +413,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
         if (
             not sent
             and isinstance(event, benchmark.RunProgress)
-            and isinstance(event.event, training.StepDone)
+            and isinstance(event.event, train_events.StepDone)
             and event.event.epoch == 1
         ):
             import os
@@ -421,7 +422,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
             sent.append(event.spec.name)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises((training.Interrupted, KeyboardInterrupt)):
+    with pytest.raises((train_events.Interrupted, KeyboardInterrupt)):
         benchmark.run(dataset, cfg, out, parallel=2, on_event=stop_on_second_epoch)
     stopped = out / "runs" / sent[0]
     assert (stopped / "last.safetensors").is_file() and not (stopped / "summary.json").exists()
@@ -431,7 +432,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
 
 
 def test_the_eta_counts_each_epoch_s_evaluation_as_well_as_its_steps():
-    quick = {s.name: s for s in benchmark.grid(benchmark.resolve_settings("quick"))}
+    quick = {s.name: s for s in grid.grid(grid.resolve_settings("quick"))}
     small, large = quick["vanilla-n200-r0"], quick["3ngan-n1000-r0"]
     assert small.work(0) == 8 * 20 * METHODS["vanilla"].step_ms
     evaluated = 523 + 624

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from threengan_cli import checkpoints
-from threengan_cli.checkpoints import CheckpointError
+from threengan_cli import checkpoints, modelfile
+from threengan_cli.modelfile import CheckpointError
 
 
 def _nets():
@@ -121,7 +121,7 @@ def test_a_truncated_file_is_refused(tmp_path):
 
 def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "new.safetensors"
-    monkeypatch.setattr(checkpoints, "FORMAT_VERSION", checkpoints.FORMAT_VERSION + 1)
+    monkeypatch.setattr(checkpoints, "FORMAT_VERSION", modelfile.FORMAT_VERSION + 1)
     checkpoints.save(path, {}, _nets())
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="newer threengan"):
@@ -146,7 +146,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(checkpoints.CheckpointError, match="cannot write checkpoint .*disk full"):
+    with pytest.raises(modelfile.CheckpointError, match="cannot write checkpoint .*disk full"):
         checkpoints.save(path, {"n": 2}, _nets())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

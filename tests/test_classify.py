@@ -19,10 +19,11 @@ from model_factory import make_checkpoint, make_run, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from threengan_cli import images, npclassifier
+from threengan_cli import classify_numpy, images
 from threengan_cli.classify import Decision, classify, decide, expand
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import ModelError, ModelNotFound, load_model
+from threengan_cli.modelfile import ModelError, ModelNotFound
 
 runner = CliRunner()
 
@@ -375,7 +376,7 @@ def test_decoded_arrays_are_uint8_at_model_size(tmp_path):
 def test_the_numpy_classifier_gives_torch_s_probabilities(tmp_path, method, classes, width):
     path = make_checkpoint(tmp_path / "m.safetensors", method=method, classes=classes, width=width)
     torch_model = load_model(path, device="cpu")
-    numpy_model = npclassifier.load(path)
+    numpy_model = classify_numpy.load(path)
     assert (numpy_model.classes, numpy_model.image_size) == (
         torch_model.classes,
         torch_model.image_size,
@@ -390,7 +391,7 @@ def test_the_numpy_classifier_gives_torch_s_probabilities(tmp_path, method, clas
 
 
 def test_the_numpy_classifier_matches_torch_on_the_bundled_model_and_real_looking_images(tmp_path):
-    torch_model, numpy_model = load_model(device="cpu"), npclassifier.load()
+    torch_model, numpy_model = load_model(device="cpu"), classify_numpy.load()
     paths = [str(write_image(tmp_path / f"{i}.png", size=(90, 70), seed=i)) for i in range(6)]
     a = [r.probabilities for r in classify(paths, torch_model, workers=1)]
     b = [r.probabilities for r in classify(paths, numpy_model, workers=1)]
@@ -402,10 +403,10 @@ def test_the_numpy_classifier_matches_torch_on_the_bundled_model_and_real_lookin
 def test_the_numpy_classifier_refuses_a_checkpoint_without_its_classifier(tmp_path):
     only_g = make_checkpoint(tmp_path / "g.safetensors", keep=("G",))
     with pytest.raises(ModelError, match="no weights for C"):
-        npclassifier.load(only_g)
+        classify_numpy.load(only_g)
     (tmp_path / "p.safetensors").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ModelError, match="pickle"):
-        npclassifier.load(tmp_path / "p.safetensors")
+        classify_numpy.load(tmp_path / "p.safetensors")
 
 
 def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):

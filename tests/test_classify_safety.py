@@ -267,9 +267,9 @@ def test_folder_scans_count_the_files_they_pass_over(tmp_path, ckpt):
 
 
 def _model(ckpt):
-    from threengan_cli import npclassifier
+    from threengan_cli import classify_numpy
 
-    return npclassifier.load(ckpt)
+    return classify_numpy.load(ckpt)
 
 
 # ------------------------------------------------------------------ messages, order

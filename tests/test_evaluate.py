@@ -14,12 +14,12 @@ from image_factory import kermany_like
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
+from threengan_cli import classify_numpy, modelfile
 from threengan_cli import evaluate as ev
-from threengan_cli import modelfile, npclassifier
 from threengan_cli.classify import classify
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.datasets import prepare
-from threengan_cli.inference import load_model
 from threengan_cli.metrics import classification_metrics
 from threengan_cli.settings import PrepareSettings
 
@@ -48,7 +48,7 @@ def _eval(*args: str):
 
 
 def test_evaluate_and_classify_agree_on_every_image(tree, model_file):
-    for model in (npclassifier.load(model_file), load_model(model_file, device="cpu")):
+    for model in (classify_numpy.load(model_file), load_model(model_file, device="cpu")):
         data = ev.read_labelled(str(tree / "test"), None, model)
         result = ev.evaluate(data, model, 0.5, "default", batch_size=5, workers=1)
         rows = list(classify(data.names, model, batch_size=64, workers=2))
@@ -139,7 +139,7 @@ def test_choose_threshold_maximises_youden_s_j_on_the_scores():
 
 
 def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model_file, prepared):
-    before = npclassifier.load(model_file).layers
+    before = classify_numpy.load(model_file).layers
     done = _eval(prepared, "--checkpoint", str(model_file), "--threshold-from", "val", "--json")
     assert done.exit_code == 0, done.stderr
     doc = json.loads(done.stdout)
@@ -148,7 +148,7 @@ def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model
     assert chosen["split"] == "val" and chosen["rule"] == "youden"
     stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta, model_file)
     assert stored["value"] == chosen["value"]
-    after = npclassifier.load(model_file)  # the weights are untouched
+    after = classify_numpy.load(model_file)  # the weights are untouched
     for (k1, _), (k2, _) in zip(before, after.layers, strict=True):
         np.testing.assert_array_equal(k1, k2)
     assert after.stored_threshold["value"] == chosen["value"]

@@ -12,9 +12,10 @@ from model_factory import make_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.generate import GenerateError, generate, latents
-from threengan_cli.inference import ModelError, load_model
+from threengan_cli.modelfile import ModelError
 
 runner = CliRunner()
 

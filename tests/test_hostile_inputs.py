@@ -80,8 +80,8 @@ def test_prepare_skips_csv_rows_that_point_at_a_device_or_a_fifo_with_a_reason(t
 
 
 def test_a_fifo_as_prepare_source_or_config_is_refused(tmp_path):
-    from threengan_cli.datasets import DatasetError
     from threengan_cli.settings import SettingsError, read_config
+    from threengan_cli.sources import DatasetError
 
     fifo = make_fifo(tmp_path / "list.csv")
     with pytest.raises(DatasetError, match="not a regular file"):

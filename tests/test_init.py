@@ -11,7 +11,7 @@ import torch
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import checkpoints, modelfile, training
+from threengan_cli import checkpoints, modelfile, train_events, training
 from threengan_cli.cli import app
 from threengan_cli.settings import TrainSettings
 
@@ -68,10 +68,10 @@ def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dat
     flag = threading.Event()
 
     def stop_mid_epoch(event):
-        if isinstance(event, training.StepDone) and (event.epoch, event.step) == (1, 1):
+        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (1, 1):
             flag.set()
 
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, settings, stopped, on_event=stop_mid_epoch, stop_flag=flag)
     model.rename(tmp_path / "moved.safetensors")  # resume needs only the run's checkpoint
     training.train(dataset, settings, stopped, resume=True)
@@ -97,7 +97,7 @@ def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dat
 def test_a_model_that_does_not_fit_is_a_one_line_error(dataset, tmp_path, model, settings, message):
     path = make_checkpoint(tmp_path / "m.safetensors", **{"classes": CLASSES, **model})
     run = tmp_path / "run"
-    with pytest.raises(training.TrainingError) as info:
+    with pytest.raises(train_events.TrainingError) as info:
         training.train(dataset, _settings(init=str(path), **settings), run)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (run / "run.json").exists()

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from threengan_cli import checkpoints, modelfile, npclassifier
+from threengan_cli import checkpoints, classify_numpy, modelfile
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 from threengan_cli.modelfile import DIGEST_KEY, META_KEY, ModelError
 from threengan_cli.networks import Classifier, MultiTaskDiscriminator
 
@@ -53,7 +53,7 @@ def both_refuse(path: Path, match: str) -> None:
     with pytest.raises(ModelError, match=match):
         load_model(path, device="cpu")
     with pytest.raises(ModelError, match=match):
-        npclassifier.load(path)
+        classify_numpy.load(path)
 
 
 def test_the_saved_checksum_is_verified_and_old_files_without_it_still_load(good, tmp_path):
@@ -61,7 +61,7 @@ def test_the_saved_checksum_is_verified_and_old_files_without_it_still_load(good
     assert set(meta[DIGEST_KEY]) == {"net/G", "net/D", "net/C"}
     old = variant(good, tmp_path, lambda m, t: None)  # written without a checksum
     assert load_model(old, device="cpu").classes == ["normal", "pneumonia"]
-    assert npclassifier.load(old).classes == ["normal", "pneumonia"]
+    assert classify_numpy.load(old).classes == ["normal", "pneumonia"]
 
 
 def _flip_a_bit_of(path: Path, key: str, out: Path) -> Path:
@@ -88,7 +88,7 @@ def test_one_flipped_bit_in_the_classifier_is_refused_by_the_numpy_engine(good, 
     key = next(k for k in sorted(_read(good)[1]) if k.startswith("net/C/"))
     flipped = _flip_a_bit_of(good, key, tmp_path / "flipped.safetensors")
     with pytest.raises(ModelError, match="the net/C tensors do not match their checksum"):
-        npclassifier.load(flipped)
+        classify_numpy.load(flipped)
 
 
 @pytest.mark.parametrize("digest", [False, True])

@@ -13,8 +13,9 @@ from image_factory import class_tree, save
 from typer.testing import CliRunner
 
 from threengan_cli.cli import app
-from threengan_cli.datasets import DatasetError, load_prepared, prepare
+from threengan_cli.datasets import load_prepared, prepare
 from threengan_cli.settings import PrepareSettings
+from threengan_cli.sources import DatasetError
 
 runner = CliRunner()
 

@@ -146,7 +146,7 @@ def test_every_epoch_logs_the_pseudo_label_shares_and_mask_rates(dataset, tmp_pa
 
 
 def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path):
-    from threengan_cli import checkpoints, training
+    from threengan_cli import checkpoints, train_events, training
 
     settings = _loop_settings(epochs=2, **ALL_OPTIONS)
     full = tmp_path / "full"
@@ -155,10 +155,10 @@ def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path)
     flag = threading.Event()
 
     def stop_mid_epoch(event):
-        if isinstance(event, training.StepDone) and (event.epoch, event.step) == (1, 1):
+        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (1, 1):
             flag.set()
 
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, settings, stopped, on_event=stop_mid_epoch, stop_flag=flag)
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")
@@ -177,7 +177,7 @@ def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path)
 
 
 def test_teacher_pseudo_labels_need_a_classifier_c(dataset, tmp_path):
-    from threengan_cli import training
+    from threengan_cli import train_events, training
 
-    with pytest.raises(training.TrainingError, match="need a classifier C; sgan has none"):
+    with pytest.raises(train_events.TrainingError, match="need a classifier C; sgan has none"):
         training.train(dataset, _loop_settings(method="sgan", unlabelled_teacher=True), tmp_path)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import augment, benchmark, checkpoints, methods, training
+from threengan_cli import augment, benchmark, checkpoints, grid, methods, train_events, training
 from threengan_cli.averaging import Averager, recompute_bn
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
 from threengan_cli.datasets import load_prepared
-from threengan_cli.inference import load_model
 from threengan_cli.networks import Classifier, to_model_range
 from threengan_cli.rundata import load_run_data
 from threengan_cli.settings import RECIPES, SettingsError, TrainSettings, resolve
@@ -41,8 +41,8 @@ def test_a_recipe_fills_only_the_settings_not_given():
 def test_train_defaults_to_the_robust_recipe_and_benchmark_profiles_to_the_paper_one():
     assert TrainSettings().recipe == "robust"
     for profile in ("smoke", "quick", "paper"):
-        assert benchmark.resolve_settings(profile).recipes == ("paper",)
-    assert benchmark.resolve_settings("study").recipes == ("paper", "robust")
+        assert grid.resolve_settings(profile).recipes == ("paper",)
+    assert grid.resolve_settings("study").recipes == ("paper", "robust")
 
 
 def test_settings_stored_before_recipes_existed_read_as_the_paper_recipe():
@@ -164,7 +164,7 @@ def test_every_method_trains_with_augmentation_and_unlabelled_images(method):
 # ------------------------------------------------------------------------------ the loop
 def _stop_at(epoch: int, step: int, flag: threading.Event):
     def on_event(event):
-        if isinstance(event, training.StepDone) and (event.epoch, event.step) == (epoch, step):
+        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (epoch, step):
             flag.set()
 
     return on_event
@@ -177,7 +177,7 @@ def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
     flag = threading.Event()
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, settings, stopped, on_event=_stop_at(1, 1, flag), stop_flag=flag)
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")
@@ -210,12 +210,12 @@ def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(datas
 
 @pytest.mark.slow
 def test_the_numpy_engine_reads_the_weights_to_use_of_a_robust_checkpoint(dataset, tmp_path):
-    from threengan_cli import npclassifier
+    from threengan_cli import classify_numpy
 
     run = tmp_path / "run"
     training.train(dataset, _settings(recipe="robust", size=8, epochs=1), run)
     torch_model = load_model(checkpoint=run / "last.safetensors", device="cpu")
-    numpy_model = npclassifier.load(checkpoint=run / "last.safetensors")
+    numpy_model = classify_numpy.load(checkpoint=run / "last.safetensors")
     images = load_prepared(dataset).subset("test")[0]
     assert np.allclose(
         torch_model.probabilities_of(images), numpy_model.probabilities_of(images), atol=1e-5
@@ -234,7 +234,7 @@ def test_a_method_registered_by_a_plugin_trains_benchmarks_and_classifies(datase
         training.train(dataset, _settings(method="toy", recipe="paper"), run)
         model = load_model(run=str(run), device="cpu")
         assert model.probabilities_of(load_prepared(dataset).subset("test")[0]).shape == (8, 2)
-        cfg = benchmark.resolve_settings("smoke", methods=("toy",), sizes=(8,), device="cpu")
+        cfg = grid.resolve_settings("smoke", methods=("toy",), sizes=(8,), device="cpu")
         results = benchmark.run(dataset, cfg, tmp_path / "bench")
         assert results["results"][0]["method"] == "toy" and results["counts"]["finished"] == 1
     finally:

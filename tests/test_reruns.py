@@ -151,7 +151,7 @@ def test_training_a_run_again_with_other_settings_names_resume_and_force(tiny, t
 def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny, threengan_home):
     import threading
 
-    from threengan_cli import training
+    from threengan_cli import train_events, training
     from threengan_cli.settings import TrainSettings
 
     whole = _train(tiny, "--name", "whole", "--epochs", "2", "--json", "-q")
@@ -161,10 +161,10 @@ def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny
     run = threengan_home / "runs" / "cut"
 
     def after_epoch_1(event):
-        if isinstance(event, training.EpochDone):
+        if isinstance(event, train_events.EpochDone):
             stop.set()
 
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(
             threengan_home / "datasets" / tiny, cfg, run, on_event=after_epoch_1, stop_flag=stop
         )

@@ -10,9 +10,9 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import runlist, training
+from threengan_cli import runlist, scoring, train_events, training
+from threengan_cli.classify_torch import load_model
 from threengan_cli.cli import app
-from threengan_cli.inference import load_model
 from threengan_cli.settings import TrainSettings
 
 runner = CliRunner()
@@ -36,10 +36,10 @@ def _stopped(dataset, threengan_home):
     flag = threading.Event()
 
     def stop(event):
-        if isinstance(event, training.EpochDone):
+        if isinstance(event, train_events.EpochDone):
             flag.set()
 
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         cfg = _settings(method="vanilla", epochs=2)
         training.train(dataset, cfg, run, on_event=stop, stop_flag=flag)
     assert (run / "last.safetensors").exists()
@@ -230,16 +230,16 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
     # the final epoch (2) have different test accuracies.
     staged = {1: 0.9, 2: 0.6, 3: 0.7, 6: 0.8}
     calls = []
-    real = training.evaluate
+    real = scoring.score_split
 
-    def evaluate(*args, **kwargs):
+    def score_split(*args, **kwargs):
         out = dict(real(*args, **kwargs))
         calls.append(out)
         if len(calls) in staged:
             out["accuracy"] = staged[len(calls)]
         return out
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training, "score_split", score_split)
     args = ["train", str(dataset), "--name", "two", "--method", "vanilla", "--recipe", "paper"]
     args += ["--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu"]
     done = runner.invoke(app, args)

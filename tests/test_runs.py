@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, runs, training
+from threengan_cli import benchmark, grid, runs, train_events, training
 from threengan_cli.cli import app
 from threengan_cli.settings import TrainSettings
 
@@ -65,7 +65,7 @@ def test_a_last_line_cut_short_by_a_kill_is_dropped_and_a_bad_middle_line_is_not
 
 def test_a_run_killed_mid_append_resumes(dataset, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(training.Interrupted):
+    with pytest.raises(train_events.Interrupted):
         training.train(dataset, _settings(epochs=2), run, on_event=_stop_after_epoch(1))
     with open(run / runs.METRICS, "a") as fh:
         fh.write('{"epoch": 2, "train": {"loss')  # what a kill in the middle of a line leaves
@@ -79,7 +79,7 @@ def _stop_after_epoch(epoch: int):
     """An event handler that asks the run to stop (as Ctrl+C does) once ``epoch`` is done."""
 
     def on_event(event):
-        if isinstance(event, training.EpochDone) and event.epoch + 1 == epoch:
+        if isinstance(event, train_events.EpochDone) and event.epoch + 1 == epoch:
             import os
             import signal
 
@@ -264,8 +264,8 @@ def test_training_and_resuming_a_run_someone_else_writes_are_refused(held, datas
 def test_a_benchmark_run_that_another_process_writes_is_refused(held, dataset, tmp_path):
     folder, _ = held
     out = folder.parent  # the held folder is <out>/run: lock <out>/runs/<name> instead
-    cfg = benchmark.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
-    name = benchmark.grid(cfg)[0].name
+    cfg = grid.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
+    name = grid.grid(cfg)[0].name
     target = tmp_path / "bench"
     child = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(target / "runs" / name)],
@@ -339,7 +339,7 @@ def test_resume_names_a_damaged_metrics_line_or_settings_file(dataset, tmp_path)
 
 
 def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
-    cfg = benchmark.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
+    cfg = grid.resolve_settings("smoke", device="cpu", methods=("vanilla",), sizes=(8,))
     out = tmp_path / "bench"
     benchmark.run(dataset, cfg, out)
     run_dir = next((out / "runs").iterdir())
@@ -358,8 +358,20 @@ def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
 
 
 def test_run_folder_names_have_one_owner():
-    assert training.LAST is runs.LAST and training.BEST is runs.BEST
-    assert Path(runs.LAST).suffix == ".safetensors"
+    """The modules that read or write run folders use runs' names, never spell them."""
+    import ast
+
+    names = {runs.RUN, runs.METRICS, runs.SUMMARY, runs.FAILED, runs.BEST, runs.LAST, runs.FINAL}
+    names.add(runs.SETTINGS)
+    package = Path(runs.__file__).parent
+    users = ("benchmark", "cli_evaluate", "cli_train", "modelfile", "paths", "runlist", "training")
+    spelled = [
+        (module, node.lineno, node.value)
+        for module in users
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    ]
+    assert spelled == []
 
 
 @pytest.mark.slow

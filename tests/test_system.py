@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from threengan_cli import system, training
+from threengan_cli import accel, system, train_events, training
 from threengan_cli.cli import app
 
 runner = CliRunner()
@@ -63,7 +63,7 @@ def _train_bf16(monkeypatch, dataset, flags):
     monkeypatch.setattr(system, "cpu_flags", lambda: flags)
 
     def stub(*args, **kwargs):  # what matters happens before training starts
-        raise training.TrainingError("stopped by the test")
+        raise train_events.TrainingError("stopped by the test")
 
     monkeypatch.setattr(training, "train", stub)
     return runner.invoke(
@@ -84,5 +84,5 @@ def test_train_refuses_emulated_bf16_on_the_cpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2"})
-    with pytest.raises(training.TrainingError, match="no native bf16"):
-        training.autocast_dtype("bf16", torch.device("cpu"))
+    with pytest.raises(train_events.TrainingError, match="no native bf16"):
+        accel.autocast_dtype("bf16", torch.device("cpu"))

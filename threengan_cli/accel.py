@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from threengan_cli import system
-from threengan_cli.events import TrainingError
+from threengan_cli.train_events import TrainingError
 
 # Network initialisation draws from torch's global RNG; runs started in parallel threads
 # (the benchmark's repeats on a GPU) take turns, so each gets exactly its seed's weights.

@@ -31,28 +31,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from threengan_cli import fileio, runs, system
-from threengan_cli.classify import parse_shard  # noqa: F401  (the CLI reads it as benchmark.*)
-from threengan_cli.grid import (  # noqa: F401  (the grid's names, read as benchmark.*)
-    ABLATIONS,
-    GENERATED_RUNGS,
-    LADDER,
-    POOL_RUNGS,
+from threengan_cli.grid import (
     PROFILES,
-    VARIANTS,
     BenchmarkSettings,
     RunSpec,
     cells,
     comparison_pairs,
     grid,
-    resolve_settings,
-    run_name,
     shard_of,
-    variant,
 )
-from threengan_cli.report import (  # noqa: F401  (METRICS, PAPER_TABLE1: read as benchmark.*)
-    METRICS,
-    PAPER_TABLE1,
-    cell_of,
+from threengan_cli.report import (
     reductions,
     swing,
     write_outputs,
@@ -178,14 +166,16 @@ def _same_dataset(a: str | Path, b: str | Path) -> bool:
 
 
 def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
-    """State of a run folder: ``new``, ``fresh`` (no checkpoint yet), ``resume``,
-    ``finished`` or ``failed``.
+    """State of a run folder, as :func:`runs.state` names it: ``resumable`` (resuming it
+    continues the run; also a run stopped after its last epoch but before summary.json, whose
+    resume only runs the final evaluation), ``finished`` and ``failed`` are kept; any other
+    (``absent``, ``started``...) is trained from the start.
 
     A folder written with other settings, or on another dataset, is a BenchmarkError.
     """
     if not run_dir.exists():
-        return "new"
-    saved_path = run_dir / "settings.json"
+        return runs.state(run_dir)
+    saved_path = run_dir / runs.SETTINGS
     if saved_path.is_file():
         saved = _read_json(saved_path)
         asked = spec.settings.model_dump(mode="json")
@@ -197,23 +187,14 @@ def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
                 f"{asked.get(k)!r} asked{', and more' if len(diff) > 1 else ''}); "
                 "use another --out, or delete that folder to train it again"
             )
-        meta_path = run_dir / "run.json"
+        meta_path = run_dir / runs.RUN
         if meta_path.is_file():
             there = _read_json(meta_path).get("dataset")
             if there and not _same_dataset(there, dataset):
                 raise BenchmarkError(
                     f"{run_dir} was trained on {there}, not {dataset}; use another --out"
                 )
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    if (run_dir / "failed.json").is_file():
-        return "failed"
-    last = run_dir / "last.safetensors"
-    if saved_path.is_file() and last.is_file():
-        # Also a run stopped after its last epoch but before summary.json: resuming it only
-        # runs the final evaluation.
-        return "resume"
-    return "fresh"
+    return runs.state(run_dir)
 
 
 def _check_sizes(dataset_path: Path, specs: list[RunSpec]) -> int:
@@ -238,7 +219,7 @@ def _check_sizes(dataset_path: Path, specs: list[RunSpec]) -> int:
     return sum(len(data.subset(split)[1]) for split in ("val", "test"))
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
+def read_run_record(run_dir: Path) -> dict[str, Any]:
     """One run folder as a record: its final-epoch test metrics, every epoch's test metrics,
     the best epoch on test (optimistic), timings, settings and library versions."""
     match = _RUN_NAME.match(run_dir.name)
@@ -253,20 +234,20 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "folder": str(run_dir),
     }
     settings = (
-        _read_json(run_dir / "settings.json") if (run_dir / "settings.json").is_file() else {}
+        _read_json(run_dir / runs.SETTINGS) if (run_dir / runs.SETTINGS).is_file() else {}
     )
-    run_meta = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    run_meta = _read_json(run_dir / runs.RUN) if (run_dir / runs.RUN).is_file() else {}
     record.update(seed=settings.get("seed"), settings=settings)
     record["versions"] = run_meta.get("versions")
     record["dataset"] = run_meta.get("dataset")
-    if (run_dir / "failed.json").is_file() and not (run_dir / "summary.json").is_file():
-        record.update(status="failed", error=_read_json(run_dir / "failed.json").get("error"))
+    if (run_dir / runs.FAILED).is_file() and not (run_dir / runs.SUMMARY).is_file():
+        record.update(status="failed", error=_read_json(run_dir / runs.FAILED).get("error"))
         return record
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / runs.SUMMARY)
     if not isinstance(summary, dict) or not isinstance(summary.get("test"), dict):
-        raise BenchmarkError(f"{run_dir / 'summary.json'} holds no test metrics")
+        raise BenchmarkError(f"{run_dir / runs.SUMMARY} holds no test metrics")
     epochs = []
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / runs.METRICS
     try:
         records = runs.read_metrics(metrics_path)
     except runs.RunError as exc:
@@ -347,7 +328,7 @@ def run(
     Raises BenchmarkError (bad folder, sizes too large), DatasetError, TrainingError and
     training.Interrupted (Ctrl+C; every finished run is kept, the ones in progress resumable).
     """
-    from threengan_cli import training
+    from threengan_cli import train_events, training
 
     lock = threading.Lock()  # events come from several threads; the view sees one at a time
 
@@ -384,13 +365,13 @@ def run(
 
     def train_one(position: int, spec: RunSpec, stop: threading.Event) -> None:
         run_dir = out / "runs" / spec.name
-        emit(RunBegins(spec, position, len(todo), states[spec.name] == "resume"))
+        emit(RunBegins(spec, position, len(todo), states[spec.name] == "resumable"))
         with lock:
             clock.start_run(spec)
 
         def forward(event) -> None:
             with lock:
-                if isinstance(event, training.StepDone):
+                if isinstance(event, train_events.StepDone):
                     clock.step(spec, event)
                 fraction, eta = clock.fraction, clock.eta_s
             emit(RunProgress(spec, position, len(todo), event, fraction, eta))
@@ -400,34 +381,34 @@ def run(
                 dataset,
                 spec.settings,
                 run_dir,
-                resume=states[spec.name] == "resume",
+                resume=states[spec.name] == "resumable",
                 on_event=forward,
                 test_every_epoch=True,
                 checkpoint_every_s=CHECKPOINT_EVERY_S,
                 stop_flag=stop,
             )
-        except training.NonFiniteLoss as exc:
+        except train_events.NonFiniteLoss as exc:
             # A diverged run is a result of the method, not a reason to stop the grid; it
             # would diverge again when re-run, so it is recorded and skipped from now on.
             fileio.write_text(
-                run_dir / "failed.json",
+                run_dir / runs.FAILED,
                 json.dumps({"error": str(exc), "settings": spec.settings.model_dump()}) + "\n",
             )
         with lock:
             clock.end_run(spec)
             eta = clock.eta_s
-        emit(RunEnds(spec, position, len(todo), read_run(run_dir), eta))
+        emit(RunEnds(spec, position, len(todo), read_run_record(run_dir), eta))
 
     with training.stop_requests() as stop:
         if parallel == 1:
             for position, spec in enumerate(todo, start=1):
                 if stop.is_set():
-                    raise training.Stopped(getattr(stop, "signum", None))
+                    raise train_events.Stopped(getattr(stop, "signum", None))
                 train_one(position, spec, stop)
         else:
             _in_threads(train_one, list(enumerate(todo, start=1)), parallel, stop)
 
-    runs = [read_run(out / "runs" / s.name) for s in mine]
+    records = [read_run_record(out / "runs" / s.name) for s in mine]
     return write_outputs(
         out,
         cfg,
@@ -435,7 +416,7 @@ def run(
         [s.name for s in mine],
         cells(cfg),
         comparison_pairs(cfg),
-        runs,
+        records,
         reductions(cfg, PROFILES["paper"]),
         shard=None if shard[1] == 1 else f"{shard[0]}/{shard[1]}",
     )
@@ -449,7 +430,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    from threengan_cli.training import Interrupted
+    from threengan_cli.train_events import Interrupted
 
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="run") as pool:
@@ -472,7 +453,7 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
         errors.sort(key=lambda e: isinstance(e, Interrupted))
         raise errors[0]
     if stop.is_set():
-        from threengan_cli.training import Stopped
+        from threengan_cli.train_events import Stopped
 
         raise Stopped(getattr(stop, "signum", None))
 
@@ -508,12 +489,12 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
                     f"{dirs[0]}); merge only shards of one grid"
                 )
         for run_dir in sorted((d / "runs").glob("*")):
-            done = (run_dir / "summary.json").is_file() or (run_dir / "failed.json").is_file()
-            if run_dir.is_dir() and done and run_dir.name not in found:
+            done = runs.state(run_dir) in ("finished", "failed")
+            if done and run_dir.name not in found:
                 found[run_dir.name] = run_dir
     assert cfg is not None
     specs = grid(cfg)
-    runs = [read_run(found[s.name]) for s in specs if s.name in found]
+    records = [read_run_record(found[s.name]) for s in specs if s.name in found]
     return write_outputs(
         Path(out),
         cfg,
@@ -521,7 +502,7 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
         [s.name for s in specs],
         cells(cfg),
         comparison_pairs(cfg),
-        runs,
+        records,
         reductions(cfg, PROFILES["paper"]),
         merged_from=[str(d) for d in dirs],
     )

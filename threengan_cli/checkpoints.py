@@ -37,16 +37,18 @@ from threengan_cli import fileio
 from threengan_cli.modelfile import (
     DIGEST_KEY,
     FORMAT_VERSION,
+    NET,
     CheckpointError,
     check_file,
     digest_group,
     parse_meta,
     tensor_digest,
     verify_digest,
+    weights_group,
 )
 from threengan_cli.modelfile import META_KEY as _META_KEY
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "load", "save"]
+__all__ = ["Checkpoint", "load", "save"]
 
 
 @dataclass
@@ -62,9 +64,8 @@ class Checkpoint:
 
     @property
     def weights_prefix(self) -> str:
-        """Where the weights to use are: ``use`` in a run's last checkpoint when they differ
-        from the live ones (averaged, BatchNorm recomputed), ``net`` otherwise."""
-        return "use" if self.meta.get("weights") == "use" else "net"
+        """The tensor group of the weights to use (``net`` or ``use``: modelfile's rule)."""
+        return weights_group(self.meta)
 
     @property
     def network_names(self) -> list[str]:
@@ -109,7 +110,7 @@ def save(
     from safetensors.torch import save as st_save
 
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, group in {"net": nets, **(groups or {})}.items():
+    for prefix, group in {NET: nets, **(groups or {})}.items():
         for name, net in group.items():
             weights = net if isinstance(net, dict) else net.state_dict()
             for key, value in weights.items():
@@ -180,7 +181,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     return Checkpoint(meta=meta, tensors=tensors, path=path)
 
 
-def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module], prefix: str = "net") -> None:
+def restore_networks(ckpt: Checkpoint, nets: dict[str, nn.Module], prefix: str = NET) -> None:
     """Load each network's weights from ``<prefix>/<name>/`` (strict: every key must fit)."""
     for name, net in nets.items():
         weights = ckpt.group(f"{prefix}/{name}")

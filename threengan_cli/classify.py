@@ -45,8 +45,8 @@ from threengan_cli import fileio, images, metrics, paths, sources
 from threengan_cli.workers import decode_pool
 
 if TYPE_CHECKING:
-    from threengan_cli.inference import Model
-    from threengan_cli.npclassifier import NumpyClassifier
+    from threengan_cli.classify_numpy import NumpyClassifier
+    from threengan_cli.classify_torch import Model
 
     Classifier = Model | NumpyClassifier  # both have probabilities_of(uint8 images)
 

@@ -1,18 +1,12 @@
-"""The commands: options -> settings -> one engine call -> exit code.
+"""The app: it builds the typer application, holds the short commands (info, prepare,
+datasets, generate) and registers the long ones, in pipeline order.
 
-Shared options and helpers live here with the short commands; ``cli_train`` (train,
-benchmark) and ``cli_classify`` hold the long ones. Rendering lives in ``views``; heavy
-libraries (torch, numpy, PIL, pydantic) are imported inside the commands so that
-``threengan --help`` stays instant. Help defaults are read from the settings models
-(``helptext``), never written here.
-
-Exit codes (the same for every command):
-  0  success
-  1  failure (nothing usable was produced)
-  2  usage error (bad flag, bad setting, missing input path)
-  3  partial success (some inputs could not be read; the rest were processed)
-  130 interrupted (Ctrl+C, SIGINT); what was finished is kept
-  143 terminated (SIGTERM, as CI runners cancel a job); what was finished is kept
+``cli_train`` (train, benchmark), ``cli_classify`` and ``cli_evaluate`` (evaluate, runs) hold
+the long commands; exit codes, shared options and the error-to-exit helpers live in
+``cli_common`` (see there for the exit codes). Rendering lives in ``views``; heavy libraries
+(torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
+stays instant. Help defaults are read from the settings models (``helptext``), never written
+here.
 """
 
 # No ``from __future__ import annotations`` here, unlike the other modules: typer would then
@@ -21,25 +15,31 @@ Exit codes (the same for every command):
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
-from threengan_cli import views
+import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-# Before typer's help renderer can import them (see views.defer_import for the measurement).
-views.defer_import("rich.markdown", "Markdown")
-views.defer_import("rich.traceback", "Traceback")
-
-import typer  # noqa: E402  (after the placeholders above)
-from typer.core import TyperArgument, TyperCommand, TyperGroup  # noqa: E402
-
-from threengan_cli import __version__  # noqa: E402
-from threengan_cli.helptext import shown  # noqa: E402
-from threengan_cli.views import err, note, print_json, warn  # noqa: E402
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPT = 0, 1, 2, 3, 130
-EXIT_OOD = 4  # classify --fail-on-ood: some images look unlike the model's training X-rays
-EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
-MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
+from threengan_cli import __version__, cli_classify, cli_evaluate, cli_train, views
+from threengan_cli.cli_common import (
+    EXIT_FAIL,
+    EXIT_INTERRUPT,
+    EXIT_USAGE,
+    MAX_LISTED,
+    CheckpointOpt,
+    JsonOpt,
+    QuietOpt,
+    RunOpt,
+    config_opt,
+    device_opt,
+    fail,
+    flag,
+    interrupt_code,
+    load_model_or_exit,
+    settings_or_exit,
+)
+from threengan_cli.helptext import shown
+from threengan_cli.views import err, note, print_json, warn
 
 
 def _plain_flags(params: list) -> list:
@@ -96,73 +96,6 @@ app = typer.Typer(
 
 def command(**options: Any):
     return app.command(cls=Command, **options)
-
-
-def flag(*names: str, help: str) -> Any:
-    """An on/off flag: ``--json``, never ``--json true`` (a usage error)."""
-    return typer.Option(*names, help=help)
-
-
-def config_opt(section: str) -> Any:
-    return Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help=f"TOML file whose \\[{section}] table holds this command's settings (keys: the "
-            "long option names with _ for -); flags override it.",
-            dir_okay=False,
-        ),
-    ]
-
-
-JsonOpt = Annotated[
-    bool, flag("--json", help="Print the result as JSON on stdout (messages on stderr).")
-]
-QuietOpt = Annotated[
-    bool, flag("--quiet", "-q", help="Errors only: no progress, notes or warnings.")
-]
-
-
-def device_opt(section: str) -> Any:
-    return Annotated[
-        str | None, typer.Option(help=f"auto, cpu, cuda, cuda:N or mps. {shown(section, 'device')}")
-    ]
-
-
-def interrupt_code(signum: int | None) -> int:
-    """The exit code of a command stopped by signal ``signum``: 128 + its number, as shells
-    report it (SIGINT 130, SIGTERM 143); Ctrl+C's where it is not known."""
-    return 128 + int(signum) if signum else EXIT_INTERRUPT
-
-
-def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
-    """One clear line on stderr, then a documented exit code; never a traceback."""
-    views.error(message)
-    raise typer.Exit(code)
-
-
-def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
-    """Take ``folder``'s writer lock into ``holder`` (an ExitStack, or the click context: held
-    until the command ends), or exit 1 saying who holds it."""
-    from threengan_cli import runs
-
-    enter = getattr(holder, "enter_context", None) or holder.with_resource
-    try:
-        enter(runs.lock(folder, what))
-    except runs.RunError as exc:  # in use, or a .lock that is not a lock file
-        fail(str(exc))
-    except OSError as exc:
-        fail(views.os_failure(exc, f"creating {folder}"))
-
-
-def settings_or_exit(section: str, config: Path | None, **flags: Any):
-    from threengan_cli.settings import SettingsError, resolve
-
-    try:
-        return resolve(section, config, **flags)
-    except SettingsError as exc:
-        fail(str(exc), EXIT_USAGE)
-
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -381,8 +314,8 @@ def prepare(
 
       threengan prepare labels.csv --out ./prepared/xr --force
     """
-    from threengan_cli.datasets import DatasetError
     from threengan_cli.datasets import prepare as run_prepare
+    from threengan_cli.sources import DatasetError
 
     cfg = settings_or_exit(
         "prepare",
@@ -446,80 +379,9 @@ def datasets(as_json: JsonOpt = False) -> None:
         views.datasets_table(found)
 
 
-# ------------------------------------------------------------------------ shared by commands
-RunOpt = Annotated[
-    str | None,
-    typer.Option("--run", help="Use the best checkpoint of this training run (name or folder)."),
-]
-CheckpointOpt = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="Use this .safetensors checkpoint file.", dir_okay=True),
-]
-
-
-def loaded_or_exit(load: Any) -> Any:
-    """``load()``, with a missing model as a usage error (2) and a bad one as a failure (1)."""
-    from threengan_cli.modelfile import ModelError, ModelNotFound
-
-    try:
-        return load()
-    except ModelNotFound as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
-
-
-def load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
-    from threengan_cli.inference import load_model
-
-    return loaded_or_exit(lambda: load_model(checkpoint, run, device))
-
-
-def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
-    """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
-    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
-    if device not in ("auto", "cpu") or engine == "torch":
-        return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
-    from threengan_cli import npclassifier
-
-    return loaded_or_exit(lambda: npclassifier.load(checkpoint, run))
-
-
-def ood_threshold_of(model, given: float | None) -> tuple[float | None, str | None, str]:
-    """The out-of-distribution threshold classify and evaluate flag above, where it comes
-    from (given or model) and a note for stderr: a given one (flag or --config) wins; else
-    the model's own. ``None`` for a model without statistics, whose note says so."""
-    if getattr(model, "stats", None) is None:
-        note = (
-            "; this model has no out-of-distribution statistics (trained before threengan "
-            "0.2): the ood columns are empty"
-        )
-        return None, None, note
-    if given is not None:
-        return given, "given", ""
-    split = model.stats.info.get("ood", {}).get("threshold", {}).get("split", "val")
-    from threengan_cli.classify import exact  # the float32's shortest digits, as in the rows
-
-    return exact(model.stats.threshold), "model", f" (flags 5% of the model's {split} split)"
-
-
-def prepared_or_exit(dataset: str) -> Path:
-    from threengan_cli import paths
-
-    dataset_dir = paths.resolve_dataset(dataset)
-    if not (dataset_dir / "manifest.json").is_file():
-        fail(
-            f"no prepared dataset {dataset!r} (looked in {dataset_dir}); "
-            "run `threengan prepare SOURCE --name NAME` first",
-            EXIT_USAGE,
-        )
-    return dataset_dir
-
 
 # The long commands live in their own modules (each under 600 lines); they are registered
 # here, in pipeline order, which is the order of the help.
-from threengan_cli import cli_classify, cli_evaluate, cli_train  # noqa: E402
-
 command()(cli_train.train)
 command()(cli_evaluate.runs)
 command()(cli_classify.classify)
@@ -610,7 +472,7 @@ def generate(
 
     from threengan_cli.generate import GenerateError
     from threengan_cli.generate import generate as run_generate
-    from threengan_cli.inference import ModelError
+    from threengan_cli.modelfile import ModelError
 
     model = load_model_or_exit(checkpoint, run, cfg.device)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)

@@ -1,6 +1,6 @@
 """The classify command: input paths -> one row per file, streamed to stdout or a file.
 
-Registered on the app by ``cli``; see there for the exit codes.
+Registered on the app by ``cli``; exit codes in ``cli_common``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from threengan_cli import views
-from threengan_cli.cli import (
+from threengan_cli.cli_common import (
     EXIT_INTERRUPT,
     EXIT_OOD,
     EXIT_PARTIAL,
@@ -27,6 +27,7 @@ from threengan_cli.cli import (
     load_classifier_or_exit,
     ood_threshold_of,
     settings_or_exit,
+    threshold_of,
 )
 from threengan_cli.helptext import shown
 from threengan_cli.views import err, note, warn
@@ -38,7 +39,7 @@ def _classify_format(given: str | None, configured: str | None, output: Path | N
     over the config file, which holds defaults. An --output that is not a regular file
     (``/dev/stdout``, a FIFO, a device) needs no suffix: it gets csv, as a pipe does."""
     from threengan_cli import fileio
-    from threengan_cli.rows import FORMATS, SUFFIX_FORMATS
+    from threengan_cli.classify_output import FORMATS, SUFFIX_FORMATS
 
     fmt = given
     if fmt is None and output is not None:
@@ -104,32 +105,12 @@ class _ClassifyTally:
         self.first_skipped = self.first_skipped or path
 
 
-def _threshold_of(model, cfg) -> tuple[float, str, str]:
-    """The threshold to use, where it comes from (given, model or default) and a note for
-    stderr: a given --threshold (flag or --config) wins; else the one ``evaluate
-    --threshold-from`` stored in the model; else the default. A damaged stored one is an
-    error (exit 1), unless --threshold overrides it."""
-    from threengan_cli.modelfile import ModelError
-
-    if "threshold" in cfg.model_fields_set:
-        return cfg.threshold, "given", ""
-    try:
-        stored = model.stored_threshold
-    except ModelError as exc:
-        fail(str(exc))
-    if stored is None:
-        return cfg.threshold, "default", ""
-    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
-    note = f" (the model's: {how}; --threshold overrides it)"
-    return float(stored["value"]), "model", note
-
-
 def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
     """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
     from threengan_cli import fileio
     from threengan_cli.classify import Decision
     from threengan_cli.classify import classify as run_classify
-    from threengan_cli.rows import RowWriter
+    from threengan_cli.classify_output import RowWriter
 
     sorter = extra["sorter"]
 
@@ -186,6 +167,160 @@ def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> lis
             "(transductive, no labels used)"
         )
     return inputs
+
+
+def _inputs_or_exit(inputs: list[str] | None, examples: bool) -> list[str]:
+    """The PATHs given, with the shipped example X-rays under --examples; none is a usage
+    error."""
+    if examples:
+        from threengan_cli.paths import example_images
+
+        shipped = [str(p) for p in example_images()]
+        if not shipped:
+            fail("this installation has no example X-rays (threengan_cli/examples)")
+        inputs = [*(inputs or []), *shipped]
+    if not inputs:
+        fail(
+            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
+            "from stdin",
+            EXIT_USAGE,
+        )
+    return inputs
+
+
+def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, adapt: str):
+    """Usage errors of the options, before stdin or the model is read; the shard (i, n) or
+    ``None``."""
+    if inputs.count("-") > 1:
+        fail("- (paths from stdin) may be given once", EXIT_USAGE)
+    if link and sort_into is None:
+        fail("--link goes with --sort-into DIR", EXIT_USAGE)
+
+    from threengan_cli.classify import parse_shard
+
+    try:
+        shard_ij = parse_shard(shard) if shard is not None else None
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if adapt not in ("none", "bn"):
+        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
+    return shard_ij
+
+
+def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
+    """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
+    --sort-into folders, or ``None``."""
+    from threengan_cli.classify import Sorter
+    from threengan_cli.modelfile import ModelError
+
+    engine_name = "torch" if adapt == "bn" else cfg.engine
+    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
+    try:
+        model.require_classifier()
+    except ModelError as exc:
+        fail(str(exc))
+    sorter = None
+    if sort_into is not None:
+        try:
+            sorter = Sorter(sort_into, model.classes, link=link)
+        except ValueError as exc:
+            fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
+    return model, sorter
+
+
+def _decision_thresholds(model, cfg, quiet: bool):
+    """The settings with the threshold to use, and the output's header: both thresholds and
+    where they come from (said on stderr with the model)."""
+    given = cfg.threshold if "threshold" in cfg.model_fields_set else None
+    threshold_value, threshold_source, source_note = threshold_of(model, given)
+    cfg = cfg.model_copy(update={"threshold": threshold_value})
+    ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
+    if not quiet:
+        ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
+        note(
+            f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
+            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
+            f"{ood_said}{ood_note}, device {model.device}"
+        )
+    header = {
+        "threshold": cfg.threshold,
+        "threshold_source": threshold_source,
+        "ood_threshold": ood_value,
+        "ood_threshold_source": ood_source,
+    }
+    return cfg, header
+
+
+def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet: bool) -> None:
+    """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
+    went away or a full disk ends the command with its exit code."""
+    from threengan_cli.fileio import writes_in_place  # a device or FIFO keeps what it got
+    from threengan_cli.modelfile import ModelError
+
+    whole = output is not None and not writes_in_place(output)
+    kept = f"; nothing written to {output}" if whole else ""
+    try:
+        with views.BarView(not quiet and err.is_terminal, "classifying") as view:
+            _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
+    except KeyboardInterrupt:
+        note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except ModelError as exc:
+        fail(str(exc))
+    except BrokenPipeError:
+        views.reader_gone()
+    except OSError as exc:  # a full disk under -o or under a redirected stdout
+        if output is None:
+            views.stdout_gone()
+        where = output if output is not None else "stdout"
+        fail(views.os_failure(exc, f"writing the results to {where}") + kept)
+
+
+def _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, quiet) -> None:
+    """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
+    inputs could not be, 4 under --fail-on-ood when an image was flagged."""
+    counts = tally.counts
+    if counts["inputs"] == 0:
+        if shard_ij is not None:
+            fail(
+                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
+                "empty (fewer inputs than shards)"
+            )
+        fail(
+            "nothing to classify (no paths were given on stdin)"
+            if "-" in inputs
+            else "nothing to classify (the inputs named no files)"
+        )
+    if counts["classified"] == 0:
+        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
+    if not quiet:
+        where = f" -> {output}" if output is not None else ""
+        note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
+        labels = ", ".join(f"{label} {n}" for label, n in tally.per_label.items())
+        errors = f", errors {counts['errors']}" if counts["errors"] else ""
+        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
+        note(f"labels: {labels}{errors}{sorted_to}")
+        if ood_value is not None:
+            note(
+                f"ood: {counts['ood']} of {counts['classified']} images look unlike the "
+                "model's training X-rays (score above "
+                f"{ood_value}); their labels are not reliable (docs/guide.md, 'Images unlike "
+                "the training set')"
+            )
+        if counts["skipped"]:
+            files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
+            warn(
+                f"skipped {files} in the folders whose names are not image names (the first: "
+                f"{tally.first_skipped}); give them as PATHs to classify them anyway"
+            )
+    if counts["errors"]:
+        if not quiet:
+            if tally.listing and tally.listed < counts["errors"]:
+                warn(f"... and {counts['errors'] - tally.listed} more")
+            warn(f"{counts['errors']} inputs could not be classified (see the error column)")
+        raise typer.Exit(EXIT_PARTIAL)
+    if cfg.fail_on_ood and counts["ood"]:
+        raise typer.Exit(EXIT_OOD)
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
@@ -369,19 +504,7 @@ def classify(
 
       threengan classify inbox/ --sort-into sorted/ --link
     """
-    if examples:
-        from threengan_cli.paths import example_images
-
-        shipped = [str(p) for p in example_images()]
-        if not shipped:
-            fail("this installation has no example X-rays (threengan_cli/examples)")
-        inputs = [*(inputs or []), *shipped]
-    if not inputs:
-        fail(
-            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
-            "from stdin",
-            EXIT_USAGE,
-        )
+    inputs = _inputs_or_exit(inputs, examples)
     cfg = settings_or_exit(
         "classify",
         config,
@@ -396,126 +519,15 @@ def classify(
         fail_on_ood=fail_on_ood or None,
     )
     fmt = _classify_format(fmt, cfg.format, output)
-    if inputs.count("-") > 1:
-        fail("- (paths from stdin) may be given once", EXIT_USAGE)
-    if link and sort_into is None:
-        fail("--link goes with --sort-into DIR", EXIT_USAGE)
-
-    from threengan_cli.classify import Sorter, parse_shard
-    from threengan_cli.modelfile import ModelError
-
-    try:
-        shard_ij = parse_shard(shard) if shard is not None else None
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-
-    if adapt not in ("none", "bn"):
-        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
+    shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
     stdin = _stdin_paths(inputs)
-    engine_name = "torch" if adapt == "bn" else cfg.engine
-    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
-    try:
-        model.require_classifier()
-    except ModelError as exc:
-        fail(str(exc))
-    sorter = None
-    if sort_into is not None:
-        try:
-            sorter = Sorter(sort_into, model.classes, link=link)
-        except ValueError as exc:
-            fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
+    model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)
         stdin = None
-    threshold_value, threshold_source, source_note = _threshold_of(model, cfg)
-    cfg = cfg.model_copy(update={"threshold": threshold_value})
-    ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
-    if not quiet:
-        ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
-        note(
-            f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
-            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
-            f"{ood_said}{ood_note}, device {model.device}"
-        )
-
+    cfg, header = _decision_thresholds(model, cfg, quiet)
     tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
-    view = views.BarView(not quiet and err.is_terminal, "classifying")
-    extra = {
-        "header": {
-            "threshold": cfg.threshold,
-            "threshold_source": threshold_source,
-            "ood_threshold": ood_value,
-            "ood_threshold_source": ood_source,
-        },
-        "shard": shard_ij,
-        "sorter": sorter,
-        "stdin": stdin,
-    }
-    from threengan_cli.fileio import writes_in_place  # a device or FIFO keeps what it got
-
-    whole = output is not None and not writes_in_place(output)
-    kept = f"; nothing written to {output}" if whole else ""
-    try:
-        _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
-    except KeyboardInterrupt:
-        view.close()
-        note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    except ModelError as exc:
-        view.close()
-        fail(str(exc))
-    except BrokenPipeError:
-        view.close()
-        views.reader_gone()
-    except OSError as exc:  # a full disk under -o or under a redirected stdout
-        view.close()
-        if output is None:
-            views.stdout_gone()
-        where = output if output is not None else "stdout"
-        fail(views.os_failure(exc, f"writing the results to {where}") + kept)
-    finally:
-        view.close()
-
-    counts = tally.counts
-    if counts["inputs"] == 0:
-        if shard_ij is not None:
-            fail(
-                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
-                "empty (fewer inputs than shards)"
-            )
-        fail(
-            "nothing to classify (no paths were given on stdin)"
-            if "-" in inputs
-            else "nothing to classify (the inputs named no files)"
-        )
-    if counts["classified"] == 0:
-        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
-    if not quiet:
-        where = f" -> {output}" if output is not None else ""
-        note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
-        labels = ", ".join(f"{label} {n}" for label, n in tally.per_label.items())
-        errors = f", errors {counts['errors']}" if counts["errors"] else ""
-        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
-        note(f"labels: {labels}{errors}{sorted_to}")
-        if ood_value is not None:
-            note(
-                f"ood: {counts['ood']} of {counts['classified']} images look unlike the "
-                "model's training X-rays (score above "
-                f"{ood_value}); their labels are not reliable (docs/guide.md, 'Images unlike "
-                "the training set')"
-            )
-        if counts["skipped"]:
-            files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
-            warn(
-                f"skipped {files} in the folders whose names are not image names (the first: "
-                f"{tally.first_skipped}); give them as PATHs to classify them anyway"
-            )
-    if counts["errors"]:
-        if not quiet:
-            if tally.listing and tally.listed < counts["errors"]:
-                warn(f"... and {counts['errors'] - tally.listed} more")
-            warn(f"{counts['errors']} inputs could not be classified (see the error column)")
-        raise typer.Exit(EXIT_PARTIAL)
-    if cfg.fail_on_ood and counts["ood"]:
-        raise typer.Exit(EXIT_OOD)
+    extra = {"header": header, "shard": shard_ij, "sorter": sorter, "stdin": stdin}
+    _classify_or_exit(inputs, model, cfg, fmt, output, tally, extra, quiet)
+    _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)

@@ -1,5 +1,5 @@
 """The evaluate and runs commands: scoring a model on labelled X-rays, and listing (and
-pruning) training runs. Registered on the app by ``cli``; see there for the exit codes.
+pruning) training runs. Registered on the app by ``cli``; exit codes in ``cli_common``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from threengan_cli import views
-from threengan_cli.cli import (
+from threengan_cli.cli_common import (
     EXIT_FAIL,
     EXIT_INTERRUPT,
     EXIT_PARTIAL,
@@ -25,6 +25,7 @@ from threengan_cli.cli import (
     load_classifier_or_exit,
     lock_or_exit,
     ood_threshold_of,
+    threshold_of,
 )
 from threengan_cli.views import note, print_json, warn
 
@@ -70,8 +71,118 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
         lock_or_exit(ctx, folder)
 
 
-# Long by its declared options and help text (what typer reads), and the threshold's three
-# sources; the checks and the work are in _check_flags and threengan_cli.evaluate.
+def _model_or_exit(ctx, checkpoint, run, device: str, engine: str, threshold_from):
+    """The classifier to score; under --threshold-from its run locked and its file checked
+    writable before any work, since the chosen threshold is stored in it."""
+    from threengan_cli.modelfile import ModelError, ReadOnlyModel, check_writable
+
+    if threshold_from is not None:  # it writes the checkpoint: one writer per run
+        _lock_run_of(ctx, checkpoint, run)
+    model = load_classifier_or_exit(checkpoint, run, device, engine)
+    try:
+        model.require_classifier()
+        if threshold_from is not None:  # before the work: the threshold is stored in it
+            check_writable(model.path)
+    except ReadOnlyModel as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ModelError as exc:
+        fail(str(exc))
+    return model
+
+
+def _chosen_on_val(ev, data: str, data_set, model, rule: str, batch_size, workers, quiet):
+    """--threshold-from val: the threshold ``rule`` picks on the prepared dataset's val split
+    (a usage error for other DATA)."""
+    if data_set.kind != "prepared":
+        fail(
+            "--threshold-from val needs a prepared dataset as DATA (its val split "
+            "chooses the threshold)",
+            EXIT_USAGE,
+        )
+    if data_set.split == "val" and not quiet:
+        warn("the threshold is chosen and scored on the same val split: optimistic")
+    val = ev.read_labelled(data, "val", model)
+    probs, _ = ev.probabilities(val, model, batch_size, workers)
+    chosen = ev.choose_threshold(val.labels, probs, rule)
+    chosen.update(split="val", dataset=val.source)
+    return chosen
+
+
+def _score_or_exit(
+    data, split, model, threshold, threshold_from, rule, ood_threshold, batch_size, workers,
+    quiet,
+):
+    """The evaluation of DATA at the threshold to use, and the threshold chosen on val
+    (``None`` unless --threshold-from chose one)."""
+    from threengan_cli import evaluate as ev
+    from threengan_cli.modelfile import ModelError
+
+    try:
+        data_set = ev.read_labelled(data, split, model)
+        chosen = None
+        if threshold is None and threshold_from is not None:
+            chosen = _chosen_on_val(ev, data, data_set, model, rule, batch_size, workers, quiet)
+            used, source = chosen["value"], "chosen"
+        else:
+            used, source, _ = threshold_of(model, threshold)
+        ood_value = ood_threshold_of(model, ood_threshold)[0]
+        result = ev.evaluate(
+            data_set, model, used, source, batch_size, workers, chosen, ood_value
+        )
+    except ModelError as exc:  # a damaged stored threshold
+        fail(str(exc))
+    except ev.EvaluateError as exc:
+        fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
+    except KeyboardInterrupt:
+        note("interrupted; nothing was stored")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    return result, chosen
+
+
+def _store_threshold(model, chosen: dict, rule: str, quiet: bool) -> None:
+    from threengan_cli.modelfile import CheckpointError, update_meta
+
+    try:
+        update_meta(model.path, {"threshold": chosen})
+    except (OSError, CheckpointError) as exc:
+        fail(f"cannot store the threshold in {model.path}: {exc}")
+    if not quiet:
+        note(
+            f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
+            f"{rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
+        )
+
+
+def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool) -> None:
+    """The scores (tables or JSON) and plots; exit 3 when some images could not be read."""
+    from threengan_cli import evaluate as ev
+
+    made = []
+    if plot is not None:
+        made = ev.write_plots(result, plot)
+
+    if as_json:
+        print_json({**result.to_dict(), "plots": [str(p) for p in made]})
+    else:
+        views.evaluation_tables(result)
+    if not quiet:
+        where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
+        note(
+            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
+            f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
+            + ood_threshold_of(model, ood_threshold)[2]
+        )
+        if made:
+            note("wrote " + ", ".join(str(p) for p in made))
+    bad = result.unreadable
+    if bad:
+        for p in bad[:MAX_LISTED]:
+            warn(f"{p.path}: {p.error}")
+        warn(f"{len(bad)} images could not be read and were left out of the scores")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# Long only by its declared options and help text (what typer reads); the body is a few calls.
 def evaluate(
     ctx: typer.Context,
     data: Annotated[
@@ -173,95 +284,15 @@ def evaluate(
 
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
-    from threengan_cli import evaluate as ev
-    from threengan_cli.modelfile import (
-        CheckpointError,
-        ModelError,
-        ReadOnlyModel,
-        check_writable,
-        update_meta,
-    )
-
     _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
-    if threshold_from is not None:  # it writes the checkpoint: one writer per run
-        _lock_run_of(ctx, checkpoint, run)
-    model = load_classifier_or_exit(checkpoint, run, device, engine)
-    try:
-        model.require_classifier()
-        if threshold_from is not None:  # before the work: the threshold is stored in it
-            check_writable(model.path)
-    except ReadOnlyModel as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
-    try:
-        data_set = ev.read_labelled(data, split, model)
-        chosen = None
-        if threshold is not None:
-            used, source = threshold, "given"
-        elif threshold_from is not None:
-            if data_set.kind != "prepared":
-                fail(
-                    "--threshold-from val needs a prepared dataset as DATA (its val split "
-                    "chooses the threshold)",
-                    EXIT_USAGE,
-                )
-            if data_set.split == "val" and not quiet:
-                warn("the threshold is chosen and scored on the same val split: optimistic")
-            val = ev.read_labelled(data, "val", model)
-            probs, _ = ev.probabilities(val, model, batch_size, workers)
-            chosen = ev.choose_threshold(val.labels, probs, threshold_rule)
-            chosen.update(split="val", dataset=val.source)
-            used, source = chosen["value"], "chosen"
-        elif model.stored_threshold is not None:
-            used, source = float(model.stored_threshold["value"]), "model"
-        else:
-            used, source = 0.5, "default"
-        ood_value = ood_threshold_of(model, ood_threshold)[0]
-        result = ev.evaluate(
-            data_set, model, used, source, batch_size, workers, chosen, ood_value
-        )
-    except ModelError as exc:  # a damaged stored threshold
-        fail(str(exc))
-    except ev.EvaluateError as exc:
-        fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
-    except KeyboardInterrupt:
-        note("interrupted; nothing was stored")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-
+    model = _model_or_exit(ctx, checkpoint, run, device, engine, threshold_from)
+    result, chosen = _score_or_exit(
+        data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,
+        batch_size, workers, quiet,
+    )
     if chosen is not None:
-        try:
-            update_meta(model.path, {"threshold": chosen})
-        except (OSError, CheckpointError) as exc:
-            fail(f"cannot store the threshold in {model.path}: {exc}")
-        if not quiet:
-            note(
-                f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
-                f"{threshold_rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
-            )
-    made = []
-    if plot is not None:
-        made = ev.write_plots(result, plot)
-
-    if as_json:
-        print_json({**result.to_dict(), "plots": [str(p) for p in made]})
-    else:
-        views.evaluation_tables(result)
-    if not quiet:
-        where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
-        note(
-            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
-            f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
-            + ood_threshold_of(model, ood_threshold)[2]
-        )
-        if made:
-            note("wrote " + ", ".join(str(p) for p in made))
-    bad = result.unreadable
-    if bad:
-        for p in bad[:MAX_LISTED]:
-            warn(f"{p.path}: {p.error}")
-        warn(f"{len(bad)} images could not be read and were left out of the scores")
-        raise typer.Exit(EXIT_PARTIAL)
+        _store_threshold(model, chosen, threshold_rule, quiet)
+    _show_or_exit(result, model, ood_threshold, plot, as_json, quiet)
 
 
 # --------------------------------------------------------------------------------------- runs
@@ -324,7 +355,7 @@ def runs(
                 fail(f"cannot prune {run.name}: {exc}")
             if done is not None:
                 pruned.append(done)
-        found = [runlist.read_run(Path(r.path), r.name) for r in found]
+        found = [runlist.read_run_info(Path(r.path), r.name) for r in found]
     if as_json:
         rows = [r.to_dict() for r in found]
         print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)

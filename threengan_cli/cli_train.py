@@ -1,6 +1,6 @@
 """The train and benchmark commands: the two that write run folders and run for hours.
 
-Registered on the app by ``cli``; see there for the exit codes.
+Registered on the app by ``cli``; exit codes in ``cli_common``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from threengan_cli import views
-from threengan_cli.cli import (
+from threengan_cli.cli_common import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
@@ -60,6 +60,7 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
     """(settings, dataset folder, run folder) of the run to continue, its folder locked into
     ``held`` before it is read; only --epochs may change."""
     from threengan_cli import paths, runs
+    from threengan_cli.settings import with_stored_recipe
 
     run_dir = paths.resolve_run(resume)
     changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
@@ -88,7 +89,7 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
         fail(f"{run_dir}: {runs.SETTINGS} and {runs.RUN} must hold JSON objects")
     if not isinstance(run_meta.get("dataset"), str):
         fail(f"{run_dir / runs.RUN} does not name the run's dataset")
-    saved = {"recipe": "paper", **saved}  # runs from before recipes: the paper's protocol
+    saved = with_stored_recipe(saved)
     if flags["epochs"] is not None:
         saved["epochs"] = flags["epochs"]
     return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
@@ -202,6 +203,7 @@ def _same_run_or_exit(run_dir: Path, cfg, dataset_dir: Path) -> None:
     """Return when ``run_dir`` holds a run of ``cfg`` on ``dataset_dir``; else a usage
     error that says what differs and what to do."""
     from threengan_cli import runs
+    from threengan_cli.settings import with_stored_recipe
 
     try:
         saved = runs.read_json(run_dir / runs.SETTINGS)
@@ -217,7 +219,7 @@ def _same_run_or_exit(run_dir: Path, cfg, dataset_dir: Path) -> None:
             "--name, or --force to replace it",
             EXIT_USAGE,
         )
-    saved = {"recipe": "paper", **saved}  # runs from before recipes: the paper's protocol
+    saved = with_stored_recipe(saved)
     asked = cfg.model_dump(mode="json")
     differ = runs.settings_differ(saved, asked)
     if differ == ["epochs"] and asked["epochs"] > saved.get("epochs", 0):
@@ -246,8 +248,10 @@ def _metric(metrics: dict, key: str) -> str:
 def _train_done_line(summary: dict, run_dir: Path) -> str:
     """The test metrics of the model ``--run`` uses (best.safetensors: the best epoch on val),
     and the final epoch's accuracy beside them where that is another epoch."""
+    from threengan_cli import runs
+
     test = summary.get("test") or {}
-    where = f"summary in {run_dir / 'summary.json'}"
+    where = f"summary in {run_dir / runs.SUMMARY}"
     if not test.get("n"):
         return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
     best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
@@ -473,42 +477,36 @@ def train(
 
 def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, quiet: bool):
     """Run the engine on a locked run folder; its errors as one line and an exit code."""
-    from threengan_cli import runs, training
-    from threengan_cli.checkpoints import CheckpointError
-    from threengan_cli.datasets import DatasetError
+    from threengan_cli import runs, train_events, training
+    from threengan_cli.modelfile import CheckpointError
+    from threengan_cli.sources import DatasetError
 
     _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
-    view = views.TrainView(quiet)
     try:
-        return training.train(
-            dataset_dir,
-            cfg,
-            run_dir,
-            resume=resume,
-            on_event=view,
-            checkpoint_every_s=every_s or None,
-        )
-    except training.Interrupted as exc:
-        view.close()
+        with views.TrainView(quiet) as view:
+            return training.train(
+                dataset_dir,
+                cfg,
+                run_dir,
+                resume=resume,
+                on_event=view,
+                checkpoint_every_s=every_s or None,
+            )
+    except train_events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(interrupt_code(exc.signum)) from None
-    except training.InitNotFound as exc:
-        view.close()
+    except train_events.InitNotFound as exc:
         fail(str(exc), EXIT_USAGE)
     except (
-        training.TrainingError,
+        train_events.TrainingError,
         CheckpointError,
         DatasetError,
         runs.RunError,
         ValueError,
     ) as exc:
-        view.close()
         fail(str(exc))
     except OSError as exc:
-        view.close()
         fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
-    finally:
-        view.close()
 
 
 # ---------------------------------------------------------------------------------- benchmark
@@ -523,7 +521,7 @@ def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
 
 def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, Any]):
     """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
-    from threengan_cli import benchmark as bench
+    from threengan_cli import grid
     from threengan_cli.helptext import default_of
     from threengan_cli.settings import SettingsError, read_config
 
@@ -535,7 +533,7 @@ def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, A
         for key in ("methods", "sizes"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
-        return bench.resolve_settings(chosen, **values)
+        return grid.resolve_settings(chosen, **values)
     except (SettingsError, ValueError) as exc:
         fail(str(exc), EXIT_USAGE)
 
@@ -560,44 +558,38 @@ def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli import benchmark as bench
-    from threengan_cli import paths, runs, training
-    from threengan_cli.checkpoints import CheckpointError
-    from threengan_cli.datasets import DatasetError
+    from threengan_cli import classify, paths, runs, train_events
+    from threengan_cli.modelfile import CheckpointError
+    from threengan_cli.sources import DatasetError
 
     try:
-        shard_ij = bench.parse_shard(shard) if shard is not None else (1, 1)
+        shard_ij = classify.parse_shard(shard) if shard is not None else (1, 1)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     dataset_dir = prepared_or_exit(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
     _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
-    view = views.BenchView(quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
     held = contextlib.ExitStack()
     lock_or_exit(held, target, "benchmark folder")
     try:
-        with held:
+        with held, views.BenchView(quiet) as view:
             results = bench.run(
                 dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
             )
-    except (training.Interrupted, KeyboardInterrupt) as exc:
-        view.close()
+    except (train_events.Interrupted, KeyboardInterrupt) as exc:
         note(f"interrupted: {hint}")
         raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
     except (
         bench.BenchmarkError,
-        training.TrainingError,
+        train_events.TrainingError,
         CheckpointError,
         DatasetError,
         runs.RunError,
     ) as exc:
-        view.close()
         fail(str(exc))
     except OSError as exc:
-        view.close()
         fail(views.os_failure(exc, f"writing {target}") + f" ({hint})")
-    finally:
-        view.close()
     if shard_ij[1] > 1 and not quiet:
         note(f"shard {shard}: join the shards with: threengan benchmark merge DIR... --out DIR")
     return results, target

@@ -52,7 +52,7 @@ import numpy as np
 
 from threengan_cli import __version__, fileio, images
 from threengan_cli.settings import PrepareSettings, dump
-from threengan_cli.sources import (  # noqa: F401  (DatasetError and SPLITS: read as datasets.*)
+from threengan_cli.sources import (
     HARMLESS_SKIPS,
     SPLIT_CODES,
     SPLITS,

@@ -124,7 +124,7 @@ def read_labelled(data: str, split: str | None, model: Classifier) -> Labelled:
     """The labelled inputs of ``data``: a prepared dataset's ``split`` (default test), a
     ``train/ val/ test/`` tree's split (default test), a class-folder tree or a CSV (all
     their rows unless they name splits)."""
-    from threengan_cli import datasets
+    from threengan_cli import sources
 
     given = Path(data).expanduser()
     dataset = paths.resolve_dataset(data)
@@ -141,8 +141,8 @@ def read_labelled(data: str, split: str | None, model: Classifier) -> Labelled:
             "then evaluate NAME --split test"
         )
     try:
-        src = datasets.scan(given)
-    except datasets.DatasetError as exc:
+        src = sources.scan(given)
+    except sources.DatasetError as exc:
         raise EvaluateError(str(exc)) from None
     splits = {item.split for item in src.items}
     if src.kind == "class-folders" or (src.kind == "csv" and splits == {"train"}):
@@ -168,12 +168,12 @@ def read_labelled(data: str, split: str | None, model: Classifier) -> Labelled:
 
 
 def _prepared(dataset: Path, split: str, model: Classifier) -> Labelled:
-    from threengan_cli import datasets
+    from threengan_cli import datasets, sources
 
     try:
         prepared = datasets.load_prepared(dataset)
         images, labels = prepared.subset(split)
-    except (datasets.DatasetError, ValueError) as exc:
+    except (sources.DatasetError, ValueError) as exc:
         raise EvaluateError(str(exc)) from None
     if prepared.image_size != model.image_size:
         raise EvaluateError(
@@ -191,7 +191,7 @@ def _prepared(dataset: Path, split: str, model: Classifier) -> Labelled:
         raise EvaluateError(f"{dataset.name} has no {split} images")
     index = np.array(_class_index(prepared.classes, model.classes, dataset.name))
     recorded = [row["path"] for row in prepared.manifest.get("images", [])]
-    rows = np.flatnonzero(prepared.split == datasets.SPLIT_CODES[split])
+    rows = np.flatnonzero(prepared.split == sources.SPLIT_CODES[split])
     names = [recorded[i] for i in rows] if len(recorded) == len(prepared.labels) else []
     return Labelled(
         source=str(dataset),

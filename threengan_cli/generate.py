@@ -36,8 +36,8 @@ from PIL import Image
 
 from threengan_cli import fileio, paths, system
 from threengan_cli.classify import exact
+from threengan_cli.classify_torch import Model
 from threengan_cli.images import grid_png
-from threengan_cli.inference import Model
 from threengan_cli.networks import from_model_range
 
 Z_BLOCK = 256

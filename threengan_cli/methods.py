@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,9 @@ from threengan_cli.networks import (
     init_dcgan_weights,
     separately,
 )
-from threengan_cli.settings import TrainSettings
+
+if TYPE_CHECKING:  # type-only: settings imports this registry to check method names
+    from threengan_cli.settings import TrainSettings
 
 Nets = dict[str, nn.Module]
 Opts = dict[str, torch.optim.Optimizer]

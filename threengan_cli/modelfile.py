@@ -29,14 +29,15 @@ from typing import Any
 import numpy as np
 
 from threengan_cli import paths
+from threengan_cli.runs import BEST, FINAL, LAST
 
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 META_KEY = "threengan"
-BEST, LAST = "best.safetensors", "last.safetensors"
-FINAL = "final.safetensors"  # the final epoch's weights alone, once ``runs --prune-last`` ran
 DEFAULT_MODEL = "default.safetensors"
 DIGEST_KEY = "sha256"  # metadata: {group: sha256 of its tensors}
 STATS = "stats"  # tensor group of a model's out-of-distribution statistics and temperature
+NET = "net"  # tensor group of the trained networks' weights: net/<G|D|C>/<param>
+USE = "use"  # the averaged weights to use, where a run's last checkpoint keeps them apart
 MAX_CLASSES = 1000
 IMAGE_SIDES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -368,10 +369,16 @@ def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int, int]:
     return network, logits, outputs
 
 
+def weights_group(meta: dict[str, Any]) -> str:
+    """The tensor group holding the weights to use: ``use`` where a run's last checkpoint
+    keeps averaged weights with recomputed BatchNorm statistics apart from the live ones
+    (``net``)."""
+    return USE if meta.get("weights") == USE else NET
+
+
 def weights_prefix(meta: dict[str, Any]) -> str:
-    """The tensor group holding the weights to use: ``use/`` where a run's last checkpoint
-    keeps averaged weights with recomputed BatchNorm statistics apart from the live ones."""
-    return "use/" if meta.get("weights") == "use" else "net/"
+    """:func:`weights_group` as the start of its tensors' names (``net/``, ``use/``)."""
+    return weights_group(meta) + "/"
 
 
 def normalisation(meta: dict[str, Any], path: Path) -> tuple[float, float]:
@@ -503,7 +510,7 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
     for group, entries in before.items():
         verify_digest(original, group, entries, source)
     # The copies are stored under new names, so their checksums are computed anew.
-    renamed = {key: "net/" + key[len(prefix) :] if key.startswith(prefix) else key for key in kept}
+    renamed = {k: f"{NET}/{k[len(prefix) :]}" if k.startswith(prefix) else k for k in kept}
     groups: dict[str, list] = {}
     for key in kept:
         entry = (renamed[key], tuple(header[key]["shape"]), blobs[key])

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from threengan_cli.runs import RUN
+
 ENV_HOME = "THREENGAN_HOME"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # A class name that becomes a folder: letters and digits of any script, then also space,
@@ -70,7 +72,7 @@ def resolve_dataset(name_or_path: str) -> Path:
 def resolve_run(name_or_path: str) -> Path:
     """A training run given by name (under the data dir) or by folder path."""
     candidate = Path(name_or_path).expanduser()
-    if candidate.is_dir() and (candidate / "run.json").exists():
+    if candidate.is_dir() and (candidate / RUN).exists():
         return candidate
     if _NAME.match(name_or_path):
         return runs_dir() / name_or_path

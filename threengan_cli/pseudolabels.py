@@ -31,13 +31,15 @@ epoch's line of ``metrics.jsonl`` (:meth:`summary`) and zeroes them when an epoc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from threengan_cli import losses
-from threengan_cli.settings import TrainSettings
+
+if TYPE_CHECKING:  # type-only: settings imports methods (and so this module) for the names
+    from threengan_cli.settings import TrainSettings
 
 # The running means' decay, warmed up as (1 + t) / (10 + t) like the weights' average
 # (averaging.py). FreeMatch and ReMixMatch's code use 0.999 over a million steps; a run here

@@ -3,7 +3,7 @@
 A run folder holds ``run.json``, ``settings.json``, ``metrics.jsonl`` (one line per epoch),
 ``last.safetensors`` (everything a resume needs: weights, optimizer and RNG state; about
 109 MB for a width-64 3ngan run), ``best.safetensors`` (the best-on-val weights) and, once
-finished, ``summary.json``. :func:`read_run` sums up one folder for the listing; it reads
+finished, ``summary.json``. :func:`read_run_info` sums up one folder for the listing; it reads
 only the checkpoints' JSON headers, never their tensors, and never imports torch.
 
 State: ``finished`` when the last checkpoint says so (or, once pruned, ``summary.json`` is
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from threengan_cli import modelfile, paths, runs
-from threengan_cli.modelfile import BEST, FINAL, LAST
-from threengan_cli.runs import METRICS, RUN, SETTINGS
+from threengan_cli.runs import BEST, FINAL, LAST, METRICS, RUN, SETTINGS
 
 
 @dataclass
@@ -77,13 +76,13 @@ def _disk_bytes(folder: Path) -> tuple[int, float]:
     return total, newest
 
 
-def read_run(run_dir: Path, name: str | None = None) -> RunInfo:
+def read_run_info(run_dir: Path, name: str | None = None) -> RunInfo:
     """What a run folder says about itself (see the module docstring). A damaged file makes
     the run ``damaged``, with the reason in ``error``: never an exception, so one damaged run
     does not hide the others."""
     run_dir = Path(run_dir)
     try:
-        return _read_run(run_dir, name or run_dir.name)
+        return _read_run_info(run_dir, name or run_dir.name)
     except (runs.RunError, modelfile.CheckpointError) as exc:
         return RunInfo(
             name=name or run_dir.name,
@@ -116,7 +115,7 @@ def _typed(value: Any, kind: type, path: Path, what: str) -> Any:
     raise runs.RunError(f"{path} is damaged ({what} is {type(value).__name__}: {value!r:.40})")
 
 
-def _read_run(run_dir: Path, name: str) -> RunInfo:
+def _read_run_info(run_dir: Path, name: str) -> RunInfo:
     run = _object(run_dir / RUN, optional=True)
     settings = _object(run_dir / SETTINGS, optional=True) or run.get("settings") or {}
     if not isinstance(settings, dict):
@@ -200,7 +199,7 @@ def run_folders(home: Path | None = None) -> list[tuple[str, Path]]:
 
 
 def list_runs(home: Path | None = None) -> list[RunInfo]:
-    return [read_run(folder, name) for name, folder in run_folders(home)]
+    return [read_run_info(folder, name) for name, folder in run_folders(home)]
 
 
 def prune_last(run: RunInfo) -> Pruned | None:
@@ -214,7 +213,7 @@ def prune_last(run: RunInfo) -> Pruned | None:
 
 
 def _prune_locked(run_dir: Path, name: str) -> Pruned | None:
-    run = read_run(run_dir, name)
+    run = read_run_info(run_dir, name)
     last = run_dir / LAST
     if run.state != "finished" or not last.is_file():
         return None
@@ -237,4 +236,4 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-__all__ = ["BEST", "FINAL", "LAST", "RunInfo", "list_runs", "prune_last", "read_run"]
+__all__ = ["RunInfo", "list_runs", "prune_last", "read_run_info"]

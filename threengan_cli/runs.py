@@ -39,8 +39,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from threengan_cli.modelfile import BEST, FINAL, LAST
-
 __all__ = [
     "BEST",
     "FAILED",
@@ -71,6 +69,9 @@ __all__ = [
 
 SETTINGS, RUN, METRICS, SUMMARY = "settings.json", "run.json", "metrics.jsonl", "summary.json"
 FAILED, SAMPLES, LOCK = "failed.json", "samples", ".lock"
+# Checkpoints: resumable last (weights, optimizer and RNG state), best on val, and the final
+# epoch's weights alone once ``runs --prune-last`` ran.
+BEST, LAST, FINAL = "best.safetensors", "last.safetensors", "final.safetensors"
 # What a start that was killed before run.json can leave behind: nothing worth keeping.
 _START_DEBRIS = frozenset({SETTINGS, SAMPLES, LOCK, METRICS})
 # A run's own files are opened without following symbolic links (where the OS can).

@@ -16,7 +16,7 @@ from threengan_cli.networks import to_model_range
 
 
 @torch.no_grad()
-def evaluate(
+def score_split(
     method,
     nets,
     images_u8: torch.Tensor,

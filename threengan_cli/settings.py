@@ -137,6 +137,13 @@ DEFAULT_RECIPE: Recipe = "robust"
 AUGMENTS = ("translation", "cutout", "color", "flip")
 
 
+def with_stored_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """Train settings read back from a run or checkpoint, with their recipe: those written
+    before recipes existed were trained with the paper's protocol, whatever today's default
+    recipe is."""
+    return {"recipe": "paper", **values}
+
+
 class TrainSettings(_Section):
     method: str = "3ngan"
     recipe: Recipe = Field(
@@ -218,9 +225,8 @@ class TrainSettings(_Section):
 
     @classmethod
     def from_stored(cls, values: dict[str, Any]) -> TrainSettings:
-        """Settings read back from a run or checkpoint. Those written before recipes existed
-        were trained with the paper's protocol, whatever today's default recipe is."""
-        return cls.model_validate({"recipe": "paper", **values}, context={"stored": True})
+        """Settings read back from a run or checkpoint (see :func:`with_stored_recipe`)."""
+        return cls.model_validate(with_stored_recipe(values), context={"stored": True})
 
     @property
     def augments(self) -> tuple[str, ...]:

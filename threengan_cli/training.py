@@ -55,7 +55,13 @@ from threengan_cli.accel import (
 )
 from threengan_cli.averaging import Averager, prediction_copies, recompute_bn
 from threengan_cli.datasets import load_prepared
-from threengan_cli.events import (  # noqa: F401  (the CLI reads them as training.*)
+from threengan_cli.images import NORMALISATION, grid_png
+from threengan_cli.methods import METHODS, StepOutput
+from threengan_cli.networks import from_model_range, to_model_range
+from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
+from threengan_cli.scoring import flagged_share, model_statistics, score_split
+from threengan_cli.settings import TrainSettings
+from threengan_cli.train_events import (
     EpochDone,
     Event,
     InitNotFound,
@@ -64,18 +70,10 @@ from threengan_cli.events import (  # noqa: F401  (the CLI reads them as trainin
     RunFinished,
     RunStarted,
     StepDone,
-    Stopped,
     TrainingError,
 )
-from threengan_cli.images import NORMALISATION, grid_png
-from threengan_cli.methods import METHODS, StepOutput
-from threengan_cli.networks import from_model_range, to_model_range
-from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
-from threengan_cli.scoring import evaluate, flagged_share, model_statistics
-from threengan_cli.settings import TrainSettings
 
 RUN_FORMAT_VERSION = 1
-LAST, BEST, METRICS = runs.LAST, runs.BEST, runs.METRICS
 SAMPLE_GRID = 64
 
 
@@ -346,7 +344,7 @@ def _used_networks(method, nets: dict[str, torch.nn.Module]) -> list[str]:
 
 def _restore(loop: Loop) -> None:
     """Continue from the last checkpoint: weights, optimizers, RNG, position, sums."""
-    ckpt = checkpoints.load(loop.run_dir / LAST, map_location=loop.device)
+    ckpt = checkpoints.load(loop.run_dir / runs.LAST, map_location=loop.device)
     checkpoints.restore_networks(ckpt, loop.nets)
     checkpoints.restore_optimizers(ckpt, loop.opts)
     pos = ckpt.meta["position"]
@@ -371,7 +369,7 @@ def _restore(loop: Loop) -> None:
     loop.elapsed_before = ckpt.meta.get("elapsed_s", 0.0)
     loop.finished_before = ckpt.meta.get("finished", False)
     loop.extended = loop.finished_before and loop.epoch < loop.settings.epochs
-    metrics_path = loop.run_dir / METRICS
+    metrics_path = loop.run_dir / runs.METRICS
     history = runs.read_metrics(metrics_path, loop.epoch)  # damage: a RunError naming it
     fileio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
@@ -381,15 +379,15 @@ def _create(loop: Loop) -> None:
     run_dir = loop.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    fileio.write_text(run_dir / "settings.json", settings_mod.dump(loop.settings))
+    fileio.write_text(run_dir / runs.SETTINGS, settings_mod.dump(loop.settings))
     run_meta = {
         **loop.meta,
         "format_version": RUN_FORMAT_VERSION,
         "train_images": loop.n,
         "train_sources": loop.data.subset_paths,
     }
-    fileio.write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
-    fileio.write_text(run_dir / METRICS, "")  # replaces what is there, never writes through it
+    fileio.write_text(run_dir / runs.RUN, json.dumps(run_meta, indent=2) + "\n")
+    fileio.write_text(run_dir / runs.METRICS, "")  # replaces what is there, never writes through it
 
 
 # ------------------------------------------------------------------- prediction weights
@@ -437,7 +435,8 @@ def evaluate_adapted(loop: Loop, nets: dict[str, torch.nn.Module]) -> dict[str, 
     adapted = dict(nets)
     adapted[name] = copy.deepcopy(nets[name])
     recompute_bn(adapted[name], (to_model_range(x) for x in data.test_x.split(64) if len(x) > 1))
-    return evaluate(loop.method, adapted, data.test_x, data.test_y, len(data.classes), amp=loop.amp)
+    k = len(data.classes)
+    return score_split(loop.method, adapted, data.test_x, data.test_y, k, amp=loop.amp)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -472,7 +471,7 @@ def _save_last(
     if stats is not None:
         extra["stats"] = stats[1]
     checkpoints.save(
-        loop.run_dir / LAST,
+        loop.run_dir / runs.LAST,
         _run_meta(loop, epoch, step, elapsed_s=loop.elapsed(), **extra),
         loop.nets,
         optimizers=loop.opts,
@@ -488,7 +487,7 @@ def _write_pending_best(loop: Loop) -> None:
     if loop.best_pending is not None:
         position, weights = loop.best_pending
         checkpoints.save(
-            loop.run_dir / BEST,
+            loop.run_dir / runs.BEST,
             _run_meta(loop, position, 0, weights="best-on-val"),
             weights,
             host_work=loop.host_work(),
@@ -558,7 +557,7 @@ def _epoch_done(
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "train": means,
-        "val": evaluate(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp),
+        "val": score_split(loop.method, used, data.val_x, data.val_y, k, amp=loop.amp),
         "seconds": round(seconds, 3),
         "images_per_s": round((loop.spans[-1][1] - loop.spans[first][0]) / max(seconds, 1e-9), 2),
     }
@@ -566,10 +565,10 @@ def _epoch_done(
     if pseudo:
         record["pseudo"] = pseudo
     if test_every_epoch:
-        record["test_optimistic"] = evaluate(
+        record["test_optimistic"] = score_split(
             loop.method, used, data.test_x, data.test_y, k, amp=loop.amp
         )
-    runs.append_line(loop.run_dir / METRICS, json.dumps(record))
+    runs.append_line(loop.run_dir / runs.METRICS, json.dumps(record))
     due = (
         every_s is None
         or epoch + 1 >= settings.epochs
@@ -651,7 +650,7 @@ def _train(
     test_every_epoch, checkpoint_every_s, stop_flag = options
     # Killed before the first checkpoint: nothing was kept, so start over from scratch, which
     # is exactly what the uninterrupted run did.
-    resume = resume and (run_dir / LAST).exists()
+    resume = resume and (run_dir / runs.LAST).exists()
     try:
         loop = _open(device, dataset_path, settings, run_dir, turns, fresh=not resume)
     except DataError as exc:
@@ -703,7 +702,8 @@ def _train(
                 if stop.is_set():
                     _write_pending_best(loop)
                     _save_last(loop, epoch, step)
-                    raise Interrupted(run_dir / LAST, epoch, step, getattr(stop, "signum", None))
+                    signum = getattr(stop, "signum", None)
+                    raise Interrupted(run_dir / runs.LAST, epoch, step, signum)
                 lo, hi = loop.spans[step]
                 idx = order[lo:hi]
                 if unlabelled is not None:
@@ -739,23 +739,23 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     is written again with the statistics of its own weights."""
     settings, data = loop.settings, loop.data
     k = len(data.classes)
-    final_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **_how(loop, stats))
-    final_val = evaluate(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
+    final_test = score_split(loop.method, used, data.test_x, data.test_y, k, **_how(loop, stats))
+    final_val = score_split(loop.method, used, data.val_x, data.val_y, k, **_how(loop, stats))
     adapted = evaluate_adapted(loop, used)
     best_test, best_stats = final_test, stats
-    best = checkpoints.load(loop.run_dir / BEST, map_location=data.train_x.device)
+    best = checkpoints.load(loop.run_dir / runs.BEST, map_location=data.train_x.device)
     if loop.best_epoch is not None and loop.best_epoch != settings.epochs:
         saved = _weights(used)
         checkpoints.restore_networks(best, used)
         best_stats = model_statistics(loop.method, used, data)
         how = _how(loop, best_stats)
-        best_test = evaluate(loop.method, used, data.test_x, data.test_y, k, **how)
+        best_test = score_split(loop.method, used, data.test_x, data.test_y, k, **how)
         for name, net in used.items():
             net.load_state_dict(saved[name])
     if best_stats is not None:
         nets = {name: best.group(f"net/{name}") for name in best.network_names}
         meta = {**best.meta, "stats": best_stats[1]}
-        checkpoints.save(loop.run_dir / BEST, meta, nets, stats=best_stats[0])
+        checkpoints.save(loop.run_dir / runs.BEST, meta, nets, stats=best_stats[0])
     flagged = {}
     if stats is not None:
         for split in ("val", "test"):
@@ -783,7 +783,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
         "extended": loop.extended,
         "settings": settings.model_dump(mode="json"),
     }
-    fileio.write_text(loop.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    fileio.write_text(loop.run_dir / runs.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

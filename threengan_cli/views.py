@@ -400,11 +400,11 @@ class TrainView(LiveView):
     and on a terminal a bar for the epoch in progress (its steps and ETA; fits 80 columns)."""
 
     def __call__(self, event) -> None:
-        from threengan_cli import training as t
+        from threengan_cli import train_events
 
         if self.quiet:
             return
-        if isinstance(event, t.RunStarted):
+        if isinstance(event, train_events.RunStarted):
             what = "extending" if event.extended else "resuming" if event.resumed else "training"
             note(
                 f"{what} {event.method} on {event.train_images} images, "
@@ -413,16 +413,16 @@ class TrainView(LiveView):
             )
             if self.live:
                 self._start(event)
-        elif isinstance(event, t.StepDone) and self.progress is not None:
+        elif isinstance(event, train_events.StepDone) and self.progress is not None:
             label = f"epoch {event.epoch + 1}/{self.epochs}"
             self.progress.update(self.task, completed=event.step, total=event.steps, label=label)
-        elif isinstance(event, t.EpochDone):
+        elif isinstance(event, train_events.EpochDone):
             self.print(epoch_line(event))
             if self.progress is not None and event.epoch + 1 < event.epochs:
                 # The next epoch's bar: its own step count and ETA.
                 label = f"epoch {event.epoch + 2}/{event.epochs}"
                 self.progress.reset(self.task, completed=0, label=label)
-        elif isinstance(event, t.RunFinished):
+        elif isinstance(event, train_events.RunFinished):
             self.close()
 
     def _start(self, event) -> None:
@@ -463,7 +463,7 @@ class BenchView(LiveView):
 
     def __call__(self, event) -> None:
         from threengan_cli import benchmark as b
-        from threengan_cli import training as t
+        from threengan_cli import train_events
 
         if self.quiet:
             return
@@ -479,11 +479,11 @@ class BenchView(LiveView):
         elif isinstance(event, b.RunProgress):
             if self.progress is not None:
                 info = {}
-                if isinstance(event.event, t.StepDone):
+                if isinstance(event.event, train_events.StepDone):
                     info["info"] = f"epoch {event.event.epoch + 1}/{event.spec.settings.epochs}"
                 eta = duration(event.eta_s)
                 self.progress.update(self.task, completed=event.fraction, eta=eta, **info)
-            elif isinstance(event.event, t.EpochDone):
+            elif isinstance(event.event, train_events.EpochDone):
                 rec = event.event.record
                 val = (rec.get("val") or {}).get("accuracy")
                 shown = f" val_acc={val:.4f}" if val is not None else ""

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from threengan_cli import checkpoints, scoring
+from threengan_cli.classify_torch import load_model
 from threengan_cli.datasets import load_prepared
-from threengan_cli.inference import load_model
 from threengan_cli.methods import METHODS
 from threengan_cli.rundata import load_run_data
 from threengan_cli.settings import TrainSettings

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from threengan_cli import checkpoints, modelfile
+from threengan_cli import checkpoints, modelfile, runs
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         "--out", type=Path, default=Path("threengan_cli/models/default.safetensors")
     )
     args = parser.parse_args()
-    name = modelfile.BEST if args.weights == "best" else modelfile.LAST
+    name = runs.BEST if args.weights == "best" else runs.LAST
     ckpt = checkpoints.load(args.run / name)
     meta = ckpt.meta
     classifier = modelfile.classifier_spec(meta, args.run / name)[0]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from threengan_cli import checkpoints, modelfile, ood, system
+from threengan_cli.classify_numpy import per_image
 from threengan_cli.modelfile import (
     ModelError,
     ModelNotFound,
@@ -34,9 +35,8 @@ from threengan_cli.modelfile import (
     stored_threshold,
 )
 from threengan_cli.networks import Classifier, Generator, to_model_range
-from threengan_cli.npclassifier import per_image
 
-__all__ = ["Model", "ModelError", "ModelNotFound", "load_model"]
+__all__ = ["Model", "load_model"]
 
 
 @dataclass
@@ -142,7 +142,7 @@ def load_model(
         raise ModelNotFound(str(exc)) from None
     try:
         ckpt = checkpoints.load(path, map_location="cpu")
-    except checkpoints.CheckpointError as exc:
+    except modelfile.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     meta = ckpt.meta
     # Everything the networks are built from is checked, and each tensor's shape compared
@@ -177,7 +177,7 @@ def load_model(
     nets = {name: shapes[name].to_empty(device="cpu") for name in present}
     try:
         checkpoints.restore_networks(ckpt, nets, prefix=prefix)
-    except checkpoints.CheckpointError as exc:
+    except modelfile.CheckpointError as exc:
         raise ModelError(str(exc)) from None
     nets = {name: net.to(torch_device).eval().requires_grad_(False) for name, net in nets.items()}
     if classifier in nets and torch_device.type in ("cpu", "cuda"):
