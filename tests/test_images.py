@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import sys
@@ -204,6 +205,12 @@ def test_is_image_file_skips_hidden_and_other_names(tmp_path):
     assert ".png" in images.IMAGE_SUFFIXES
 
 
+# grids are drawn by torchvision, which a classify-only install (no torch) does not have
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="grids need torch and torchvision"
+)
+
+
 def _grid_before_torchvision(pixels: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     """The grid layout grid_png had before it used torchvision's make_grid."""
     b, h, w = pixels.shape
@@ -215,6 +222,7 @@ def _grid_before_torchvision(pixels: np.ndarray, nrow: int, pad: int = 2) -> np.
     return grid
 
 
+@needs_torch
 @pytest.mark.parametrize(
     ("count", "nrow"),
     [(64, 8)]  # training's sample grid
@@ -227,6 +235,7 @@ def test_grid_png_keeps_the_layout_and_pixels_of_its_numpy_version(count, nrow):
         np.testing.assert_array_equal(np.asarray(img), _grid_before_torchvision(pixels, nrow))
 
 
+@needs_torch
 def test_a_grid_of_one_image_is_that_image_without_gutters():
     pixels = np.random.default_rng(1).integers(0, 256, (1, 12, 10), dtype=np.uint8)
     with Image.open(io.BytesIO(images.grid_png(pixels, nrow=1))) as img:
