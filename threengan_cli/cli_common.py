@@ -36,7 +36,6 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTE
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
 
 
-
 def flag(*names: str, help: str) -> Any:
     """An on/off flag: ``--json``, never ``--json true`` (a usage error)."""
     return typer.Option(*names, help=help)
