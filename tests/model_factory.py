@@ -99,3 +99,22 @@ def write_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, "L").save(path, format=fmt)
     return path
+
+
+def train_until_stopped(dataset, settings, run_dir: Path, at: tuple[int, int] = (1, 1)) -> None:
+    """Train ``settings`` into ``run_dir`` and stop it between steps once step ``at``
+    (epoch, step) is done, as Ctrl+C would: the run is left resumable mid-epoch."""
+    import threading
+
+    import pytest
+
+    from threengan_cli import train_events, training
+
+    flag = threading.Event()
+
+    def stop_there(event):
+        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == at:
+            flag.set()
+
+    with pytest.raises(train_events.Interrupted):
+        training.train(dataset, settings, run_dir, on_event=stop_there, stop_flag=flag)

@@ -4,11 +4,10 @@ settings, run.json and checkpoints, resumes exactly, and refuses a model that do
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
-from model_factory import make_checkpoint, write_image
+from model_factory import make_checkpoint, train_until_stopped, write_image
 from typer.testing import CliRunner
 
 from threengan_cli import checkpoints, modelfile, train_events, training
@@ -65,14 +64,7 @@ def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dat
     full = tmp_path / "full"
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
-    flag = threading.Event()
-
-    def stop_mid_epoch(event):
-        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (1, 1):
-            flag.set()
-
-    with pytest.raises(train_events.Interrupted):
-        training.train(dataset, settings, stopped, on_event=stop_mid_epoch, stop_flag=flag)
+    train_until_stopped(dataset, settings, stopped)
     model.rename(tmp_path / "moved.safetensors")  # resume needs only the run's checkpoint
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")

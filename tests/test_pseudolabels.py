@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 
 import pytest
 import torch
@@ -146,20 +145,15 @@ def test_every_epoch_logs_the_pseudo_label_shares_and_mask_rates(dataset, tmp_pa
 
 
 def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path):
-    from threengan_cli import checkpoints, train_events, training
+    from model_factory import train_until_stopped
+
+    from threengan_cli import checkpoints, training
 
     settings = _loop_settings(epochs=2, **ALL_OPTIONS)
     full = tmp_path / "full"
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
-    flag = threading.Event()
-
-    def stop_mid_epoch(event):
-        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (1, 1):
-            flag.set()
-
-    with pytest.raises(train_events.Interrupted):
-        training.train(dataset, settings, stopped, on_event=stop_mid_epoch, stop_flag=flag)
+    train_until_stopped(dataset, settings, stopped)
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")
     b = checkpoints.load(stopped / "last.safetensors")
