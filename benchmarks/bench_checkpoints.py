@@ -31,8 +31,8 @@ MODES = {"every epoch": ["--checkpoint-every", "0"], "time basis (60 s)": []}
 # `threengan` itself, with checkpoints.save timed; the counts go to the file $BENCH_WRITES.
 _COUNTED = """
 import atexit, json, os, sys, time
-from threengan_cli import checkpoints
-from threengan_cli.cli import main
+from threengan_cli.model import checkpoints
+from threengan_cli.cli.app import main
 
 real, seen = checkpoints.save, {"writes": 0, "bytes": 0, "seconds": 0.0}
 

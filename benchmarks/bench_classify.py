@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from threengan_cli import images
+from threengan_cli.data import images
 
 
 def make_model(path: Path, width: int, image_size: int, stats: bool = False) -> Path:
@@ -44,11 +44,12 @@ def make_model(path: Path, width: int, image_size: int, stats: bool = False) -> 
     trained one; with ``stats``, out-of-distribution statistics and a temperature too."""
     import torch
 
-    from threengan_cli import checkpoints, ood
-    from threengan_cli.images import NORMALISATION
-    from threengan_cli.methods import METHODS
-    from threengan_cli.scoring import _logits_and_features
-    from threengan_cli.settings import TrainSettings
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.data.images import NORMALISATION
+    from threengan_cli.infer import ood
+    from threengan_cli.model import checkpoints
+    from threengan_cli.model.methods import METHODS
+    from threengan_cli.train.scoring import _logits_and_features
 
     settings = TrainSettings(width=width)
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def floor_run(paths: list[str], size: int, workers: int) -> float:
 
 
 def classify_run(paths: list[str], model, batch_size: int, workers: int) -> float:
-    from threengan_cli.classify import classify
+    from threengan_cli.infer.classify import classify
 
     t0 = time.perf_counter()
     n = sum(1 for row in classify(paths, model, batch_size=batch_size, workers=workers) if row.ok)
@@ -139,8 +140,8 @@ def inference_rate(model, batch_size: int, batches: int = 20) -> float:
 def throughput(args) -> None:
     import torch
 
-    from threengan_cli import classify_numpy
-    from threengan_cli.classify_torch import load_model
+    from threengan_cli.infer import numpy_engine
+    from threengan_cli.infer.torch_engine import load_model
 
     workers = args.workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,12 +157,12 @@ def throughput(args) -> None:
         checkpoint = make_model(tmp / "m.safetensors", args.width, args.image_size)
         # The CLI's engine on a CPU is NumPy (no torch import); torch's is --device cuda/mps.
         models = {
-            "numpy": classify_numpy.load(checkpoint),
+            "numpy": numpy_engine.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
         if args.stats:
             scored = make_model(tmp / "s.safetensors", args.width, args.image_size, stats=True)
-            models["numpy+ood"] = classify_numpy.load(scored)
+            models["numpy+ood"] = numpy_engine.load(scored)
             models["torch+ood"] = load_model(scored, device=args.device)
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache
         floors: list[float] = []

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threengan_cli.methods import METHODS
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.model.methods import METHODS
 
 
 def im2col(x: torch.Tensor) -> torch.Tensor:

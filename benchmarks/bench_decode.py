@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from threengan_cli import images
+from threengan_cli.data import images
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kermany-chest-xray"
 

@@ -61,10 +61,10 @@ import contextlib, io, time
 t = [time.perf_counter()]
 import typer
 t.append(time.perf_counter())
-from threengan_cli import cli
+from threengan_cli.cli.app import app
 t.append(time.perf_counter())
 import typer.main
-command = typer.main.get_command(cli.app)
+command = typer.main.get_command(app.app)
 t.append(time.perf_counter())
 import typer.rich_utils
 t.append(time.perf_counter())

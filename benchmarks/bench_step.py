@@ -33,10 +33,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from threengan_cli import networks
-from threengan_cli.accel import StepRunner, place
-from threengan_cli.methods import METHODS
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.model import networks
+from threengan_cli.model.methods import METHODS
+from threengan_cli.train.accel import StepRunner, place
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -37,7 +37,7 @@ import torch
 def pool_with_labels(dataset: Path, size: int, seed: int):
     """The pool (train images outside the labelled subset) with its labels, the labelled
     subset's images by class, and the class names."""
-    from threengan_cli.datasets import balanced_subset, load_prepared
+    from threengan_cli.data.datasets import balanced_subset, load_prepared
 
     data = load_prepared(dataset)
     x, y = data.subset("train")
@@ -65,7 +65,7 @@ def batches_of(y: np.ndarray, batch: int, balanced: bool, seed: int, count: int)
 def pseudo_stats(net, x_u8, y, index, tau, reference=None):
     """Pseudo-labels of the pool batches ``index`` (rows of indices) against their labels;
     with ``reference`` (uint8 images), each batch normalised by its statistics instead."""
-    from threengan_cli.networks import separately, to_model_range
+    from threengan_cli.model.networks import separately, to_model_range
 
     net.train()  # batch statistics, as in a training step
     probs = []
@@ -102,7 +102,7 @@ def check(ckpt, net, pool, tau: float) -> dict:
     """The stats of the live weights (``net``) and, where kept, the averaged ones (``avg``),
     on pool batches as drawn, class-balanced, and as drawn but normalised by a balanced
     batch of the labelled images (``unlabelled_norm = labelled``)."""
-    from threengan_cli import checkpoints
+    from threengan_cli.model import checkpoints
 
     x_t, y, index, reference = pool
     record = {}
@@ -134,11 +134,11 @@ def main() -> None:
         for k, v in (item.split("=", 1) for item in args.set)
     }
 
-    from threengan_cli import checkpoints
-    from threengan_cli.methods import METHODS
-    from threengan_cli.settings import TrainSettings
-    from threengan_cli.train_events import EpochDone
-    from threengan_cli.training import train
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.model import checkpoints
+    from threengan_cli.model.methods import METHODS
+    from threengan_cli.train.events import EpochDone
+    from threengan_cli.train.training import train
 
     torch.set_num_threads(2)
     values = {

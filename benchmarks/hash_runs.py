@@ -23,8 +23,8 @@ METHODS = ("vanilla", "sgan", "ecgan", "3ngan")
 
 
 def tiny_dataset(root: Path) -> Path:
-    from threengan_cli.datasets import prepare
-    from threengan_cli.settings import PrepareSettings
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.datasets import prepare
 
     rng = np.random.default_rng(0)
     arrays = {}
@@ -59,8 +59,8 @@ def main() -> None:
 
     import torch
 
-    from threengan_cli.settings import TrainSettings
-    from threengan_cli.training import train
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.train.training import train
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threengan_cli import classify_numpy, images, modelfile, ood
-from threengan_cli.datasets import load_prepared
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.data import images
+from threengan_cli.data.datasets import load_prepared
+from threengan_cli.data.training_data import load_run_data
+from threengan_cli.infer import numpy_engine, ood
 from threengan_cli.metrics import roc_auc
-from threengan_cli.rundata import load_run_data
-from threengan_cli.settings import TrainSettings
+from threengan_cli.model import modelfile
 
 
 def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -47,7 +49,7 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
         x = x + np.float32(model.offset)
         found = {}
         for j, (kernel, shift) in enumerate(model.layers):
-            x = classify_numpy._conv(x, kernel, 4, stride=2, pad=1)
+            x = numpy_engine._conv(x, kernel, 4, stride=2, pad=1)
             if shift is not None:
                 x += shift
             np.maximum(x, x * np.float32(0.2), out=x)
@@ -56,7 +58,7 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
         found["map"] = x.reshape(len(x), -1)
         found["blocks"] = ood.pooled_features(x)
         kernel, bias = model.head
-        found["logits"] = classify_numpy._conv(x, kernel, 4, stride=1, pad=0).reshape(len(x), -1)
+        found["logits"] = numpy_engine._conv(x, kernel, 4, stride=1, pad=0).reshape(len(x), -1)
         found["logits"] = found["logits"] + bias
         return found
 
@@ -73,9 +75,9 @@ def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
 
 def discriminator_logits(checkpoint: Path, pixels: np.ndarray) -> np.ndarray | None:
     """D's "real" logit of every image, in fp32; None where the checkpoint holds no D."""
-    from threengan_cli import checkpoints
-    from threengan_cli.methods import METHODS
-    from threengan_cli.networks import to_model_range
+    from threengan_cli.model import checkpoints
+    from threengan_cli.model.methods import METHODS
+    from threengan_cli.model.networks import to_model_range
 
     ckpt = checkpoints.load(checkpoint)
     # D is a training network: its weights to use are its live ones (a run's last checkpoint
@@ -140,7 +142,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--external", type=Path, default=Path("../shared/data/external-dev"))
     args = parser.parse_args()
-    model = classify_numpy.load(args.checkpoint)
+    model = numpy_engine.load(args.checkpoint)
     meta = modelfile.read_meta(model.path)
     settings = TrainSettings.from_stored(meta["settings"])
     data = load_run_data(load_prepared(args.dataset), settings, torch.device("cpu"))

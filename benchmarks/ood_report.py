@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from threengan_cli import metrics
-from threengan_cli.classify import classify
+from threengan_cli.infer.classify import classify
 
 
 def _labelled(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
@@ -67,11 +67,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.engine == "numpy":
-        from threengan_cli.classify_numpy import load
+        from threengan_cli.infer.numpy_engine import load
 
         model = load(args.checkpoint)
     else:
-        from threengan_cli.classify_torch import load_model
+        from threengan_cli.infer.torch_engine import load_model
 
         model = load_model(args.checkpoint, device="cpu")
     if model.stats is None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from threengan_cli.datasets import prepare
-from threengan_cli.settings import PrepareSettings
+from threengan_cli.core.settings import PrepareSettings
+from threengan_cli.data.datasets import prepare
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,6 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model(ckpt):
-    from threengan_cli.classify_torch import load_model
+    from threengan_cli.infer.torch_engine import load_model
 
     return load_model(ckpt, device="cpu")

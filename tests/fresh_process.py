@@ -11,7 +11,7 @@ def run_without_torch(*args: str) -> subprocess.CompletedProcess:
     or the command failed (exit codes other than 0)."""
     code = (
         "import sys\n"
-        "from threengan_cli.cli import main\n"
+        "from threengan_cli.cli.app import main\n"
         f"sys.argv = ['threengan', *{list(args)!r}]\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from threengan_cli import checkpoints
-from threengan_cli.images import NORMALISATION
-from threengan_cli.methods import METHODS
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.data.images import NORMALISATION
+from threengan_cli.model import checkpoints
+from threengan_cli.model.methods import METHODS
 
 CLASSES = ("normal", "pneumonia")
 
@@ -57,7 +57,7 @@ def make_checkpoint(
     path = Path(path)
     fitted = None
     if stats:
-        from threengan_cli import scoring
+        from threengan_cli.train import scoring
 
         rng = np.random.default_rng(seed)
         data = SimpleNamespace(
@@ -108,13 +108,13 @@ def train_until_stopped(dataset, settings, run_dir: Path, at: tuple[int, int] = 
 
     import pytest
 
-    from threengan_cli import train_events, training
+    from threengan_cli.train import events, training
 
     flag = threading.Event()
 
     def stop_there(event):
-        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == at:
+        if isinstance(event, events.StepDone) and (event.epoch, event.step) == at:
             flag.set()
 
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         training.train(dataset, settings, run_dir, on_event=stop_there, stop_flag=flag)

@@ -13,10 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, grid, report, train_events, training
-from threengan_cli import settings as settings_mod
-from threengan_cli.cli import app
-from threengan_cli.methods import METHODS
+from threengan_cli.bench import benchmark, grid, report
+from threengan_cli.cli.app import app
+from threengan_cli.core import settings as settings_mod
+from threengan_cli.model.methods import METHODS
+from threengan_cli.train import events, training
 
 runner = CliRunner()
 TIMING = ("wall_s", "images_per_s")
@@ -216,7 +217,7 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
 
     def stop_after_first_epoch(event):
         inner = getattr(event, "event", None)
-        if isinstance(event, benchmark.RunProgress) and isinstance(inner, train_events.EpochDone):
+        if isinstance(event, benchmark.RunProgress) and isinstance(inner, events.EpochDone):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -251,7 +252,7 @@ def test_a_diverged_run_is_recorded_as_failed_and_the_grid_goes_on(dataset, tmp_
 
     def diverge_3ngan(dataset, settings, run_dir, **kw):
         if settings.method == "3ngan":
-            raise train_events.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
+            raise events.NonFiniteLoss("loss_c became nan at epoch 1 step 1")
         return real(dataset, settings, run_dir, **kw)
 
     monkeypatch.setattr(training, "train", diverge_3ngan)
@@ -357,7 +358,7 @@ def test_cli_merge_and_a_settings_mismatch(smoke, dataset, tmp_path):
 
 def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch):
     def interrupted(dataset, settings, run_dir, **kw):
-        raise train_events.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
+        raise events.Interrupted(Path(run_dir) / "last.safetensors", 0, 1)
 
     monkeypatch.setattr(training, "train", interrupted)
     result = _cli(dataset, "--profile", "smoke", "--device", "cpu", "--out", tmp_path / "b")
@@ -367,7 +368,7 @@ def test_cli_ctrl_c_exits_130_with_a_resume_hint(dataset, tmp_path, monkeypatch)
 
 def test_cli_exits_3_when_some_runs_failed(dataset, tmp_path, monkeypatch):
     def diverge(dataset, settings, run_dir, **kw):
-        raise train_events.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
+        raise events.NonFiniteLoss("loss_d became nan at epoch 1 step 1")
 
     monkeypatch.setattr(training, "train", diverge)
     result = _cli(
@@ -413,7 +414,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
         if (
             not sent
             and isinstance(event, benchmark.RunProgress)
-            and isinstance(event.event, train_events.StepDone)
+            and isinstance(event.event, events.StepDone)
             and event.event.epoch == 1
         ):
             import os
@@ -422,7 +423,7 @@ def test_a_stop_request_reaches_every_parallel_run_and_they_resume(dataset, tmp_
             sent.append(event.spec.name)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises((train_events.Interrupted, KeyboardInterrupt)):
+    with pytest.raises((events.Interrupted, KeyboardInterrupt)):
         benchmark.run(dataset, cfg, out, parallel=2, on_event=stop_on_second_epoch)
     stopped = out / "runs" / sent[0]
     assert (stopped / "last.safetensors").is_file() and not (stopped / "summary.json").exists()

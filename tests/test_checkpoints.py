@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from threengan_cli import checkpoints, modelfile
-from threengan_cli.modelfile import CheckpointError
+from threengan_cli.model import checkpoints, modelfile
+from threengan_cli.model.modelfile import CheckpointError
 
 
 def _nets():

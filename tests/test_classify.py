@@ -19,11 +19,13 @@ from model_factory import make_checkpoint, make_run, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from threengan_cli import classify_numpy, images
-from threengan_cli.classify import Decision, classify, decide, expand
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.modelfile import ModelError, ModelNotFound
+from threengan_cli.cli.app import app
+from threengan_cli.data import images
+from threengan_cli.infer import numpy_engine
+from threengan_cli.infer.classify import Decision, classify, decide, expand
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model.modelfile import ModelError, ModelNotFound
+from threengan_cli.train import runs
 
 runner = CliRunner()
 
@@ -227,14 +229,14 @@ def test_sgan_classifies_with_its_discriminator(tmp_path):
 
 def test_run_name_loads_the_best_checkpoint(threengan_home):
     make_run(threengan_home / "runs" / "r1")
-    model = load_model(run="r1", device="cpu")
+    model = load_model(runs.model_file(run="r1"), device="cpu")
     assert model.model_id.startswith("r1/best.safetensors@")
     with pytest.raises(ModelNotFound, match="no run"):
-        load_model(run="nope", device="cpu")
+        load_model(runs.model_file(run="nope"), device="cpu")
 
 
 def test_without_a_model_the_missing_default_is_named(monkeypatch):
-    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.core.paths.DEFAULT_MODEL", "absent.safetensors")
     with pytest.raises(ModelError, match="no bundled default model found"):
         load_model(device="cpu")
 
@@ -335,7 +337,7 @@ def test_cli_exit_codes(tmp_path, ckpt):
 
 
 def test_cli_without_a_model_fails_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.core.paths.DEFAULT_MODEL", "absent.safetensors")
     result = _cli(str(write_image(tmp_path / "a.png")))
     assert result.exit_code == 1
     assert "pass --run or --checkpoint" in result.stderr
@@ -361,7 +363,7 @@ def test_cli_settings_come_from_a_config_file(tmp_path, ckpt):
 
 
 def test_decoded_arrays_are_uint8_at_model_size(tmp_path):
-    from threengan_cli.classify import decode_chunk
+    from threengan_cli.infer.classify import decode_chunk
 
     arrays, errors = decode_chunk([str(write_image(tmp_path / "a.png")), "nope"], 32, "squash")
     assert arrays.shape == (2, 32, 32) and arrays.dtype == np.uint8
@@ -376,7 +378,7 @@ def test_decoded_arrays_are_uint8_at_model_size(tmp_path):
 def test_the_numpy_classifier_gives_torch_s_probabilities(tmp_path, method, classes, width):
     path = make_checkpoint(tmp_path / "m.safetensors", method=method, classes=classes, width=width)
     torch_model = load_model(path, device="cpu")
-    numpy_model = classify_numpy.load(path)
+    numpy_model = numpy_engine.load(path)
     assert (numpy_model.classes, numpy_model.image_size) == (
         torch_model.classes,
         torch_model.image_size,
@@ -391,7 +393,7 @@ def test_the_numpy_classifier_gives_torch_s_probabilities(tmp_path, method, clas
 
 
 def test_the_numpy_classifier_matches_torch_on_the_bundled_model_and_real_looking_images(tmp_path):
-    torch_model, numpy_model = load_model(device="cpu"), classify_numpy.load()
+    torch_model, numpy_model = load_model(device="cpu"), numpy_engine.load()
     paths = [str(write_image(tmp_path / f"{i}.png", size=(90, 70), seed=i)) for i in range(6)]
     a = [r.probabilities for r in classify(paths, torch_model, workers=1)]
     b = [r.probabilities for r in classify(paths, numpy_model, workers=1)]
@@ -403,10 +405,10 @@ def test_the_numpy_classifier_matches_torch_on_the_bundled_model_and_real_lookin
 def test_the_numpy_classifier_refuses_a_checkpoint_without_its_classifier(tmp_path):
     only_g = make_checkpoint(tmp_path / "g.safetensors", keep=("G",))
     with pytest.raises(ModelError, match="no weights for C"):
-        classify_numpy.load(only_g)
+        numpy_engine.load(only_g)
     (tmp_path / "p.safetensors").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ModelError, match="pickle"):
-        classify_numpy.load(tmp_path / "p.safetensors")
+        numpy_engine.load(tmp_path / "p.safetensors")
 
 
 def test_cli_classify_on_the_cpu_never_imports_torch(tmp_path):

@@ -14,10 +14,10 @@ import pytest
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import classify_numpy
-from threengan_cli.classify import Decision, classify, exact, parse_shard
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.infer import numpy_engine
+from threengan_cli.infer.classify import Decision, classify, exact, parse_shard
+from threengan_cli.infer.torch_engine import load_model
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def test_exact_digits_read_back_as_the_same_float32():
 @pytest.mark.parametrize("model_path", ["bundled", "tiny"])
 def test_probabilities_are_identical_for_every_batch_size(tmp_path, engine, model_path):
     path = None if model_path == "bundled" else make_checkpoint(tmp_path / "m.safetensors")
-    model = classify_numpy.load(path) if engine == "numpy" else load_model(path, device="cpu")
+    model = numpy_engine.load(path) if engine == "numpy" else load_model(path, device="cpu")
     size = model.image_size
     pixels = np.random.default_rng(1).integers(0, 256, (64, size, size), dtype=np.uint8)
     whole = model.probabilities_of(pixels)

@@ -17,9 +17,10 @@ import pytest
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import fileio, modelfile
-from threengan_cli.classify import classify, expand
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.core import fileio
+from threengan_cli.infer.classify import classify, expand
+from threengan_cli.model import modelfile
 
 runner = CliRunner()
 
@@ -46,8 +47,9 @@ def test_sort_into_refuses_class_names_that_are_not_folder_names(tmp_path, bad):
 
 
 def test_the_class_folder_rule_is_one_function_shared_by_classify_and_generate(tmp_path):
-    from threengan_cli import generate, paths
-    from threengan_cli.classify import Sorter
+    from threengan_cli.core import paths
+    from threengan_cli.infer import generate
+    from threengan_cli.infer.classify import Sorter
 
     with pytest.raises(ValueError, match="cannot be a folder name"):
         Sorter(tmp_path, ["normal", "../x"])
@@ -100,7 +102,7 @@ def test_output_to_dev_stdout_reaches_stdout(tmp_path, ckpt):
     stdout = tmp_path / "stdout"
     stdout.symlink_to("/proc/self/fd/1")
     image = str(write_image(tmp_path / "x.png"))
-    code = "from threengan_cli.cli import main; main()"
+    code = "from threengan_cli.cli.app import main; main()"
     args = ["classify", image, "--checkpoint", str(ckpt), "-o", str(stdout), "-q"]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -267,9 +269,9 @@ def test_folder_scans_count_the_files_they_pass_over(tmp_path, ckpt):
 
 
 def _model(ckpt):
-    from threengan_cli import classify_numpy
+    from threengan_cli.infer import numpy_engine
 
-    return classify_numpy.load(ckpt)
+    return numpy_engine.load(ckpt)
 
 
 # ------------------------------------------------------------------ messages, order
@@ -285,9 +287,9 @@ def test_nothing_on_stdin_is_a_usage_error_before_any_model_is_loaded(tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    from threengan_cli import cli_classify
+    from threengan_cli.cli import classify as classify_command
 
-    monkeypatch.setattr(cli_classify, "load_classifier_or_exit", no_model)
+    monkeypatch.setattr(classify_command, "load_classifier_or_exit", no_model)
     for given in ([], ["-"]):
         result = _cli(*given, input="\n  \n")
         assert result.exit_code == 2, result.output

@@ -14,9 +14,10 @@ import pytest
 from image_factory import class_tree
 from typer.testing import CliRunner
 
-from threengan_cli import helptext, paths, settings
-from threengan_cli.cli import app
-from threengan_cli.grid import BenchmarkSettings
+from threengan_cli.bench.grid import BenchmarkSettings
+from threengan_cli.cli import helptext
+from threengan_cli.cli.app import app
+from threengan_cli.core import paths, settings
 
 runner = CliRunner()
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "4", "--device", "cpu"]
@@ -231,7 +232,7 @@ def test_prepare_warns_when_a_split_comes_out_empty(tmp_path):
 def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
     import re
 
-    from threengan_cli import grid
+    from threengan_cli.bench import grid
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
     block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
@@ -248,18 +249,19 @@ def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch,
 
     from rich.console import Console
 
-    from threengan_cli import train_events, views
+    from threengan_cli.cli import views
+    from threengan_cli.train import events
 
     screen = io.StringIO()
     console = Console(file=screen, width=80, force_terminal=True, highlight=False)
     monkeypatch.setattr(views.err, "_console", console)
     view = views.TrainView(quiet=False)
-    view(train_events.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
+    view(events.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
     record = {"epoch": 1, "train": {"loss_c": 0.5}, "val": {"accuracy": 0.75},
               "images_per_s": 10.0, "seconds": 2.4}  # fmt: skip
-    view(train_events.StepDone(0, 6, 6))
-    view(train_events.EpochDone(0, 2, record))
-    view(train_events.StepDone(1, 3, 6))
+    view(events.StepDone(0, 6, 6))
+    view(events.EpochDone(0, 2, record))
+    view(events.StepDone(1, 3, 6))
     bar = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
     with bar.capture() as captured:
         bar.print(view.progress.get_renderable())
@@ -277,7 +279,7 @@ def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
 
     from rich.console import Console
 
-    from threengan_cli import views
+    from threengan_cli.cli import views
 
     src = class_tree(tmp_path / "src", {"a": 2})
     (src / "b").mkdir()

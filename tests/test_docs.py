@@ -14,7 +14,7 @@ def test_cli_reference_is_current():
         from cli_docs import render
     finally:
         sys.path.pop(0)
-    from threengan_cli.cli import app
+    from threengan_cli.cli.app import app
 
     assert render(app, "threengan") == (ROOT / "docs" / "cli.md").read_text(), (
         "docs/cli.md is stale: run python tools/cli_docs.py > docs/cli.md"
@@ -33,7 +33,7 @@ def test_help_defers_markdown_and_traceback_but_they_still_work():
 
     code = (
         "import sys\n"
-        "from threengan_cli.cli import main\n"
+        "from threengan_cli.cli.app import main\n"
         "sys.argv = ['threengan', '--help']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'markdown_it' not in sys.modules and 'pygments' not in sys.modules\n"

@@ -14,14 +14,16 @@ from image_factory import kermany_like
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import classify_numpy, modelfile
-from threengan_cli import evaluate as ev
-from threengan_cli.classify import classify
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.datasets import prepare
+from threengan_cli.cli.app import app
+from threengan_cli.core import paths
+from threengan_cli.core.settings import PrepareSettings
+from threengan_cli.data.datasets import prepare
+from threengan_cli.infer import evaluate as ev
+from threengan_cli.infer import numpy_engine
+from threengan_cli.infer.classify import classify
+from threengan_cli.infer.torch_engine import load_model
 from threengan_cli.metrics import classification_metrics
-from threengan_cli.settings import PrepareSettings
+from threengan_cli.model import modelfile
 
 runner = CliRunner()
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -48,7 +50,7 @@ def _eval(*args: str):
 
 
 def test_evaluate_and_classify_agree_on_every_image(tree, model_file):
-    for model in (classify_numpy.load(model_file), load_model(model_file, device="cpu")):
+    for model in (numpy_engine.load(model_file), load_model(model_file, device="cpu")):
         data = ev.read_labelled(str(tree / "test"), None, model)
         result = ev.evaluate(data, model, 0.5, "default", batch_size=5, workers=1)
         rows = list(classify(data.names, model, batch_size=64, workers=2))
@@ -139,7 +141,7 @@ def test_choose_threshold_maximises_youden_s_j_on_the_scores():
 
 
 def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model_file, prepared):
-    before = classify_numpy.load(model_file).layers
+    before = numpy_engine.load(model_file).layers
     done = _eval(prepared, "--checkpoint", str(model_file), "--threshold-from", "val", "--json")
     assert done.exit_code == 0, done.stderr
     doc = json.loads(done.stdout)
@@ -148,7 +150,7 @@ def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model
     assert chosen["split"] == "val" and chosen["rule"] == "youden"
     stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta, model_file)
     assert stored["value"] == chosen["value"]
-    after = classify_numpy.load(model_file)  # the weights are untouched
+    after = numpy_engine.load(model_file)  # the weights are untouched
     for (k1, _), (k2, _) in zip(before, after.layers, strict=True):
         np.testing.assert_array_equal(k1, k2)
     assert after.stored_threshold["value"] == chosen["value"]
@@ -181,7 +183,7 @@ def test_the_bundled_model_is_never_rewritten_however_it_is_named(tmp_path, prep
     """Given by its own path, a link to it or a run whose checkpoint is a hard link to it,
     the bundled default model is refused before any work, with how to make a copy."""
     bundled = make_checkpoint(tmp_path / "package" / "default.safetensors", classes=CLASSES)
-    monkeypatch.setattr(modelfile, "bundled_model", lambda: bundled)
+    monkeypatch.setattr(paths, "bundled_model", lambda: bundled)
     before = bundled.read_bytes()
     link = tmp_path / "link.safetensors"
     link.symlink_to(bundled)
@@ -244,7 +246,7 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
     import subprocess
     import sys
 
-    from threengan_cli import runs
+    from threengan_cli.train import runs
 
     run = tmp_path / "run"
     checkpoint = make_checkpoint(run / runs.BEST, classes=CLASSES)
@@ -254,8 +256,8 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom threengan_cli import runs\n"
-            "with runs.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+            "import sys, time\nfrom threengan_cli.train import runlock\n"
+            "with runlock.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
             str(run),
         ],
         stdout=subprocess.PIPE,

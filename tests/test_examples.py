@@ -11,8 +11,8 @@ from fresh_process import run_without_torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from threengan_cli import paths
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.core import paths
 
 runner = CliRunner()
 

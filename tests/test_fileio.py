@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from threengan_cli import fileio
+from threengan_cli.core import fileio
 
 
 @pytest.fixture
@@ -187,8 +187,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 def test_a_prepared_dataset_follows_the_umask_too(tmp_path, umask_022):
     from image_factory import class_tree
 
-    from threengan_cli.datasets import prepare
-    from threengan_cli.settings import PrepareSettings
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.datasets import prepare
 
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     out = tmp_path / "ds"

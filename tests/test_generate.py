@@ -12,10 +12,10 @@ from model_factory import make_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.generate import GenerateError, generate, latents
-from threengan_cli.modelfile import ModelError
+from threengan_cli.cli.app import app
+from threengan_cli.infer.generate import GenerateError, generate, latents
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model.modelfile import ModelError
 
 runner = CliRunner()
 
@@ -148,7 +148,7 @@ def test_cli_generate_exit_codes(tmp_path, ckpt, monkeypatch):
     assert run("--count", "3", "--out", str(tmp_path / "a")).exit_code == 2  # other settings
     assert run("--grid", str(tmp_path / "g.png"), "--label").exit_code == 2
     assert run("--count", "0").exit_code == 2
-    monkeypatch.setattr("threengan_cli.modelfile.DEFAULT_MODEL", "absent.safetensors")
+    monkeypatch.setattr("threengan_cli.core.paths.DEFAULT_MODEL", "absent.safetensors")
     missing = runner.invoke(app, ["generate", "--count", "2", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 1 and "pass --run or --checkpoint" in missing.stderr
 
@@ -165,7 +165,7 @@ def test_the_bundled_default_model_generates_a_grid_right_after_install(tmp_path
 
 def test_labels_csv_writes_the_probabilities_classify_writes(tmp_path, model):
     """The exact float32 digits of classify (6 fixed decimals lose the ranking near 0 and 1)."""
-    from threengan_cli.classify import exact
+    from threengan_cli.infer.classify import exact
 
     generate(model, 4, out_dir=tmp_path / "lab", label=True, tau=0.0)
     rows = list(csv.DictReader((tmp_path / "lab" / "labels.csv").open()))

@@ -14,11 +14,11 @@ import pytest
 from image_factory import class_tree, save
 from model_factory import write_image
 
-from threengan_cli import images
-from threengan_cli.classify import classify
-from threengan_cli.datasets import prepare
-from threengan_cli.images import ImageReadError, load_image
-from threengan_cli.settings import PrepareSettings
+from threengan_cli.core.settings import PrepareSettings
+from threengan_cli.data import images
+from threengan_cli.data.datasets import prepare
+from threengan_cli.data.images import ImageReadError, load_image
+from threengan_cli.infer.classify import classify
 
 DEV_ZERO = Path("/dev/zero")
 needs_dev_zero = pytest.mark.skipif(not DEV_ZERO.exists(), reason="no /dev/zero here")
@@ -80,8 +80,8 @@ def test_prepare_skips_csv_rows_that_point_at_a_device_or_a_fifo_with_a_reason(t
 
 
 def test_a_fifo_as_prepare_source_or_config_is_refused(tmp_path):
-    from threengan_cli.settings import SettingsError, read_config
-    from threengan_cli.sources import DatasetError
+    from threengan_cli.core.settings import SettingsError, read_config
+    from threengan_cli.data.sources import DatasetError
 
     fifo = make_fifo(tmp_path / "list.csv")
     with pytest.raises(DatasetError, match="not a regular file"):
@@ -140,7 +140,7 @@ def test_decode_workers_die_with_their_parent(module, factory, make, sig):
 def test_a_device_or_fifo_as_checkpoint_is_a_usage_error(tmp_path):
     from typer.testing import CliRunner
 
-    from threengan_cli.cli import app
+    from threengan_cli.cli.app import app
 
     image = write_image(tmp_path / "x.png")
     for bad in (DEV_ZERO, make_fifo(tmp_path / "m.safetensors")):

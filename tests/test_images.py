@@ -12,8 +12,8 @@ import pytest
 from image_factory import pixels, save
 from PIL import Image
 
-from threengan_cli import images
-from threengan_cli.images import ImageReadError, is_image_file, load_image
+from threengan_cli.data import images
+from threengan_cli.data.images import ImageReadError, is_image_file, load_image
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"])
@@ -144,7 +144,7 @@ def test_permission_denied_is_a_reason(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("threengan_cli.images.os.open", denied)
+    monkeypatch.setattr("threengan_cli.data.images.os.open", denied)
     with pytest.raises(ImageReadError, match="permission denied"):
         load_image(path, 8)
 

@@ -10,9 +10,11 @@ import torch
 from model_factory import make_checkpoint, train_until_stopped, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import checkpoints, modelfile, train_events, training
-from threengan_cli.cli import app
-from threengan_cli.settings import TrainSettings
+from threengan_cli.cli.app import app
+from threengan_cli.core import paths
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.model import checkpoints, modelfile
+from threengan_cli.train import events, training
 
 runner = CliRunner()
 CLASSES = ("0", "1")  # the class names of the session's tiny dataset
@@ -89,7 +91,7 @@ def test_a_run_started_from_a_model_resumes_exactly_without_reading_it_again(dat
 def test_a_model_that_does_not_fit_is_a_one_line_error(dataset, tmp_path, model, settings, message):
     path = make_checkpoint(tmp_path / "m.safetensors", **{"classes": CLASSES, **model})
     run = tmp_path / "run"
-    with pytest.raises(train_events.TrainingError) as info:
+    with pytest.raises(events.TrainingError) as info:
         training.train(dataset, _settings(init=str(path), **settings), run)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (run / "run.json").exists()
@@ -108,10 +110,10 @@ def test_cli_init_a_missing_model_is_a_usage_error_and_a_misfit_a_failure(datase
 
 def test_init_default_starts_from_the_bundled_model(tmp_path):
     """The bundled model (G and C, no D, width 64, 64 px): its networks are loaded."""
-    from threengan_cli.datasets import prepare
-    from threengan_cli.settings import PrepareSettings
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.datasets import prepare
 
-    bundled = modelfile.bundled_model()
+    bundled = paths.bundled_model()
     if bundled is None:
         pytest.skip("no bundled model in this install")
     for i in range(6):

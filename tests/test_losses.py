@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from threengan_cli import losses
+from threengan_cli.model import losses
 
 
 def _softmax(row):

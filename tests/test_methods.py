@@ -7,10 +7,15 @@ import copy
 import pytest
 import torch
 
-from threengan_cli import methods
-from threengan_cli.methods import METHODS, StepOutput
-from threengan_cli.networks import Classifier, Discriminator, Generator, MultiTaskDiscriminator
-from threengan_cli.settings import SettingsError, TrainSettings, resolve
+from threengan_cli.core.settings import SettingsError, TrainSettings, resolve
+from threengan_cli.model import methods
+from threengan_cli.model.methods import METHODS, StepOutput
+from threengan_cli.model.networks import (
+    Classifier,
+    Discriminator,
+    Generator,
+    MultiTaskDiscriminator,
+)
 
 SIZE, BATCH, K = 32, 4, 2
 
@@ -240,7 +245,7 @@ def _pool(seed: int = 5, n: int = BATCH) -> torch.Tensor:
 
 
 def _labels_from(settings, teacher=None):
-    from threengan_cli import pseudolabels
+    from threengan_cli.model import pseudolabels
 
     if teacher is None:
         return pseudolabels.plain(settings, K, torch.device("cpu"))
@@ -307,7 +312,7 @@ def test_a_step_without_labellers_labels_the_pool_as_the_papers_rule():
 
 
 def test_with_labelled_norm_the_pool_is_labelled_under_the_labelled_batchs_statistics():
-    from threengan_cli.networks import separately
+    from threengan_cli.model.networks import separately
 
     pool = _pool() * 0.5 + 0.4  # brighter than the labelled batch: other statistics
 

@@ -14,11 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from threengan_cli import checkpoints, classify_numpy, modelfile
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.modelfile import DIGEST_KEY, META_KEY, ModelError
-from threengan_cli.networks import Classifier, MultiTaskDiscriminator
+from threengan_cli.cli.app import app
+from threengan_cli.infer import numpy_engine
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model import checkpoints, modelfile
+from threengan_cli.model.modelfile import DIGEST_KEY, META_KEY, ModelError
+from threengan_cli.model.networks import Classifier, MultiTaskDiscriminator
 
 runner = CliRunner()
 
@@ -53,7 +54,7 @@ def both_refuse(path: Path, match: str) -> None:
     with pytest.raises(ModelError, match=match):
         load_model(path, device="cpu")
     with pytest.raises(ModelError, match=match):
-        classify_numpy.load(path)
+        numpy_engine.load(path)
 
 
 def test_the_saved_checksum_is_verified_and_old_files_without_it_still_load(good, tmp_path):
@@ -61,7 +62,7 @@ def test_the_saved_checksum_is_verified_and_old_files_without_it_still_load(good
     assert set(meta[DIGEST_KEY]) == {"net/G", "net/D", "net/C"}
     old = variant(good, tmp_path, lambda m, t: None)  # written without a checksum
     assert load_model(old, device="cpu").classes == ["normal", "pneumonia"]
-    assert classify_numpy.load(old).classes == ["normal", "pneumonia"]
+    assert numpy_engine.load(old).classes == ["normal", "pneumonia"]
 
 
 def _flip_a_bit_of(path: Path, key: str, out: Path) -> Path:
@@ -88,7 +89,7 @@ def test_one_flipped_bit_in_the_classifier_is_refused_by_the_numpy_engine(good, 
     key = next(k for k in sorted(_read(good)[1]) if k.startswith("net/C/"))
     flipped = _flip_a_bit_of(good, key, tmp_path / "flipped.safetensors")
     with pytest.raises(ModelError, match="the net/C tensors do not match their checksum"):
-        classify_numpy.load(flipped)
+        numpy_engine.load(flipped)
 
 
 @pytest.mark.parametrize("digest", [False, True])

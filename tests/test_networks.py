@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from threengan_cli.networks import (
+from threengan_cli.model.networks import (
     Classifier,
     Discriminator,
     DiscriminatorBody,

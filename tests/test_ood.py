@@ -13,11 +13,12 @@ import pytest
 from model_factory import familiar_images, make_checkpoint
 from typer.testing import CliRunner
 
-from threengan_cli import classify_numpy, metrics, ood
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.cli_common import EXIT_OOD
-from threengan_cli.modelfile import ModelError
+from threengan_cli import metrics
+from threengan_cli.cli.app import app
+from threengan_cli.cli.common import EXIT_OOD
+from threengan_cli.infer import numpy_engine, ood
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model.modelfile import ModelError
 
 runner = CliRunner()
 
@@ -101,7 +102,7 @@ def test_the_fitted_temperature_recovers_the_one_the_labels_were_drawn_with():
 
 # ------------------------------------------------------------------------ the checkpoint
 def test_both_engines_give_the_same_scores_and_flags(stats_ckpt):
-    a = classify_numpy.load(stats_ckpt)
+    a = numpy_engine.load(stats_ckpt)
     b = load_model(stats_ckpt, device="cpu")
     assert a.stats.temperature == b.stats.temperature != 1.0
     familiar = familiar_images(16, 32, seed=7)
@@ -116,9 +117,9 @@ def test_both_engines_give_the_same_scores_and_flags(stats_ckpt):
 
 
 def test_the_temperature_divides_the_logits(stats_ckpt):
-    model = classify_numpy.load(stats_ckpt)
+    model = numpy_engine.load(stats_ckpt)
     images = familiar_images(4, 32, seed=9)
-    logits, _ = classify_numpy.per_image(model._forward, images)
+    logits, _ = numpy_engine.per_image(model._forward, images)
     t = np.float32(model.stats.temperature)
     np.testing.assert_allclose(model.probabilities_of(images), metrics.softmax(logits / t), 1e-6)
 
@@ -132,31 +133,31 @@ def test_tampered_statistics_fail_their_checksum_in_both_engines(stats_ckpt, tmp
     bad = tmp_path / "tampered.safetensors"
     bad.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="checksum"):
-        classify_numpy.load(bad)
+        numpy_engine.load(bad)
     with pytest.raises(ModelError, match="checksum"):
         load_model(bad, device="cpu")
 
 
 def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path):
-    from threengan_cli.modelfile import update_meta
+    from threengan_cli.model.modelfile import update_meta
 
     bad = tmp_path / "dims.safetensors"
     bad.write_bytes(stats_ckpt.read_bytes())
-    meta_stats = json.loads(json.dumps(classify_numpy.load(stats_ckpt).stats.info))
+    meta_stats = json.loads(json.dumps(numpy_engine.load(stats_ckpt).stats.info))
     meta_stats["ood"]["dims"] = 10**9
     update_meta(bad, {"stats": meta_stats})
-    for load in (classify_numpy.load, lambda p: load_model(p, device="cpu")):
+    for load in (numpy_engine.load, lambda p: load_model(p, device="cpu")):
         with pytest.raises(ModelError, match="dims"):
             load(bad)
 
 
 def test_pruned_final_weights_keep_their_statistics(stats_ckpt, tmp_path):
-    from threengan_cli.modelfile import copy_weights
+    from threengan_cli.model.modelfile import copy_weights
 
     copy_weights(stats_ckpt, tmp_path / "final.safetensors", {})
-    kept = classify_numpy.load(tmp_path / "final.safetensors")
+    kept = numpy_engine.load(tmp_path / "final.safetensors")
     assert kept.stats is not None
-    assert kept.stats.threshold == classify_numpy.load(stats_ckpt).stats.threshold
+    assert kept.stats.threshold == numpy_engine.load(stats_ckpt).stats.threshold
 
 
 # ----------------------------------------------------------------------------- classify
@@ -229,15 +230,15 @@ def test_a_model_without_statistics_classifies_with_empty_columns_and_one_note(c
 
 # ----------------------------------------------------------------------------- training
 def test_training_stores_statistics_in_best_and_last_and_the_summary(dataset, tmp_path):
-    from threengan_cli.settings import TrainSettings
-    from threengan_cli.training import train
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.train.training import train
 
     settings = TrainSettings(method="vanilla", size=12, epochs=2, batch_size=4, width=4)
     summary = train(dataset, settings, tmp_path / "run", checkpoint_every_s=None)
     assert summary["stats"]["temperature"] > 0
     assert set(summary["stats"]["ood_flagged"]) == {"val", "test"}
     for name in ("best.safetensors", "last.safetensors"):
-        model = classify_numpy.load(tmp_path / "run" / name)
+        model = numpy_engine.load(tmp_path / "run" / name)
         assert model.stats is not None
         assert model.stats.info["ood"]["fitted_on"] == {"labelled": 12, "unlabelled": 0}
         assert model.stats.info["ood"]["threshold"]["split"] == "val"
@@ -289,7 +290,7 @@ def test_evaluate_plots_a_reliability_diagram_and_the_scores(stats_ckpt, labelle
 
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_scores_and_flags_are_the_same_for_every_batch_size(stats_ckpt, engine):
-    model = classify_numpy.load(stats_ckpt) if engine == "numpy" else load_model(stats_ckpt)
+    model = numpy_engine.load(stats_ckpt) if engine == "numpy" else load_model(stats_ckpt)
     pixels = np.random.default_rng(4).integers(0, 256, (40, 32, 32), dtype=np.uint8)
     whole = model.outputs_of(pixels)[1]
     for batch in (1, 3):

@@ -13,8 +13,8 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import fileio
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.core import fileio
 
 runner = CliRunner()
 

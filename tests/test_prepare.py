@@ -11,9 +11,9 @@ import pytest
 from image_factory import class_tree, kermany_like, save
 from PIL import Image
 
-from threengan_cli.datasets import balanced_subset, list_prepared, load_prepared, prepare
-from threengan_cli.settings import PrepareSettings
-from threengan_cli.sources import DatasetError, patient_id
+from threengan_cli.core.settings import PrepareSettings
+from threengan_cli.data.datasets import balanced_subset, list_prepared, load_prepared, prepare
+from threengan_cli.data.sources import DatasetError, patient_id
 
 SMALL = {"image_size": 16, "workers": 1}
 

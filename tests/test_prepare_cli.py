@@ -10,7 +10,7 @@ from fresh_process import run_without_torch
 from image_factory import class_tree
 from typer.testing import CliRunner
 
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
 
 runner = CliRunner()
 KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-chest-xray"
@@ -161,7 +161,7 @@ def test_real_kermany_download_prepares_with_its_known_properties(tmp_path):
     assert len(report["test_duplicates"]) == 6 and report["leakage_removed"] == []
     assert report["counts"]["test"] == {"NORMAL": 234, "PNEUMONIA": 390}
     assert report["val_carved"] and report["source_val_images"] == 16
-    from threengan_cli.datasets import load_prepared
+    from threengan_cli.data.datasets import load_prepared
 
     ds = load_prepared(tmp_path / "kermany")
     by_split = {

@@ -12,10 +12,10 @@ import pytest
 from image_factory import class_tree, save
 from typer.testing import CliRunner
 
-from threengan_cli.cli import app
-from threengan_cli.datasets import load_prepared, prepare
-from threengan_cli.settings import PrepareSettings
-from threengan_cli.sources import DatasetError
+from threengan_cli.cli.app import app
+from threengan_cli.core.settings import PrepareSettings
+from threengan_cli.data.datasets import load_prepared, prepare
+from threengan_cli.data.sources import DatasetError
 
 runner = CliRunner()
 

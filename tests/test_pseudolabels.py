@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from threengan_cli import losses, pseudolabels
-from threengan_cli.pseudolabels import PseudoLabeller
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.model import losses, pseudolabels
+from threengan_cli.model.pseudolabels import PseudoLabeller
 
 CPU = torch.device("cpu")
 
@@ -129,7 +129,7 @@ ALL_OPTIONS = {
 
 
 def test_every_epoch_logs_the_pseudo_label_shares_and_mask_rates(dataset, tmp_path):
-    from threengan_cli import training
+    from threengan_cli.train import training
 
     run = tmp_path / "run"
     training.train(dataset, _loop_settings(epochs=2, unlabelled_ratio=2), run)
@@ -147,7 +147,8 @@ def test_every_epoch_logs_the_pseudo_label_shares_and_mask_rates(dataset, tmp_pa
 def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path):
     from model_factory import train_until_stopped
 
-    from threengan_cli import checkpoints, training
+    from threengan_cli.model import checkpoints
+    from threengan_cli.train import training
 
     settings = _loop_settings(epochs=2, **ALL_OPTIONS)
     full = tmp_path / "full"
@@ -171,7 +172,7 @@ def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path)
 
 
 def test_teacher_pseudo_labels_need_a_classifier_c(dataset, tmp_path):
-    from threengan_cli import train_events, training
+    from threengan_cli.train import events, training
 
-    with pytest.raises(train_events.TrainingError, match="need a classifier C; sgan has none"):
+    with pytest.raises(events.TrainingError, match="need a classifier C; sgan has none"):
         training.train(dataset, _loop_settings(method="sgan", unlabelled_teacher=True), tmp_path)

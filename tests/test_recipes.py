@@ -13,14 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from threengan_cli import augment, benchmark, checkpoints, grid, methods, train_events, training
-from threengan_cli.averaging import Averager, recompute_bn
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.datasets import load_prepared
-from threengan_cli.networks import Classifier, to_model_range
-from threengan_cli.rundata import load_run_data
-from threengan_cli.settings import RECIPES, SettingsError, TrainSettings, resolve
+from threengan_cli.bench import benchmark, grid
+from threengan_cli.cli.app import app
+from threengan_cli.core.settings import RECIPES, SettingsError, TrainSettings, resolve
+from threengan_cli.data.datasets import load_prepared
+from threengan_cli.data.training_data import load_run_data
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model import augment, checkpoints, methods
+from threengan_cli.model.averaging import Averager, recompute_bn
+from threengan_cli.model.networks import Classifier, to_model_range
+from threengan_cli.train import events, runs, training
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-chest-xray"
 
@@ -54,9 +56,9 @@ def test_settings_stored_before_recipes_existed_read_as_the_paper_recipe():
 
 
 def test_help_lists_exactly_the_registered_methods():
-    from threengan_cli.helptext import method_names
+    from threengan_cli.core.names import METHOD_NAMES
 
-    assert method_names() == tuple(methods.METHODS)
+    assert METHOD_NAMES == tuple(methods.METHODS)
 
 
 def test_an_unknown_augmentation_is_a_one_line_settings_error():
@@ -164,7 +166,7 @@ def test_every_method_trains_with_augmentation_and_unlabelled_images(method):
 # ------------------------------------------------------------------------------ the loop
 def _stop_at(epoch: int, step: int, flag: threading.Event):
     def on_event(event):
-        if isinstance(event, train_events.StepDone) and (event.epoch, event.step) == (epoch, step):
+        if isinstance(event, events.StepDone) and (event.epoch, event.step) == (epoch, step):
             flag.set()
 
     return on_event
@@ -177,7 +179,7 @@ def test_a_robust_run_resumes_exactly_averages_included(dataset, tmp_path):
     training.train(dataset, settings, full)
     stopped = tmp_path / "stopped"
     flag = threading.Event()
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         training.train(dataset, settings, stopped, on_event=_stop_at(1, 1, flag), stop_flag=flag)
     training.train(dataset, settings, stopped, resume=True)
     a = checkpoints.load(full / "last.safetensors")
@@ -210,12 +212,12 @@ def test_a_robust_run_keeps_raw_weights_to_resume_and_averaged_ones_to_use(datas
 
 @pytest.mark.slow
 def test_the_numpy_engine_reads_the_weights_to_use_of_a_robust_checkpoint(dataset, tmp_path):
-    from threengan_cli import classify_numpy
+    from threengan_cli.infer import numpy_engine
 
     run = tmp_path / "run"
     training.train(dataset, _settings(recipe="robust", size=8, epochs=1), run)
     torch_model = load_model(checkpoint=run / "last.safetensors", device="cpu")
-    numpy_model = classify_numpy.load(checkpoint=run / "last.safetensors")
+    numpy_model = numpy_engine.load(checkpoint=run / "last.safetensors")
     images = load_prepared(dataset).subset("test")[0]
     assert np.allclose(
         torch_model.probabilities_of(images), numpy_model.probabilities_of(images), atol=1e-5
@@ -232,7 +234,7 @@ def test_a_method_registered_by_a_plugin_trains_benchmarks_and_classifies(datase
     try:
         run = tmp_path / "run"
         training.train(dataset, _settings(method="toy", recipe="paper"), run)
-        model = load_model(run=str(run), device="cpu")
+        model = load_model(runs.model_file(run=str(run)), device="cpu")
         assert model.probabilities_of(load_prepared(dataset).subset("test")[0]).shape == (8, 2)
         cfg = grid.resolve_settings("smoke", methods=("toy",), sizes=(8,), device="cpu")
         results = benchmark.run(dataset, cfg, tmp_path / "bench")
@@ -298,8 +300,8 @@ def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_pa
     """`train kermany --method vanilla --size 100 --epochs 5` once called every val image
     pneumonia in eval mode. Width 16 keeps it quick; the collapse came from the BatchNorm
     statistics, not from the width."""
-    from threengan_cli.datasets import prepare
-    from threengan_cli.settings import PrepareSettings
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.datasets import prepare
 
     prepared = tmp_path / "kermany"
     prepare(REAL, prepared, PrepareSettings(workers=min(2, os.cpu_count() or 1)))
@@ -317,8 +319,9 @@ def test_the_paper_recipe_is_the_bare_method_steps_and_nothing_more(dataset, tmp
     """Replay the paper's protocol by hand (seed, init, batch order, one method step per
     batch, no averaging, augmentation or extra data) and get the loop's weights to the bit.
     (`benchmarks/hash_runs.py --set recipe=paper` shows the same against the code of 8c54e5c.)"""
-    from threengan_cli import accel, system
-    from threengan_cli.rundata import batch_order, batches
+    from threengan_cli.core import system
+    from threengan_cli.data.training_data import batch_order, batches
+    from threengan_cli.train import accel
 
     settings = _settings(method=method, recipe="paper", size=8, epochs=2)
     training.train(dataset, settings, tmp_path / "run")

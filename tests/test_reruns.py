@@ -17,8 +17,8 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import runs
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.train import runs
 
 runner = CliRunner()
 TINY = ["--width", "4", "--batch-size", "4", "--device", "cpu", "--seed", "3"]
@@ -151,8 +151,8 @@ def test_training_a_run_again_with_other_settings_names_resume_and_force(tiny, t
 def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny, threengan_home):
     import threading
 
-    from threengan_cli import train_events, training
-    from threengan_cli.settings import TrainSettings
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.train import events, training
 
     whole = _train(tiny, "--name", "whole", "--epochs", "2", "--json", "-q")
     # the same run stopped after its first epoch (as Ctrl+C, or a cancelled CI job, leaves it)
@@ -161,10 +161,10 @@ def test_training_an_unfinished_run_again_with_the_same_settings_resumes_it(tiny
     run = threengan_home / "runs" / "cut"
 
     def after_epoch_1(event):
-        if isinstance(event, train_events.EpochDone):
+        if isinstance(event, events.EpochDone):
             stop.set()
 
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         training.train(
             threengan_home / "datasets" / tiny, cfg, run, on_event=after_epoch_1, stop_flag=stop
         )
@@ -394,7 +394,7 @@ def test_an_empty_shard_says_so_rather_than_blaming_stdin(tmp_path, ckpt):
 # the console script's entry point, as `threengan ...` runs it (with its signal handling)
 _THREENGAN = """
 import sys
-from threengan_cli.cli import main
+from threengan_cli.cli.app import main
 sys.argv = ["threengan", *sys.argv[1:]]
 main()
 """

@@ -10,10 +10,10 @@ import pytest
 from model_factory import write_image
 from typer.testing import CliRunner
 
-from threengan_cli import runlist, scoring, train_events, training
-from threengan_cli.classify_torch import load_model
-from threengan_cli.cli import app
-from threengan_cli.settings import TrainSettings
+from threengan_cli.cli.app import app
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.train import events, runlist, scoring, training
 
 runner = CliRunner()
 
@@ -36,10 +36,10 @@ def _stopped(dataset, threengan_home):
     flag = threading.Event()
 
     def stop(event):
-        if isinstance(event, train_events.EpochDone):
+        if isinstance(event, events.EpochDone):
             flag.set()
 
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         cfg = _settings(method="vanilla", epochs=2)
         training.train(dataset, cfg, run, on_event=stop, stop_flag=flag)
     assert (run / "last.safetensors").exists()
@@ -66,10 +66,10 @@ def test_runs_lists_state_epochs_accuracy_and_size(dataset, finished, threengan_
 
 
 def test_a_run_whose_writer_lock_is_held_counts_as_running(dataset, threengan_home):
-    from threengan_cli import runs
+    from threengan_cli.train import runlock
 
     run = _stopped(dataset, threengan_home)
-    with runs.lock(run):
+    with runlock.lock(run):
         assert runlist.list_runs()[0].state == "running"
     assert runlist.list_runs()[0].state == "stopped"
 
@@ -190,8 +190,8 @@ def test_prune_leaves_a_run_that_another_process_writes_alone(finished):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom threengan_cli import runs\n"
-            "with runs.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+            "import sys, time\nfrom threengan_cli.train import runlock\n"
+            "with runlock.lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
             str(finished),
         ],
         stdout=subprocess.PIPE,

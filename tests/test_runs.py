@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from threengan_cli import benchmark, grid, runs, train_events, training
-from threengan_cli.cli import app
-from threengan_cli.settings import TrainSettings
+from threengan_cli.bench import benchmark, grid
+from threengan_cli.cli.app import app
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.train import events, runlock, runs, training
 
 runner = CliRunner()
 TINY = ["--width", "4", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "-q"]
@@ -65,7 +66,7 @@ def test_a_last_line_cut_short_by_a_kill_is_dropped_and_a_bad_middle_line_is_not
 
 def test_a_run_killed_mid_append_resumes(dataset, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         training.train(dataset, _settings(epochs=2), run, on_event=_stop_after_epoch(1))
     with open(run / runs.METRICS, "a") as fh:
         fh.write('{"epoch": 2, "train": {"loss')  # what a kill in the middle of a line leaves
@@ -79,7 +80,7 @@ def _stop_after_epoch(epoch: int):
     """An event handler that asks the run to stop (as Ctrl+C does) once ``epoch`` is done."""
 
     def on_event(event):
-        if isinstance(event, train_events.EpochDone) and event.epoch + 1 == epoch:
+        if isinstance(event, events.EpochDone) and event.epoch + 1 == epoch:
             import os
             import signal
 
@@ -134,8 +135,8 @@ def test_states_of_a_run_folder(tmp_path):
 # ------------------------------------------------------------------------------- lock
 _HOLDER = """
 import sys, time
-from threengan_cli import runs
-with runs.lock(sys.argv[1]):
+from threengan_cli.train import runlock
+with runlock.lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -156,8 +157,8 @@ def held(tmp_path):
 
 def test_a_second_writer_is_refused_naming_the_holder(held):
     folder, child = held
-    with pytest.raises(runs.RunLocked, match=rf"pid {child.pid} on {socket.gethostname()}"):
-        with runs.lock(folder):
+    with pytest.raises(runlock.RunLocked, match=rf"pid {child.pid} on {socket.gethostname()}"):
+        with runlock.lock(folder):
             pass
 
 
@@ -166,7 +167,7 @@ def test_the_lock_of_a_killed_holder_is_taken_over(held):
     child.kill()
     child.wait()
     assert (folder / runs.LOCK).exists()  # SIGKILL left the file behind
-    with runs.lock(folder):
+    with runlock.lock(folder):
         holder = json.loads((folder / runs.LOCK).read_text())
         assert holder["pid"] == os.getpid()
     assert not (folder / runs.LOCK).exists()
@@ -180,7 +181,7 @@ def test_a_lock_file_naming_a_dead_pid_is_stale(tmp_path):
     record = {"pid": gone.pid, "host": socket.gethostname(), "since": "earlier"}
     (folder / runs.LOCK).write_text(json.dumps(record))
     assert not runs._alive(record)
-    with runs.lock(folder):
+    with runlock.lock(folder):
         pass
 
 
@@ -191,14 +192,14 @@ def test_a_lock_that_is_a_symbolic_link_is_never_written_through(dataset, tmp_pa
     precious.write_text("the user's own words\n")
     (run / runs.LOCK).symlink_to(precious)
     with pytest.raises(runs.RunError, match="is a symbolic link"):
-        with runs.lock(run):
+        with runlock.lock(run):
             pass
     result = runner.invoke(app, ["train", "--resume", str(run), "--epochs", "2"])
     assert result.exit_code == 1 and "is a symbolic link" in result.output
     assert result.output.count("\n") == 1
     assert precious.read_text() == "the user's own words\n"
     assert (run / runs.LOCK).is_symlink()  # left as it was: the user removes it
-    assert runs.locked_by(run) is None  # and it makes no one a holder
+    assert runlock.locked_by(run) is None  # and it makes no one a holder
 
 
 def test_a_run_file_that_is_a_symbolic_link_is_never_appended_through(tmp_path):
@@ -215,42 +216,42 @@ def test_a_lock_naming_another_host_that_no_one_holds_is_not_running(tmp_path):
     folder.mkdir()
     record = {"pid": 1, "host": "another-node", "since": "yesterday"}
     (folder / runs.LOCK).write_text(json.dumps(record))
-    assert runs.locked_by(folder) is None
-    with runs.lock(folder):  # and it is taken over
+    assert runlock.locked_by(folder) is None
+    with runlock.lock(folder):  # and it is taken over
         holder = runs._holder(folder / runs.LOCK)
         assert holder["pid"] == os.getpid()
 
 
 def test_a_held_lock_names_its_holder(held):
     folder, child = held
-    assert runs.locked_by(folder)["pid"] == child.pid
+    assert runlock.locked_by(folder)["pid"] == child.pid
 
 
 def test_a_folder_the_lock_made_goes_again_when_nothing_was_written(tmp_path):
     folder = tmp_path / "runs" / "new"
-    with runs.lock(folder):
+    with runlock.lock(folder):
         assert folder.is_dir()
     assert not folder.exists() and (tmp_path / "runs").is_dir()
     kept = tmp_path / "kept"
-    with runs.lock(kept):
+    with runlock.lock(kept):
         (kept / "settings.json").write_text("{}")
     assert (kept / "settings.json").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
-    with runs.lock(mine):
+    with runlock.lock(mine):
         pass
     assert mine.is_dir()  # not made by the lock: left alone
 
 
 def test_the_lock_is_re_entrant_within_one_process(tmp_path):
-    with runs.lock(tmp_path / "r"), runs.lock(tmp_path / "r"):
+    with runlock.lock(tmp_path / "r"), runlock.lock(tmp_path / "r"):
         assert (tmp_path / "r" / runs.LOCK).exists()
     assert not (tmp_path / "r" / runs.LOCK).exists()
 
 
 def test_training_and_resuming_a_run_someone_else_writes_are_refused(held, dataset):
     folder, _ = held
-    with pytest.raises(runs.RunLocked):
+    with pytest.raises(runlock.RunLocked):
         training.train(dataset, _settings(), folder)
     result = runner.invoke(app, ["train", str(dataset), "--out", str(folder), *TINY])
     assert result.exit_code == 1 and "is in use" in result.output
@@ -274,7 +275,7 @@ def test_a_benchmark_run_that_another_process_writes_is_refused(held, dataset, t
     )
     try:
         assert child.stdout.readline().strip() == "held"
-        with pytest.raises(runs.RunLocked):
+        with pytest.raises(runlock.RunLocked):
             benchmark.run(dataset, cfg, target)
     finally:
         child.kill()
@@ -380,7 +381,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_exactly(
 ):
     import errno
 
-    from threengan_cli import checkpoints
+    from threengan_cli.model import checkpoints
 
     args = [str(dataset), "--width", "4", "--batch-size", "4", "--epochs", "2"]
     args += ["--device", "cpu", "--seed", "5", "-q", "--checkpoint-every", "0"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from threengan_cli.settings import SettingsError, TrainSettings, dump, resolve
+from threengan_cli.core.settings import SettingsError, TrainSettings, dump, resolve
 
 
 def test_defaults_are_the_papers_values():

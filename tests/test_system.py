@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from threengan_cli import accel, system, train_events, training
-from threengan_cli.cli import app
+from threengan_cli.cli.app import app
+from threengan_cli.core import system
+from threengan_cli.train import accel, events, training
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ def test_info_states_no_bf16_speed_it_did_not_measure(monkeypatch):
 
 
 def test_info_measure_times_both_precisions_here_and_says_which_is_faster(monkeypatch):
-    from threengan_cli import accel
+    from threengan_cli.train import accel
 
     calls = []
 
@@ -51,7 +52,7 @@ def test_info_measure_times_both_precisions_here_and_says_which_is_faster(monkey
 
 
 def test_the_bf16_measurement_times_real_steps(monkeypatch):
-    from threengan_cli import accel
+    from threengan_cli.train import accel
 
     monkeypatch.setattr(system, "cpu_flags", lambda: {"avx512_bf16"})  # so bf16 gets a warm-up
     found = accel.measure_cpu_bf16(budget_s=0.0, width=2, batch=2)
@@ -63,7 +64,7 @@ def _train_bf16(monkeypatch, dataset, flags):
     monkeypatch.setattr(system, "cpu_flags", lambda: flags)
 
     def stub(*args, **kwargs):  # what matters happens before training starts
-        raise train_events.TrainingError("stopped by the test")
+        raise events.TrainingError("stopped by the test")
 
     monkeypatch.setattr(training, "train", stub)
     return runner.invoke(
@@ -84,5 +85,5 @@ def test_train_refuses_emulated_bf16_on_the_cpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2"})
-    with pytest.raises(train_events.TrainingError, match="no native bf16"):
+    with pytest.raises(events.TrainingError, match="no native bf16"):
         accel.autocast_dtype("bf16", torch.device("cpu"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from threengan_cli import accel, train_events, training
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.train import accel, events, training
 
 
 def _settings(**kw):
@@ -73,7 +73,7 @@ def test_an_interrupted_run_resumes_exactly_like_an_uninterrupted_one(dataset, t
     calls = {"n": 0}
 
     def stop_mid_epoch(event):
-        if isinstance(event, train_events.StepDone):
+        if isinstance(event, events.StepDone):
             calls["n"] += 1
             if calls["n"] == 9:  # epoch 2 (6 steps per epoch), third step
                 raise KeyboardInterrupt
@@ -100,13 +100,13 @@ def test_a_stop_request_saves_a_mid_epoch_checkpoint_that_resumes(dataset, tmp_p
     run = tmp_path / "run"
 
     def request_stop(event):
-        if isinstance(event, train_events.StepDone) and event.epoch == 0 and event.step == 2:
+        if isinstance(event, events.StepDone) and event.epoch == 0 and event.step == 2:
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(train_events.Interrupted) as info:
+    with pytest.raises(events.Interrupted) as info:
         training.train(dataset, _settings(), run, on_event=request_stop)
     assert info.value.step == 2
     summary = training.train(dataset, _settings(), run, resume=True)
@@ -118,7 +118,7 @@ def test_a_stop_request_saves_a_mid_epoch_checkpoint_that_resumes(dataset, tmp_p
 def test_a_finished_run_is_extended_by_a_larger_epoch_count(dataset, tmp_path):
     run = tmp_path / "run"
     training.train(dataset, _settings(epochs=1), run)
-    with pytest.raises(train_events.TrainingError, match="already has 1 epochs"):
+    with pytest.raises(events.TrainingError, match="already has 1 epochs"):
         training.train(dataset, _settings(epochs=1), run, resume=True)
     summary = training.train(dataset, _settings(epochs=2), run, resume=True)
     assert summary["extended"] is True
@@ -129,19 +129,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
     run = tmp_path / "run"
     training.train(dataset, _settings(epochs=1), run)
     good = (run / "last.safetensors").read_bytes()
-    with pytest.raises(train_events.NonFiniteLoss, match=r"loss_\w became nan at epoch 2 step \d+"):
+    with pytest.raises(events.NonFiniteLoss, match=r"loss_\w became nan at epoch 2 step \d+"):
         training.train(dataset, _settings(epochs=2, lr=1.0, alpha=1e38, lam=1e38), run, resume=True)
     assert (run / "last.safetensors").read_bytes() == good
 
 
 def test_fp16_is_refused_with_a_clear_message():
-    with pytest.raises(train_events.TrainingError, match="fp16"):
+    with pytest.raises(events.TrainingError, match="fp16"):
         accel.autocast_dtype("fp16", torch.device("cpu"))
 
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(training.system, "cpu_bf16", lambda: False)
-    with pytest.raises(train_events.TrainingError, match="no native bf16"):
+    with pytest.raises(events.TrainingError, match="no native bf16"):
         accel.autocast_dtype("bf16", torch.device("cpu"))
     monkeypatch.setattr(training.system, "cpu_bf16", lambda: True)
     assert accel.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
@@ -207,13 +207,13 @@ def test_a_stop_request_writes_the_pending_best_checkpoint_too(dataset, tmp_path
     run = tmp_path / "run"
 
     def request_stop(event):
-        if isinstance(event, train_events.StepDone) and event.epoch == 1 and event.step == 2:
+        if isinstance(event, events.StepDone) and event.epoch == 1 and event.step == 2:
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(train_events.Interrupted):
+    with pytest.raises(events.Interrupted):
         training.train(dataset, _settings(), run, on_event=request_stop, checkpoint_every_s=3600)
     assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file()
     summary = training.train(dataset, _settings(), run, resume=True, checkpoint_every_s=3600)
@@ -245,7 +245,7 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
     monkeypatch.setattr(training.checkpoints, "save", save)
 
     def every_45_s(event):
-        if isinstance(event, train_events.EpochDone):
+        if isinstance(event, events.EpochDone):
             clock.now += 45.0
 
     cfg = _settings(method="vanilla", epochs=5, recipe="robust")  # EMA and precise BN too
@@ -261,7 +261,7 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
 
     def kill_in_epoch_5(event):
         every_45_s(event)
-        if isinstance(event, train_events.StepDone) and event.epoch == 4 and event.step == 2:
+        if isinstance(event, events.StepDone) and event.epoch == 4 and event.step == 2:
             raise KeyboardInterrupt  # a kill: no stop request, nothing saved on the way out
 
     with pytest.raises(KeyboardInterrupt):
@@ -285,13 +285,13 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
 def test_train_writes_its_checkpoints_on_a_time_basis_by_default(dataset, monkeypatch):
     from typer.testing import CliRunner
 
-    from threengan_cli.cli import app
+    from threengan_cli.cli.app import app
 
     seen = {}
 
     def record(*args, **kwargs):
         seen.update(kwargs)
-        raise train_events.TrainingError("stopped by the test")
+        raise events.TrainingError("stopped by the test")
 
     monkeypatch.setattr(training, "train", record)
     args = ["train", str(dataset), "--device", "cpu", "--epochs", "1", "-q"]
@@ -374,8 +374,8 @@ def test_gpu_turns_are_lent_for_host_work_and_taken_back():
 def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
     from model_factory import write_image
 
-    from threengan_cli.datasets import prepare
-    from threengan_cli.settings import PrepareSettings
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.datasets import prepare
 
     for i in range(6):
         for label in ("a", "b"):

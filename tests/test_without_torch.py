@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from threengan_cli import paths
+from threengan_cli.core import paths
 
 # torch (and torchvision) made unimportable, as in `pip install --no-deps threengan` plus the
 # dependencies other than torch
@@ -23,7 +23,7 @@ sys.meta_path.insert(0, NoTorch())
 import importlib.util
 _find = importlib.util.find_spec
 importlib.util.find_spec = lambda n, p=None: None if n.split('.')[0] == 'torch' else _find(n, p)
-from threengan_cli.cli import main
+from threengan_cli.cli.app import main
 sys.argv = ['threengan', *sys.argv[1:]]
 main()
 """

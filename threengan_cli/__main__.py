@@ -1,3 +1,3 @@
-from threengan_cli.cli import main
+from threengan_cli.cli.app import main
 
 main()

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from threengan_cli import checkpoints, scoring
-from threengan_cli.classify_torch import load_model
-from threengan_cli.datasets import load_prepared
-from threengan_cli.methods import METHODS
-from threengan_cli.rundata import load_run_data
-from threengan_cli.settings import TrainSettings
+from threengan_cli.core.settings import TrainSettings
+from threengan_cli.data.datasets import load_prepared
+from threengan_cli.data.training_data import load_run_data
+from threengan_cli.infer.torch_engine import load_model
+from threengan_cli.model import checkpoints
+from threengan_cli.model.methods import METHODS
+from threengan_cli.train import scoring
 
 
 def main() -> None:

@@ -121,7 +121,7 @@ def render(app, name: str) -> str:
 
 
 def main() -> None:
-    from threengan_cli.cli import app
+    from threengan_cli.cli.app import app
 
     sys.stdout.write(render(app, "threengan"))
 

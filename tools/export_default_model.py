@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from threengan_cli import checkpoints, modelfile, runs
+from threengan_cli.model import checkpoints, modelfile
+from threengan_cli.train import runs
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The benchmark: its grid of methods, sizes and repeats, the runs, and the report."""

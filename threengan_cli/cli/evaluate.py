@@ -1,0 +1,378 @@
+"""The evaluate and runs commands: scoring a model on labelled X-rays, and listing (and
+pruning) training runs. Registered on the app by ``cli``; exit codes in ``cli_common``.
+"""
+
+# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from threengan_cli.cli import views
+from threengan_cli.cli.common import (
+    EXIT_FAIL,
+    EXIT_INTERRUPT,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    MAX_LISTED,
+    CheckpointOpt,
+    JsonOpt,
+    QuietOpt,
+    RunOpt,
+    fail,
+    flag,
+    load_classifier_or_exit,
+    lock_or_exit,
+    ood_threshold_of,
+    threshold_of,
+)
+from threengan_cli.cli.views import note, print_json, warn
+
+
+# ----------------------------------------------------------------------------------- evaluate
+def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot):
+    """Usage errors of evaluate's options, before any model or data is read."""
+    from threengan_cli.infer import evaluate as ev
+
+    if split is not None and split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test (got {split!r})", EXIT_USAGE)
+    if threshold_from not in (None, "val"):
+        fail(f"--threshold-from takes val (got {threshold_from!r})", EXIT_USAGE)
+    if threshold_rule not in ev.RULES:
+        fail(f"--threshold-rule must be one of {', '.join(ev.RULES)}", EXIT_USAGE)
+    if threshold_from is not None and threshold is not None:
+        fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
+    if engine not in ("numpy", "torch"):
+        fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            # a missing extra is not a usage error: the same command works once it is there
+            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_FAIL)
+
+
+def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -> None:
+    """Hold the writer lock of the run whose checkpoint ``evaluate --threshold-from`` will
+    write until the command ends (``ctx`` releases it): a training run that rewrote that file
+    meanwhile would lose the threshold, or the threshold would be of other weights."""
+    from threengan_cli.model.modelfile import ModelError
+    from threengan_cli.train import runs
+
+    try:
+        path = runs.model_file(checkpoint, run)
+    except ModelError:
+        return  # loading it says what is wrong
+    folder = runs.run_of(path)
+    if folder is not None:
+        lock_or_exit(ctx, folder)
+
+
+def _model_or_exit(ctx, checkpoint, run, device: str, engine: str, threshold_from):
+    """The classifier to score; under --threshold-from its run locked and its file checked
+    writable before any work, since the chosen threshold is stored in it."""
+    from threengan_cli.model.modelfile import ModelError, ReadOnlyModel, check_writable
+
+    if threshold_from is not None:  # it writes the checkpoint: one writer per run
+        _lock_run_of(ctx, checkpoint, run)
+    model = load_classifier_or_exit(checkpoint, run, device, engine)
+    try:
+        model.require_classifier()
+        if threshold_from is not None:  # before the work: the threshold is stored in it
+            check_writable(model.path)
+    except ReadOnlyModel as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ModelError as exc:
+        fail(str(exc))
+    return model
+
+
+def _chosen_on_val(ev, data: str, data_set, model, rule: str, batch_size, workers, quiet):
+    """--threshold-from val: the threshold ``rule`` picks on the prepared dataset's val split
+    (a usage error for other DATA)."""
+    if data_set.kind != "prepared":
+        fail(
+            "--threshold-from val needs a prepared dataset as DATA (its val split "
+            "chooses the threshold)",
+            EXIT_USAGE,
+        )
+    if data_set.split == "val" and not quiet:
+        warn("the threshold is chosen and scored on the same val split: optimistic")
+    val = ev.read_labelled(data, "val", model)
+    probs, _ = ev.probabilities(val, model, batch_size, workers)
+    chosen = ev.choose_threshold(val.labels, probs, rule)
+    chosen.update(split="val", dataset=val.source)
+    return chosen
+
+
+def _score_or_exit(
+    data, split, model, threshold, threshold_from, rule, ood_threshold, batch_size, workers,
+    quiet,
+):
+    """The evaluation of DATA at the threshold to use, and the threshold chosen on val
+    (``None`` unless --threshold-from chose one)."""
+    from threengan_cli.infer import evaluate as ev
+    from threengan_cli.model.modelfile import ModelError
+
+    try:
+        data_set = ev.read_labelled(data, split, model)
+        chosen = None
+        if threshold is None and threshold_from is not None:
+            chosen = _chosen_on_val(ev, data, data_set, model, rule, batch_size, workers, quiet)
+            used, source = chosen["value"], "chosen"
+        else:
+            used, source, _ = threshold_of(model, threshold)
+        ood_value = ood_threshold_of(model, ood_threshold)[0]
+        result = ev.evaluate(
+            data_set, model, used, source, batch_size, workers, chosen, ood_value
+        )
+    except ModelError as exc:  # a damaged stored threshold
+        fail(str(exc))
+    except ev.EvaluateError as exc:
+        fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
+    except KeyboardInterrupt:
+        note("interrupted; nothing was stored")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    return result, chosen
+
+
+def _store_threshold(model, chosen: dict, rule: str, quiet: bool) -> None:
+    from threengan_cli.model.modelfile import CheckpointError, update_meta
+
+    try:
+        update_meta(model.path, {"threshold": chosen})
+    except (OSError, CheckpointError) as exc:
+        fail(f"cannot store the threshold in {model.path}: {exc}")
+    if not quiet:
+        note(
+            f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
+            f"{rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
+        )
+
+
+def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool) -> None:
+    """The scores (tables or JSON) and plots; exit 3 when some images could not be read."""
+    from threengan_cli.infer import evaluate as ev
+
+    made = []
+    if plot is not None:
+        made = ev.write_plots(result, plot)
+
+    if as_json:
+        print_json({**result.to_dict(), "plots": [str(p) for p in made]})
+    else:
+        views.evaluation_tables(result)
+    if not quiet:
+        where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
+        note(
+            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
+            f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
+            + ood_threshold_of(model, ood_threshold)[2]
+        )
+        if made:
+            note("wrote " + ", ".join(str(p) for p in made))
+    bad = result.unreadable
+    if bad:
+        for p in bad[:MAX_LISTED]:
+            warn(f"{p.path}: {p.error}")
+        warn(f"{len(bad)} images could not be read and were left out of the scores")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# Long only by its declared options and help text (what typer reads); the body is a few calls.
+def evaluate(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATA",
+            help="Labelled images: a prepared dataset (name or folder), a folder of class "
+            "folders (or of train/ val/ test/ class folders), or a CSV of path,label[,split].",
+            show_default=False,
+        ),
+    ],
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="train, val or test, of a prepared dataset or of split data \\[default: test]."
+        ),
+    ] = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Two classes: call the second (pneumonia) from this probability on "
+            "\\[default: the model's stored threshold, else 0.5].",
+        ),
+    ] = None,
+    threshold_from: Annotated[
+        str | None,
+        typer.Option(
+            help="val: choose the threshold on the prepared dataset's val split by "
+            "--threshold-rule, store it in the checkpoint (classify then uses it), and "
+            "evaluate with it.",
+        ),
+    ] = None,
+    threshold_rule: Annotated[
+        str,
+        typer.Option(
+            help="youden (sensitivity + specificity - 1) or balanced-accuracy; for two "
+            "classes both choose the same threshold.",
+        ),
+    ] = "youden",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per forward pass and per decoding job.")
+    ] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding processes; 0 = all cores.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto or cpu (NumPy engine, as classify), cuda, cuda:N or mps.")
+    ] = "auto",
+    engine: Annotated[str, typer.Option(help="On the CPU: numpy or torch, as classify.")] = "numpy",
+    ood_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag images whose out-of-distribution score is above this [default: the "
+            "model's own, which flags 5% of its val split].",
+            min=0.0,
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write roc.png, confusion.png, reliability.png and (for a model with "
+            "out-of-distribution statistics) ood_scores.png to this folder (needs the plot "
+            "extra).",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a model on labelled X-rays: accuracy, balanced accuracy, AUC, sensitivity,
+    specificity, F1, calibration (ECE over 15 bins, Brier score), the confusion matrix and
+    per-class counts.
+
+    With a model that has out-of-distribution statistics, also the share
+    of images flagged as unlike its training X-rays, and the metrics over
+    the images it does not flag.
+
+    Without --run or --checkpoint the bundled default model is used. Files
+    go through classify's own decoding and decision, so evaluate and
+    classify give every image the same probabilities and label.
+
+    --threshold-from val chooses the threshold on the val split of the
+    prepared dataset DATA and stores it in the checkpoint's metadata
+    (--run or --checkpoint; the bundled model is never changed: copy it
+    first): classify and evaluate then use it unless --threshold is
+    given, and say so.
+
+    Exit codes: 0 ok, 3 some images unreadable (scored without them),
+    1 none readable, 2 usage error.
+
+    [bold]Examples[/]
+
+      threengan evaluate kermany --split test --run my-run
+
+      threengan evaluate chest_xray/test --json > scores.json
+
+      threengan evaluate kermany --run my-run --threshold-from val --plot plots/
+
+      threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
+    """
+    _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
+    model = _model_or_exit(ctx, checkpoint, run, device, engine, threshold_from)
+    result, chosen = _score_or_exit(
+        data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,
+        batch_size, workers, quiet,
+    )
+    if chosen is not None:
+        _store_threshold(model, chosen, threshold_rule, quiet)
+    _show_or_exit(result, model, ood_threshold, plot, as_json, quiet)
+
+
+# --------------------------------------------------------------------------------------- runs
+def runs(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="NAME",
+            help="Only these runs (names as listed; all by default).",
+            show_default=False,
+        ),
+    ] = None,
+    prune_last: Annotated[
+        bool,
+        flag(
+            "--prune-last",
+            help="Delete the resumable last.safetensors of finished runs, keeping their "
+            "final weights in final.safetensors (--run keeps working; only extending the run "
+            "needs what is deleted).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List the training runs in the data dir: name, method, N, epochs done/planned,
+    state (finished, running, stopped), val and test accuracy, size on disk.
+
+    Runs of benchmarks are listed as BENCHMARK/RUN. A run counts as
+    running while a live process holds its writer lock.
+
+    [bold]Examples[/]
+
+      threengan runs
+
+      threengan runs --json
+
+      threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
+    """
+    from threengan_cli.model.modelfile import CheckpointError
+    from threengan_cli.train import runlist
+    from threengan_cli.train import runs as run_folder
+
+    found = runlist.list_runs()
+    if names:
+        known = {r.name for r in found}
+        missing = [n for n in names if n not in known]
+        if missing:
+            fail(f"no run named {missing[0]} (see `threengan runs`)", EXIT_USAGE)
+        found = [r for r in found if r.name in names]
+    pruned, busy = [], []
+    if prune_last:
+        for run in found:
+            try:
+                done = runlist.prune_last(run)
+            except run_folder.RunLocked as exc:  # another process writes it: never pruned
+                views.error(f"cannot prune {run.name}: {exc}")
+                busy.append(run.name)
+                continue
+            except (OSError, CheckpointError, run_folder.RunError) as exc:
+                fail(f"cannot prune {run.name}: {exc}")
+            if done is not None:
+                pruned.append(done)
+        found = [runlist.read_run_info(Path(r.path), r.name) for r in found]
+    if as_json:
+        rows = [r.to_dict() for r in found]
+        print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)
+    elif found:
+        views.runs_table(found)
+    elif not quiet:
+        note("no runs yet: run `threengan train DATASET`")
+    if not quiet:
+        for run in found:
+            if run.state == "damaged":
+                warn(f"{run.name} is damaged: {run.error}")
+    if prune_last and not quiet:
+        freed = sum(p.freed_bytes for p in pruned)
+        note(
+            f"pruned {len(pruned)} finished run(s), freed {runlist.human_bytes(freed)}"
+            if pruned
+            else "nothing to prune: no finished run keeps a last.safetensors"
+        )
+    if busy:  # some runs were left alone: all of them (1), or beside pruned ones (3)
+        raise typer.Exit(EXIT_PARTIAL if pruned else EXIT_FAIL)

@@ -1,0 +1,85 @@
+"""Help-text defaults, read from the settings models' source so the help cannot drift from them.
+
+``--help`` must stay fast, and importing ``settings`` (pydantic with it) costs about 230 ms,
+more than the rest of ``threengan --help`` together (``python -X importtime -m threengan_cli
+--help``, 2026-11-26). So the defaults are read from the source of the modules that define
+the models: each field's default is the literal written in its class body, the same text
+pydantic reads. ``tests/test_cli_help.py`` checks every field against the real model.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+# Section -> (module file, class name).
+_MODELS = {
+    "prepare": ("core/settings.py", "PrepareSettings"),
+    "train": ("core/settings.py", "TrainSettings"),
+    "classify": ("core/settings.py", "ClassifySettings"),
+    "generate": ("core/settings.py", "GenerateSettings"),
+    "benchmark": ("bench/grid.py", "BenchmarkSettings"),
+}
+_MISSING = object()
+
+
+@cache
+def _defaults(module: str, cls: str) -> dict[str, Any]:
+    """Field name -> default of the class ``cls`` in ``module``; fields without one left out."""
+    # Only the class's own lines are parsed: the whole of grid.py takes tens of ms.
+    lines = (_PACKAGE / module).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"class {cls}("))
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
+        len(lines),
+    )
+    tree = ast.parse("\n".join(lines[start:end]))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    found: dict[str, Any] = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        value = node.value
+        if value is None:
+            continue
+        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Field":
+            given = value.args[0] if value.args else None
+            given = given or next((k.value for k in value.keywords if k.arg == "default"), None)
+            if given is None:
+                continue  # required: the profile or the caller supplies it
+            value = given
+        if isinstance(value, ast.Name):  # a module constant, e.g. DEFAULT_RECIPE
+            value = _constant(lines, value.id)
+        found[node.target.id] = ast.literal_eval(value)
+    return found
+
+
+def _constant(lines: list[str], name: str) -> ast.expr:
+    """The value of the module-level ``name = literal`` (or ``name: T = literal``)."""
+    line = next(x for x in lines if x.startswith((f"{name} =", f"{name}:")))
+    node = ast.parse(line).body[0]
+    assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
+    return node.value
+
+
+def default_of(section: str, field: str) -> Any:
+    """The default of ``field`` in the settings model of ``section``."""
+    value = _defaults(*_MODELS[section]).get(field, _MISSING)
+    if value is _MISSING:
+        raise KeyError(f"{section}.{field} has no literal default")
+    return value
+
+
+def shown(section: str, field: str) -> str:
+    """``\\[default: X]`` for a help string (escaped for rich markup)."""
+    value = default_of(section, field)
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    return f"\\[default: {text}]"

@@ -1,0 +1,607 @@
+"""Everything rich: the consoles, escaped messages, live progress views and result tables.
+
+Messages and progress go to stderr; stdout carries only data (JSON, CSV, tables asked for).
+Text that comes from the user or the file system (paths, names, error messages) is escaped
+before it reaches rich's markup parser, so ``a[bold]b`` prints as written. rich itself is
+imported on first use: ``rich.console`` alone costs about 40 ms of every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+import types
+from typing import Any, NoReturn
+
+
+def defer_import(module: str, *names: str) -> None:
+    """Keep ``module`` from loading until one of ``names`` from it is used.
+
+    typer's help renderer imports ``rich.markdown`` (and markdown-it with it), for a markup
+    mode threengan does not use, and ``rich.traceback`` (and pygments with it), for crashes
+    only. Measured with ``benchmarks/bench_startup.py`` on wheel installs (docs/performance.md),
+    ``threengan --help`` takes 0.18 s without this and 0.13 s with it. Each name is a
+    stand-in class: calling it, or reading an attribute of it (``Traceback.from_exception``),
+    loads the real module and hands over.
+    """
+    if module in sys.modules:
+        return
+
+    def real() -> types.ModuleType:
+        if sys.modules.get(module) is placeholder:
+            del sys.modules[module]
+        return importlib.import_module(module)
+
+    class Forward(type):
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            return getattr(real(), cls.__name__)(*args, **kwargs)
+
+        def __getattr__(cls, attr: str) -> Any:
+            return getattr(getattr(real(), cls.__name__), attr)
+
+    def attribute(name: str) -> Any:
+        if name.startswith("__"):  # the import system probing (__path__, __file__...)
+            raise AttributeError(name)
+        return getattr(real(), name)
+
+    placeholder = types.ModuleType(module)
+    for name in names:
+        setattr(placeholder, name, Forward(name, (), {}))
+    placeholder.__getattr__ = attribute  # type: ignore[method-assign]
+    sys.modules[module] = placeholder
+
+
+class _LazyConsole:
+    """A rich Console made on first use."""
+
+    def __init__(self, **options: Any):
+        self._options, self._console = options, None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+err = _LazyConsole(stderr=True, highlight=False)
+out = _LazyConsole(highlight=False, soft_wrap=True)
+
+
+def esc(text: Any) -> str:
+    """``text`` as rich markup that prints exactly as written."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+# ----------------------------------------------------------------------------------- help
+def _example_width(help_text: str) -> int:
+    """Columns the widest example of a help text needs: its indented lines, with rich's
+    one-column padding on each side."""
+    from rich.text import Text
+
+    lines = inspect.cleandoc(help_text).splitlines()
+    examples = [line for line in lines if line.startswith("  ") and line.strip()]
+    return max((Text.from_markup(line).cell_len for line in examples), default=0) + 2
+
+
+@contextlib.contextmanager
+def unwrapped_examples(help_text: str):
+    """Examples are meant to be pasted into a shell. Where stdout is not a terminal (help
+    piped into a file or a pager) rich wraps the help at 80 columns, which cuts a long
+    example in two; there the help is made as wide as its widest example instead."""
+    from rich.console import Console
+
+    need = _example_width(help_text)
+    if sys.stdout.isatty() or need <= Console().width:
+        yield
+        return
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(need)  # the width rich's consoles take when not on a terminal
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+
+
+# ------------------------------------------------------------------------------- messages
+def error(message: str) -> None:
+    """One line on stderr: ``error: message``."""
+    err.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {esc(message)}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    err.print(esc(message), soft_wrap=True)
+
+
+def os_failure(exc: OSError, doing: str, resume: Any = None) -> str:
+    """One line for an OS error (full disk, read-only or missing folder...)."""
+    import errno
+
+    what = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free some space"
+        if resume is not None:
+            hint += f", then continue with: threengan train --resume {resume}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
+    return f"{doing} failed: {what}{where}{hint}"
+
+
+def stdout_gone() -> None:
+    """Point stdout at /dev/null, so that nothing more (not even the flush at exit) is
+    written to a pipe whose reader has gone or to a full disk."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's)
+        pass
+
+
+def reader_gone() -> NoReturn:
+    """stdout's reader has gone (``threengan classify ... | head -1``): stop quietly with
+    exit 0, as Python's own tools do, rather than report a failure."""
+    import typer
+
+    stdout_gone()
+    raise typer.Exit(0)
+
+
+def print_json(data: Any) -> None:
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
+    except OSError as exc:
+        import typer
+
+        stdout_gone()
+        error(os_failure(exc, "writing to stdout"))
+        raise typer.Exit(1) from None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# --------------------------------------------------------------------------------- tables
+def _plain_table(**options: Any):
+    from rich.table import Table
+
+    return Table(**options)
+
+
+def print_whole(table: Any) -> None:
+    """Print ``table`` on stdout at the width its cells need, when that is more than the
+    console's (80 columns when stdout is not a terminal): rich would otherwise cut cells
+    short with "…", and run names and paths in them are what users type next. A terminal
+    narrower than the table wraps its lines; nothing is lost."""
+    from rich.measure import Measurement
+
+    console = out.console
+    needed = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    if needed <= console.width:
+        console.print(table)
+        return
+    width = console.width
+    console.width = needed
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def info_table(facts: dict[str, Any]) -> None:
+    table = _plain_table(show_header=False, box=None)
+    for key, value in facts.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        table.add_row(f"[bold]{esc(key)}[/]", esc(shown))
+    print_whole(table)
+
+
+def prepare_table(name: str, report, image_size: int) -> None:
+    """One row per split, one column per class, with totals and patients."""
+    table = _plain_table(title=esc(f"{name}: {report.total} images, {image_size}px"))
+    table.add_column("split")
+    for cls in report.classes:
+        table.add_column(esc(cls), justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("patients", justify="right")
+    for split, row in report.counts.items():
+        table.add_row(
+            esc(split),
+            *(str(row[c]) for c in report.classes),
+            str(sum(row.values())),
+            str(report.patients.get(split, 0)),
+        )
+    out.print(table)
+
+
+def datasets_table(found: list[dict[str, Any]]) -> None:
+    table = _plain_table()
+    for column in ("name", "images", "train", "val", "test", "size", "classes", "path"):
+        table.add_column(column, justify="right" if column in ("images", "size") else "left")
+    for d in found:
+        if "error" in d:
+            row = [esc(d["name"]), "", "", "", "", "", f"[red]{esc(d['error'])}[/]"]
+            table.add_row(*row, esc(d["path"]))
+            continue
+        s = d["splits"]
+        table.add_row(
+            esc(d["name"]),
+            str(d["images"]),
+            str(s.get("train", 0)),
+            str(s.get("val", 0)),
+            str(s.get("test", 0)),
+            str(d["image_size"]),
+            esc(", ".join(d["classes"])),
+            esc(d["path"]),
+        )
+    print_whole(table)
+
+
+def bench_tables(results: dict) -> None:
+    """Two tables that fit 80 columns: accuracy beside the paper, then the other metrics."""
+    from rich import box
+
+    from threengan_cli.bench import report as b
+
+    cfg = results["settings"]
+
+    def short(stat: dict) -> str:
+        if stat["mean"] is None:
+            return "–"
+        std = f"±{100 * stat['std']:.1f}" if stat["std"] is not None else ""
+        return f"{100 * stat['mean']:.1f}{std}"
+
+    first = _plain_table(
+        title=f"{esc(cfg['profile'])} profile: test accuracy %, final-epoch model, mean ± std",
+        caption="best epoch on test selects on test: optimistic, shown for comparison only",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("method", "N", "runs", "ours", "paper", "Δ pts", "best ep. on test", "Δ pts"):
+        first.add_column(column, justify="left" if column == "method" else "right")
+    second = _plain_table(title="other test metrics %, final-epoch model", box=box.SIMPLE_HEAD)
+    for column in ("method", "N", "bal. acc", "AUC", "sens.", "spec.", "F1", "wall s", "img/s"):
+        second.add_column(column, justify="left" if column == "method" else "right")
+    for r in results["results"]:
+        paper = f"{100 * r['paper_accuracy']:.2f}" if r["paper_accuracy"] is not None else "–"
+        failed = f" ({r['failed']} failed)" if r["failed"] else ""
+        first.add_row(
+            esc(r["method"]),
+            str(r["size"]),
+            f"{r['runs']}{failed}",
+            b.percent(r["accuracy"]),
+            paper,
+            b.points(r["accuracy_diff_points"]),
+            b.percent(r["optimistic_best_epoch_accuracy"]),
+            b.points(r["optimistic_diff_points"]),
+        )
+        second.add_row(
+            esc(r["method"]),
+            str(r["size"]),
+            *(short(r[m]) for m in b.METRICS[1:]),
+            b.plain(r["wall_s"], 0),
+            b.plain(r["images_per_s"]),
+        )
+    out.print(first)
+    out.print(second)
+
+
+# ------------------------------------------------------------------------- progress views
+class LiveView:
+    """Progress of a long command on stderr: a live bar on a terminal (``self.progress``,
+    started by the subclass), plain lines otherwise, nothing with ``quiet``.
+
+    Used as a context manager around the engine call, inside the ``try`` that maps its errors
+    to exit codes: the bar is gone before an error line is printed, and closing is
+    idempotent, so a view closed early (when its run ends) can be closed again."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self.progress: Any = None
+        self.task: Any = None
+
+    def print(self, line: str) -> None:
+        """A line that stays on screen: above the live bar when there is one."""
+        if self.progress is not None:
+            self.progress.console.print(esc(line), soft_wrap=True)
+        else:
+            note(line)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class BarView(LiveView):
+    """A live bar for a counted job (decoding, classifying, generating); nothing otherwise."""
+
+    def __init__(self, enabled: bool, what: str, total: int | None = None, counted: bool = False):
+        """``counted``: the total comes later, with :meth:`update`."""
+        super().__init__(quiet=not enabled)
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        columns = [TextColumn(esc(what)), BarColumn(bar_width=30)]
+        if total or counted:
+            columns.append(MofNCompleteColumn())
+        else:
+            columns.append(TextColumn("{task.completed} images"))
+        columns += [TextColumn("{task.fields[rate]}")]
+        self.progress = Progress(*columns, console=err.console, transient=True)
+        self.task = self.progress.add_task(what, total=total, rate="")
+        self.t0 = time.perf_counter()
+        self.progress.start()
+
+    def update(self, done: int, total: int | None = None) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = f"{done / elapsed:.0f} img/s" if elapsed > 0 else ""
+        self.progress.update(self.task, completed=done, rate=rate, total=total)
+
+
+def epoch_line(event) -> str:
+    """One line per finished epoch: losses, val metrics, speed (kept on screen)."""
+    rec = event.record
+    losses = " ".join(f"{k}={v:.3f}" for k, v in rec["train"].items())
+    val = rec.get("val") or {}
+    acc = f" val_acc={val['accuracy']:.4f}" if "accuracy" in val else ""
+    auc = f" val_auc={val['auc']:.4f}" if val.get("auc") is not None else ""
+    return (
+        f"epoch {rec['epoch']}/{event.epochs} {losses}{acc}{auc} "
+        f"{rec['images_per_s']:.1f} img/s {rec['seconds']:.1f}s"
+    )
+
+
+class TrainView(LiveView):
+    """Renders training events as timm and yolo do: one line per epoch that stays on screen,
+    and on a terminal a bar for the epoch in progress (its steps and ETA; fits 80 columns)."""
+
+    def __call__(self, event) -> None:
+        from threengan_cli.train import events
+
+        if self.quiet:
+            return
+        if isinstance(event, events.RunStarted):
+            what = "extending" if event.extended else "resuming" if event.resumed else "training"
+            note(
+                f"{what} {event.method} on {event.train_images} images, "
+                f"{event.steps_per_epoch} steps/epoch, epochs {event.start_epoch + 1}.."
+                f"{event.epochs}, device {event.device} -> {event.run_dir}"
+            )
+            if self.live:
+                self._start(event)
+        elif isinstance(event, events.StepDone) and self.progress is not None:
+            label = f"epoch {event.epoch + 1}/{self.epochs}"
+            self.progress.update(self.task, completed=event.step, total=event.steps, label=label)
+        elif isinstance(event, events.EpochDone):
+            self.print(epoch_line(event))
+            if self.progress is not None and event.epoch + 1 < event.epochs:
+                # The next epoch's bar: its own step count and ETA.
+                label = f"epoch {event.epoch + 2}/{event.epochs}"
+                self.progress.reset(self.task, completed=0, label=label)
+        elif isinstance(event, events.RunFinished):
+            self.close()
+
+    def _start(self, event) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.epochs = event.epochs
+        # "epoch 100/100 ━━━━━━━━━━━━━━━━━━━━ 4450/4450 0:12:34 eta 0:01:02" is 67 columns.
+        self.progress = Progress(
+            TextColumn("{task.fields[label]}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err.console,
+            transient=True,
+        )
+        self.task = self.progress.add_task(
+            "train",
+            total=event.steps_per_epoch,
+            completed=0,
+            label=f"epoch {event.start_epoch + 1}/{event.epochs}",
+        )
+        self.progress.start()
+
+
+class BenchView(LiveView):
+    """Renders benchmark events: the grid (run i of n) with an ETA from measured speed.
+
+    A live bar on a terminal; otherwise one line per run and per epoch (cluster logs)."""
+
+    def __call__(self, event) -> None:
+        from threengan_cli.bench import benchmark as b
+        from threengan_cli.train import events
+
+        if self.quiet:
+            return
+        if isinstance(event, b.GridPlanned):
+            self._planned(event)
+        elif isinstance(event, b.RunBegins):
+            what = "resuming" if event.resumed else "training"
+            line = f"run {event.position}/{event.count} {event.spec.name}"
+            if self.progress is not None:
+                self.progress.update(self.task, description=esc(line), info=what)
+            else:
+                note(f"{line}: {what} (seed {event.spec.settings.seed})")
+        elif isinstance(event, b.RunProgress):
+            if self.progress is not None:
+                info = {}
+                if isinstance(event.event, events.StepDone):
+                    info["info"] = f"epoch {event.event.epoch + 1}/{event.spec.settings.epochs}"
+                eta = duration(event.eta_s)
+                self.progress.update(self.task, completed=event.fraction, eta=eta, **info)
+            elif isinstance(event.event, events.EpochDone):
+                rec = event.event.record
+                val = (rec.get("val") or {}).get("accuracy")
+                shown = f" val_acc={val:.4f}" if val is not None else ""
+                note(
+                    f"  {event.spec.name} epoch {rec['epoch']}/{event.event.epochs}{shown} "
+                    f"{rec['images_per_s']:.1f} img/s; grid {100 * event.fraction:.0f}%, "
+                    f"eta {duration(event.eta_s)}"
+                )
+        elif isinstance(event, b.RunEnds):
+            rec = event.record
+            if rec["status"] == "failed":
+                line = f"{rec['name']} failed: {rec.get('error')}"
+            else:
+                acc = rec["test"].get("accuracy")
+                shown = f"test accuracy {acc:.4f} (final epoch)" if acc is not None else "no test"
+                line = (
+                    f"{rec['name']} done: {shown}, "
+                    f"{rec.get('elapsed_s') or 0:.0f}s; eta {duration(event.eta_s)}"
+                )
+            self.print(f"run {event.position}/{event.count} {line}")
+
+    def _planned(self, event) -> None:
+        shard = f" (shard {event.shard[0]}/{event.shard[1]})" if event.shard[1] > 1 else ""
+        note(
+            f"benchmark{shard}: {event.slice_runs} of {event.total} runs; "
+            f"{len(event.finished)} already finished (skipped), {len(event.todo)} to train "
+            f"-> {event.out}"
+        )
+        if self.live and event.todo:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=20),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                TextColumn("eta {task.fields[eta]}"),
+                TextColumn("{task.fields[info]}"),
+                console=err.console,
+            )
+            self.task = self.progress.add_task("grid", total=1.0, eta="?", info="")
+            self.progress.start()
+
+
+def evaluation_tables(result) -> None:
+    """The scores, the confusion matrix and per-class counts as tables on stdout."""
+    from pathlib import Path
+
+    from rich import box
+    from rich.table import Table
+
+    m = result.metrics
+    split = f" ({result.data.split})" if result.data.split else ""
+    scores = Table(
+        title=esc(f"{Path(result.data.source).name}{split}: {m['n']} images"),
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+    )
+    scores.add_column("metric")
+    scores.add_column("all images", justify="right")
+    unflagged = result.unflagged
+    if unflagged is not None:
+        scores.add_column(f"not flagged ({unflagged['n']})", justify="right")
+    keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+    for key in (*keys, "ece", "brier"):
+        values = [m.get(key)] + ([unflagged.get(key)] if unflagged is not None else [])
+        shown = ["undefined" if v is None else f"{v:.4f}" for v in values]
+        scores.add_row(key.replace("_", " ").replace("ece", "ECE (15 bins)"), *shown)
+    if result.flagged is not None:
+        share = f"{result.flagged:.1%} (score above {result.ood_threshold:g})"
+        scores.add_row("flagged as unlike the training X-rays", share, *([""] if unflagged else []))
+    out.print(scores)
+    matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
+    matrix.add_column("true \\ predicted")
+    for c in result.classes:
+        matrix.add_column(esc(c), justify="right")
+    matrix.add_column("images", justify="right")
+    matrix.add_column("correct", justify="right")
+    for c, row in zip(result.classes, m["confusion"], strict=True):
+        counts = result.per_class[c]
+        matrix.add_row(
+            esc(c), *(str(n) for n in row), str(counts["images"]), str(counts["correct"])
+        )
+    out.print(matrix)
+
+
+def runs_table(found) -> None:
+    """``threengan runs``: one row per run. The accuracies are of the model ``--run`` uses
+    (best on val, its epoch in brackets); ``final`` is the final epoch's test accuracy."""
+    from rich import box
+    from rich.table import Table
+
+    from threengan_cli.train.runlist import human_bytes
+
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        caption="val/test acc: of best.safetensors, the model --run uses (its epoch); "
+        "final: test acc of the final epoch",
+    )
+    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "final", "size")
+    for column in columns:
+        right = column in ("N", "epochs", "val acc", "test acc", "final", "size")
+        table.add_column(column, justify="right" if right else "left")
+
+    def acc(value) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    for r in found:
+        epoch = f" ({r.best_epoch})" if r.best_epoch is not None else ""
+        table.add_row(
+            esc(r.name),
+            esc(r.method or "?"),
+            esc(r.size or ("?" if r.state == "damaged" else "all")),
+            esc(f"{r.epochs_done}/{r.epochs_planned or '?'}"),
+            f"[red]{r.state}[/]" if r.state == "damaged" else r.state,
+            acc(r.val_accuracy),
+            acc(r.test_accuracy) + (epoch if r.test_accuracy is not None else ""),
+            acc(r.test_accuracy_final),
+            human_bytes(r.bytes),
+        )
+    print_whole(table)

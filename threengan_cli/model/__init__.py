@@ -1,0 +1,1 @@
+"""The model: networks, losses, methods, pseudo-labels, weight averaging and the model file."""

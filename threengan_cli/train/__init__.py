@@ -1,0 +1,1 @@
+"""Training: the run folder, the loop, where it computes, scoring during training, its events."""

@@ -1,0 +1,241 @@
+"""Training runs on disk: list them (``threengan runs``) and prune their resumable checkpoints.
+
+A run folder holds ``run.json``, ``settings.json``, ``metrics.jsonl`` (one line per epoch),
+``last.safetensors`` (everything a resume needs: weights, optimizer and RNG state; about
+109 MB for a width-64 3ngan run), ``best.safetensors`` (the best-on-val weights) and, once
+finished, ``summary.json``. :func:`read_run_info` sums up one folder for the listing; it reads
+only the checkpoints' JSON headers, never their tensors, and never imports torch.
+
+State: ``finished`` when the last checkpoint says so (or, once pruned, ``summary.json`` is
+there), else ``running`` while a live process holds the run's writer lock (:mod:`runs`),
+else ``stopped`` (resumable with ``train --resume``); ``damaged`` when one of its files
+cannot be read as a run's (the reason in ``error``; the other runs list as usual). The files
+are read with :mod:`runs`' readers, which own their format.
+
+Accuracies are those of the model ``--run`` loads: ``best.safetensors``, the best epoch on
+val (``best_epoch``); the final epoch's test accuracy is ``test_accuracy_final``.
+
+Pruning a finished run copies the final epoch's weights, byte for byte, into
+``final.safetensors`` (a few MB: no optimizer state) and deletes ``last.safetensors``;
+``--run`` still finds ``best.safetensors`` (or ``final``), so classify, evaluate and
+generate keep working. Only extending the run (``train --resume --epochs``) needs what was
+deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from threengan_cli.core import paths
+from threengan_cli.model import modelfile
+from threengan_cli.train import runlock, runs
+from threengan_cli.train.runs import BEST, FINAL, LAST, METRICS, RUN, SETTINGS
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: str
+    method: str | None
+    size: int | None  # labelled training images N
+    epochs_done: int
+    epochs_planned: int | None
+    state: str  # finished, running, stopped or damaged
+    # Of the model that --run uses: best.safetensors (the best epoch on val) where it is there
+    val_accuracy: float | None
+    test_accuracy: float | None
+    bytes: int
+    resumable: bool  # last.safetensors is there
+    error: str | None = None  # what is damaged (state "damaged")
+    best_epoch: int | None = None  # the epoch of best.safetensors
+    test_accuracy_final: float | None = None  # of the final epoch's weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Pruned:
+    name: str
+    freed_bytes: int
+    wrote_final: bool
+
+
+def _disk_bytes(folder: Path) -> tuple[int, float]:
+    """Bytes of every file under ``folder`` and the newest modification time."""
+    total, newest = 0, 0.0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_size
+            newest = max(newest, st.st_mtime)
+    return total, newest
+
+
+def read_run_info(run_dir: Path, name: str | None = None) -> RunInfo:
+    """What a run folder says about itself (see the module docstring). A damaged file makes
+    the run ``damaged``, with the reason in ``error``: never an exception, so one damaged run
+    does not hide the others."""
+    run_dir = Path(run_dir)
+    try:
+        return _read_run_info(run_dir, name or run_dir.name)
+    except (runs.RunError, modelfile.CheckpointError) as exc:
+        return RunInfo(
+            name=name or run_dir.name,
+            path=str(run_dir),
+            method=None,
+            size=None,
+            epochs_done=0,
+            epochs_planned=None,
+            state="damaged",
+            val_accuracy=None,
+            test_accuracy=None,
+            bytes=_disk_bytes(run_dir)[0],
+            resumable=(run_dir / LAST).is_file(),
+            error=str(exc),
+        )
+
+
+def _object(path: Path, optional: bool = False) -> dict[str, Any]:
+    if optional and not path.is_file():
+        return {}
+    data = runs.read_json(path)
+    if not isinstance(data, dict):
+        raise runs.RunError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def _typed(value: Any, kind: type, path: Path, what: str) -> Any:
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise runs.RunError(f"{path} is damaged ({what} is {type(value).__name__}: {value!r:.40})")
+
+
+def _read_run_info(run_dir: Path, name: str) -> RunInfo:
+    run = _object(run_dir / RUN, optional=True)
+    settings = _object(run_dir / SETTINGS, optional=True) or run.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise runs.RunError(f"{run_dir / RUN} is damaged (settings is not an object)")
+    where = run_dir / SETTINGS
+    method = _typed(settings.get("method") or run.get("method"), str, where, "method")
+    size = _typed(settings.get("size") or run.get("train_images"), int, where, "size")
+    planned = _typed(settings.get("epochs"), int, where, "epochs")
+    records = runs.read_metrics(run_dir / METRICS)
+    summary = runs.read_summary(run_dir)
+    done = max((r["epoch"] for r in records), default=0)
+    finished, best_epoch = False, None
+    if (run_dir / LAST).is_file():
+        meta = modelfile.read_meta(run_dir / LAST)
+        position = meta.get("position")
+        epoch = position.get("epoch") if isinstance(position, dict) else None
+        done = _typed(epoch, int, run_dir / LAST, "position.epoch") or done
+        saved = meta.get("settings")
+        if isinstance(saved, dict):
+            planned = _typed(saved.get("epochs"), int, run_dir / LAST, "epochs") or planned
+        finished = bool(meta.get("finished")) and summary is not None
+        best_epoch = _typed(meta.get("best_epoch"), int, run_dir / LAST, "best_epoch")
+    elif summary is not None:  # pruned: the summary is what is left of the finish
+        finished = True
+        done = planned = summary["epochs"]
+    if finished:
+        state = "finished"
+        best_epoch = summary.get("best_epoch_on_val") or best_epoch
+    else:
+        state = "running" if runlock.locked_by(run_dir) else "stopped"
+    # --run takes best.safetensors (the best epoch on val) while there is one: the numbers
+    # shown are of that model, and the final epoch's test accuracy is shown beside them.
+    uses_best = (run_dir / BEST).is_file() and best_epoch is not None
+    val_epoch = best_epoch if uses_best else done
+    val = next((r.get("val") for r in records if r["epoch"] == val_epoch), None)
+    if not isinstance(val, dict):
+        val = summary["val"] if finished else {}
+    val_accuracy = _typed(val.get("accuracy"), (int, float), run_dir / METRICS, "val accuracy")
+    test_final = test_used = None
+    if finished:
+        test_final = summary["test"].get("accuracy")
+        test_used = test_final
+        if uses_best and summary.get("test_of_best_on_val") is not None:
+            test_used = summary["test_of_best_on_val"].get("accuracy")
+    return RunInfo(
+        name=name,
+        path=str(run_dir),
+        method=method,
+        size=size,
+        epochs_done=int(done or 0),
+        epochs_planned=planned,
+        state=state,
+        val_accuracy=val_accuracy,
+        test_accuracy=test_used,
+        bytes=_disk_bytes(run_dir)[0],
+        resumable=(run_dir / LAST).is_file(),
+        best_epoch=best_epoch if uses_best else None,
+        test_accuracy_final=test_final,
+    )
+
+
+def run_folders(home: Path | None = None) -> list[tuple[str, Path]]:
+    """(name, folder) of every run under the data dir: ``runs/<name>`` as ``<name>``, and a
+    benchmark's ``benchmarks/<bench>/runs/<name>`` as ``<bench>/<name>``."""
+    home = Path(home) if home is not None else paths.home()
+    found: list[tuple[str, Path]] = []
+
+    def visible(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    for run_dir in visible(home / "runs"):
+        if (run_dir / RUN).is_file():
+            found.append((run_dir.name, run_dir))
+    for bench in visible(home / "benchmarks"):
+        for run_dir in visible(bench / "runs"):
+            if (run_dir / RUN).is_file():
+                found.append((f"{bench.name}/{run_dir.name}", run_dir))
+    return found
+
+
+def list_runs(home: Path | None = None) -> list[RunInfo]:
+    return [read_run_info(folder, name) for name, folder in run_folders(home)]
+
+
+def prune_last(run: RunInfo) -> Pruned | None:
+    """Drop a finished run's resumable checkpoint, keeping its final weights (see the
+    module docstring); ``None`` when there is nothing to prune. It holds the run's writer
+    lock while it works (:class:`runlock.RunLocked` while another process writes the run) and
+    looks at the run again under it: a run being extended is not finished any more."""
+    run_dir = Path(run.path)
+    with runlock.lock(run_dir):
+        return _prune_locked(run_dir, run.name)
+
+
+def _prune_locked(run_dir: Path, name: str) -> Pruned | None:
+    run = read_run_info(run_dir, name)
+    last = run_dir / LAST
+    if run.state != "finished" or not last.is_file():
+        return None
+    wrote = False
+    if not (run_dir / FINAL).is_file():
+        modelfile.copy_weights(
+            last, run_dir / FINAL, {"weights": "final", "optimizers": None, "pruned_from": LAST}
+        )
+        wrote = True
+    freed = last.stat().st_size
+    last.unlink()
+    return Pruned(run.name, freed, wrote)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+__all__ = ["RunInfo", "list_runs", "prune_last", "read_run_info"]

@@ -1,0 +1,326 @@
+"""The run-folder contract: what a training run's files are called, whether a folder holds a run
+and in what state, reading its JSON files, and which model file a run answers with.
+
+A run folder (``threengan train``, or ``<benchmark>/runs/<method>-n<N>-r<R>``) holds:
+
+- ``settings.json``   the resolved train settings (written first)
+- ``run.json``        dataset, classes, versions, training subset (written second: a folder
+                      with both has started; one without ``run.json`` never finished starting
+                      and may be started again in place)
+- ``metrics.jsonl``   one JSON line per epoch
+- ``last.safetensors`` / ``best.safetensors``  resumable last checkpoint / best on val
+- ``summary.json``    test metrics, written once at the end (the run is finished)
+- ``failed.json``     a benchmark run whose loss became non-finite
+- ``samples/``        sample grids
+- ``.lock``           held while a process writes the run: pid, host, start time
+
+The lock that allows one writer per run is :mod:`runlock`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from threengan_cli.core import paths
+from threengan_cli.model.modelfile import BEST, FINAL, LAST, ModelNotFound, checked_file
+
+__all__ = [
+    "BEST",
+    "FAILED",
+    "FINAL",
+    "LAST",
+    "LOCK",
+    "METRICS",
+    "RUN",
+    "SAMPLES",
+    "SETTINGS",
+    "SUMMARY",
+    "RunError",
+    "append_line",
+    "clear",
+    "holds_run",
+    "read_json",
+    "read_jsonl",
+    "read_metrics",
+    "read_summary",
+    "model_file",
+    "init_file",
+    "resolve_run",
+    "run_of",
+    "settings_differ",
+    "state",
+]
+
+SETTINGS, RUN, METRICS, SUMMARY = "settings.json", "run.json", "metrics.jsonl", "summary.json"
+FAILED, SAMPLES, LOCK = "failed.json", "samples", ".lock"
+# What a start that was killed before run.json can leave behind: nothing worth keeping.
+_START_DEBRIS = frozenset({SETTINGS, SAMPLES, LOCK, METRICS})
+# A run's own files are opened without following symbolic links (where the OS can).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class RunError(Exception):
+    """A run folder or one of its files that cannot be used; one line for the user."""
+
+
+
+# ------------------------------------------------------------------------------- reading
+def read_json(path: Path) -> Any:
+    """A JSON file, or a :class:`RunError` naming the file (and the line of a syntax error)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} cannot be read ({_reason(exc)})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped); a bad line is a
+    :class:`RunError` naming the file and the line number.
+
+    A last line without its newline that does not parse is what a process killed while
+    appending leaves: it is dropped (the record it was writing is lost, nothing else). A bad
+    line that ends in a newline was written whole, and is damage."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RunError(f"{path} cannot be read ({_reason(exc)})") from None
+    lines = raw.split(b"\n")
+    last = len(lines)  # its line is b"" when the file ends with a newline, as appends do
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            if number == last:
+                continue
+            raise RunError(f"{path} line {number} is not UTF-8 ({exc.reason})") from None
+        except json.JSONDecodeError as exc:
+            if number == last:
+                continue
+            raise RunError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path} line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_metrics(path: Path, upto_epoch: int | None = None) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl`` (those up to ``upto_epoch``); each must carry an
+    integer ``epoch``."""
+    records = read_jsonl(path)
+    for number, record in enumerate(records, start=1):
+        epoch = record.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise RunError(f"{path}: record {number} has no integer epoch")
+    if upto_epoch is None:
+        return records
+    return [r for r in records if r["epoch"] <= upto_epoch]
+
+
+_METRIC_KEYS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """``summary.json`` of a finished run, checked to hold what is read from it (the epochs,
+    the time, and val and test metrics as numbers); ``None`` when there is none. Damage is a
+    :class:`RunError` naming the file and what is wrong."""
+    path = Path(folder) / SUMMARY
+    if not path.is_file():
+        return None
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise RunError(f"{path} is damaged (not a JSON object)")
+
+    def damaged(what: str) -> RunError:
+        return RunError(f"{path} is damaged ({what})")
+
+    epochs, elapsed = summary.get("epochs"), summary.get("elapsed_s")
+    if not _is_int(epochs) or epochs < 1:
+        raise damaged("no epoch count")
+    if not _is_number(elapsed):
+        raise damaged("no elapsed_s")
+    for key in ("val", "test", "test_of_best_on_val"):
+        metrics = summary.get(key)
+        if metrics is None and key == "test_of_best_on_val":
+            continue
+        if not isinstance(metrics, dict):
+            raise damaged(f"{key} is not an object")
+        for name in _METRIC_KEYS:
+            value = metrics.get(name)
+            if value is not None and not _is_number(value):
+                raise damaged(f"{key}.{name} is not a number")
+    best = summary.get("best_epoch_on_val")
+    if best is not None and not _is_int(best):
+        raise damaged("best_epoch_on_val is not an epoch")
+    return summary
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Settings that may differ between a run folder and a command that would train it again: the
+# same run on another device, or with(out) CUDA graphs, is the same experiment.
+_SAME_RUN_ANYWHERE = frozenset({"device", "cuda_graphs"})
+
+
+def settings_differ(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The settings (sorted names) in which a run's ``settings.json`` and a command's settings
+    differ, leaving out those that do not change the experiment."""
+    return sorted(
+        k
+        for k in set(saved) | set(asked)
+        if k not in _SAME_RUN_ANYWHERE and saved.get(k) != asked.get(k)
+    )
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a run's JSON-lines file in one write, never through a symbolic
+    link (a link there is a :class:`RunError`). A kill mid-write leaves a last line without
+    its newline, which :func:`read_jsonl` drops."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunError(f"{path} is a symbolic link; a run writes only its own files") from None
+        raise
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------- state
+def state(folder: Path) -> str:
+    """What ``folder`` is, as a run:
+
+    ``absent`` (no folder), ``empty``, ``unstarted`` (a start killed before ``run.json``:
+    only start debris, safe to start again in place), ``started`` (no checkpoint yet: a
+    resume starts over), ``resumable``, ``finished``, ``failed``, or ``other`` (files that
+    are not a run's).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        return "other"
+    names = {p.name for p in folder.iterdir() if not _is_temporary(p.name)}
+    if not names - {LOCK}:
+        return "empty"
+    if (folder / SUMMARY).is_file():
+        return "finished"
+    if (folder / FAILED).is_file():
+        return "failed"
+    if (folder / RUN).is_file() and (folder / SETTINGS).is_file():
+        return "resumable" if (folder / LAST).is_file() else "started"
+    if names <= _START_DEBRIS and not any((folder / SAMPLES).glob("*")):
+        return "unstarted"
+    return "other"
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint file lies in (its ``run.json`` beside it), or ``None``."""
+    folder = Path(checkpoint).parent
+    return folder if (folder / RUN).is_file() else None
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether starting a new run in ``folder`` would replace something worth keeping."""
+    return state(folder) not in ("absent", "empty", "unstarted")
+
+
+def _is_temporary(name: str) -> bool:
+    """Temporaries of :mod:`fileio` (``.<name>.<random>.tmp``); the writer or the next
+    run removes them."""
+    return name.startswith(".") and name.endswith((".tmp", ".partial"))
+
+
+_RUN_FILES = (SETTINGS, RUN, METRICS, SUMMARY, FAILED, LAST, BEST, FINAL)
+
+
+def clear(folder: Path) -> None:
+    """Delete what a run writes in ``folder`` (``train --force``), under its lock: the run's
+    own files, its sample grids and its temporaries; anything else in the folder stays."""
+    import shutil
+
+    folder = Path(folder)
+    for name in _RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    samples = folder / SAMPLES
+    if samples.is_dir() and not samples.is_symlink():
+        shutil.rmtree(samples)
+    for entry in folder.iterdir():
+        if _is_temporary(entry.name) and any(entry.name.startswith(f".{n}.") for n in _RUN_FILES):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+
+# ------------------------------------------------------------------- which model a run answers
+def resolve_run(name_or_path: str) -> Path:
+    """A training run given by name (under the data dir) or by folder path."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_dir() and (candidate / RUN).exists():
+        return candidate
+    if paths.is_name(name_or_path):
+        return paths.runs_dir() / name_or_path
+    return candidate
+
+
+def model_file(checkpoint: Path | None = None, run: str | None = None) -> Path:
+    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default."""
+    if checkpoint is not None and run is not None:
+        raise ModelNotFound("give either --checkpoint or --run, not both")
+    if checkpoint is not None and Path(checkpoint).expanduser().is_dir():
+        run = str(checkpoint)  # a run folder passed as a checkpoint: take the run's model
+    elif checkpoint is not None or run is None:
+        return checked_file(checkpoint)
+    run_dir = resolve_run(run)
+    if not run_dir.is_dir():
+        raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
+    for name in (BEST, LAST, FINAL):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
+
+
+def init_file(source: str) -> Path:
+    """The checkpoint ``train --init`` starts from: ``default`` (the bundled model), a
+    checkpoint file, or a run (name or folder), whose checkpoint is chosen as ``--run``
+    chooses it."""
+    if source == "default":
+        return model_file()
+    path = Path(source).expanduser()
+    if path.is_file() or path.suffix == ".safetensors":
+        return model_file(checkpoint=path)
+    return model_file(run=source)
