@@ -22,8 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from threengan_cli.core.settings import PrepareSettings
-from threengan_cli.data.datasets import prepare
 from threengan_cli.data.images import is_image_file
+from threengan_cli.data.prepare import prepare
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-chest-xray"
 

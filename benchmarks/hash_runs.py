@@ -24,7 +24,7 @@ METHODS = ("vanilla", "sgan", "ecgan", "3ngan")
 
 def tiny_dataset(root: Path) -> Path:
     from threengan_cli.core.settings import PrepareSettings
-    from threengan_cli.data.datasets import prepare
+    from threengan_cli.data.prepare import prepare
 
     rng = np.random.default_rng(0)
     arrays = {}

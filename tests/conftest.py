@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from threengan_cli.core.settings import PrepareSettings
-from threengan_cli.data.datasets import prepare
+from threengan_cli.data.prepare import prepare
 
 
 @pytest.fixture(autouse=True)

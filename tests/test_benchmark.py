@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from threengan_cli.bench import benchmark, grid, report
+from threengan_cli.bench.merge import merge
 from threengan_cli.cli.app import app
 from threengan_cli.core import settings as settings_mod
 from threengan_cli.model.methods import METHODS
@@ -213,7 +214,7 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
 ):
     cfg = _smoke(methods=("vanilla",), sizes=(8, 16), epochs=2)
     out = tmp_path / "bench"
-    monkeypatch.setattr(benchmark, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
+    monkeypatch.setattr(events, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
 
     def stop_after_first_epoch(event):
         inner = getattr(event, "event", None)
@@ -278,19 +279,19 @@ def test_two_shards_merged_equal_the_unsharded_report(smoke, dataset, tmp_path):
     b = benchmark.run(dataset, _smoke(), tmp_path / "s2", shard=(2, 2))
     assert b["shard"] == "2/2"
     assert a["shard"] == "1/2" and a["counts"]["grid"] == 2
-    merged = benchmark.merge([tmp_path / "s1", tmp_path / "s2"], tmp_path / "all")
+    merged = merge([tmp_path / "s1", tmp_path / "s2"], tmp_path / "all")
     assert merged["counts"] == smoke[1]["counts"]
     assert _numbers(merged["results"]) == _numbers(smoke[1]["results"])
     assert (tmp_path / "all" / "report.md").is_file()
 
-    partial = benchmark.merge([tmp_path / "s1"], tmp_path / "half")
+    partial = merge([tmp_path / "s1"], tmp_path / "half")
     assert partial["missing"] == [s.name for s in two]
 
 
 def test_merging_different_grids_is_refused(smoke, dataset, tmp_path):
     benchmark.run(dataset, _smoke(methods=("vanilla",), sizes=(8,), seed=5), tmp_path / "other")
     with pytest.raises(benchmark.BenchmarkError, match="different benchmark"):
-        benchmark.merge([smoke[0], tmp_path / "other"], tmp_path / "m")
+        merge([smoke[0], tmp_path / "other"], tmp_path / "m")
 
 
 def test_a_bad_grid_setting_is_one_line_like_any_other_section():

@@ -289,7 +289,7 @@ def test_nothing_on_stdin_is_a_usage_error_before_any_model_is_loaded(tmp_path, 
 
     from threengan_cli.cli import classify as classify_command
 
-    monkeypatch.setattr(classify_command, "load_classifier_or_exit", no_model)
+    monkeypatch.setattr(classify_command, "classifier_of", no_model)
     for given in ([], ["-"]):
         result = _cli(*given, input="\n  \n")
         assert result.exit_code == 2, result.output

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from threengan_cli.cli.app import app
 from threengan_cli.core import paths
 from threengan_cli.core.settings import PrepareSettings
-from threengan_cli.data.datasets import prepare
+from threengan_cli.data.prepare import prepare
+from threengan_cli.infer import engine, numpy_engine
 from threengan_cli.infer import evaluate as ev
-from threengan_cli.infer import numpy_engine
 from threengan_cli.infer.classify import classify
 from threengan_cli.infer.torch_engine import load_model
 from threengan_cli.metrics import classification_metrics
@@ -148,7 +148,7 @@ def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model
     chosen = doc["threshold_chosen"]
     assert doc["threshold_source"] == "chosen" and doc["threshold"] == chosen["value"]
     assert chosen["split"] == "val" and chosen["rule"] == "youden"
-    stored = modelfile.stored_threshold(load_model(model_file, device="cpu").meta, model_file)
+    stored = engine.stored_threshold(load_model(model_file, device="cpu").meta, model_file)
     assert stored["value"] == chosen["value"]
     after = numpy_engine.load(model_file)  # the weights are untouched
     for (k1, _), (k2, _) in zip(before, after.layers, strict=True):

@@ -148,7 +148,7 @@ def test_a_copy_cut_short_by_a_kill_is_removed_by_the_next_cleanup(tmp_path):
     folder.mkdir()
     script = (
         "import os, shutil, signal\n"
-        "from threengan_cli import fileio\n"
+        "from threengan_cli.core import fileio\n"
         "shutil.copyfile = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)  # mid-copy\n"
         f"fileio.copy_file({str(source)!r}, {str(folder / 'x.png')!r})\n"
     )
@@ -188,7 +188,7 @@ def test_a_prepared_dataset_follows_the_umask_too(tmp_path, umask_022):
     from image_factory import class_tree
 
     from threengan_cli.core.settings import PrepareSettings
-    from threengan_cli.data.datasets import prepare
+    from threengan_cli.data.prepare import prepare
 
     src = class_tree(tmp_path / "src", {"a": 2, "b": 2})
     out = tmp_path / "ds"

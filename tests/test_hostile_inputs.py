@@ -16,8 +16,8 @@ from model_factory import write_image
 
 from threengan_cli.core.settings import PrepareSettings
 from threengan_cli.data import images
-from threengan_cli.data.datasets import prepare
 from threengan_cli.data.images import ImageReadError, load_image
+from threengan_cli.data.prepare import prepare
 from threengan_cli.infer.classify import classify
 
 DEV_ZERO = Path("/dev/zero")
@@ -114,8 +114,8 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("module", "factory", "make"),
     [
-        ("classify", "_executor", "_executor(2)"),  # classify's pool
-        ("workers", "decode_pool", "decode_pool(2)"),  # the one prepare uses too
+        ("infer.classify", "_executor", "_executor(2)"),  # classify's pool
+        ("data.workers", "decode_pool", "decode_pool(2)"),  # the one prepare uses too
     ],
 )
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

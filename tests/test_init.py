@@ -14,7 +14,7 @@ from threengan_cli.cli.app import app
 from threengan_cli.core import paths
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.model import checkpoints, modelfile
-from threengan_cli.train import events, training
+from threengan_cli.train import events, runstate, training
 
 runner = CliRunner()
 CLASSES = ("0", "1")  # the class names of the session's tiny dataset
@@ -26,7 +26,7 @@ def _settings(**kw) -> TrainSettings:
 
 
 def _nets_at_start(dataset, tmp_path, settings):
-    loop = training._open(torch.device("cpu"), dataset, settings, tmp_path / "run", None)
+    loop = runstate.open_loop(torch.device("cpu"), dataset, settings, tmp_path / "run", None)
     return loop
 
 
@@ -111,7 +111,7 @@ def test_cli_init_a_missing_model_is_a_usage_error_and_a_misfit_a_failure(datase
 def test_init_default_starts_from_the_bundled_model(tmp_path):
     """The bundled model (G and C, no D, width 64, 64 px): its networks are loaded."""
     from threengan_cli.core.settings import PrepareSettings
-    from threengan_cli.data.datasets import prepare
+    from threengan_cli.data.prepare import prepare
 
     bundled = paths.bundled_model()
     if bundled is None:
@@ -121,7 +121,8 @@ def test_init_default_starts_from_the_bundled_model(tmp_path):
             write_image(tmp_path / "src" / label / f"{i}.png", (64, 64), seed=i + 10 * len(label))
     prepare(tmp_path / "src", tmp_path / "ds", PrepareSettings(min_val=0, val_fraction=0.2))
     settings = TrainSettings(init="default", width=64, size=4, device="cpu", batch_size=2)
-    loop = training._open(torch.device("cpu"), tmp_path / "ds", settings, tmp_path / "run", None)
+    run_dir = tmp_path / "run"
+    loop = runstate.open_loop(torch.device("cpu"), tmp_path / "ds", settings, run_dir, None)
     assert loop.meta["init"]["networks"] == ["G", "C"]
     assert loop.meta["init"]["file"] == modelfile.file_id(bundled)
     c = checkpoints.load(bundled).group("net/C")

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from threengan_cli import metrics
 from threengan_cli.cli.app import app
-from threengan_cli.cli.common import EXIT_OOD
-from threengan_cli.infer import numpy_engine, ood
+from threengan_cli.core.errors import EXIT_OOD
+from threengan_cli.infer import blas, numpy_engine, ood
 from threengan_cli.infer.torch_engine import load_model
 from threengan_cli.model.modelfile import ModelError
 
@@ -119,7 +119,7 @@ def test_both_engines_give_the_same_scores_and_flags(stats_ckpt):
 def test_the_temperature_divides_the_logits(stats_ckpt):
     model = numpy_engine.load(stats_ckpt)
     images = familiar_images(4, 32, seed=9)
-    logits, _ = numpy_engine.per_image(model._forward, images)
+    logits, _ = blas.per_image(model._forward, images)
     t = np.float32(model.stats.temperature)
     np.testing.assert_allclose(model.probabilities_of(images), metrics.softmax(logits / t), 1e-6)
 

@@ -1,4 +1,4 @@
-"""datasets.prepare / load_prepared / balanced_subset on small generated sources."""
+"""prepare.prepare, and datasets.load_prepared / balanced_subset, on small generated sources."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from image_factory import class_tree, kermany_like, save
 from PIL import Image
 
 from threengan_cli.core.settings import PrepareSettings
-from threengan_cli.data.datasets import balanced_subset, list_prepared, load_prepared, prepare
+from threengan_cli.data.datasets import balanced_subset, list_prepared, load_prepared
+from threengan_cli.data.prepare import prepare
 from threengan_cli.data.sources import DatasetError, patient_id
 
 SMALL = {"image_size": 16, "workers": 1}

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from threengan_cli.cli.app import app
 from threengan_cli.core.settings import PrepareSettings
-from threengan_cli.data.datasets import load_prepared, prepare
+from threengan_cli.data.datasets import load_prepared
+from threengan_cli.data.prepare import prepare
 from threengan_cli.data.sources import DatasetError
 
 runner = CliRunner()

@@ -301,7 +301,7 @@ def test_a_short_vanilla_run_on_real_xrays_does_not_collapse_to_one_class(tmp_pa
     pneumonia in eval mode. Width 16 keeps it quick; the collapse came from the BatchNorm
     statistics, not from the width."""
     from threengan_cli.core.settings import PrepareSettings
-    from threengan_cli.data.datasets import prepare
+    from threengan_cli.data.prepare import prepare
 
     prepared = tmp_path / "kermany"
     prepare(REAL, prepared, PrepareSettings(workers=min(2, os.cpu_count() or 1)))

@@ -135,6 +135,17 @@ def test_benchmark_runs_are_listed_under_their_benchmark(threengan_home):
     assert (info.name, info.method, info.size) == ("k-quick/3ngan-n200-r0", "3ngan", 200)
 
 
+def test_a_failed_benchmark_run_is_listed_as_failed_not_stopped(threengan_home):
+    run = threengan_home / "benchmarks" / "k-quick" / "runs" / "3ngan-n200-r0"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"method": "3ngan", "size": 200}))
+    (run / "run.json").write_text(json.dumps({"method": "3ngan", "train_images": 200}))
+    (run / "failed.json").write_text(json.dumps({"error": "loss_c became nan at epoch 3"}))
+    [info] = runlist.list_runs()
+    assert info.state == "failed"
+    assert info.test_accuracy is None
+
+
 # ----------------------------------------------------------------------- damaged runs
 def _damaged_copies(finished, home):
     """Copies of a finished run, each damaged in one way that once stopped `runs`."""

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from threengan_cli.bench import benchmark, grid
+from threengan_cli.bench.merge import merge
 from threengan_cli.cli.app import app
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.train import events, runlock, runs, training
@@ -180,7 +181,7 @@ def test_a_lock_file_naming_a_dead_pid_is_stale(tmp_path):
     folder.mkdir()
     record = {"pid": gone.pid, "host": socket.gethostname(), "since": "earlier"}
     (folder / runs.LOCK).write_text(json.dumps(record))
-    assert not runs._alive(record)
+    assert not runlock._alive(record)
     with runlock.lock(folder):
         pass
 
@@ -218,7 +219,7 @@ def test_a_lock_naming_another_host_that_no_one_holds_is_not_running(tmp_path):
     (folder / runs.LOCK).write_text(json.dumps(record))
     assert runlock.locked_by(folder) is None
     with runlock.lock(folder):  # and it is taken over
-        holder = runs._holder(folder / runs.LOCK)
+        holder = runlock._holder(folder / runs.LOCK)
         assert holder["pid"] == os.getpid()
 
 
@@ -352,20 +353,24 @@ def test_benchmark_and_merge_name_a_damaged_file_and_line(dataset, tmp_path):
     assert result.exit_code == 1 and "is not valid JSON" in result.output
     (out / "benchmark.json").write_text('{"settings": {"profile": 3}}')
     with pytest.raises(benchmark.BenchmarkError, match="benchmark.json holds no valid"):
-        benchmark.merge([out], tmp_path / "m")
+        merge([out], tmp_path / "m")
     (run_dir / runs.SETTINGS).write_text("{\n,")
     with pytest.raises(benchmark.BenchmarkError, match=rf"{runs.SETTINGS} line 2"):
         benchmark.run(dataset, cfg, out)
 
 
 def test_run_folder_names_have_one_owner():
-    """The modules that read or write run folders use runs' names, never spell them."""
+    """The modules that read or write run folders use runs' names, never spell them (the
+    checkpoints' names are model/modelfile's, below the run folder, and runs uses them)."""
     import ast
 
     names = {runs.RUN, runs.METRICS, runs.SUMMARY, runs.FAILED, runs.BEST, runs.LAST, runs.FINAL}
     names.add(runs.SETTINGS)
-    package = Path(runs.__file__).parent
-    users = ("benchmark", "cli_evaluate", "cli_train", "modelfile", "paths", "runlist", "training")
+    package = Path(runs.__file__).parents[1]
+    users = (
+        "bench/benchmark", "cli/evaluate", "cli/train", "core/paths",
+        "train/runlist", "train/training",
+    )
     spelled = [
         (module, node.lineno, node.value)
         for module in users

@@ -375,7 +375,7 @@ def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
     from model_factory import write_image
 
     from threengan_cli.core.settings import PrepareSettings
-    from threengan_cli.data.datasets import prepare
+    from threengan_cli.data.prepare import prepare
 
     for i in range(6):
         for label in ("a", "b"):

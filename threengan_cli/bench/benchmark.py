@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from threengan_cli.bench.grid import (
     PROFILES,
     BenchmarkSettings,
@@ -45,19 +43,19 @@ from threengan_cli.bench.report import (
     write_outputs,
 )
 from threengan_cli.core import fileio, system
+from threengan_cli.core.errors import Failure
 from threengan_cli.train import runs
 
 # A run of the grid writes its checkpoints at most this often (and at its end): a killed
 # benchmark loses at most the run in progress, and on a GPU, where an epoch of 200 images
 # takes milliseconds, the grid is not spent writing optimizer state.
-CHECKPOINT_EVERY_S = 60.0
 
 _RUN_NAME = re.compile(
     r"^(?P<method>[a-z0-9-]+)(\+(?P<recipe>[a-z]+))?-n(?P<size>\d+)-r(?P<repeat>\d+)$"
 )
 
 
-class BenchmarkError(Exception):
+class BenchmarkError(Failure):
     """A benchmark that cannot start or be merged; the message is one line for the user."""
 
 
@@ -155,15 +153,11 @@ class _Clock:
 
 
 # ---------------------------------------------------------------------------- run folders
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return runs.read_json(path)
     except runs.RunError as exc:  # names the file and the line
         raise BenchmarkError(str(exc)) from None
-
-
-def _same_dataset(a: str | Path, b: str | Path) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
@@ -174,27 +168,22 @@ def check_run_folder(run_dir: Path, spec: RunSpec, dataset: Path) -> str:
 
     A folder written with other settings, or on another dataset, is a BenchmarkError.
     """
-    if not run_dir.exists():
+    if not (run_dir / runs.SETTINGS).is_file():
         return runs.state(run_dir)
-    saved_path = run_dir / runs.SETTINGS
-    if saved_path.is_file():
-        saved = _read_json(saved_path)
-        asked = spec.settings.model_dump(mode="json")
-        diff = runs.settings_differ(saved, asked)
-        if diff:
-            k = diff[0]
-            raise BenchmarkError(
-                f"{run_dir} was written with other settings ({k} = {saved.get(k)!r} there, "
-                f"{asked.get(k)!r} asked{', and more' if len(diff) > 1 else ''}); "
-                "use another --out, or delete that folder to train it again"
-            )
-        meta_path = run_dir / runs.RUN
-        if meta_path.is_file():
-            there = _read_json(meta_path).get("dataset")
-            if there and not _same_dataset(there, dataset):
-                raise BenchmarkError(
-                    f"{run_dir} was trained on {there}, not {dataset}; use another --out"
-                )
+    try:
+        found = runs.difference(run_dir, spec.settings.model_dump(mode="json"), dataset)
+    except runs.RunError as exc:  # names the file and the line
+        raise BenchmarkError(str(exc)) from None
+    if found is not None and found.what == "dataset":
+        raise BenchmarkError(
+            f"{run_dir} was trained on {found.there}, not {dataset}; use another --out"
+        )
+    if found is not None:
+        raise BenchmarkError(
+            f"{run_dir} was written with other settings ({found.key} = {found.there!r} there, "
+            f"{found.asked!r} asked{', and more' if found.more else ''}); "
+            "use another --out, or delete that folder to train it again"
+        )
     return runs.state(run_dir)
 
 
@@ -235,16 +224,16 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
         "folder": str(run_dir),
     }
     settings = (
-        _read_json(run_dir / runs.SETTINGS) if (run_dir / runs.SETTINGS).is_file() else {}
+        read_json(run_dir / runs.SETTINGS) if (run_dir / runs.SETTINGS).is_file() else {}
     )
-    run_meta = _read_json(run_dir / runs.RUN) if (run_dir / runs.RUN).is_file() else {}
+    run_meta = read_json(run_dir / runs.RUN) if (run_dir / runs.RUN).is_file() else {}
     record.update(seed=settings.get("seed"), settings=settings)
     record["versions"] = run_meta.get("versions")
     record["dataset"] = run_meta.get("dataset")
     if (run_dir / runs.FAILED).is_file() and not (run_dir / runs.SUMMARY).is_file():
-        record.update(status="failed", error=_read_json(run_dir / runs.FAILED).get("error"))
+        record.update(status="failed", error=read_json(run_dir / runs.FAILED).get("error"))
         return record
-    summary = _read_json(run_dir / runs.SUMMARY)
+    summary = read_json(run_dir / runs.SUMMARY)
     if not isinstance(summary, dict) or not isinstance(summary.get("test"), dict):
         raise BenchmarkError(f"{run_dir / runs.SUMMARY} holds no test metrics")
     epochs = []
@@ -385,7 +374,7 @@ def run(
                 resume=states[spec.name] == "resumable",
                 on_event=forward,
                 test_every_epoch=True,
-                checkpoint_every_s=CHECKPOINT_EVERY_S,
+                checkpoint_every_s=events.CHECKPOINT_EVERY_S,
                 stop_flag=stop,
             )
         except events.NonFiniteLoss as exc:
@@ -457,53 +446,3 @@ def _in_threads(train_one, jobs: list, parallel: int, stop: threading.Event) -> 
         from threengan_cli.train.events import Stopped
 
         raise Stopped(getattr(stop, "signum", None))
-
-
-def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Join the outputs of shards (or of any benchmark folders with one grid) into one
-    report; the same aggregation as an unsharded run. Runs missing from every folder are
-    listed as missing, not silently left out."""
-    if not dirs:
-        raise BenchmarkError("give at least one benchmark folder to merge")
-    cfg: BenchmarkSettings | None = None
-    dataset = None
-    found: dict[str, Path] = {}
-    for d in map(Path, dirs):
-        manifest_path = d / "benchmark.json"
-        if not manifest_path.is_file():
-            raise BenchmarkError(f"{d} is not a benchmark folder (no benchmark.json)")
-        manifest = _read_json(manifest_path)
-        try:
-            this = BenchmarkSettings(**manifest["settings"])
-        except (KeyError, TypeError, ValidationError) as exc:
-            first = str(exc).splitlines()[0]
-            raise BenchmarkError(f"{manifest_path} holds no valid settings ({first})") from None
-        if cfg is None:
-            cfg, dataset = this, manifest.get("dataset")
-        else:
-            a = this.model_dump(exclude={"device"})
-            b = cfg.model_dump(exclude={"device"})
-            if a != b:
-                k = next(k for k in a if a[k] != b[k])
-                raise BenchmarkError(
-                    f"{d} is a different benchmark ({k} = {a[k]!r} there, {b[k]!r} in "
-                    f"{dirs[0]}); merge only shards of one grid"
-                )
-        for run_dir in sorted((d / "runs").glob("*")):
-            done = runs.state(run_dir) in ("finished", "failed")
-            if done and run_dir.name not in found:
-                found[run_dir.name] = run_dir
-    assert cfg is not None
-    specs = grid(cfg)
-    records = [read_run_record(found[s.name]) for s in specs if s.name in found]
-    return write_outputs(
-        Path(out),
-        cfg,
-        dataset or "",
-        [s.name for s in specs],
-        cells(cfg),
-        comparison_pairs(cfg),
-        records,
-        reductions(cfg, PROFILES["paper"]),
-        merged_from=[str(d) for d in dirs],
-    )

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from threengan_cli.bench.plot import plot
 from threengan_cli.core import fileio, system
 
 RESULTS_FORMAT_VERSION = 2
@@ -41,37 +42,10 @@ PAPER_TABLE1: dict[str, dict[int, float]] = {
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); above 30, 1.96 is
 # within 4% of the exact value. (A table: scipy is not a dependency for eleven numbers.)
-_T95 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
+_T95 = (  # fmt: skip
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )
 
 
@@ -463,58 +437,6 @@ def report_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: Path) -> tuple[Path | None, str | None]:
-    """accuracy_vs_size.png: one line per method with a ±std band, the paper's dashed.
-    Returns (path, None), or (None, why) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None, "matplotlib is not installed (pip install 'threengan[plot]')"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    methods = list(dict.fromkeys(r["method"] for r in results["results"]))
-    for i, method in enumerate(methods):
-        rows = [r for r in results["results"] if r["method"] == method and r["accuracy"]["n"]]
-        if not rows:
-            continue
-        color = f"C{i}"
-        xs = [r["size"] for r in rows]
-        ys = [100 * r["accuracy"]["mean"] for r in rows]
-        sd = [100 * (r["accuracy"]["std"] or 0.0) for r in rows]
-        ax.plot(xs, ys, "o-", color=color, label=f"{method} (ours, final epoch)")
-        ax.fill_between(
-            xs,
-            [y - s for y, s in zip(ys, sd, strict=True)],
-            [y + s for y, s in zip(ys, sd, strict=True)],
-            color=color,
-            alpha=0.2,
-        )
-        if method in PAPER_TABLE1:
-            px = sorted(PAPER_TABLE1[method])
-            ax.plot(
-                px,
-                [PAPER_TABLE1[method][x] for x in px],
-                "--",
-                color=color,
-                alpha=0.6,
-                label=f"{method} (paper)",
-            )
-    ax.set_xlabel("labelled training images N")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against N (mean ± std over repeats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path, None
-
-
 def write_outputs(
     out: Path,
     cfg: Any,
@@ -554,7 +476,7 @@ def write_outputs(
         "versions": system.library_versions(),
         "machine": system.describe(),
     }
-    path, why = plot(results, out / "accuracy_vs_size.png")
+    path, why = plot(results, out / "accuracy_vs_size.png", PAPER_TABLE1)
     results["plot"] = str(path) if path else None
     results["plot_note"] = why
     fileio.write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")

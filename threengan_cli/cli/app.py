@@ -14,6 +14,7 @@ here.
 # 26 ms of every command against 6.5 ms (``benchmarks/bench_startup.py --phases``).
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +24,6 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from threengan_cli import __version__
 from threengan_cli.cli import classify, evaluate, train, views
 from threengan_cli.cli.common import (
-    EXIT_FAIL,
-    EXIT_INTERRUPT,
-    EXIT_USAGE,
     MAX_LISTED,
     CheckpointOpt,
     JsonOpt,
@@ -35,12 +33,14 @@ from threengan_cli.cli.common import (
     device_opt,
     fail,
     flag,
+    handled,
     interrupt_code,
-    load_model_or_exit,
-    settings_or_exit,
+    model_of,
+    settings_of,
 )
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import err, note, print_json, warn
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE
 
 
 def _plain_flags(params: list) -> list:
@@ -95,8 +95,14 @@ app = typer.Typer(
 )
 
 
-def command(**options: Any):
-    return app.command(cls=Command, **options)
+def command(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Register a command whose engine errors end it with their line and exit code."""
+
+    def register(func: Callable[..., Any]) -> Any:
+        return app.command(cls=Command, **options)(handled(func))
+
+    return register
+
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -315,10 +321,9 @@ def prepare(
 
       threengan prepare labels.csv --out ./prepared/xr --force
     """
-    from threengan_cli.data.datasets import prepare as run_prepare
-    from threengan_cli.data.sources import DatasetError
+    from threengan_cli.data.prepare import prepare as run_prepare
 
-    cfg = settings_or_exit(
+    cfg = settings_of(
         "prepare",
         config,
         image_size=image_size,
@@ -335,8 +340,6 @@ def prepare(
     try:
         with views.BarView(not quiet and err.is_terminal, "decoding", counted=True) as view:
             report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
-    except DatasetError as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"preparing {target}"))
 
@@ -465,17 +468,15 @@ def generate(
 
       threengan generate --run my-run --count 1000 --label --out labelled
     """
-    cfg = settings_or_exit("generate", config, count=count, seed=seed, tau=tau, device=device)
+    cfg = settings_of("generate", config, count=count, seed=seed, tau=tau, device=device)
     if out_dir is None and grid is None:
         out_dir = Path("generated")
     if label and out_dir is None:
         fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
 
-    from threengan_cli.infer.generate import GenerateError
     from threengan_cli.infer.generate import generate as run_generate
-    from threengan_cli.model.modelfile import ModelError
 
-    model = load_model_or_exit(checkpoint, run, cfg.device)
+    model = model_of(checkpoint, run, cfg.device)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
     try:
         with views.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
@@ -493,10 +494,6 @@ def generate(
     except KeyboardInterrupt:
         note("interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except GenerateError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
     except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
         fail(views.os_failure(exc, f"writing {out_dir or grid}"))
     if as_json:

@@ -13,24 +13,21 @@ import typer
 
 from threengan_cli.cli import views
 from threengan_cli.cli.common import (
-    EXIT_INTERRUPT,
-    EXIT_OOD,
-    EXIT_PARTIAL,
-    EXIT_USAGE,
     MAX_LISTED,
     CheckpointOpt,
     QuietOpt,
     RunOpt,
+    classifier_of,
     config_opt,
     fail,
     flag,
-    load_classifier_or_exit,
     ood_threshold_of,
-    settings_or_exit,
+    settings_of,
     threshold_of,
 )
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import err, note, warn
+from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_OOD, EXIT_PARTIAL, EXIT_USAGE
 
 
 def _classify_format(given: str | None, configured: str | None, output: Path | None) -> str:
@@ -151,16 +148,11 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
 def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> list[str]:
     """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
     stdin's paths read once (both passes need them)."""
-    from threengan_cli.infer.classify import AdaptError, adapt_bn
+    from threengan_cli.infer.classify import adapt_bn
 
     if stdin is not None:
         inputs = [p for p in inputs if p != "-"] + [line.strip() for line in stdin if line.strip()]
-    try:
-        adapted = adapt_bn(
-            inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude
-        )
-    except AdaptError as exc:
-        fail(str(exc), EXIT_USAGE)
+    adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude)
     if not quiet:
         note(
             f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
@@ -211,14 +203,10 @@ def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
     --sort-into folders, or ``None``."""
     from threengan_cli.infer.classify import Sorter
-    from threengan_cli.model.modelfile import ModelError
 
     engine_name = "torch" if adapt == "bn" else cfg.engine
-    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
-    try:
-        model.require_classifier()
-    except ModelError as exc:
-        fail(str(exc))
+    model = classifier_of(checkpoint, run, cfg.device, engine_name)
+    model.require_classifier()
     sorter = None
     if sort_into is not None:
         try:
@@ -255,7 +243,6 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
     went away or a full disk ends the command with its exit code."""
     from threengan_cli.core.fileio import writes_in_place  # a device or FIFO keeps what it got
-    from threengan_cli.model.modelfile import ModelError
 
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
@@ -265,8 +252,6 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except ModelError as exc:
-        fail(str(exc))
     except BrokenPipeError:
         views.reader_gone()
     except OSError as exc:  # a full disk under -o or under a redirected stdout
@@ -505,7 +490,7 @@ def classify(
       threengan classify inbox/ --sort-into sorted/ --link
     """
     inputs = _inputs_or_exit(inputs, examples)
-    cfg = settings_or_exit(
+    cfg = settings_of(
         "classify",
         config,
         batch_size=batch_size,

@@ -1,22 +1,15 @@
-"""What every command shares: exit codes, the shared options, and the helpers that turn an
-engine's error into one line on stderr and a documented exit code.
+"""What every command shares: the shared options, and the one place that turns an engine's
+error into one line on stderr and its exit code (:func:`handled`; the codes are core/errors').
 
-``cli`` builds the app and registers the commands; ``cli_classify``, ``cli_evaluate`` and
-``cli_train`` hold the long ones. All of them import these pieces from here, never from
-``cli``, so no command module imports the app that registers it.
-
-Exit codes (the same for every command):
-  0  success
-  1  failure (nothing usable was produced)
-  2  usage error (bad flag, bad setting, missing input path)
-  3  partial success (some inputs could not be read; the rest were processed)
-  4  classify --fail-on-ood: some images look unlike the model's training X-rays
-  130 interrupted (Ctrl+C, SIGINT); what was finished is kept
-  143 terminated (SIGTERM, as CI runners cancel a job); what was finished is kept
+``app`` builds the app and registers the commands; ``classify``, ``evaluate``, ``train`` and
+the others hold the long ones. All of them import these pieces from here, never from ``app``,
+so no command module imports the app that registers it.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -24,15 +17,13 @@ import typer
 
 from threengan_cli.cli import views
 from threengan_cli.cli.helptext import shown
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE, Failure
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
 # importing typer does not load rich; every command module imports this one first.
 views.defer_import("rich.markdown", "Markdown")
 views.defer_import("rich.traceback", "Traceback")
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPT = 0, 1, 2, 3, 130
-EXIT_OOD = 4  # classify --fail-on-ood: some images look unlike the model's training X-rays
-EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
 
 
@@ -79,27 +70,44 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     raise typer.Exit(code)
 
 
+def handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command``, ending on an engine's :class:`Failure` with its one line and its exit
+    code: the one place errors become exit codes (the app registers every command so)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Failure as exc:
+            fail(str(exc), exc.exit_code)
+
+    return run
+
+
 def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
     """Take ``folder``'s writer lock into ``holder`` (an ExitStack, or the click context: held
     until the command ends), or exit 1 saying who holds it."""
-    from threengan_cli.train import runlock, runs
+    from threengan_cli.train import runlock
 
     enter = getattr(holder, "enter_context", None) or holder.with_resource
     try:
         enter(runlock.lock(folder, what))
-    except runs.RunError as exc:  # in use, or a .lock that is not a lock file
-        fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"creating {folder}"))
 
 
-def settings_or_exit(section: str, config: Path | None, **flags: Any):
-    from threengan_cli.core.settings import SettingsError, resolve
+def flags_of(model: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The options among a command's parameters (its ``locals()``) that set a field of the
+    settings ``model``: an option named as a field is that field's flag, so none is listed
+    twice."""
+    return {k: v for k, v in given.items() if k in model.model_fields}
 
-    try:
-        return resolve(section, config, **flags)
-    except SettingsError as exc:
-        fail(str(exc), EXIT_USAGE)
+
+def settings_of(section: str, config: Path | None, **flags: Any):
+    """The resolved settings of ``section`` (a :class:`SettingsError`, exit 2, if unusable)."""
+    from threengan_cli.core.settings import resolve
+
+    return resolve(section, config, **flags)
 
 
 RunOpt = Annotated[
@@ -112,34 +120,22 @@ CheckpointOpt = Annotated[
 ]
 
 
-def loaded_or_exit(load: Any) -> Any:
-    """``load()``, with a missing model as a usage error (2) and a bad one as a failure (1)."""
-    from threengan_cli.model.modelfile import ModelError, ModelNotFound
-
-    try:
-        return load()
-    except ModelNotFound as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
-
-
-def load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
+def model_of(checkpoint: Path | None, run: str | None, device: str):
     from threengan_cli.infer.torch_engine import load_model
     from threengan_cli.train import runs
 
-    return loaded_or_exit(lambda: load_model(runs.model_file(checkpoint, run), device))
+    return load_model(runs.model_file(checkpoint, run), device)
 
 
-def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
+def classifier_of(checkpoint: Path | None, run: str | None, device: str, engine: str):
     """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
     never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
     if device not in ("auto", "cpu") or engine == "torch":
-        return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
+        return model_of(checkpoint, run, "cpu" if device == "auto" else device)
     from threengan_cli.infer import numpy_engine
     from threengan_cli.train import runs
 
-    return loaded_or_exit(lambda: numpy_engine.load(runs.model_file(checkpoint, run)))
+    return numpy_engine.load(runs.model_file(checkpoint, run))
 
 
 def threshold_of(model, given: float | None) -> tuple[float, str, str]:
@@ -148,14 +144,10 @@ def threshold_of(model, given: float | None) -> tuple[float, str, str]:
     ``evaluate --threshold-from`` stored in the model; else classify's default. A damaged
     stored one is an error (exit 1), unless a given one overrides it."""
     from threengan_cli.core.settings import ClassifySettings
-    from threengan_cli.model.modelfile import ModelError
 
     if given is not None:
         return given, "given", ""
-    try:
-        stored = model.stored_threshold
-    except ModelError as exc:
-        fail(str(exc))
+    stored = model.stored_threshold
     if stored is None:
         return ClassifySettings.model_fields["threshold"].default, "default", ""
     how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"

@@ -11,23 +11,20 @@ import typer
 
 from threengan_cli.cli import views
 from threengan_cli.cli.common import (
-    EXIT_FAIL,
-    EXIT_INTERRUPT,
-    EXIT_PARTIAL,
-    EXIT_USAGE,
     MAX_LISTED,
     CheckpointOpt,
     JsonOpt,
     QuietOpt,
     RunOpt,
+    classifier_of,
     fail,
     flag,
-    load_classifier_or_exit,
     lock_or_exit,
     ood_threshold_of,
     threshold_of,
 )
 from threengan_cli.cli.views import note, print_json, warn
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -74,19 +71,14 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
 def _model_or_exit(ctx, checkpoint, run, device: str, engine: str, threshold_from):
     """The classifier to score; under --threshold-from its run locked and its file checked
     writable before any work, since the chosen threshold is stored in it."""
-    from threengan_cli.model.modelfile import ModelError, ReadOnlyModel, check_writable
+    from threengan_cli.model.modelfile import check_writable
 
     if threshold_from is not None:  # it writes the checkpoint: one writer per run
         _lock_run_of(ctx, checkpoint, run)
-    model = load_classifier_or_exit(checkpoint, run, device, engine)
-    try:
-        model.require_classifier()
-        if threshold_from is not None:  # before the work: the threshold is stored in it
-            check_writable(model.path)
-    except ReadOnlyModel as exc:
-        fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        fail(str(exc))
+    model = classifier_of(checkpoint, run, device, engine)
+    model.require_classifier()
+    if threshold_from is not None:  # before the work: the threshold is stored in it
+        check_writable(model.path)
     return model
 
 
@@ -115,7 +107,6 @@ def _score_or_exit(
     """The evaluation of DATA at the threshold to use, and the threshold chosen on val
     (``None`` unless --threshold-from chose one)."""
     from threengan_cli.infer import evaluate as ev
-    from threengan_cli.model.modelfile import ModelError
 
     try:
         data_set = ev.read_labelled(data, split, model)
@@ -129,10 +120,6 @@ def _score_or_exit(
         result = ev.evaluate(
             data_set, model, used, source, batch_size, workers, chosen, ood_value
         )
-    except ModelError as exc:  # a damaged stored threshold
-        fail(str(exc))
-    except ev.EvaluateError as exc:
-        fail(str(exc), EXIT_USAGE if "not one of the model's classes" in str(exc) else EXIT_FAIL)
     except KeyboardInterrupt:
         note("interrupted; nothing was stored")
         raise typer.Exit(EXIT_INTERRUPT) from None
@@ -332,8 +319,8 @@ def runs(
       threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
     """
     from threengan_cli.model.modelfile import CheckpointError
-    from threengan_cli.train import runlist
-    from threengan_cli.train import runs as run_folder
+    from threengan_cli.train import runlist, runlock
+    from threengan_cli.train import runs as run_folder  # this command is named runs
 
     found = runlist.list_runs()
     if names:
@@ -347,7 +334,7 @@ def runs(
         for run in found:
             try:
                 done = runlist.prune_last(run)
-            except run_folder.RunLocked as exc:  # another process writes it: never pruned
+            except runlock.RunLocked as exc:  # another process writes it: never pruned
                 views.error(f"cannot prune {run.name}: {exc}")
                 busy.append(run.name)
                 continue

@@ -13,9 +13,6 @@ import typer
 
 from threengan_cli.cli import views
 from threengan_cli.cli.common import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_USAGE,
     MAX_LISTED,
     JsonOpt,
     QuietOpt,
@@ -23,20 +20,17 @@ from threengan_cli.cli.common import (
     device_opt,
     fail,
     flag,
+    flags_of,
     interrupt_code,
     lock_or_exit,
     prepared_or_exit,
-    settings_or_exit,
+    settings_of,
 )
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
+from threengan_cli.core.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Failure
 from threengan_cli.core.names import METHOD_NAMES
-
-# train writes its resumable checkpoint at most this often, as the benchmark does: a width-64
-# robust run with an unlabelled pool writes 160 MB each time, and writing it after every
-# epoch cost the time in docs/performance.md ("Checkpoints on a time basis"). A kill -9 then
-# loses at most this much training; Ctrl+C and SIGTERM still save where they stop.
-DEFAULT_CHECKPOINT_EVERY_S = 60.0
+from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
 
 # -------------------------------------------------------------------------------------- train
@@ -60,7 +54,6 @@ def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> P
 def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
     """(settings, dataset folder, run folder) of the run to continue, its folder locked into
     ``held`` before it is read; only --epochs may change."""
-    from threengan_cli.core.settings import with_stored_recipe
     from threengan_cli.train import runs
 
     run_dir = runs.resolve_run(resume)
@@ -81,47 +74,28 @@ def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
     if state not in ("started", "resumable", "finished", "failed"):
         fail(f"no run to resume at {run_dir}", EXIT_USAGE)
     lock_or_exit(held, run_dir)
-    try:
-        saved = runs.read_json(run_dir / runs.SETTINGS)
-        run_meta = runs.read_json(run_dir / runs.RUN)
-    except runs.RunError as exc:
-        fail(str(exc))
-    if not isinstance(saved, dict) or not isinstance(run_meta, dict):
-        fail(f"{run_dir}: {runs.SETTINGS} and {runs.RUN} must hold JSON objects")
-    if not isinstance(run_meta.get("dataset"), str):
+    saved, dataset = runs.identity(run_dir)
+    if dataset is None:
         fail(f"{run_dir / runs.RUN} does not name the run's dataset")
-    saved = with_stored_recipe(saved)
     if flags["epochs"] is not None:
         saved["epochs"] = flags["epochs"]
-    return settings_or_exit("train", None, **saved), Path(run_meta["dataset"]), run_dir
+    return settings_of("train", None, **saved), Path(dataset), run_dir
 
 
 def _finished_summary(run_dir: Path, quiet: bool) -> dict | None:
     """The summary of a finished run; ``None`` while it is not finished, or when its summary
     is damaged or missing and the last checkpoint lets training recompute it (said on
     stderr). Damage that cannot be recovered is a one-line error."""
-    from threengan_cli.model import modelfile
     from threengan_cli.train import runs
 
-    meta = None
-    if (run_dir / runs.LAST).is_file():
-        try:
-            meta = modelfile.read_meta(run_dir / runs.LAST)
-        except modelfile.CheckpointError as exc:
-            fail(str(exc))
-        if not meta.get("finished"):
-            return None
-    try:
-        summary = runs.read_summary(run_dir)
-    except runs.RunError as exc:
-        if meta is None:
-            fail(
-                f"{exc}; the run's resumable checkpoint was pruned, so it cannot be "
-                "recomputed: train it again with --force"
-            )
-        if not quiet:
-            warn(f"{exc}; the final evaluation runs again to rewrite it")
-        return None
+    summary, problem = runs.finished_summary(run_dir)
+    if problem is not None and not (run_dir / runs.LAST).is_file():
+        fail(
+            f"{problem}; the run's resumable checkpoint was pruned, so it cannot be "
+            "recomputed: train it again with --force"
+        )
+    if problem is not None and not quiet:
+        warn(f"{problem}; the final evaluation runs again to rewrite it")
     return summary
 
 
@@ -178,7 +152,7 @@ def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, for
 
     if dataset is None:
         fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
-    cfg = settings_or_exit("train", config, **flags)
+    cfg = settings_of("train", config, **flags)
     dataset_dir = prepared_or_exit(dataset)
     run_dir = _run_dir_for(dataset, cfg, *where)
     if run_dir.exists() and not run_dir.is_dir():
@@ -204,42 +178,35 @@ def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, for
 def _same_run_or_exit(run_dir: Path, cfg, dataset_dir: Path) -> None:
     """Return when ``run_dir`` holds a run of ``cfg`` on ``dataset_dir``; else a usage
     error that says what differs and what to do."""
-    from threengan_cli.core.settings import with_stored_recipe
     from threengan_cli.train import runs
 
+    asked = cfg.model_dump(mode="json")
     try:
-        saved = runs.read_json(run_dir / runs.SETTINGS)
-        run_meta = runs.read_json(run_dir / runs.RUN)
+        found = runs.difference(run_dir, asked, dataset_dir)
     except runs.RunError as exc:
         fail(f"{run_dir} already holds a run, and {exc}; --force replaces it", EXIT_USAGE)
-    if not isinstance(saved, dict) or not isinstance(run_meta, dict):
-        fail(f"{run_dir} already holds a damaged run; --force replaces it", EXIT_USAGE)
-    there = run_meta.get("dataset")
-    if not isinstance(there, str) or Path(there).resolve() != dataset_dir.resolve():
+    if found is None:
+        return
+    if found.what == "dataset":
         fail(
-            f"{run_dir} already holds a run on another dataset ({there}); use another "
+            f"{run_dir} already holds a run on another dataset ({found.there}); use another "
             "--name, or --force to replace it",
             EXIT_USAGE,
         )
-    saved = with_stored_recipe(saved)
-    asked = cfg.model_dump(mode="json")
-    differ = runs.settings_differ(saved, asked)
-    if differ == ["epochs"] and asked["epochs"] > saved.get("epochs", 0):
+    if found.key == "epochs" and not found.more and found.asked > (found.there or 0):
         fail(
-            f"{run_dir} already holds this run with {saved.get('epochs')} epochs; extend it "
-            f"with: threengan train --resume {run_dir} --epochs {asked['epochs']} (or --force "
+            f"{run_dir} already holds this run with {found.there} epochs; extend it "
+            f"with: threengan train --resume {run_dir} --epochs {found.asked} (or --force "
             "to train it again from scratch)",
             EXIT_USAGE,
         )
-    if differ:
-        k = differ[0]
-        more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
-        fail(
-            f"{run_dir} already holds a run with other settings ({k} = {saved.get(k)!r} "
-            f"there, {asked.get(k)!r} asked{more}): continue it as it is with --resume "
-            f"{run_dir}, use another --name, or --force to replace it",
-            EXIT_USAGE,
-        )
+    more = f", and {found.more} more" if found.more else ""
+    fail(
+        f"{run_dir} already holds a run with other settings ({found.key} = {found.there!r} "
+        f"there, {found.asked!r} asked{more}): continue it as it is with --resume "
+        f"{run_dir}, use another --name, or --force to replace it",
+        EXIT_USAGE,
+    )
 
 
 def _metric(metrics: dict, key: str) -> str:
@@ -400,7 +367,7 @@ def train(
             "often, and always after the last epoch and on Ctrl+C or SIGTERM; 0 = after every "
             "epoch.",
         ),
-    ] = DEFAULT_CHECKPOINT_EVERY_S,
+    ] = CHECKPOINT_EVERY_S,
     config: config_opt("train") = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -426,28 +393,9 @@ def train(
 
       threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
-    flags = {
-        "method": method,
-        "size": size,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "tau": tau,
-        "alpha": alpha,
-        "lam": lam,
-        "kl": kl,
-        "lr": lr,
-        "width": width,
-        "seed": seed,
-        "device": device,
-        "precision": precision,
-        "cuda_graphs": cuda_graphs,
-        "recipe": recipe,
-        "precise_bn": precise_bn,
-        "ema": ema,
-        "augment": augment,
-        "unlabelled": unlabelled,
-        "init": init,
-    }
+    from threengan_cli.core.settings import TrainSettings
+
+    flags = flags_of(TrainSettings, locals())
     if checkpoint_every < 0:
         fail(f"--checkpoint-every takes seconds, 0 or more (got {checkpoint_every})", EXIT_USAGE)
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
@@ -479,9 +427,7 @@ def train(
 
 def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, quiet: bool):
     """Run the engine on a locked run folder; its errors as one line and an exit code."""
-    from threengan_cli.data.sources import DatasetError
-    from threengan_cli.model.modelfile import CheckpointError
-    from threengan_cli.train import events, runs, training
+    from threengan_cli.train import events, training
 
     _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     try:
@@ -497,15 +443,9 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
     except events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(interrupt_code(exc.signum)) from None
-    except events.InitNotFound as exc:
-        fail(str(exc), EXIT_USAGE)
-    except (
-        events.TrainingError,
-        CheckpointError,
-        DatasetError,
-        runs.RunError,
-        ValueError,
-    ) as exc:
+    except ValueError as exc:  # an engine's check that is not one of its Failure errors
+        if isinstance(exc, Failure):
+            raise
         fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
@@ -541,7 +481,7 @@ def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, A
 
 
 def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
-    from threengan_cli.bench import benchmark as bench
+    from threengan_cli.bench.merge import merge
 
     extra = [k for k, v in given.items() if v is not None]
     if extra:
@@ -551,9 +491,7 @@ def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
     with contextlib.ExitStack() as held:
         lock_or_exit(held, out_dir, "benchmark folder")
         try:
-            return bench.merge([Path(a) for a in args[1:]], out_dir), out_dir
-        except bench.BenchmarkError as exc:
-            fail(str(exc))
+            return merge([Path(a) for a in args[1:]], out_dir), out_dir
         except OSError as exc:
             fail(views.os_failure(exc, f"writing {out_dir}"))
 
@@ -561,10 +499,8 @@ def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli.bench import benchmark as bench
     from threengan_cli.core import paths
-    from threengan_cli.data.sources import DatasetError
     from threengan_cli.infer import classify
-    from threengan_cli.model.modelfile import CheckpointError
-    from threengan_cli.train import events, runs
+    from threengan_cli.train import events
 
     try:
         shard_ij = classify.parse_shard(shard) if shard is not None else (1, 1)
@@ -584,14 +520,6 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
     except (events.Interrupted, KeyboardInterrupt) as exc:
         note(f"interrupted: {hint}")
         raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
-    except (
-        bench.BenchmarkError,
-        events.TrainingError,
-        CheckpointError,
-        DatasetError,
-        runs.RunError,
-    ) as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"writing {target}") + f" ({hint})")
     if shard_ij[1] > 1 and not quiet:
@@ -718,26 +646,15 @@ def benchmark(
 
       threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
     """
+    options = dict(locals())
     if not args:
         fail("give a prepared DATASET, or: merge DIR... --out DIR", EXIT_USAGE)
-    flags = {
-        "methods": _comma_list(methods, "--methods"),
-        "sizes": _comma_list(sizes, "--sizes", int),
-        "repeats": repeats,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "width": width,
-        "seed": seed,
-        "device": device,
-        "precision": precision,
-        "ablate": ablate,
-        "recipes": _comma_list(recipe, "--recipe"),
-    }
     if args[0] == "merge":
-        given = {f"--{k.replace('_', '-')}": v for k, v in flags.items()}
-        given["--recipe"] = given.pop("--recipes")
-        given.update({"--profile": profile, "--shard": shard, "--parallel": parallel})
-        given["--config"] = config
+        given = {
+            f"--{k.replace('_', '-')}": v
+            for k, v in options.items()
+            if k not in ("args", "out_dir", "as_json", "quiet")
+        }
         results, target = _bench_merge(args, out_dir, given)
     else:
         if len(args) > 1:
@@ -746,6 +663,15 @@ def benchmark(
                 "benchmark merge DIR... --out DIR",
                 EXIT_USAGE,
             )
+        from threengan_cli.bench.grid import BenchmarkSettings
+
+        flags = flags_of(BenchmarkSettings, options)
+        flags.update(
+            methods=_comma_list(methods, "--methods"),
+            sizes=_comma_list(sizes, "--sizes", int),
+            recipes=_comma_list(recipe, "--recipe"),
+        )
+        flags.pop("profile")
         cfg = _bench_settings(config, profile, flags)
         results, target = _bench_run(args[0], cfg, shard, out_dir, parallel, quiet)
 

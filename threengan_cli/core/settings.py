@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from threengan_cli.core.errors import UsageError
 from threengan_cli.core.names import METHOD_NAMES
 
 if sys.version_info >= (3, 11):
@@ -40,7 +41,7 @@ Norm = Literal["own", "labelled"]
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
-class SettingsError(ValueError):
+class SettingsError(UsageError, ValueError):
     """A setting that cannot be used; the message is one line meant for the user."""
 
 

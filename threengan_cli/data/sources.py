@@ -9,12 +9,15 @@ import csv
 import hashlib
 import os
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from threengan_cli.core.errors import Failure
 from threengan_cli.data import images
+from threengan_cli.data.walk import image_files, is_system_file
 
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
@@ -39,7 +42,7 @@ _KERMANY_PATIENT = (
 )
 
 
-class DatasetError(Exception):
+class DatasetError(Failure):
     """A source or prepared dataset that cannot be used as a whole; one line for the user."""
 
 
@@ -72,15 +75,6 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
 
 
-# Files the operating system leaves in folders: never images, never reported.
-_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
-
-
-def is_system_file(name: str) -> bool:
-    """``.DS_Store``, ``._*`` resource forks, ``Thumbs.db``...: skipped without a word."""
-    return name.startswith(".") or name.lower() in _SYSTEM_FILES
-
-
 def _loose_files(folder: Path, source: Path, why: str) -> list[tuple[str, str]]:
     """Files lying beside the class folders: skipped, with the reason."""
     out = []
@@ -102,30 +96,24 @@ def _rel(path: Path, root: Path) -> str:
 
 def _walk_class(folder: Path, label: int, split: str, source: Path, items, skipped) -> None:
     """Every file under one class folder; links to folders are not followed (no loops)."""
+    top = str(folder)
+    rel_top = _rel(folder, source)
 
-    def on_error(exc: OSError) -> None:
+    def rel(path: str) -> str:  # plain strings: this runs once per file (5,860 for Kermany)
+        return rel_top + path[len(top) :].replace(os.sep, "/")
+
+    def on_error(where: str, exc: OSError) -> None:
         reason = "permission denied" if isinstance(exc, PermissionError) else "unreadable folder"
-        skipped.append((_rel(Path(exc.filename or folder), source), reason))
+        skipped.append((_rel(Path(exc.filename or where), source), reason))
 
-    for root, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
-        # plain strings, not Path objects: this loop runs once per file (5,860 for Kermany)
-        rel_root = _rel(Path(root), source)
-        keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
-            if os.path.islink(os.path.join(root, d)):
-                skipped.append((f"{rel_root}/{d}", LINKED_FOLDER))
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            full = os.path.join(root, name)
-            rel = f"{rel_root}/{name}"
-            if images.is_image_file(full):
-                items.append(Item(rel, label, split, full))
-            elif not is_system_file(name):
-                skipped.append((rel, NOT_AN_IMAGE))
+    for full in image_files(
+        top,
+        follow_links=False,
+        on_other=lambda path: skipped.append((rel(path), NOT_AN_IMAGE)),
+        on_link=lambda path: skipped.append((rel(path), LINKED_FOLDER)),
+        on_error=on_error,
+    ):
+        items.append(Item(rel(full), label, split, full))
 
 
 def _scan_folder(source: Path) -> Source:
@@ -321,3 +309,34 @@ def source_fingerprint(source: Path, src: Source) -> str:
     for path, reason in sorted(src.skipped):
         digest.update(f"skipped\0{path}\0{reason}\n".encode())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ patients
+def patient_group(item: Item) -> str:
+    return item.patient if item.patient is not None else f"file:{item.path}"
+
+
+def carve_val(train: list[Item], fraction: float, seed: int, n_classes: int) -> set[int]:
+    """Indices (into ``train``) of a stratified, patient-grouped, seeded validation carve."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(train):
+        groups[patient_group(item)].append(i)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for key in sorted(groups):
+        labels = Counter(train[i].label for i in groups[key])
+        major = min(labels, key=lambda c: (-labels[c], c))
+        by_class[major].append(key)
+    per_class = Counter(item.label for item in train)
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for c in range(n_classes):
+        keys = by_class.get(c, [])
+        target = round(fraction * per_class.get(c, 0))
+        taken = 0
+        for k in rng.permutation(len(keys)):
+            if taken >= target:
+                break
+            members = groups[keys[k]]
+            chosen.update(members)
+            taken += sum(1 for i in members if train[i].label == c)
+    return chosen

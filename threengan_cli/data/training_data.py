@@ -10,12 +10,14 @@ import numpy as np
 import torch
 
 from threengan_cli.core import paths, system
+from threengan_cli.core.errors import Failure
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.data.datasets import PreparedDataset, balanced_subset, load_prepared
-from threengan_cli.data.images import ImageReadError, is_image_file, load_image_and_hash
+from threengan_cli.data.images import ImageReadError, load_image_and_hash
+from threengan_cli.data.walk import image_files
 
 
-class DataError(Exception):
+class DataError(Failure):
     """Data a run cannot train on; the message is one line meant for the user."""
 
 
@@ -160,7 +162,8 @@ def _decode_folder(
     folder: Path, image_size: int, fit: str
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """The folder's readable images, and (sha256 of the file, path) of each."""
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    # Sorted by path, as the pool has always been ordered (the walk's own order differs).
+    found = sorted(Path(p) for p in image_files(str(folder), follow_links=False))
     decoded, hashes = [], []
     for path in found:
         try:

@@ -17,6 +17,11 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
+
+import numpy as np
+
+from threengan_cli.data import images
 
 _PR_SET_PDEATHSIG = 1
 WATCH_EVERY_S = 1.0
@@ -84,3 +89,41 @@ def decode_pool(workers: int):
         initializer=_init_decoder,
         initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
     )
+
+
+# ------------------------------------------------------------------------------ decoding
+def _decode_file(task: tuple[str, int, str]) -> tuple[np.ndarray | None, str, str]:
+    path, size, fit = task
+    try:
+        pixels, digest = images.load_image_and_hash(path, size, fit)
+    except images.ImageReadError as exc:
+        return None, "", str(exc)
+    return pixels, digest, ""
+
+
+def decode_files(
+    paths: list[str], size: int, fit: str, workers: int, on_progress
+) -> Iterable[tuple[np.ndarray | None, str, str]]:
+    """(pixels or None, sha256, error) of every file, in order, decoded in the pool where
+    there is work enough for it; ``on_progress(done, total)`` after each."""
+    tasks = [(p, size, fit) for p in paths]
+    total = len(tasks)
+    if workers <= 1 or total < 2 * workers:
+        for done, task in enumerate(tasks, start=1):
+            yield _decode_file(task)
+            if on_progress:
+                on_progress(done, total)
+        return
+    # A few chunks per worker keeps inter-process overhead small without leaving a core idle
+    # at the end; results come back in order.
+    chunksize = max(1, min(64, total // (workers * 8)))
+    executor = decode_pool(workers)
+    try:
+        for done, result in enumerate(executor.map(_decode_file, tasks, chunksize=chunksize), 1):
+            yield result
+            if on_progress:
+                on_progress(done, total)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown()

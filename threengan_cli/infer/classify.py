@@ -43,7 +43,9 @@ import numpy as np
 
 from threengan_cli import metrics
 from threengan_cli.core import fileio, paths
-from threengan_cli.data import images, sources
+from threengan_cli.core.errors import UsageError
+from threengan_cli.data import images
+from threengan_cli.data.walk import identity, image_files
 from threengan_cli.data.workers import decode_pool
 
 if TYPE_CHECKING:
@@ -149,66 +151,30 @@ class _Scan:
     def excluded_folders(self) -> set[tuple[int, int]]:
         """The excluded folders that exist now, as (device, inode): --sort-into's appears
         during the run."""
-        return {found for found in map(_identity, self.exclude) if found is not None}
+        return {found for found in map(identity, self.exclude) if found is not None}
 
     def folder(self, folder: str) -> Iterator[Item]:
         found = False
         subfolders: list[str] = []
-        for item in self.walk(folder, subfolders):
+        errors: list[Item] = []
+        for path in image_files(
+            folder,
+            recursive=self.recursive,
+            skip=lambda inode: inode in self.excluded_folders(),
+            on_other=self.on_skip,
+            on_error=lambda where, exc: errors.append(
+                (where, f"cannot list folder ({exc.strerror or exc})")
+            ),
+            subfolders=subfolders,
+        ):
+            yield from errors
+            errors.clear()
             found = True
-            yield item
-        if not found:
+            yield path, None
+        yield from errors
+        if not found and not errors:
             hint = " (use --recursive to look in sub-folders)" if subfolders else ""
             yield folder, f"no image files in folder{hint}"
-
-    def walk(self, top: str, subfolders: list[str]) -> Iterator[Item]:
-        """Image files of a folder sorted by name, then (when recursive) its sub-folders',
-        depth first. Iterative, with its own stack: a tree thousands of folders deep needs
-        no deeper a call stack. ``subfolders`` receives ``top``'s sub-folders."""
-        seen: set[tuple[int, int]] = set()
-        todo = [top]  # folders still to list, the next one last
-        while todo:
-            folder = todo.pop()
-            # Folders are told apart by (device, inode), not by their real path: resolving a
-            # path costs a lookup per component, which made a walk 1,000 levels deep take
-            # 40 s (each level resolving all the levels above it).
-            found = _identity(folder)
-            if found is not None:
-                if found in seen or found in self.excluded_folders():  # a link loop; --sort-into
-                    continue
-                seen.add(found)
-            try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as exc:
-                yield folder, f"cannot list folder ({exc.strerror or exc})"
-                continue
-            below = []
-            for entry in entries:
-                try:
-                    is_dir = entry.is_dir()
-                except OSError:
-                    is_dir = False
-                if is_dir:
-                    if not entry.name.startswith("."):
-                        below.append(entry.path)
-                elif images.is_image_file(entry.path):
-                    yield entry.path, None
-                elif self.on_skip is not None and not sources.is_system_file(entry.name):
-                    self.on_skip(entry.path)
-            if folder is top:
-                subfolders.extend(below)
-            if self.recursive:
-                todo.extend(reversed(below))
-
-
-def _identity(folder: str | os.PathLike) -> tuple[int, int] | None:
-    """A folder's (device, inode), links followed; ``None`` where it cannot be read."""
-    try:
-        st = os.stat(folder)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -461,7 +427,7 @@ def _same_file(a: Path, b: Path) -> bool:
 ADAPT_MIN_IMAGES = 32  # fewer images give BatchNorm statistics too noisy to trust
 
 
-class AdaptError(Exception):
+class AdaptError(UsageError):
     """Test-time adaptation cannot run on these inputs; one line for the user."""
 
 

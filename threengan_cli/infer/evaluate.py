@@ -23,6 +23,7 @@ import numpy as np
 
 from threengan_cli import metrics
 from threengan_cli.core import paths
+from threengan_cli.core.errors import EXIT_USAGE, Failure
 from threengan_cli.infer import classify
 
 if TYPE_CHECKING:
@@ -33,8 +34,14 @@ RULES: tuple[str, ...] = ("youden", "balanced-accuracy")
 _BATCH = 64
 
 
-class EvaluateError(Exception):
+class EvaluateError(Failure):
     """Data or a request that cannot be evaluated; one line for the user."""
+
+
+class UnknownClass(EvaluateError):
+    """Labelled data of a class the model does not know: the user's data or model is wrong."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -114,7 +121,7 @@ def _class_index(data_classes: Iterable[str], model_classes: list[str], source: 
     found = []
     for name in data_classes:
         if name.lower() not in lookup:
-            raise EvaluateError(
+            raise UnknownClass(
                 f"class {name!r} of {source} is not one of the model's classes "
                 f"({', '.join(model_classes)})"
             )

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from threengan_cli.core import fileio, paths, system
+from threengan_cli.core.errors import UsageError
 from threengan_cli.data.images import grid_png
 from threengan_cli.infer.classify import exact
 from threengan_cli.infer.torch_engine import Model
@@ -46,7 +47,7 @@ UNCERTAIN = "uncertain"
 MADE_BY = "generate.json"
 
 
-class GenerateError(Exception):
+class GenerateError(UsageError):
     """Generation cannot start (output in the way, unusable class names); one line."""
 
 

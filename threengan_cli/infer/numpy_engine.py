@@ -14,17 +14,14 @@ Images go through exactly the preprocessing recorded in the checkpoint: ``prepar
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from threengan_cli.infer import ood
+from threengan_cli.infer import engine, ood
+from threengan_cli.infer.blas import per_image
 from threengan_cli.model import modelfile
 
 _K = 4  # every convolution is 4x4
@@ -36,7 +33,7 @@ def _conv(x: np.ndarray, kernel: np.ndarray, k: int, stride: int, pad: int) -> n
     """x (B, H, W, C) channels-last, ``kernel`` (k*k*C, O) from :func:`_kernel` -> (B, H', W', O).
 
     im2col with the channels innermost (each window is copied in runs of C contiguous values,
-    not gathered value by value), then one matrix product per image (see :func:`per_image`).
+    not gathered value by value), then one matrix product per image (see ``blas.per_image``).
     """
     if pad:
         x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -57,7 +54,7 @@ def _kernel(weight: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
 
 
 @dataclass
-class NumpyClassifier:
+class NumpyClassifier(engine.Engine):
     """The classifier of one checkpoint, with what ``classify`` needs to report on it."""
 
     method: str
@@ -75,24 +72,15 @@ class NumpyClassifier:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     stats: ood.ModelStats | None = field(default=None, repr=False)
 
-    @property
-    def stored_threshold(self) -> dict[str, Any] | None:
-        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
-        return modelfile.stored_threshold(self.meta, self.path)
-
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
-
-    def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
-        """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
-        return self.outputs_of(images_u8)[0]
 
     def outputs_of(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, H, W) -> class probabilities (B, K) (calibrated by the model's
         temperature, where it has one) and out-of-distribution scores (B,), or ``None``
         for a model without statistics; float32."""
         logits, scores = per_image(self._forward, images_u8)
-        return softmax(logits[:, : self.keep], self.stats), scores
+        return engine.probabilities(logits[:, : self.keep], self.stats), scores
 
     def _forward(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, H, W) -> all the head's logits (B, outputs), and the images'
@@ -108,49 +96,6 @@ class NumpyClassifier:
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
         scores = self.stats.scores(ood.pooled_features(x)) if self.stats is not None else None
         return (logits if bias is None else logits + bias), scores
-
-
-def softmax(logits: np.ndarray, stats: ood.ModelStats | None) -> np.ndarray:
-    """Class probabilities (float32) from logits, divided by the model's temperature first."""
-    if stats is not None:
-        logits = logits / np.float32(stats.temperature)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-# Why one matrix product per image, on one BLAS thread: OpenBLAS's GEMM kernels sum a row's
-# terms in an order that depends on where the row falls in the call (its tile, the tail of a
-# block, the slice a thread takes). Measured on an AMD EPYC under the Haswell/Zen kernels
-# (the ones OpenBLAS picks on AVX2 CPUs): moving the same rows by one position in a call
-# changed a sixth of them in the last bits, even at a fixed call shape, so images batched
-# into one product got probabilities that depended on their neighbours (525 of the 624 test
-# images changed between --batch-size 1 and 64). np.matmul over a stack makes one call per
-# image, always of the same shape and at the same position, so an image's probabilities are
-# the same in every batch, shard and position. One BLAS thread per call keeps them the same
-# for any thread count too, and is faster on these small products than two (measured: the
-# classifier at 1.18x the time of one batched product, against 3x with BLAS threads); the
-# images are spread over a thread pool instead (matmul releases the GIL).
-@functools.cache
-def _threads() -> tuple[int, ThreadPoolExecutor, Any]:
-    """One thread per usable core, their pool, and a handle on BLAS's own thread count."""
-    from threadpoolctl import ThreadpoolController
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
-    return cores, ThreadPoolExecutor(cores), ThreadpoolController()
-
-
-def per_image(forward: Callable[[np.ndarray], tuple], images: np.ndarray) -> tuple:
-    """``forward`` (images -> a tuple of per-image arrays, or ``None``s) over ``images``,
-    split across the thread pool, with BLAS at one thread; the parts joined in order."""
-    cores, pool, blas = _threads()
-    chunks = [c for c in np.array_split(images, cores) if len(c)] or [images]
-    with blas.limit(limits=1, user_api="blas"):
-        parts = list(pool.map(forward, chunks))
-    return tuple(
-        None if pieces[0] is None else np.concatenate(pieces) for pieces in zip(*parts, strict=True)
-    )
 
 
 def load(checkpoint: Path | None = None) -> NumpyClassifier:
@@ -172,52 +117,30 @@ def load(checkpoint: Path | None = None) -> NumpyClassifier:
         meta, weights, keys = modelfile.read_arrays(path, classifier_prefix, classifier_shapes)
     except modelfile.CheckpointError as exc:
         raise modelfile.ModelError(str(exc)) from None
-    spec = modelfile.check_meta(meta, path)
-    method = spec["method"]
-    name, keep, _ = modelfile.classifier_spec(meta, path)
-    scale, offset = modelfile.normalisation(meta, path)
+    spec = engine.spec_of(meta, path)
     if not weights:
         group = modelfile.weights_prefix(meta)
         held = ", ".join(sorted({k.split("/")[1] for k in keys if k.startswith(group)}))
         raise modelfile.ModelError(
-            f"{modelfile.file_id(path)} holds no weights for {name} (it has {held or 'none'}); "
+            f"{spec.model_id} holds no weights for {spec.classifier} (it has {held or 'none'}); "
             "use a checkpoint of a run that trained that network"
         )
-    modelfile.check_finite(weights, f"{path} (network {name})")
+    modelfile.check_finite(weights, f"{path} (network {spec.classifier})")
     return NumpyClassifier(
-        stats=_stats(path, meta, spec["settings"].width),
-        method=method,
-        classes=spec["classes"],
-        image_size=spec["image_size"],
-        fit=spec["fit"],
-        model_id=modelfile.file_id(path),
+        stats=engine.read_stats(path, meta, spec.settings.width),
+        method=spec.method,
+        classes=spec.classes,
+        image_size=spec.image_size,
+        fit=spec.fit,
+        model_id=spec.model_id,
         path=path,
         layers=_layers(weights, path),
         head=(_kernel(weights["head.weight"]), weights.get("head.bias")),
-        keep=keep,
+        keep=spec.logits,
         meta=meta,
-        scale=scale,
-        offset=offset,
+        scale=spec.scale,
+        offset=spec.offset,
     )
-
-
-def _stats(path: Path, meta: dict[str, Any], width: int) -> ood.ModelStats | None:
-    """The model's out-of-distribution statistics and temperature, or ``None`` for a model
-    trained before they existed; their shapes are checked before they are read, and their
-    checksum after."""
-    if not ood.has_stats(meta):
-        return None
-    try:
-        shapes = ood.expected_shapes(meta, width)
-        group = modelfile.STATS + "/"
-        _, arrays, _ = modelfile.read_arrays(path, lambda _: group, lambda _: shapes)
-        if set(arrays) != set(shapes):
-            raise ood.StatsError(f"its {modelfile.STATS} tensors are missing (damaged file)")
-        return ood.from_arrays(arrays, meta)
-    except ood.StatsError as exc:
-        raise modelfile.ModelError(f"{path}: {exc}") from None
-    except modelfile.CheckpointError as exc:
-        raise modelfile.ModelError(str(exc)) from None
 
 
 def _layers(weights: dict[str, np.ndarray], path: Path) -> list[tuple[Any, Any]]:

@@ -56,7 +56,7 @@ class ModelStats:
         """Features (B, D) -> out-of-distribution scores (B,), float32.
 
         One product per image (a stack of (1, D) rows), so that an image's score never
-        depends on the other images in its batch: see ``classify_numpy.per_image``."""
+        depends on the other images in its batch: see ``blas.per_image``."""
         centred = (np.asarray(features, dtype=np.float32) - self.mean)[:, None, :]
         z = np.matmul(centred, self.projection)[:, 0, :]  # (B, d)
         return (np.square(z).sum(axis=1) / np.float32(z.shape[1])).astype(np.float32)

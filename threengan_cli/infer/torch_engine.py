@@ -22,18 +22,15 @@ import torch
 from torch import nn
 
 from threengan_cli.core import system
-from threengan_cli.infer import ood
-from threengan_cli.infer.numpy_engine import per_image
+from threengan_cli.infer import engine, ood
+from threengan_cli.infer.blas import per_image
 from threengan_cli.model import checkpoints, modelfile
 from threengan_cli.model.modelfile import (
     ModelError,
     ModelNotFound,
     check_finite,
-    check_meta,
     check_shapes,
     checked_file,
-    file_id,
-    stored_threshold,
 )
 from threengan_cli.model.networks import Classifier, Generator, to_model_range
 
@@ -41,7 +38,7 @@ __all__ = ["Model", "load_model"]
 
 
 @dataclass
-class Model:
+class Model(engine.Engine):
     """Networks of one checkpoint in eval mode on one device, with what is needed to use them."""
 
     method: str
@@ -73,15 +70,6 @@ class Model:
     def require_classifier(self) -> None:
         self.require(self.classifier)
 
-    @property
-    def stored_threshold(self) -> dict[str, Any] | None:
-        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
-        return stored_threshold(self.meta, self.path or self.model_id)
-
-    def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
-        """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
-        return self.outputs_of(images_u8)[0]
-
     def outputs_of(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K) (calibrated by the
         model's temperature, where it has one) and out-of-distribution scores (B,), or
@@ -92,7 +80,7 @@ class Model:
         with torch.inference_mode():
             x = to_model_range(images.to(self.device), self.normalisation or None)
             logits, features = self.nets[self.classifier].logits_and_features(x)
-            probs = self.probabilities(logits[:, : self.logits]).cpu().numpy()
+            probs = engine.probabilities(logits[:, : self.logits].float().cpu(), self.stats)
             if self.stats is None:
                 return probs, None
             if self.unadapted is not None:
@@ -103,20 +91,13 @@ class Model:
         (scores,) = per_image(lambda f: (self.stats.scores(f),), features)
         return probs, scores
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities from class logits, divided by the model's temperature first."""
-        logits = logits.float()
-        if self.stats is not None:
-            logits = logits / self.stats.temperature
-        return torch.softmax(logits, dim=1)
-
     def predict_proba(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) at the model size -> class probabilities (B, K), float32 on CPU."""
         self.require_classifier()
         with torch.inference_mode():
             x = to_model_range(images_u8.to(self.device), self.normalisation or None)
-            logits = self.nets[self.classifier](x)[:, : self.logits]
-            return self.probabilities(logits).cpu()
+            logits = self.nets[self.classifier](x)[:, : self.logits].float().cpu()
+        return torch.from_numpy(engine.probabilities(logits.numpy(), self.stats))
 
     def adapt_bn(self, images_u8: torch.Tensor, batch_size: int = 64) -> None:
         """Recompute the classifier's BatchNorm statistics on these images (no labels): the
@@ -149,11 +130,9 @@ def load_model(checkpoint: Path | None = None, device: str = "auto") -> Model:
     # allocated: damaged or hostile metadata could otherwise ask for any size. The networks
     # are built from the metadata alone: the classifier (C, or sgan's multi-task D: the same
     # body with one more logit) and G where the file holds them.
-    spec = check_meta(meta, path)
-    method, classes, image_size = spec["method"], spec["classes"], spec["image_size"]
-    settings, channels = spec["settings"], spec["channels"]
-    classifier, logits, outputs = modelfile.classifier_spec(meta, path)
-    scale, offset = modelfile.normalisation(meta, path)
+    spec = engine.spec_of(meta, path)
+    settings, channels, image_size = spec.settings, spec.channels, spec.image_size
+    classifier, outputs = spec.classifier, spec.outputs
     prefix = ckpt.weights_prefix
     with torch.device("meta"):
         shapes: dict[str, nn.Module] = {}
@@ -185,32 +164,20 @@ def load_model(checkpoint: Path | None = None, device: str = "auto") -> Model:
         # decoding. Inputs have one channel, so they need no conversion.
         nets[classifier] = nets[classifier].to(memory_format=torch.channels_last)
     return Model(
-        stats=_stats(ckpt, path, settings.width),
-        method=method,
+        stats=engine.read_stats(path, meta, settings.width),
+        method=spec.method,
         nets=nets,
-        classes=classes,
+        classes=spec.classes,
         image_size=image_size,
-        fit=spec["fit"],
-        model_id=file_id(path),
+        fit=spec.fit,
+        model_id=spec.model_id,
         meta=meta,
         device=torch_device,
         latent=settings.latent,
         path=path,
         classifier=classifier,
-        logits=logits,
-        normalisation={"scale": scale, "offset": offset},
+        logits=spec.logits,
+        normalisation={"scale": spec.scale, "offset": spec.offset},
     )
 
 
-def _stats(ckpt: checkpoints.Checkpoint, path: Path, width: int) -> ood.ModelStats | None:
-    """The model's out-of-distribution statistics and temperature (checksummed with the
-    file's other tensors when it was loaded), or ``None`` for a model trained before them."""
-    if not ood.has_stats(ckpt.meta):
-        return None
-    try:
-        shapes = ood.expected_shapes(ckpt.meta, width)
-        arrays = {k: v.float().numpy() for k, v in ckpt.group(modelfile.STATS).items()}
-        check_shapes({k: tuple(v.shape) for k, v in arrays.items()}, shapes, f"{path} (stats)")
-        return ood.from_arrays(arrays, ckpt.meta)
-    except ood.StatsError as exc:
-        raise ModelError(f"{path}: {exc}") from None

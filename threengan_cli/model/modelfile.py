@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from threengan_cli.core import paths
+from threengan_cli.core.errors import EXIT_USAGE, Failure
 
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
 # A run's checkpoints (the run folder, train/runs, keeps them under these names): resumable
@@ -43,20 +44,24 @@ MAX_CLASSES = 1000
 IMAGE_SIDES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class CheckpointError(Exception):
+class CheckpointError(Failure):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
-class ModelError(Exception):
+class ModelError(Failure):
     """A model that cannot be loaded or lacks a network the job needs; one line for the user."""
 
 
 class ModelNotFound(ModelError):
     """The checkpoint or run the user named does not exist (a usage error, not a failure)."""
 
+    exit_code = EXIT_USAGE
+
 
 class ReadOnlyModel(ModelError):
     """A change to the bundled default model was asked for (a usage error)."""
+
+    exit_code = EXIT_USAGE
 
 
 # ------------------------------------------------------------------------ checking a file
@@ -204,7 +209,7 @@ def digest_group(key: str) -> str:
     ``use/C``, ``avg/G``), so that a loader reading one network checks just that; otherwise
     its first part (``opt``, ``rng``, ``state``)."""
     parts = key.split("/")
-    return "/".join(parts[:2]) if parts[0] in ("net", "use", "avg") else parts[0]
+    return "/".join(parts[:2]) if parts[0] in (NET, USE, "avg") else parts[0]
 
 
 def tensor_digest(entries: Iterable[tuple[str, tuple[int, ...], Any]]) -> str:
@@ -363,30 +368,6 @@ def meta_value(meta: dict[str, Any], key: str, path: Path) -> Any:
     if key not in meta:
         raise ModelError(f"{path} is not a threengan model checkpoint (its metadata has no {key})")
     return meta[key]
-
-
-# ------------------------------------------------------------------- the stored threshold
-THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
-
-
-def stored_threshold(meta: dict[str, Any], path: Path | str) -> dict[str, Any] | None:
-    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata, or
-    ``None`` where none is stored.
-
-    A stored value that is not a number strictly between 0 and 1 (NaN, 2.0, text) is a
-    :class:`ModelError`: deciding at the default 0.5 instead would silently give other
-    labels than the ones the stored threshold was chosen to give. Checked where the
-    threshold is used, so that ``--threshold`` or a new ``--threshold-from`` still works."""
-    found = meta.get(THRESHOLD_KEY)
-    if found is None:
-        return None
-    value = found.get("value") if isinstance(found, dict) else found
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ModelError(
-            f"{path}: its stored threshold {value!r} is not a number between 0 and 1 (damaged "
-            "metadata); give --threshold, or store a new one with evaluate --threshold-from val"
-        )
-    return found
 
 
 _MAX_HEADER = 100_000_000

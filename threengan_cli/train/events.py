@@ -7,13 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threengan_cli.core.errors import EXIT_USAGE, Failure
 
-class TrainingError(Exception):
+# A run writes its resumable checkpoint at most this often (train and every benchmark run): a
+# width-64 robust run with an unlabelled pool writes 160 MB each time, and writing it after
+# every epoch cost the time in docs/performance.md ("Checkpoints on a time basis"). A kill -9
+# then loses at most this much training; Ctrl+C and SIGTERM still save where they stop.
+CHECKPOINT_EVERY_S = 60.0
+
+
+class TrainingError(Failure):
     """A run that cannot start or continue; the message is one line meant for the user."""
 
 
 class InitNotFound(TrainingError):
     """The model ``train --init`` names does not exist (a usage error, not a failure)."""
+
+    exit_code = EXIT_USAGE
 
 
 class NonFiniteLoss(TrainingError):

@@ -43,7 +43,7 @@ class RunInfo:
     size: int | None  # labelled training images N
     epochs_done: int
     epochs_planned: int | None
-    state: str  # finished, running, stopped or damaged
+    state: str  # finished, failed (a loss became non-finite), running, stopped or damaged
     # Of the model that --run uses: best.safetensors (the best epoch on val) where it is there
     val_accuracy: float | None
     test_accuracy: float | None
@@ -143,11 +143,11 @@ def _read_run_info(run_dir: Path, name: str) -> RunInfo:
     elif summary is not None:  # pruned: the summary is what is left of the finish
         finished = True
         done = planned = summary["epochs"]
-    if finished:
-        state = "finished"
+    state = runs.state(run_dir)  # finished and failed are the folder's; else held or not
+    if state == "finished" and finished:
         best_epoch = summary.get("best_epoch_on_val") or best_epoch
-    else:
-        state = "running" if runlock.locked_by(run_dir) else "stopped"
+    elif state != "failed":
+        finished, state = False, "running" if runlock.locked_by(run_dir) else "stopped"
     # --run takes best.safetensors (the best epoch on val) while there is one: the numbers
     # shown are of that model, and the final epoch's test accuracy is shown beside them.
     uses_best = (run_dir / BEST).is_file() and best_epoch is not None

@@ -23,10 +23,13 @@ import contextlib
 import errno
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from threengan_cli.core import paths
+from threengan_cli.core.errors import Failure
+from threengan_cli.core.settings import with_stored_recipe
 from threengan_cli.model.modelfile import BEST, FINAL, LAST, ModelNotFound, checked_file
 
 __all__ = [
@@ -48,6 +51,10 @@ __all__ = [
     "read_jsonl",
     "read_metrics",
     "read_summary",
+    "Difference",
+    "difference",
+    "identity",
+    "finished_summary",
     "model_file",
     "init_file",
     "resolve_run",
@@ -64,7 +71,7 @@ _START_DEBRIS = frozenset({SETTINGS, SAMPLES, LOCK, METRICS})
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-class RunError(Exception):
+class RunError(Failure):
     """A run folder or one of its files that cannot be used; one line for the user."""
 
 
@@ -215,6 +222,64 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------ identity
+@dataclass(frozen=True)
+class Difference:
+    """How a run folder differs from the run a command asks for: its ``dataset`` (``there``
+    is the folder's, None where it names none), or ``settings`` (the first differing
+    ``key``, its value ``there`` and ``asked``, and how many ``more`` differ)."""
+
+    what: str
+    there: Any
+    asked: Any = None
+    key: str | None = None
+    more: int = 0
+
+
+def identity(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """What makes a run the run it is: its settings (with the recipe of their time: those
+    written before recipes were the paper's) and the dataset ``run.json`` names (None when
+    the start never wrote it). Unreadable or damaged files are a :class:`RunError`."""
+    folder = Path(folder)
+    saved = read_json(folder / SETTINGS)
+    meta = read_json(folder / RUN) if (folder / RUN).is_file() else {}
+    if not isinstance(saved, dict) or not isinstance(meta, dict):
+        raise RunError(f"{folder}: {SETTINGS} and {RUN} must hold JSON objects")
+    dataset = meta.get("dataset")
+    return with_stored_recipe(saved), dataset if isinstance(dataset, str) else None
+
+
+def difference(folder: Path, asked: dict[str, Any], dataset: Path) -> Difference | None:
+    """``None`` when ``folder`` holds (the start of) the run of settings ``asked`` on
+    ``dataset``; else how it differs. ``train`` and the benchmark both ask this."""
+    saved, there = identity(folder)
+    if (Path(folder) / RUN).is_file() and (
+        there is None or Path(there).expanduser().resolve() != Path(dataset).resolve()
+    ):
+        return Difference("dataset", there, str(dataset))
+    differ = settings_differ(saved, asked)
+    if not differ:
+        return None
+    key = differ[0]
+    return Difference("settings", saved.get(key), asked.get(key), key, len(differ) - 1)
+
+
+def finished_summary(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(summary, problem) of a finished run: ``(summary, None)``; ``(None, None)`` while it
+    is not finished; ``(None, why)`` when its summary is damaged or missing (the final
+    evaluation can write it again where the last checkpoint is kept)."""
+    from threengan_cli.model.modelfile import read_meta
+
+    folder = Path(folder)
+    if (folder / LAST).is_file() and not read_meta(folder / LAST).get("finished"):
+        return None, None
+    try:
+        summary = read_summary(folder)
+    except RunError as exc:
+        return None, str(exc)
+    return summary, None
 
 
 # --------------------------------------------------------------------------------- state

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from threengan_cli.infer import ood
-from threengan_cli.metrics import classification_metrics, fit_temperature
+from threengan_cli.metrics import classification_metrics, fit_temperature, softmax
 from threengan_cli.model.networks import to_model_range
 
 
@@ -43,7 +43,7 @@ def score_split(
         net.train()
     logits_t = torch.cat(logits) / temperature
     loss = torch.nn.functional.cross_entropy(logits_t, labels).item()
-    probs = torch.softmax(logits_t, dim=1).cpu().numpy()
+    probs = softmax(logits_t.cpu().numpy())
     result = classification_metrics(labels.cpu().numpy(), probs)
     result["loss"] = loss
     return result

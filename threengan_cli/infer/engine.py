@@ -1,0 +1,131 @@
+"""What a model file says about the model in it, read once for every loader: the torch
+engine, the NumPy engine and ``train --init``. Also what both engines share once loaded: the
+out-of-distribution statistics and temperature, the stored decision threshold, and the
+calibrated softmax. Torch-free: the NumPy engine must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threengan_cli import metrics
+from threengan_cli.infer import ood
+from threengan_cli.model import modelfile
+from threengan_cli.model.modelfile import ModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checked model file's description: everything its networks are rebuilt from."""
+
+    path: Path
+    model_id: str
+    method: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    fit: str
+    settings: Any  # the validated TrainSettings it was trained with
+    classifier: str  # the network whose logits classify (sgan: its multi-task D)
+    logits: int  # how many of its first logits are the classes
+    outputs: int  # how many logits it has (sgan's D: one more, "fake")
+    scale: float  # uint8 -> model range: x * scale + offset
+    offset: float
+
+
+def spec_of(meta: dict[str, Any], path: Path) -> ModelSpec:
+    """The description of the model whose metadata is ``meta``, checked against its limits
+    (:func:`modelfile.check_meta`); a :class:`ModelError` names what is wrong."""
+    info = modelfile.check_meta(meta, path)
+    classifier, logits, outputs = modelfile.classifier_spec(meta, path)
+    scale, offset = modelfile.normalisation(meta, path)
+    return ModelSpec(
+        path=path,
+        model_id=modelfile.file_id(path),
+        method=info["method"],
+        classes=info["classes"],
+        image_size=info["image_size"],
+        channels=info["channels"],
+        fit=info["fit"],
+        settings=info["settings"],
+        classifier=classifier,
+        logits=logits,
+        outputs=outputs,
+        scale=scale,
+        offset=offset,
+    )
+
+
+def read_stats(path: Path, meta: dict[str, Any], width: int) -> ood.ModelStats | None:
+    """The model's out-of-distribution statistics and temperature, or ``None`` for a model
+    trained before they existed; their shapes are checked before they are read, and their
+    checksum after."""
+    if not ood.has_stats(meta):
+        return None
+    try:
+        shapes = ood.expected_shapes(meta, width)
+        group = modelfile.STATS + "/"
+        _, arrays, _ = modelfile.read_arrays(path, lambda _: group, lambda _: shapes)
+        if set(arrays) != set(shapes):
+            raise ood.StatsError(f"its {modelfile.STATS} tensors are missing (damaged file)")
+        return ood.from_arrays(arrays, meta)
+    except ood.StatsError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    except modelfile.CheckpointError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def probabilities(logits: np.ndarray, stats: ood.ModelStats | None) -> np.ndarray:
+    """Class probabilities (float32) from class logits, divided by the model's temperature
+    first where it has one."""
+    logits = np.asarray(logits, dtype=np.float32)
+    temperature = stats.temperature if stats is not None else 1.0
+    return metrics.softmax(logits, temperature).astype(np.float32)
+
+
+THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
+
+
+def stored_threshold(meta: dict[str, Any], path: Path | str) -> dict[str, Any] | None:
+    """The decision threshold ``evaluate --threshold-from`` stored in a model's metadata, or
+    ``None`` where none is stored.
+
+    A stored value that is not a number strictly between 0 and 1 (NaN, 2.0, text) is a
+    :class:`ModelError`: deciding at the default 0.5 instead would silently give other
+    labels than the ones the stored threshold was chosen to give. Checked where the
+    threshold is used, so that ``--threshold`` or a new ``--threshold-from`` still works."""
+    found = meta.get(THRESHOLD_KEY)
+    if found is None:
+        return None
+    value = found.get("value") if isinstance(found, dict) else found
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ModelError(
+            f"{path}: its stored threshold {value!r} is not a number between 0 and 1 (damaged "
+            "metadata); give --threshold, or store a new one with evaluate --threshold-from val"
+        )
+    return found
+
+
+class Engine:
+    """What both engines' models answer alike; each defines ``outputs_of``, ``meta`` and
+    ``path``."""
+
+    meta: dict[str, Any]
+    path: Path | None
+    model_id: str
+
+    @property
+    def stored_threshold(self) -> dict[str, Any] | None:
+        """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
+        return stored_threshold(self.meta, self.path or self.model_id)
+
+    def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""
+        return self.outputs_of(images_u8)[0]
+
+    def outputs_of(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
