@@ -249,13 +249,13 @@ def test_train_view_keeps_epoch_lines_and_a_bar_of_the_epochs_steps(monkeypatch,
 
     from rich.console import Console
 
-    from threengan_cli.cli import views
+    from threengan_cli.cli import progress, views
     from threengan_cli.train import events
 
     screen = io.StringIO()
     console = Console(file=screen, width=80, force_terminal=True, highlight=False)
     monkeypatch.setattr(views.err, "_console", console)
-    view = views.TrainView(quiet=False)
+    view = progress.TrainView(quiet=False)
     view(events.RunStarted(tmp_path, "3ngan", "cpu", 24, 6, 0, 2, False, False))
     record = {"epoch": 1, "train": {"loss_c": 0.5}, "val": {"accuracy": 0.75},
               "images_per_s": 10.0, "seconds": 2.4}  # fmt: skip
@@ -279,7 +279,7 @@ def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
 
     from rich.console import Console
 
-    from threengan_cli.cli import views
+    from threengan_cli.cli import progress, views
 
     src = class_tree(tmp_path / "src", {"a": 2})
     (src / "b").mkdir()
@@ -288,13 +288,13 @@ def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
     console = Console(file=screen, force_terminal=True, color_system=None, highlight=False)
     monkeypatch.setattr(views.err, "_console", console)
     bars = []
-    make_bar = views.BarView.__init__
+    make_bar = progress.BarView.__init__
 
     def recorded(self, *args, **kwargs):
         make_bar(self, *args, **kwargs)
         bars.append((self, self.progress is not None))
 
-    monkeypatch.setattr(views.BarView, "__init__", recorded)
+    monkeypatch.setattr(progress.BarView, "__init__", recorded)
     live_at_error = []
     print_error = views.error
 

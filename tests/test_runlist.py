@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from threengan_cli.cli.app import app
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.infer.torch_engine import load_model
-from threengan_cli.train import events, runlist, scoring, training
+from threengan_cli.train import events, finish, runlist, runstate, scoring, training
 
 runner = CliRunner()
 
@@ -250,7 +250,8 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
             out["accuracy"] = staged[len(calls)]
         return out
 
-    monkeypatch.setattr(training, "score_split", score_split)
+    for module in (training, runstate, finish):  # every caller, in the order a run calls
+        monkeypatch.setattr(module, "score_split", score_split)
     args = ["train", str(dataset), "--name", "two", "--method", "vanilla", "--recipe", "paper"]
     args += ["--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu"]
     done = runner.invoke(app, args)

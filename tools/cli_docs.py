@@ -107,17 +107,32 @@ def render(app, name: str) -> str:
         summary = plain(inspect.cleandoc(cmd.help or "").splitlines()[0])
         lines.append(f"* `{cmd_name}`: {summary}")
     for cmd_name, cmd in commands.items():
-        ctx = cmd.context_class(cmd, info_name=cmd_name, parent=root_ctx)
-        usage = " ".join(cmd.collect_usage_pieces(ctx))
-        lines += ["", f"## `{name} {cmd_name}`", "", *_help_body(cmd.help or ""), ""]
-        lines += ["**Usage**:", "", "```console", f"$ {name} {cmd_name} {usage}", "```", ""]
-        params = [p for p in cmd.get_params(ctx) if p.help or p.param_type_name == "argument"]
-        arguments = [p for p in params if p.param_type_name == "argument"]
-        options = [p for p in params if p.param_type_name == "option"]
-        if arguments:
-            lines += ["**Arguments**:", "", *(_param_line(p, ctx) for p in arguments), ""]
-        lines += ["**Options**:", "", *(_param_line(p, ctx) for p in options)]
+        lines += _command(cmd, f"{name} {cmd_name}", cmd_name, root_ctx, "##")
     return "\n".join(lines).replace("\\[", "[") + "\n"
+
+
+def _command(cmd, full_name: str, cmd_name: str, parent_ctx, level: str) -> list[str]:
+    """One command's section; a group's (``benchmark``) lists its commands, then each."""
+    ctx = cmd.context_class(cmd, info_name=cmd_name, parent=parent_ctx)
+    lines = ["", f"{level} `{full_name}`", "", *_help_body(cmd.help or ""), ""]
+    if hasattr(cmd, "commands"):  # a group
+        lines += ["**Usage**:", "", "```console", f"$ {full_name} COMMAND [ARGS]...", "```", ""]
+        lines += ["**Commands**:", ""]
+        for sub_name, sub in cmd.commands.items():
+            summary = plain(inspect.cleandoc(sub.help or "").splitlines()[0])
+            lines.append(f"* `{sub_name}`: {summary}")
+        for sub_name, sub in cmd.commands.items():
+            lines += _command(sub, f"{full_name} {sub_name}", sub_name, ctx, level + "#")
+        return lines
+    usage = " ".join(cmd.collect_usage_pieces(ctx))
+    lines += ["**Usage**:", "", "```console", f"$ {full_name} {usage}", "```", ""]
+    params = [p for p in cmd.get_params(ctx) if p.help or p.param_type_name == "argument"]
+    arguments = [p for p in params if p.param_type_name == "argument"]
+    options = [p for p in params if p.param_type_name == "option"]
+    if arguments:
+        lines += ["**Arguments**:", "", *(_param_line(p, ctx) for p in arguments), ""]
+    lines += ["**Options**:", "", *(_param_line(p, ctx) for p in options)]
+    return lines
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
-"""The app: it builds the typer application, holds the short commands (info, prepare,
-datasets, generate) and registers the long ones, in pipeline order.
+"""The app: it builds the typer application, holds ``info`` and registers the other commands
+in pipeline order, each wrapped by ``common.handled`` (engine errors -> one line, exit code).
 
-``cli_train`` (train, benchmark), ``cli_classify`` and ``cli_evaluate`` (evaluate, runs) hold
-the long commands; exit codes, shared options and the error-to-exit helpers live in
-``cli_common`` (see there for the exit codes). Rendering lives in ``views``; heavy libraries
+One module per command (``prepare`` also holds ``datasets``, ``evaluate`` also ``runs``;
+``benchmark`` is a group of ``run`` and ``merge``); shared options live in ``common``, the exit
+codes in ``core/errors``. Rendering lives in ``views``; heavy libraries
 (torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
 stays instant. Help defaults are read from the settings models (``helptext``), never written
 here.
@@ -15,32 +15,21 @@ here.
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from threengan_cli import __version__
-from threengan_cli.cli import classify, evaluate, train, views
+from threengan_cli.cli import benchmark, classify, evaluate, generate, prepare, train, views
 from threengan_cli.cli.common import (
-    MAX_LISTED,
-    CheckpointOpt,
     JsonOpt,
-    QuietOpt,
-    RunOpt,
-    config_opt,
-    device_opt,
-    fail,
     flag,
     handled,
     interrupt_code,
-    model_of,
-    settings_of,
 )
-from threengan_cli.cli.helptext import shown
-from threengan_cli.cli.views import err, note, print_json, warn
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE
+from threengan_cli.cli.views import note, print_json
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT
 
 
 def _plain_flags(params: list) -> list:
@@ -167,349 +156,35 @@ def info(
         views.info_table(facts)
 
 
-# ------------------------------------------------------------------------------------ prepare
-def _prepare_target(source: Path, name: str | None, out_dir: Path | None) -> Path:
-    from threengan_cli.core import paths
-
-    if out_dir is not None:
-        return out_dir
-    try:
-        return paths.datasets_dir() / paths.check_name(name or source.stem)
-    except ValueError as exc:
-        fail(f"{exc} (choose one with --name)", EXIT_USAGE)
-
-
-def _prepare_notes(report, quiet: bool) -> None:
-    """What prepare did besides the table: skipped files, empty splits, val, duplicates."""
-    for path, reason in report.label_conflicts[:MAX_LISTED]:
-        warn(f"label conflict {path}: {reason}")
-    if report.label_conflicts:
-        warn(
-            f"{len(report.label_conflicts)} images carry two labels (label conflicts); "
-            "their train/val copies were removed"
-        )
-    if quiet:
-        return
-    for path, reason in report.skipped[:MAX_LISTED]:
-        warn(f"skipped {path}: {reason}")
-    if len(report.skipped) > MAX_LISTED:
-        warn(f"... and {len(report.skipped) - MAX_LISTED} more skipped files")
-    for split, row in report.counts.items():
-        if not sum(row.values()):
-            warn(f"the {split} split is empty")
-    note(f"val: {report.val_note}")
-    note(
-        f"duplicates dropped from train/val: {len(report.duplicates_dropped)}; "
-        f"duplicates inside test (kept): {len(report.test_duplicates)}; "
-        f"train/val images also in test (removed): {len(report.leakage_removed)}"
-    )
-    note(f"wrote {report.path} in {report.seconds:.1f} s")
-    if report.skipped:
-        warn(f"{len(report.skipped)} files skipped ({len(report.unreadable)} unreadable images)")
-
-
-# Long only by its declared options and help text (what typer reads); the body is a few calls.
-@command()
-def prepare(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            metavar="SOURCE",
-            help="A folder of class folders, a folder of train/ val/ test/ class folders, "
-            "a MedMNIST .npz, or a CSV of path,label[,split].",
-            exists=True,
-            show_default=False,
-        ),
-    ],
-    name: Annotated[
-        str | None,
-        typer.Option(help="Dataset name under the data dir \\[default: the source's name]."),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Write the dataset to this folder instead (overrides --name).",
-            file_okay=False,
-        ),
-    ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Side of the square images, px: a power of two (8, 16, 32, 64, ...), the "
-            f"sizes train builds networks for. {shown('prepare', 'image_size')}"
-        ),
-    ] = None,
-    fit: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-square images: squash (resize, as the paper), crop (centre "
-            f"square) or pad (black borders). {shown('prepare', 'fit')}"
-        ),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="Share of train carved as a patient-grouped val split when the "
-            f"source has none, or one smaller than --min-val. {shown('prepare', 'val_fraction')}"
-        ),
-    ] = None,
-    min_val: Annotated[
-        int | None,
-        typer.Option(
-            help="A source val split with fewer images is replaced by a carved one. "
-            f"{shown('prepare', 'min_val')}"
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Seed of the val carve. {shown('prepare', 'seed')}")
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help=f"Decoding processes; 0 = all cores. {shown('prepare', 'workers')}"),
-    ] = None,
-    patient_pattern: Annotated[
-        str | None,
-        typer.Option(
-            help="Regex whose first group is the patient id, searched in file names "
-            "\\[default: Kermany's person<id>_ / IM-<id>-]."
-        ),
-    ] = None,
-    class_names: Annotated[
-        str | None,
-        typer.Option(
-            help="Name the classes, comma-separated, in the source's order (a MedMNIST .npz: "
-            "label 0 first; folders: sorted names), e.g. NORMAL,PNEUMONIA for an .npz whose "
-            "classes are 0 and 1. \\[default: the source's names]"
-        ),
-    ] = None,
-    strict: Annotated[
-        bool | None,
-        flag(
-            "--strict",
-            help="Fail (exit 1, nothing written) if any image file "
-            "cannot be read. Non-image names such as .DS_Store never count.",
-        ),
-    ] = None,
-    force: Annotated[bool, flag("--force", help="Replace an existing prepared dataset.")] = False,
-    config: config_opt("prepare") = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Read a source of X-rays once into a dataset that training loads whole.
-
-    Every image becomes 8-bit grayscale at the model size: PNG, JPEG,
-    BMP, TIFF, 16-bit, and DICOM with the [bold]dicom[/] extra.
-
-    Exact duplicates are dropped from train/val; duplicates inside test/
-    are reported and kept; images in both train and test leave train.
-    A val split is carved from train, grouped by patient, when the
-    source has none or a tiny one (Kermany's public val/ has 16 images).
-
-    Unreadable files are skipped and listed: exit 0 with a warning,
-    or exit 1 (nothing written) under --strict.
-
-    Preparing the same source (same files, sizes and times) with the
-    same settings again says "up to date" and exits 0 without work; a
-    different source or settings needs --force.
-
-    [bold]Examples[/]
-
-      threengan prepare ~/data/chest_xray --name kermany
-
-      threengan prepare pneumoniamnist.npz --class-names NORMAL,PNEUMONIA
-
-      threengan prepare labels.csv --out ./prepared/xr --force
-    """
-    from threengan_cli.data.prepare import prepare as run_prepare
-
-    cfg = settings_of(
-        "prepare",
-        config,
-        image_size=image_size,
-        fit=fit,
-        val_fraction=val_fraction,
-        min_val=min_val,
-        seed=seed,
-        workers=workers,
-        patient_pattern=patient_pattern,
-        strict=strict,
-        class_names=class_names,
-    )
-    target = _prepare_target(source, name, out_dir)
-    try:
-        with views.BarView(not quiet and err.is_terminal, "decoding", counted=True) as view:
-            report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
-    except OSError as exc:
-        fail(views.os_failure(exc, f"preparing {target}"))
-
-    if report.up_to_date:
-        if as_json:
-            print_json(report.to_dict())
-        if not quiet:
-            note(
-                f"{target} is up to date: prepared from the same source with the same "
-                "settings (--force prepares it again)"
-            )
-        return
-    if report.repaired:
-        warn(f"{target}/data.safetensors was damaged (not the file prepare wrote): prepared again")
-    if as_json:
-        print_json(report.to_dict())
-    elif not quiet:
-        views.prepare_table(target.name, report, cfg.image_size)
-    _prepare_notes(report, quiet)
-
-
-# ----------------------------------------------------------------------------------- datasets
-@command()
-def datasets(as_json: JsonOpt = False) -> None:
-    """List the prepared datasets in the data dir.
-
-    [bold]Examples[/]
-
-      threengan datasets
-
-      threengan datasets --json
-    """
-    from threengan_cli.data.datasets import list_prepared
-
-    found = list_prepared()
-    if as_json:
-        print_json(found)
-    elif not found:
-        note("no prepared datasets yet: run `threengan prepare SOURCE`")
-    else:
-        views.datasets_table(found)
-
-
-
-# The long commands live in their own modules (each under 600 lines); they are registered
-# here, in pipeline order, which is the order of the help.
+command()(prepare.prepare)
+command()(prepare.datasets)
 command()(train.train)
 command()(evaluate.runs)
 command()(classify.classify)
 command()(evaluate.evaluate)
+command()(generate.generate)
 
 
-# ----------------------------------------------------------------------------------- generate
-# Long only by its declared options and help text (what typer reads); the body is a few calls.
-@command()
-def generate(
-    run: RunOpt = None,
-    checkpoint: CheckpointOpt = None,
-    count: Annotated[
-        int | None, typer.Option(help=f"Images to make. {shown('generate', 'count')}")
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Folder for gen_00000.png ...; must not exist or be empty "
-            "\\[default: ./generated, unless only --grid is given].",
-            file_okay=False,
-        ),
-    ] = None,
-    grid: Annotated[
-        Path | None,
-        typer.Option(
-            "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Same seed, same images. {shown('generate', 'seed')}")
-    ] = None,
-    label: Annotated[
-        bool,
-        flag(
-            "--label",
-            help="Label each image with the classifier: one sub-folder per "
-            "class, uncertain/ below --tau, and labels.csv.",
-        ),
-    ] = False,
-    tau: Annotated[
-        float | None,
-        typer.Option(
-            help="With --label: least top probability to count as labelled. "
-            f"{shown('generate', 'tau')}"
-        ),
-    ] = None,
-    device: device_opt("generate") = None,
-    force: Annotated[
-        bool,
-        flag(
-            "--force",
-            help="Replace an earlier output of generate in --out made with other settings "
-            "(a folder generate did not make is never replaced).",
-        ),
-    ] = False,
-    config: config_opt("generate") = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Make synthetic X-rays with a trained generator (8-bit grayscale PNGs).
+class DefaultRun(Group):
+    """``benchmark DATASET ...`` is ``benchmark run DATASET ...``: run is the default command."""
 
-    Without --run or --checkpoint the bundled default model is used. The
-    output folder appears complete or not at all; the same seed gives the
-    same images. With --label the model's classifier sorts the images into
-    one sub-folder per class, and into uncertain/ where its top probability
-    is below --tau, and writes labels.csv (file, label, p_<class>...): the
-    pseudo-labels 3N-GAN trains its classifier on.
-
-    generate.json in the folder records how it was made: the same command
-    run again finds its own output, writes nothing and exits 0; other
-    settings are refused (exit 2) unless --force replaces the folder.
-
-    [bold]Examples[/]
-
-      threengan generate --run my-run --count 500 --out synth
-
-      threengan generate --run my-run --grid samples.png --seed 7
-
-      threengan generate --run my-run --count 1000 --label --out labelled
-    """
-    cfg = settings_of("generate", config, count=count, seed=seed, tau=tau, device=device)
-    if out_dir is None and grid is None:
-        out_dir = Path("generated")
-    if label and out_dir is None:
-        fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
-
-    from threengan_cli.infer.generate import generate as run_generate
-
-    model = model_of(checkpoint, run, cfg.device)
-    total = cfg.count if out_dir is not None else min(cfg.count, 64)
-    try:
-        with views.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
-            result = run_generate(
-                model,
-                cfg.count,
-                cfg.seed,
-                out_dir,
-                grid,
-                label=label,
-                tau=cfg.tau,
-                on_progress=view.update,
-                force=force,
-            )
-    except KeyboardInterrupt:
-        note("interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
-        fail(views.os_failure(exc, f"writing {out_dir or grid}"))
-    if as_json:
-        print_json(result.as_dict())
-    elif not quiet:
-        made = f"wrote {result.count} images to {result.out_dir}" if result.out_dir else ""
-        if result.unchanged:
-            made = f"{result.out_dir} already holds these {result.count} images: kept as they are"
-        if result.labels:
-            made += " (" + ", ".join(f"{k}: {v}" for k, v in result.labels.items()) + ")"
-        if result.grid:
-            made += ("; " if made else "wrote ") + f"grid {result.grid}"
-        note(f"{made} with {model.model_id}, seed {result.seed}")
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
 
 
-command()(train.benchmark)
+bench_app = typer.Typer(
+    cls=DefaultRun,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Benchmark methods x training sizes x repeats and compare with the paper's Table 1.\n\n"
+    "[bold]benchmark DATASET[/] is [bold]benchmark run DATASET[/]; [bold]benchmark merge[/] "
+    "joins the folders of its shards into one report.",
+)
+bench_app.command("run", cls=Command)(handled(benchmark.run))
+bench_app.command("merge", cls=Command)(handled(benchmark.merge))
+app.add_typer(bench_app, name="benchmark")
 
 
 _TERMINATED: list[int] = []  # the SIGTERM that stopped this process, once one came

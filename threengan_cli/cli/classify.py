@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from threengan_cli.cli import views
+from threengan_cli.cli import progress, views
 from threengan_cli.cli.common import (
     MAX_LISTED,
     CheckpointOpt,
@@ -28,33 +28,7 @@ from threengan_cli.cli.common import (
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import err, note, warn
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_OOD, EXIT_PARTIAL, EXIT_USAGE
-
-
-def _classify_format(given: str | None, configured: str | None, output: Path | None) -> str:
-    """The output format: ``--format``; else --output's suffix; else the config file's
-    ``format``; else table on a terminal, csv otherwise. An explicit flag or file name wins
-    over the config file, which holds defaults. An --output that is not a regular file
-    (``/dev/stdout``, a FIFO, a device) needs no suffix: it gets csv, as a pipe does."""
-    from threengan_cli.core import fileio
-    from threengan_cli.infer.output import FORMATS, SUFFIX_FORMATS
-
-    fmt = given
-    if fmt is None and output is not None:
-        fmt = SUFFIX_FORMATS.get(output.suffix.lower()) or configured
-        if fmt is None and fileio.writes_in_place(output):
-            fmt = "csv"
-        if fmt is None:
-            known = ", ".join(SUFFIX_FORMATS)
-            fail(
-                f"cannot tell the format of {output} from its suffix (known: {known}); "
-                "give --format csv, json or jsonl",
-                EXIT_USAGE,
-            )
-    if fmt is None:
-        fmt = configured or ("table" if sys.stdout.isatty() else "csv")
-    if fmt not in FORMATS:
-        fail(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})", EXIT_USAGE)
-    return fmt
+from threengan_cli.infer.output import choose_format
 
 
 def _stdin_paths(inputs: list[str]):
@@ -247,7 +221,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
     try:
-        with views.BarView(not quiet and err.is_terminal, "classifying") as view:
+        with progress.BarView(not quiet and err.is_terminal, "classifying") as view:
             _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
@@ -503,7 +477,7 @@ def classify(
         ood_threshold=ood_threshold,
         fail_on_ood=fail_on_ood or None,
     )
-    fmt = _classify_format(fmt, cfg.format, output)
+    fmt = choose_format(fmt, cfg.format, output, sys.stdout.isatty())
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
     stdin = _stdin_paths(inputs)
     model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)

@@ -184,3 +184,18 @@ def prepared_or_exit(dataset: str) -> Path:
             EXIT_USAGE,
         )
     return dataset_dir
+
+
+def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
+    """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
+    (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
+    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
+        return
+    from threengan_cli.core import system
+
+    if system.cpu_bf16() and system.select_device(device).type == "cpu":
+        views.warn(
+            "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
+            "on one CPU with native bf16, slower on others); `threengan info --measure` times "
+            "both on this one"
+        )

@@ -1,6 +1,6 @@
-"""The train and benchmark commands: the two that write run folders and run for hours.
+"""The train command: it writes a run folder and runs for hours.
 
-Registered on the app by ``cli``; exit codes in ``cli_common``.
+Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -11,9 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from threengan_cli.cli import views
+from threengan_cli.cli import progress, views
 from threengan_cli.cli.common import (
-    MAX_LISTED,
     JsonOpt,
     QuietOpt,
     config_opt,
@@ -25,10 +24,11 @@ from threengan_cli.cli.common import (
     lock_or_exit,
     prepared_or_exit,
     settings_of,
+    warn_bf16_unmeasured,
 )
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Failure
+from threengan_cli.core.errors import EXIT_OK, EXIT_USAGE, Failure
 from threengan_cli.core.names import METHOD_NAMES
 from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
@@ -125,21 +125,6 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
             f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
             "(threengan runs --prune-last); train a new run instead",
             EXIT_USAGE,
-        )
-
-
-def _warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
-    """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
-    (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
-    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
-        return
-    from threengan_cli.core import system
-
-    if system.cpu_bf16() and system.select_device(device).type == "cpu":
-        warn(
-            "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
-            "on one CPU with native bf16, slower on others); `threengan info --measure` times "
-            "both on this one"
         )
 
 
@@ -429,9 +414,9 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
     """Run the engine on a locked run folder; its errors as one line and an exit code."""
     from threengan_cli.train import events, training
 
-    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
+    warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     try:
-        with views.TrainView(quiet) as view:
+        with progress.TrainView(quiet) as view:
             return training.train(
                 dataset_dir,
                 cfg,
@@ -449,252 +434,3 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
         fail(str(exc))
     except OSError as exc:
         fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
-
-
-# ---------------------------------------------------------------------------------- benchmark
-def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
-    except ValueError:
-        fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
-
-
-def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, Any]):
-    """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
-    from threengan_cli.bench import grid
-    from threengan_cli.cli.helptext import default_of
-    from threengan_cli.core.settings import SettingsError, read_config
-
-    try:
-        values = dict(read_config(config).get("benchmark", {}))
-        values.update({k: v for k, v in flags.items() if v is not None})
-        in_file = values.pop("profile", None)
-        chosen = profile or in_file or default_of("benchmark", "profile")
-        for key in ("methods", "sizes"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return grid.resolve_settings(chosen, **values)
-    except (SettingsError, ValueError) as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
-def _bench_merge(args: list[str], out_dir: Path | None, given: dict[str, Any]):
-    from threengan_cli.bench.merge import merge
-
-    extra = [k for k, v in given.items() if v is not None]
-    if extra:
-        fail(f"merge takes only DIR... --out DIR (got {', '.join(extra)})", EXIT_USAGE)
-    if len(args) < 2 or out_dir is None:
-        fail("merge needs the benchmark folders to join and --out DIR", EXIT_USAGE)
-    with contextlib.ExitStack() as held:
-        lock_or_exit(held, out_dir, "benchmark folder")
-        try:
-            return merge([Path(a) for a in args[1:]], out_dir), out_dir
-        except OSError as exc:
-            fail(views.os_failure(exc, f"writing {out_dir}"))
-
-
-def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
-    from threengan_cli.bench import benchmark as bench
-    from threengan_cli.core import paths
-    from threengan_cli.infer import classify
-    from threengan_cli.train import events
-
-    try:
-        shard_ij = classify.parse_shard(shard) if shard is not None else (1, 1)
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    dataset_dir = prepared_or_exit(dataset)
-    target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
-    _warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
-    hint = f"finished runs are kept in {target}; run the same command again to resume"
-    held = contextlib.ExitStack()
-    lock_or_exit(held, target, "benchmark folder")
-    try:
-        with held, views.BenchView(quiet) as view:
-            results = bench.run(
-                dataset_dir, cfg, target, shard=shard_ij, on_event=view, parallel=parallel
-            )
-    except (events.Interrupted, KeyboardInterrupt) as exc:
-        note(f"interrupted: {hint}")
-        raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
-    except OSError as exc:
-        fail(views.os_failure(exc, f"writing {target}") + f" ({hint})")
-    if shard_ij[1] > 1 and not quiet:
-        note(f"shard {shard}: join the shards with: threengan benchmark merge DIR... --out DIR")
-    return results, target
-
-
-# Long only by its declared options and help text (what typer reads); the body is a few calls.
-def benchmark(
-    args: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="DATASET | merge DIR...",
-            help="A prepared dataset (name or folder) to benchmark on; or the word merge "
-            "followed by benchmark folders (shards) to join into one report.",
-            show_default=False,
-        ),
-    ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option(
-            help="smoke (seconds; tests), quick (a reduced grid: about 15-20 minutes on a "
-            "2-core CPU, see docs/benchmark-protocol.md) or paper (the full protocol). "
-            f"{shown('benchmark', 'profile')}"
-        ),
-    ] = None,
-    methods: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Comma-separated: {', '.join(METHOD_NAMES)}, or a variant: the ablations "
-            "3ngan-nokl, 3ngan-nogc, 3ngan-pairkl and the study's ladder "
-            "(docs/benchmark-protocol.md). \\[default: the profile's]"
-        ),
-    ] = None,
-    sizes: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated training sizes N. \\[default: the profile's]"),
-    ] = None,
-    repeats: Annotated[
-        int | None,
-        typer.Option(help="Repeats per cell; repeat r uses seed + r. \\[default: the profile's]"),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Epochs per run. \\[default: the profile's]")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Mini-batch size. \\[default: the profile's]")
-    ] = None,
-    width: Annotated[
-        int | None, typer.Option(help="Network width ngf = ndf. \\[default: the profile's]")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Base seed. {shown('benchmark', 'seed')}")
-    ] = None,
-    device: device_opt("benchmark") = None,
-    precision: Annotated[
-        str | None, typer.Option(help=f"fp32 or bf16. {shown('benchmark', 'precision')}")
-    ] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of recipes, each a cell of its own: paper, robust. "
-            "\\[default: the profile's; study: paper,robust; others: paper]"
-        ),
-    ] = None,
-    ablate: Annotated[
-        bool | None,
-        flag(
-            "--ablate",
-            help="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
-            "against C), 3ngan-pairkl (per-pair KL).",
-        ),
-    ] = None,
-    parallel: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=64,
-            help="Runs trained at once, in threads; results are the same as one at a time. "
-            "\\[default: the repeats of a cell on a GPU (at most 8), 1 on a CPU]",
-        ),
-    ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            help="I/N: train only the runs whose grid index is I-1 modulo N (e.g. a SLURM "
-            "array task); join the shards with `benchmark merge`."
-        ),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Benchmark folder \\[default: <data dir>/benchmarks/<dataset>-<profile>]; "
-            "required for merge.",
-            file_okay=False,
-        ),
-    ] = None,
-    config: config_opt("benchmark") = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Benchmark methods x training sizes x repeats and compare with the paper's Table 1.
-
-    Every run is an ordinary training run in <out>/runs/<method>-n<N>-r<repeat>/.
-    Reported: mean ± std over repeats of accuracy, balanced accuracy, AUC,
-    sensitivity, specificity and F1 of the final-epoch model on the test
-    split, and, labelled optimistic, the best test accuracy over epochs.
-    Writes results.json, results.csv, report.md (beside the paper's Table 1)
-    and accuracy_vs_size.png (with the [bold]plot[/] extra).
-
-    Re-running the same command skips finished runs and resumes an
-    unfinished one; a run folder written with other settings is refused.
-    Ctrl+C keeps what is finished and exits 130. Exit 3 when some runs
-    failed (a loss became non-finite); they are counted in the report.
-
-    [bold]Examples[/]
-
-      threengan benchmark kermany --profile quick
-
-      threengan benchmark kermany --profile paper --shard 3/10 --out bench/s3
-
-      threengan benchmark merge bench/s* --out bench/all
-
-      threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
-    """
-    options = dict(locals())
-    if not args:
-        fail("give a prepared DATASET, or: merge DIR... --out DIR", EXIT_USAGE)
-    if args[0] == "merge":
-        given = {
-            f"--{k.replace('_', '-')}": v
-            for k, v in options.items()
-            if k not in ("args", "out_dir", "as_json", "quiet")
-        }
-        results, target = _bench_merge(args, out_dir, given)
-    else:
-        if len(args) > 1:
-            fail(
-                f"give one DATASET (got {len(args)} arguments); to join shards use: "
-                "benchmark merge DIR... --out DIR",
-                EXIT_USAGE,
-            )
-        from threengan_cli.bench.grid import BenchmarkSettings
-
-        flags = flags_of(BenchmarkSettings, options)
-        flags.update(
-            methods=_comma_list(methods, "--methods"),
-            sizes=_comma_list(sizes, "--sizes", int),
-            recipes=_comma_list(recipe, "--recipe"),
-        )
-        flags.pop("profile")
-        cfg = _bench_settings(config, profile, flags)
-        results, target = _bench_run(args[0], cfg, shard, out_dir, parallel, quiet)
-
-    if as_json:
-        print_json(results)
-    elif not quiet:
-        views.bench_tables(results)
-    if not quiet:
-        made = "results.json, results.csv, report.md"
-        if results.get("plot"):
-            made += ", accuracy_vs_size.png"
-        else:
-            note(f"no plot: {results.get('plot_note')}")
-        note(f"wrote {made} in {target}")
-    failed = results["counts"]["failed"]
-    if failed and not quiet:
-        warn(f"{failed} run(s) failed (a loss became non-finite); see report.md")
-    missing = (results.get("missing") or []) if args[0] == "merge" else []
-    if missing and not quiet:
-        shown_ = ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
-        warn(
-            f"{len(missing)} run(s) of the grid are in none of the merged folders: {shown_}; "
-            f"the report covers the other {results['counts'].get('finished', 0)} finished"
-        )
-    if failed or missing:
-        raise typer.Exit(EXIT_PARTIAL)

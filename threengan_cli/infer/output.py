@@ -11,10 +11,38 @@ written as ``\\xNN``, and a text cell that a spreadsheet would run as a formula 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+from threengan_cli.core import fileio
+from threengan_cli.core.errors import UsageError
 
 FORMATS = ("table", "csv", "json", "jsonl")
 SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def choose_format(
+    given: str | None, configured: str | None, output: Path | None, terminal: bool
+) -> str:
+    """The output format: ``--format``; else --output's suffix; else the config file's
+    ``format``; else table on a ``terminal``, csv otherwise. An explicit flag or file name
+    wins over the config file, which holds defaults. An --output that is not a regular file
+    (``/dev/stdout``, a FIFO, a device) needs no suffix: it gets csv, as a pipe does."""
+    fmt = given
+    if fmt is None and output is not None:
+        fmt = SUFFIX_FORMATS.get(output.suffix.lower()) or configured
+        if fmt is None and fileio.writes_in_place(output):
+            fmt = "csv"
+        if fmt is None:
+            raise UsageError(
+                f"cannot tell the format of {output} from its suffix (known: "
+                f"{', '.join(SUFFIX_FORMATS)}); give --format csv, json or jsonl"
+            )
+    if fmt is None:
+        fmt = configured or ("table" if terminal else "csv")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    return fmt
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 

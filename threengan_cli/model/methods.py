@@ -1,7 +1,11 @@
 """vanilla / sgan / ecgan / 3ngan: which network is updated with which loss, one step each.
 
-A method is a small class registered in :data:`METHODS`, the one list of methods (settings
-validate against it); adding one touches only this file. Every method answers: which networks
+It reads better whole, so it stays one module over 500 lines: the four methods are read side
+by side (ecgan is 3ngan with one line changed). Adding one touches this file, and one line of
+core/names.py, the list of names that settings and ``--help`` read without torch.
+
+A method is a small class registered in :data:`METHODS` under a name from
+:data:`threengan_cli.core.names.METHOD_NAMES`. Every method answers: which networks
 it builds, their optimizers, one training step, which network's logits classify an image
 (:attr:`Method.classifier`, written into every checkpoint so that loaders need no method
 names), and what a step costs (:attr:`Method.step_ms`, for the benchmark's ETA).

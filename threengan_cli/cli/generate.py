@@ -1,0 +1,141 @@
+"""The generate command: synthetic X-rays from a trained generator."""
+
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from threengan_cli.cli import progress, views
+from threengan_cli.cli.common import (
+    CheckpointOpt,
+    JsonOpt,
+    QuietOpt,
+    RunOpt,
+    config_opt,
+    device_opt,
+    fail,
+    flag,
+    model_of,
+    settings_of,
+)
+from threengan_cli.cli.helptext import shown
+from threengan_cli.cli.views import err, note, print_json
+from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------------- generate
+# Long only by its declared options and help text (what typer reads); the body is a few calls.
+def generate(
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    count: Annotated[
+        int | None, typer.Option(help=f"Images to make. {shown('generate', 'count')}")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for gen_00000.png ...; must not exist or be empty "
+            "\\[default: ./generated, unless only --grid is given].",
+            file_okay=False,
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None,
+        typer.Option(
+            "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Same seed, same images. {shown('generate', 'seed')}")
+    ] = None,
+    label: Annotated[
+        bool,
+        flag(
+            "--label",
+            help="Label each image with the classifier: one sub-folder per "
+            "class, uncertain/ below --tau, and labels.csv.",
+        ),
+    ] = False,
+    tau: Annotated[
+        float | None,
+        typer.Option(
+            help="With --label: least top probability to count as labelled. "
+            f"{shown('generate', 'tau')}"
+        ),
+    ] = None,
+    device: device_opt("generate") = None,
+    force: Annotated[
+        bool,
+        flag(
+            "--force",
+            help="Replace an earlier output of generate in --out made with other settings "
+            "(a folder generate did not make is never replaced).",
+        ),
+    ] = False,
+    config: config_opt("generate") = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Make synthetic X-rays with a trained generator (8-bit grayscale PNGs).
+
+    Without --run or --checkpoint the bundled default model is used. The
+    output folder appears complete or not at all; the same seed gives the
+    same images. With --label the model's classifier sorts the images into
+    one sub-folder per class, and into uncertain/ where its top probability
+    is below --tau, and writes labels.csv (file, label, p_<class>...): the
+    pseudo-labels 3N-GAN trains its classifier on.
+
+    generate.json in the folder records how it was made: the same command
+    run again finds its own output, writes nothing and exits 0; other
+    settings are refused (exit 2) unless --force replaces the folder.
+
+    [bold]Examples[/]
+
+      threengan generate --run my-run --count 500 --out synth
+
+      threengan generate --run my-run --grid samples.png --seed 7
+
+      threengan generate --run my-run --count 1000 --label --out labelled
+    """
+    cfg = settings_of("generate", config, count=count, seed=seed, tau=tau, device=device)
+    if out_dir is None and grid is None:
+        out_dir = Path("generated")
+    if label and out_dir is None:
+        fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
+
+    from threengan_cli.infer.generate import generate as run_generate
+
+    model = model_of(checkpoint, run, cfg.device)
+    total = cfg.count if out_dir is not None else min(cfg.count, 64)
+    try:
+        with progress.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
+            result = run_generate(
+                model,
+                cfg.count,
+                cfg.seed,
+                out_dir,
+                grid,
+                label=label,
+                tau=cfg.tau,
+                on_progress=view.update,
+                force=force,
+            )
+    except KeyboardInterrupt:
+        note("interrupted; nothing was written")
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
+        fail(views.os_failure(exc, f"writing {out_dir or grid}"))
+    if as_json:
+        print_json(result.as_dict())
+    elif not quiet:
+        made = f"wrote {result.count} images to {result.out_dir}" if result.out_dir else ""
+        if result.unchanged:
+            made = f"{result.out_dir} already holds these {result.count} images: kept as they are"
+        if result.labels:
+            made += " (" + ", ".join(f"{k}: {v}" for k, v in result.labels.items()) + ")"
+        if result.grid:
+            made += ("; " if made else "wrote ") + f"grid {result.grid}"
+        note(f"{made} with {model.model_id}, seed {result.seed}")
