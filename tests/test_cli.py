@@ -306,3 +306,17 @@ def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
     assert "at least two are needed" in screen.getvalue()
     assert [started for _, started in bars] == [True]  # the bar was live while decoding
     assert live_at_error == [False]
+
+
+@pytest.mark.parametrize("every", ["nan", "-1", "inf"])
+def test_train_refuses_a_checkpoint_interval_that_is_not_a_number_of_seconds(dataset, every):
+    result = run("train", dataset, "--checkpoint-every", every, *TINY)
+    assert result.exit_code == 2, result.output
+    assert "--checkpoint-every takes seconds" in result.stderr
+
+
+def test_train_with_an_unlabelled_pool_that_does_not_exist_is_a_usage_error(dataset, tmp_path):
+    result = run("train", dataset, "--unlabelled", "no-such-pool", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 2, result.output
+    assert "--unlabelled no-such-pool: not 'rest', a prepared dataset" in result.stderr
+    assert "Traceback" not in result.output

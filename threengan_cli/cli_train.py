@@ -6,6 +6,7 @@ Registered on the app by ``cli``; exit codes in ``cli_common``.
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -446,8 +447,11 @@ def train(
         "unlabelled": unlabelled,
         "init": init,
     }
-    if checkpoint_every < 0:
-        fail(f"--checkpoint-every takes seconds, 0 or more (got {checkpoint_every})", EXIT_USAGE)
+    if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
+        fail(
+            f"--checkpoint-every takes seconds, a number 0 or more (got {checkpoint_every})",
+            EXIT_USAGE,
+        )
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     with held:
         if resume is not None:
@@ -495,7 +499,7 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
     except train_events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
         raise typer.Exit(interrupt_code(exc.signum)) from None
-    except train_events.InitNotFound as exc:
+    except train_events.InputNotFound as exc:  # --init or --unlabelled names nothing
         fail(str(exc), EXIT_USAGE)
     except (
         train_events.TrainingError,

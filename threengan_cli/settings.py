@@ -145,6 +145,10 @@ def with_stored_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrainSettings(_Section):
+    # inf passes ``ge=0`` (a weight of inf turns the first loss into nan), nan passes nothing
+    # that compares, so neither is a number a training setting can take.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     method: str = "3ngan"
     recipe: Recipe = Field(
         DEFAULT_RECIPE, description="paper: the paper's protocol exactly; robust: stabler model"

@@ -58,13 +58,21 @@ from threengan_cli.datasets import load_prepared
 from threengan_cli.images import NORMALISATION, grid_png
 from threengan_cli.methods import METHODS, StepOutput
 from threengan_cli.networks import from_model_range, to_model_range
-from threengan_cli.rundata import DataError, RunData, batch_order, batches, load_run_data
+from threengan_cli.rundata import (
+    DataError,
+    PoolNotFound,
+    RunData,
+    batch_order,
+    batches,
+    load_run_data,
+)
 from threengan_cli.scoring import flagged_share, model_statistics, score_split
 from threengan_cli.settings import TrainSettings
 from threengan_cli.train_events import (
     EpochDone,
     Event,
     InitNotFound,
+    InputNotFound,
     Interrupted,
     NonFiniteLoss,
     RunFinished,
@@ -653,6 +661,8 @@ def _train(
     resume = resume and (run_dir / runs.LAST).exists()
     try:
         loop = _open(device, dataset_path, settings, run_dir, turns, fresh=not resume)
+    except PoolNotFound as exc:
+        raise InputNotFound(str(exc)) from None
     except DataError as exc:
         raise TrainingError(str(exc)) from None
     if resume:
