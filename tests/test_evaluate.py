@@ -104,6 +104,25 @@ def test_a_csv_of_path_and_label_is_scored(tmp_path, tree, model_file):
     assert json.loads(done.stdout)["n"] == len(files) == 12
 
 
+def test_a_csv_whose_rows_are_all_test_rows_is_scored(tmp_path, tree, model_file):
+    files = sorted((tree / "test").rglob("*.jpeg"))
+    table = tmp_path / "test_only.csv"
+    table.write_text("path,label,split\n" + "".join(f"{f},{f.parent.name},test\n" for f in files))
+    done = _eval(str(table), "--checkpoint", str(model_file), "--workers", "1", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == len(files) == 12
+
+
+def test_a_tree_with_only_a_test_folder_is_scored(tmp_path, tree, model_file):
+    for f in (tree / "test").rglob("*.jpeg"):
+        target = tmp_path / "d" / "test" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    done = _eval(str(tmp_path / "d"), "--checkpoint", str(model_file), "--workers", "1", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 12
+
+
 def test_unreadable_images_are_left_out_and_exit_3(tmp_path, model_file):
     for c in CLASSES:
         write_image(tmp_path / "d" / c / "a.png", seed=len(c))

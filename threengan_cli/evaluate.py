@@ -141,7 +141,7 @@ def read_labelled(data: str, split: str | None, model: Classifier) -> Labelled:
             "then evaluate NAME --split test"
         )
     try:
-        src = sources.scan(given)
+        src = sources.scan(given, need_train=False)
     except sources.DatasetError as exc:
         raise EvaluateError(str(exc)) from None
     splits = {item.split for item in src.items}
