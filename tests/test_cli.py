@@ -320,3 +320,23 @@ def test_train_with_an_unlabelled_pool_that_does_not_exist_is_a_usage_error(data
     assert result.exit_code == 2, result.output
     assert "--unlabelled no-such-pool: not 'rest', a prepared dataset" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_no_option_help_loses_bracketed_words_to_markup():
+    """rich reads ``[word ...]`` as a style tag and drops it: such text must be escaped."""
+    import re
+
+    import typer
+
+    styles = {"bold", "dim", "italic", "red", "green", "yellow", "cyan"}
+    lost = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            for found in re.finditer(r"(?<!\\)\[([a-z#/@][^\]]*)\]", param.help or ""):
+                if found.group(1).lstrip("/").split()[0] not in styles:
+                    lost.append(f"{name} --{param.name}: {found.group(0)}")
+    assert not lost
+    shown_help = run("evaluate", "--help").stdout
+    assert "default: the model's own, which flags 5% of its val split" in " ".join(
+        shown_help.replace("│", " ").split()
+    )

@@ -380,7 +380,7 @@ def classify(
         float | None,
         typer.Option(
             help="Flag an image (ood = true) when its out-of-distribution score is above "
-            "this [default: the model's own, which flags 5% of its val split]."
+            "this \\[default: the model's own, which flags 5% of its val split]."
         ),
     ] = None,
     fail_on_ood: Annotated[

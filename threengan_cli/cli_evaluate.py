@@ -235,7 +235,7 @@ def evaluate(
     ood_threshold: Annotated[
         float | None,
         typer.Option(
-            help="Flag images whose out-of-distribution score is above this [default: the "
+            help="Flag images whose out-of-distribution score is above this \\[default: the "
             "model's own, which flags 5% of its val split].",
             min=0.0,
         ),
