@@ -340,3 +340,22 @@ def test_no_option_help_loses_bracketed_words_to_markup():
     assert "default: the model's own, which flags 5% of its val split" in " ".join(
         shown_help.replace("│", " ").split()
     )
+
+
+def test_train_with_a_broken_torchvision_stops_before_its_first_epoch(
+    dataset, tmp_path, broken_torchvision
+):
+    result = run("train", dataset, "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 1, result.output
+    assert "sample grids need torchvision: torchvision " in result.stderr
+    assert "pip install --force-reinstall torch==" in result.stderr
+    assert "epoch 1/" not in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "r" / "last.safetensors").exists()
+
+
+def test_info_shows_torchvision_and_what_is_wrong_with_it(broken_torchvision):
+    from threengan_cli.system import torchvision_version
+
+    shown_json = json.loads(run("info", "--json").stdout)
+    assert shown_json["torchvision"].startswith("broken: torchvision ")
+    assert torchvision_version() in shown_json["torchvision"]

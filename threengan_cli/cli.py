@@ -472,6 +472,7 @@ def generate(
 
     from threengan_cli.generate import GenerateError
     from threengan_cli.generate import generate as run_generate
+    from threengan_cli.images import GridUnavailable
     from threengan_cli.modelfile import ModelError
 
     model = load_model_or_exit(checkpoint, run, cfg.device)
@@ -494,7 +495,7 @@ def generate(
         raise typer.Exit(EXIT_INTERRUPT) from None
     except GenerateError as exc:
         fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
+    except (ModelError, GridUnavailable) as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
         fail(views.os_failure(exc, f"writing {out_dir or grid}"))

@@ -55,7 +55,7 @@ from threengan_cli.accel import (
 )
 from threengan_cli.averaging import Averager, prediction_copies, recompute_bn
 from threengan_cli.datasets import load_prepared
-from threengan_cli.images import NORMALISATION, grid_png
+from threengan_cli.images import NORMALISATION, GridUnavailable, grid_maker, grid_png
 from threengan_cli.methods import METHODS, StepOutput
 from threengan_cli.networks import from_model_range, to_model_range
 from threengan_cli.rundata import (
@@ -659,6 +659,10 @@ def _train(
     # Killed before the first checkpoint: nothing was kept, so start over from scratch, which
     # is exactly what the uninterrupted run did.
     resume = resume and (run_dir / runs.LAST).exists()
+    try:
+        grid_maker()  # a torchvision that does not import fails the run now, not after epoch 1
+    except GridUnavailable as exc:
+        raise TrainingError(str(exc)) from None
     try:
         loop = _open(device, dataset_path, settings, run_dir, turns, fresh=not resume)
     except PoolNotFound as exc:
