@@ -60,9 +60,10 @@ def _classify_format(given: str | None, configured: str | None, output: Path | N
     return fmt
 
 
-def _stdin_paths(inputs: list[str]):
+def _stdin_paths(inputs: list[str], allow_empty: bool):
     """stdin's lines, when ``-`` is among the inputs, read up to the first path before any
-    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH."""
+    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH,
+    unless ``allow_empty``."""
     import itertools
 
     if "-" not in inputs:
@@ -70,7 +71,7 @@ def _stdin_paths(inputs: list[str]):
     for line in sys.stdin:
         if line.strip() and line.rstrip("\r\n") != "-":
             return itertools.chain([line], sys.stdin)
-    if inputs == ["-"]:
+    if inputs == ["-"] and not allow_empty:
         fail("no paths were given on stdin (one per line)", EXIT_USAGE)
     return iter(())
 
@@ -128,6 +129,8 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             shard=extra["shard"],
             exclude=[sorter.folder] if sorter is not None else [],
             on_skip=tally.skip,
+            on_total=(lambda n: view.update(0, n)) if extra["counted"] else None,
+            allow_empty=cfg.allow_empty,
         )
         for row in rows:
             writer.write(row)
@@ -259,9 +262,13 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
 
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
+    live = not quiet and err.is_terminal
+    # Counted up front only for a bar (a terminal), and never stdin's stream of paths.
+    counted = live and ("-" not in inputs or extra["shard"] is not None)
     try:
-        with views.BarView(not quiet and err.is_terminal, "classifying") as view:
-            _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
+        with views.BarView(live, "classifying", counted=counted) as view:
+            stream_extra = {**extra, "counted": counted}
+            _classify_stream(inputs, model, cfg, fmt, output, tally, view, stream_extra)
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
@@ -280,6 +287,11 @@ def _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, 
     """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
     inputs could not be, 4 under --fail-on-ood when an image was flagged."""
     counts = tally.counts
+    if counts["inputs"] == 0 and cfg.allow_empty:
+        if not quiet:
+            where = f" ({output} holds no rows)" if output is not None else ""
+            note(f"nothing to classify: no image files in the inputs (--allow-empty){where}")
+        return
     if counts["inputs"] == 0:
         if shard_ij is not None:
             fail(
@@ -447,6 +459,15 @@ def classify(
             metavar="I/N",
         ),
     ] = None,
+    allow_empty: Annotated[
+        bool,
+        flag(
+            "--allow-empty",
+            help="Inputs without a single image file (an empty folder, a pattern that matches "
+            "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its "
+            "header). A path that does not exist is still an error.",
+        ),
+    ] = False,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -480,9 +501,10 @@ def classify(
     needs --format (or format in --config). In CSV a cell that starts
     with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
-    Exit codes: 0 every input classified, 3 some could not be read,
-    4 (with --fail-on-ood) all were read and some were flagged ood,
-    1 none could (or no model), 2 usage error (no PATH, bad option,
+    Exit codes: 0 every input classified (or, with --allow-empty, there
+    was no image file), 3 some could not be read, 4 (with --fail-on-ood)
+    all were read and some were flagged ood, 1 none could, or no image
+    file was found (or no model), 2 usage error (no PATH, bad option,
     --checkpoint or --run that does not exist, --sort-into with class
     names that cannot be folder names).
 
@@ -517,10 +539,11 @@ def classify(
         format=fmt,
         ood_threshold=ood_threshold,
         fail_on_ood=fail_on_ood or None,
+        allow_empty=allow_empty or None,
     )
     fmt = _classify_format(fmt, cfg.format, output)
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
-    stdin = _stdin_paths(inputs)
+    stdin = _stdin_paths(inputs, cfg.allow_empty)
     model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []

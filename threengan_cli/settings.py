@@ -307,6 +307,7 @@ class ClassifySettings(_Section):
         "score; none: the model's own (flags 5% of its val split)"
     )
     fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
+    allow_empty: bool = Field(False, description="no image to classify is a success, no rows")
 
 
 class GenerateSettings(_Section):
