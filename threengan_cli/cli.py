@@ -1,8 +1,8 @@
 """The app: it builds the typer application, holds the short commands (info, prepare,
 datasets, generate) and registers the long ones, in pipeline order.
 
-``cli_train`` (train, benchmark), ``cli_classify`` and ``cli_evaluate`` (evaluate, runs) hold
-the long commands; exit codes, shared options and the error-to-exit helpers live in
+``cli_train`` (train, benchmark), ``cli_classify``, ``cli_evaluate`` (evaluate, runs) and
+``cli_split`` hold the long commands; exit codes, shared options and the error-to-exit helpers live in
 ``cli_common`` (see there for the exit codes). Rendering lives in ``views``; heavy libraries
 (torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
 stays instant. Help defaults are read from the settings models (``helptext``), never written
@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from threengan_cli import __version__, cli_classify, cli_evaluate, cli_train, views
+from threengan_cli import __version__, cli_classify, cli_evaluate, cli_split, cli_train, views
 from threengan_cli.cli_common import (
     EXIT_FAIL,
     EXIT_INTERRUPT,
@@ -382,6 +382,7 @@ def datasets(as_json: JsonOpt = False) -> None:
 
 # The long commands live in their own modules (each under 600 lines); they are registered
 # here, in pipeline order, which is the order of the help.
+command()(cli_split.split)
 command()(cli_train.train)
 command()(cli_evaluate.runs)
 command()(cli_classify.classify)

@@ -1,0 +1,1 @@
+"""Data before training: splitting a site's X-rays by patient."""
