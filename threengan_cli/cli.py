@@ -2,11 +2,11 @@
 datasets, generate) and registers the long ones, in pipeline order.
 
 ``cli_train`` (train, benchmark), ``cli_classify``, ``cli_evaluate`` (evaluate, runs) and
-``cli_split`` hold the long commands; exit codes, shared options and the error-to-exit helpers live in
-``cli_common`` (see there for the exit codes). Rendering lives in ``views``; heavy libraries
-(torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
-stays instant. Help defaults are read from the settings models (``helptext``), never written
-here.
+``cli_split`` hold the long commands; exit codes, shared options and the error-to-exit
+helpers live in ``cli_common`` (see there for the exit codes). Rendering lives in
+``views``; heavy libraries (torch, numpy, PIL, pydantic) are imported inside the commands so
+that ``threengan --help`` stays instant. Help defaults are read from the settings models
+(``helptext``), never written here.
 """
 
 # No ``from __future__ import annotations`` here, unlike the other modules: typer would then

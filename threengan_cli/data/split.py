@@ -87,9 +87,7 @@ def scan(source: Path, regex: re.Pattern | None = None) -> tuple[list[str], Pati
         raise SplitError(f"{source} does not exist")
     if not source.is_dir():
         raise SplitError(f"{source} is not a folder: give a folder with one folder per class")
-    classes = sorted(
-        d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
+    classes = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise SplitError(
             f"{source}: needs one folder per class, two or more (found {classes or 'none'})",
@@ -143,7 +141,9 @@ def plan(
     """The split of ``source``, checked before anything is copied (see the module docstring)."""
     for flag, n, least in (("--labelled", labelled, 1), ("--unlabelled", unlabelled, 0)):
         if n < least:
-            raise SplitError(f"{flag} takes a number of images per class, {least} or more (got {n})")
+            raise SplitError(
+                f"{flag} takes a number of images per class, {least} or more (got {n})"
+            )
     classes, patients = scan(source, compile_pattern(pattern))
     groups = assign(patients, {"labelled": labelled, "unlabelled": unlabelled}, seed)
     counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -153,7 +153,7 @@ def plan(
     for group, what in (("labelled", "labelled"), ("heldout", "held-out")):
         empty = [label for label in classes if not counts[group, label]]
         if empty:
-            total = sum(1 for images in patients.values() for label, _ in images if label == empty[0])
+            total = sum(label == empty[0] for images in patients.values() for label, _ in images)
             raise SplitError(
                 f"--labelled {labelled} --unlabelled {unlabelled} leaves no {what} "
                 f"{empty[0]} images ({total} in all): "
