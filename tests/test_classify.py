@@ -225,12 +225,18 @@ def test_sgan_classifies_with_its_discriminator(tmp_path):
     assert row.ok and len(row.probabilities) == 2
 
 
-def test_run_name_loads_the_best_checkpoint(threengan_home):
-    make_run(threengan_home / "runs" / "r1")
-    model = load_model(run="r1", device="cpu")
-    assert model.model_id.startswith("r1/best.safetensors@")
+def test_run_name_loads_the_final_model_and_model_best_the_best_on_val(threengan_home):
+    run = make_run(threengan_home / "runs" / "r1")
+    assert load_model(run="r1", device="cpu").model_id.startswith("r1/last.safetensors@")
+    best = load_model(run="r1", device="cpu", which="best")
+    assert best.model_id.startswith("r1/best.safetensors@")
+    assert classify_numpy.load(run="r1", which="best").model_id == best.model_id
+    (run / "last.safetensors").rename(run / "final.safetensors")  # as runs --prune-last leaves it
+    assert classify_numpy.load(run="r1").model_id.startswith("r1/final.safetensors@")
     with pytest.raises(ModelNotFound, match="no run"):
         load_model(run="nope", device="cpu")
+    with pytest.raises(ModelNotFound, match="picks a model of a --run"):
+        classify_numpy.load(run=None, which="best")
 
 
 def test_without_a_model_the_missing_default_is_named(monkeypatch):
@@ -345,7 +351,7 @@ def test_cli_run_option_uses_the_run_folder(tmp_path, threengan_home):
     make_run(threengan_home / "runs" / "r1")
     result = _cli(str(write_image(tmp_path / "a.png")), "--run", "r1", "-f", "json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["model"].startswith("r1/best.safetensors@")
+    assert json.loads(result.stdout)["model"].startswith("r1/last.safetensors@")
 
 
 def test_cli_settings_come_from_a_config_file(tmp_path, ckpt):

@@ -14,7 +14,7 @@ from image_factory import kermany_like
 from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
-from threengan_cli import classify_numpy, modelfile
+from threengan_cli import classify_numpy, modelfile, paths
 from threengan_cli import evaluate as ev
 from threengan_cli.classify import classify
 from threengan_cli.classify_torch import load_model
@@ -207,8 +207,10 @@ def test_the_bundled_model_is_never_rewritten_however_it_is_named(tmp_path, prep
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text("{}")
+    (run / "final.safetensors").hardlink_to(bundled)  # the model --run loads
     (run / "best.safetensors").hardlink_to(bundled)
-    for given in (["--checkpoint", str(bundled)], ["--checkpoint", str(link)], ["--run", str(run)]):
+    runs = (["--run", str(run)], ["--run", str(run), "--model", "best"])
+    for given in (["--checkpoint", str(bundled)], ["--checkpoint", str(link)], *runs):
         result = _eval(prepared, *given, "--threshold-from", "val")
         assert result.exit_code == 2, result.output
         assert "bundled default model" in result.stderr and "cp " in result.stderr
@@ -266,7 +268,7 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
     from threengan_cli import runs
 
     run = tmp_path / "run"
-    checkpoint = make_checkpoint(run / runs.BEST, classes=CLASSES)
+    checkpoint = make_checkpoint(run / runs.LAST, classes=CLASSES)  # what --run loads
     (run / runs.RUN).write_text("{}")
     before = checkpoint.read_bytes()
     holder = subprocess.Popen(
@@ -295,3 +297,22 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
     done = _eval(prepared, "--run", str(run), "--threshold-from", "val", "--json")
     assert done.exit_code == 0, done.output
     assert checkpoint.read_bytes() != before and not (run / runs.LOCK).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["robust", "paper"])
+def test_evaluate_run_scores_the_model_whose_figures_the_run_reports(dataset, recipe):
+    """summary.json's test figures and `evaluate --run` on the same images: one model."""
+    args = ["train", str(dataset), "--name", f"r-{recipe}", "--recipe", recipe, "--method"]
+    args += ["vanilla", "--width", "4", "--batch-size", "4", "--epochs", "3", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+    summary = json.loads(
+        (paths.runs_dir() / f"r-{recipe}" / "summary.json").read_text()
+    )
+    done = _eval(str(dataset), "--run", f"r-{recipe}", "--engine", "torch", "--json", "-q")
+    assert done.exit_code == 0, done.output
+    scored = json.loads(done.stdout)
+    assert scored["which_model"] == "final, epoch 3"
+    assert scored["n"] == summary["test"]["n"]
+    assert scored["accuracy"] == summary["test"]["accuracy"]
+    assert scored["auc"] == pytest.approx(summary["test"]["auc"], abs=1e-6)

@@ -79,6 +79,11 @@ class NumpyClassifier:
         """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
         return modelfile.stored_threshold(self.meta, self.path)
 
+    @property
+    def which(self) -> str | None:
+        """Which model of its run this is ("final, epoch 30"), or None (not a run's)."""
+        return modelfile.which_model(self.meta)
+
     def require_classifier(self) -> None:
         """Loading already checked that the classifier's weights are there."""
 
@@ -152,9 +157,12 @@ def per_image(forward: Callable[[np.ndarray], tuple], images: np.ndarray) -> tup
     )
 
 
-def load(checkpoint: Path | None = None, run: str | None = None) -> NumpyClassifier:
-    """The classifier of ``--checkpoint``, ``--run`` or the bundled model, read without torch."""
-    path = modelfile.resolve_checkpoint(checkpoint, run)
+def load(
+    checkpoint: Path | None = None, run: str | None = None, which: str | None = None
+) -> NumpyClassifier:
+    """The classifier of ``--checkpoint``, ``--run`` or the bundled model, read without torch
+    (``which`` as :func:`modelfile.resolve_checkpoint`)."""
+    path = modelfile.resolve_checkpoint(checkpoint, run, which)
 
     def classifier_prefix(meta: dict[str, Any]) -> str:
         return modelfile.weights_prefix(meta) + modelfile.classifier_spec(meta, path)[0] + "/"

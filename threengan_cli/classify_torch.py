@@ -1,8 +1,8 @@
 """A trained model ready for use: load a checkpoint once, then classify or generate with it.
 
-Where the weights come from, in order: ``--checkpoint FILE``, ``--run NAME|DIR`` (its
-``best.safetensors``, the best-on-validation epoch; ``last.safetensors`` when a run was
-stopped before its first evaluation), or the default model bundled with the package
+Where the weights come from, in order: ``--checkpoint FILE``, ``--run NAME|DIR`` (its final
+model, or with ``--model best`` its ``best.safetensors``: see
+:func:`modelfile.resolve_checkpoint`), or the default model bundled with the package
 (``threengan_cli/models/default.safetensors``).
 
 A checkpoint may hold only some of its method's networks: the shipped default keeps G and C
@@ -77,6 +77,11 @@ class Model:
         """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
         return stored_threshold(self.meta, self.path or self.model_id)
 
+    @property
+    def which(self) -> str | None:
+        """Which model of its run this is ("final, epoch 30"), or None (not a run's)."""
+        return modelfile.which_model(self.meta)
+
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 NumPy images (B, H, W) -> class probabilities (B, K), NumPy float32."""
         return self.outputs_of(images_u8)[0]
@@ -132,10 +137,14 @@ class Model:
 
 
 def load_model(
-    checkpoint: Path | None = None, run: str | None = None, device: str = "auto"
+    checkpoint: Path | None = None,
+    run: str | None = None,
+    device: str = "auto",
+    which: str | None = None,
 ) -> Model:
-    """Load a model for inference (see the module docstring for where it comes from)."""
-    path = resolve_checkpoint(checkpoint, run)
+    """Load a model for inference (see the module docstring for where it comes from;
+    ``which`` as :func:`modelfile.resolve_checkpoint`)."""
+    path = resolve_checkpoint(checkpoint, run, which)
     try:
         torch_device = system.select_device(device)
     except (ValueError, RuntimeError) as exc:

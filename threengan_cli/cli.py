@@ -28,6 +28,7 @@ from threengan_cli.cli_common import (
     MAX_LISTED,
     CheckpointOpt,
     JsonOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     config_opt,
@@ -394,6 +395,7 @@ command()(cli_evaluate.evaluate)
 @command()
 def generate(
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     count: Annotated[
         int | None, typer.Option(help=f"Images to make. {shown('generate', 'count')}")
@@ -476,7 +478,7 @@ def generate(
     from threengan_cli.images import GridUnavailable
     from threengan_cli.modelfile import ModelError
 
-    model = load_model_or_exit(checkpoint, run, cfg.device)
+    model = load_model_or_exit(checkpoint, run, cfg.device, which_model)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
     try:
         with views.BarView(not quiet and err.is_terminal, "generating", total=total) as view:

@@ -19,6 +19,7 @@ from threengan_cli.cli_common import (
     EXIT_USAGE,
     MAX_LISTED,
     CheckpointOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     config_opt,
@@ -210,14 +211,14 @@ def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, ad
     return shard_ij
 
 
-def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
+def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link: bool):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
     --sort-into folders, or ``None``."""
     from threengan_cli.classify import Sorter
     from threengan_cli.modelfile import ModelError
 
     engine_name = "torch" if adapt == "bn" else cfg.engine
-    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name)
+    model = load_classifier_or_exit(checkpoint, run, cfg.device, engine_name, which)
     try:
         model.require_classifier()
     except ModelError as exc:
@@ -240,8 +241,9 @@ def _decision_thresholds(model, cfg, quiet: bool):
     ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
     if not quiet:
         ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
+        which = f"{model.which}; " if model.which else ""
         note(
-            f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
+            f"model {model.model_id} ({which}{model.method}, {model.image_size}px, classes "
             f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
             f"{ood_said}{ood_note}, device {model.device}"
         )
@@ -347,6 +349,7 @@ def classify(
         ),
     ] = None,
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     recursive: Annotated[
         bool | None,
@@ -488,7 +491,7 @@ def classify(
 
     Data goes to stdout (or --output), messages to stderr. The model id
     and thresholds are printed on stderr; --format json also puts them in
-    its header: {"model", "method", "threshold", "threshold_source",
+    its header: {"model", "which_model", "method", "threshold", "threshold_source",
     "ood_threshold", "ood_threshold_source", "classes", "image_size",
     "rows": [...], "summary"}. A threshold that `evaluate
     --threshold-from val` stored in the model is used unless --threshold
@@ -544,7 +547,7 @@ def classify(
     fmt = _classify_format(fmt, cfg.format, output)
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
     stdin = _stdin_paths(inputs, cfg.allow_empty)
-    model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)
+    model, sorter = _model_and_sorter(checkpoint, run, which_model, cfg, adapt, sort_into, link)
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)

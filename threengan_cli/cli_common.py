@@ -104,7 +104,22 @@ def settings_or_exit(section: str, config: Path | None, **flags: Any):
 
 RunOpt = Annotated[
     str | None,
-    typer.Option("--run", help="Use the best checkpoint of this training run (name or folder)."),
+    typer.Option(
+        "--run",
+        help="Use a model of this training run (name or folder): its final one, unless "
+        "--model best.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Which model of the --run: final (the weights training ended with, whose test "
+        "figures its summary.json reports; the latest epoch while it is unfinished) or best "
+        "(best.safetensors, the epoch best on val). \\[default: final]",
+        metavar="final|best",
+        show_default=False,
+    ),
 ]
 CheckpointOpt = Annotated[
     Path | None,
@@ -124,20 +139,30 @@ def loaded_or_exit(load: Any) -> Any:
         fail(str(exc))
 
 
-def load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
+def load_model_or_exit(
+    checkpoint: Path | None, run: str | None, device: str, which: str | None = None
+):
     from threengan_cli.classify_torch import load_model
 
-    return loaded_or_exit(lambda: load_model(checkpoint, run, device))
+    return loaded_or_exit(lambda: load_model(checkpoint, run, device, which))
 
 
-def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
+def load_classifier_or_exit(
+    checkpoint: Path | None, run: str | None, device: str, engine: str, which: str | None = None
+):
     """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
     never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
     if device not in ("auto", "cpu") or engine == "torch":
-        return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
+        return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device, which)
     from threengan_cli import classify_numpy
 
-    return loaded_or_exit(lambda: classify_numpy.load(checkpoint, run))
+    return loaded_or_exit(lambda: classify_numpy.load(checkpoint, run, which))
+
+
+def model_said(model) -> str:
+    """The model as stderr names it: its id, and which model of its run it is."""
+    which = getattr(model, "which", None)
+    return f"{model.model_id} ({which})" if which else model.model_id
 
 
 def threshold_of(model, given: float | None) -> tuple[float, str, str]:

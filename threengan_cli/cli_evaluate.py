@@ -18,6 +18,7 @@ from threengan_cli.cli_common import (
     MAX_LISTED,
     CheckpointOpt,
     JsonOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     fail,
@@ -55,7 +56,7 @@ def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
             fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_FAIL)
 
 
-def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -> None:
+def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None, which) -> None:
     """Hold the writer lock of the run whose checkpoint ``evaluate --threshold-from`` will
     write until the command ends (``ctx`` releases it): a training run that rewrote that file
     meanwhile would lose the threshold, or the threshold would be of other weights."""
@@ -63,7 +64,7 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
     from threengan_cli.modelfile import ModelError, resolve_checkpoint
 
     try:
-        path = resolve_checkpoint(checkpoint, run)
+        path = resolve_checkpoint(checkpoint, run, which)
     except ModelError:
         return  # loading it says what is wrong
     folder = runs.run_of(path)
@@ -71,14 +72,14 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
         lock_or_exit(ctx, folder)
 
 
-def _model_or_exit(ctx, checkpoint, run, device: str, engine: str, threshold_from):
+def _model_or_exit(ctx, checkpoint, run, which, device: str, engine: str, threshold_from):
     """The classifier to score; under --threshold-from its run locked and its file checked
     writable before any work, since the chosen threshold is stored in it."""
     from threengan_cli.modelfile import ModelError, ReadOnlyModel, check_writable
 
     if threshold_from is not None:  # it writes the checkpoint: one writer per run
-        _lock_run_of(ctx, checkpoint, run)
-    model = load_classifier_or_exit(checkpoint, run, device, engine)
+        _lock_run_of(ctx, checkpoint, run, which)
+    model = load_classifier_or_exit(checkpoint, run, device, engine, which)
     try:
         model.require_classifier()
         if threshold_from is not None:  # before the work: the threshold is stored in it
@@ -167,8 +168,9 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
         views.evaluation_tables(result)
     if not quiet:
         where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
+        which = f"{result.which_model}; " if result.which_model else ""
         note(
-            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
+            f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
             + ood_threshold_of(model, ood_threshold)[2]
         )
@@ -201,6 +203,7 @@ def evaluate(
         ),
     ] = None,
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     threshold: Annotated[
         float | None,
@@ -285,7 +288,7 @@ def evaluate(
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
     _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
-    model = _model_or_exit(ctx, checkpoint, run, device, engine, threshold_from)
+    model = _model_or_exit(ctx, checkpoint, run, which_model, device, engine, threshold_from)
     result, chosen = _score_or_exit(
         data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,
         batch_size, workers, quiet,

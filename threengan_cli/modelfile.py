@@ -39,6 +39,10 @@ STATS = "stats"  # tensor group of a model's out-of-distribution statistics and 
 NET = "net"  # tensor group of the trained networks' weights: net/<G|D|C>/<param>
 USE = "use"  # the averaged weights to use, where a run's last checkpoint keeps them apart
 MAX_CLASSES = 1000
+# Which model of a run ``--run`` loads: the final one (the weights training ended with, whose
+# test figures summary.json reports; for the robust recipe the averaged weights the study
+# measured) unless ``--model best`` asks for the epoch best on val.
+RUN_MODELS = ("final", "best")
 IMAGE_SIDES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -289,14 +293,27 @@ def bundled_model() -> Path | None:
     return Path(str(candidate))
 
 
-def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -> Path:
-    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default."""
+def resolve_checkpoint(
+    checkpoint: Path | None = None, run: str | None = None, which: str | None = None
+) -> Path:
+    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default.
+
+    Of a run (``--run``, or a run folder as ``--checkpoint``), ``which`` picks the file:
+    ``final`` (the default) the weights training ended with, pruned into final.safetensors
+    or in last.safetensors (the latest epoch while the run is unfinished); ``best``
+    best.safetensors, the epoch best on val."""
     if checkpoint is not None and run is not None:
         raise ModelNotFound("give either --checkpoint or --run, not both")
+    if which is not None and which not in RUN_MODELS:
+        raise ModelNotFound(f"--model must be {' or '.join(RUN_MODELS)} (got {which!r})")
     if checkpoint is not None:
         checkpoint = Path(checkpoint).expanduser()
-        if checkpoint.is_dir():  # a run folder passed as a checkpoint: take its best
-            return resolve_checkpoint(run=str(checkpoint))
+        if checkpoint.is_dir():  # a run folder passed as a checkpoint
+            return resolve_checkpoint(run=str(checkpoint), which=which)
+        if which is not None:
+            raise ModelNotFound(
+                f"--model {which} picks a model of a --run; --checkpoint names one file"
+            )
         if checkpoint.exists() and not checkpoint.is_file():  # a FIFO, /dev/zero...
             raise ModelNotFound(f"{checkpoint} is not a regular file, not a checkpoint")
         if not checkpoint.is_file():
@@ -306,16 +323,39 @@ def resolve_checkpoint(checkpoint: Path | None = None, run: str | None = None) -
         run_dir = paths.resolve_run(run)
         if not run_dir.is_dir():
             raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
-        for name in (BEST, LAST, FINAL):
+        names = (BEST,) if which == "best" else (FINAL, LAST)
+        for name in names:
             if (run_dir / name).is_file():
                 return run_dir / name
-        raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
+        if which is None and (run_dir / BEST).is_file():
+            raise ModelNotFound(
+                f"run {run_dir} holds no final model ({FINAL} or {LAST}), only {BEST}: "
+                "--model best loads it"
+            )
+        raise ModelNotFound(f"run {run_dir} holds no {' or '.join(names)}")
+    if which is not None:
+        raise ModelNotFound(f"--model {which} picks a model of a --run: give --run as well")
     found = bundled_model()
     if found is None:
         raise ModelError(
             "no model given and no bundled default model found: pass --run or --checkpoint"
         )
     return found
+
+
+def which_model(meta: dict[str, Any]) -> str | None:
+    """Which model of its run a checkpoint holds, in words: "final, epoch 30", "best on val,
+    epoch 12" or "latest, epoch 7 of an unfinished run"; None for a file that is not a run's
+    checkpoint as training wrote it (the bundled model, an export)."""
+    position = meta.get("position")
+    epoch = position.get("epoch") if isinstance(position, dict) else None
+    if not isinstance(epoch, int):
+        return None
+    if meta.get("weights") == "best-on-val":
+        return f"best on val, epoch {epoch}"
+    if meta.get("weights") == "final" or meta.get("finished"):
+        return f"final, epoch {epoch}"
+    return f"latest, epoch {epoch} of an unfinished run"
 
 
 def resolve_init(source: str) -> Path:
