@@ -5,7 +5,7 @@
 #
 # SOURCE: a folder of class folders of one hospital's X-rays named by patient (the NIH
 # names of ../shared/data/external-dev/nih-cxr8-darkcovidnet); WORK: a new folder outside
-# the repository. Splits SOURCE by patient (tools/adapt_split.py: 20 labelled and 35
+# the repository. Splits SOURCE by patient (threengan split: 20 labelled and 35
 # unlabelled per class, the rest held out), prepares the labelled + held-out images, then
 # scores on the held-out images: the bundled model; 3ngan started from it with the
 # unlabelled pool (as the pool runs by default, and with unlabelled_norm = "labelled") and
@@ -21,9 +21,8 @@ epochs=${4:-60}
 py=${PYTHON:-python3}
 : "${THREENGAN_HOME:?set THREENGAN_HOME}"
 name=adapt-s$seed
-here=$(cd "$(dirname "$0")/.." && pwd)
 
-$py "$here/tools/adapt_split.py" "$source" "$work" --seed "$seed"
+$py -m threengan_cli split "$source" "$work" --seed "$seed" -q
 $py -m threengan_cli prepare "$work/dataset" --name "$name" --val-fraction 0 -q
 $py -m threengan_cli evaluate "$name" --split test --json >"$work/bundled.json"
 

@@ -55,3 +55,20 @@ def model(ckpt):
     from threengan_cli.infer.torch_engine import load_model
 
     return load_model(ckpt, device="cpu")
+
+
+@pytest.fixture
+def broken_torchvision(monkeypatch):
+    """torchvision installed but failing to import, as one built for another torch does
+    (``operator torchvision::nms does not exist``); the modules come back after the test."""
+    import sys
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchvision":
+                raise RuntimeError("operator torchvision::nms does not exist")
+            return None
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])

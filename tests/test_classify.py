@@ -227,12 +227,20 @@ def test_sgan_classifies_with_its_discriminator(tmp_path):
     assert row.ok and len(row.probabilities) == 2
 
 
-def test_run_name_loads_the_best_checkpoint(threengan_home):
-    make_run(threengan_home / "runs" / "r1")
-    model = load_model(runs.model_file(run="r1"), device="cpu")
-    assert model.model_id.startswith("r1/best.safetensors@")
+def test_run_name_loads_the_final_model_and_model_best_the_best_on_val(threengan_home):
+    run = make_run(threengan_home / "runs" / "r1")
+    last = load_model(runs.model_file(run="r1"), device="cpu")
+    assert last.model_id.startswith("r1/last.safetensors@")
+    best = load_model(runs.model_file(run="r1", which="best"), device="cpu")
+    assert best.model_id.startswith("r1/best.safetensors@")
+    assert numpy_engine.load(runs.model_file(run="r1", which="best")).model_id == best.model_id
+    (run / "last.safetensors").rename(run / "final.safetensors")  # as runs --prune-last leaves it
+    final = numpy_engine.load(runs.model_file(run="r1"))
+    assert final.model_id.startswith("r1/final.safetensors@")
     with pytest.raises(ModelNotFound, match="no run"):
         load_model(runs.model_file(run="nope"), device="cpu")
+    with pytest.raises(ModelNotFound, match="picks a model of a --run"):
+        runs.model_file(run=None, which="best")
 
 
 def test_without_a_model_the_missing_default_is_named(monkeypatch):
@@ -347,7 +355,7 @@ def test_cli_run_option_uses_the_run_folder(tmp_path, threengan_home):
     make_run(threengan_home / "runs" / "r1")
     result = _cli(str(write_image(tmp_path / "a.png")), "--run", "r1", "-f", "json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["model"].startswith("r1/best.safetensors@")
+    assert json.loads(result.stdout)["model"].startswith("r1/last.safetensors@")
 
 
 def test_cli_settings_come_from_a_config_file(tmp_path, ckpt):
@@ -430,3 +438,67 @@ def test_cli_engines_agree_and_a_bad_engine_is_a_usage_error(tmp_path):
     for a, b in zip(rows["numpy"], rows["torch"], strict=True):
         assert abs(float(a["p_PNEUMONIA"]) - float(b["p_PNEUMONIA"])) < 1e-5
     assert _cli(str(folder), "--engine", "jax").exit_code == 2
+
+
+# ------------------------------------------------------------------------- empty inputs
+def test_an_empty_folder_fails_without_allow_empty_and_gives_a_header_with_it(tmp_path, ckpt):
+    (tmp_path / "inbox").mkdir()
+    refused = runner.invoke(app, ["classify", str(tmp_path / "inbox"), "--checkpoint", str(ckpt)])
+    assert refused.exit_code == 1
+    out = tmp_path / "night.csv"
+    args = ["classify", str(tmp_path / "inbox"), "--checkpoint", str(ckpt), "-o", str(out)]
+    done = runner.invoke(app, [*args, "--allow-empty"])
+    assert done.exit_code == 0, done.output
+    assert "nothing to classify" in done.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("path,label,")
+    as_json = runner.invoke(
+        app, ["classify", str(tmp_path / "inbox" / "*.png"), "--checkpoint", str(ckpt),
+              "-f", "json", "--allow-empty", "-q"],  # fmt: skip
+    )
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["rows"] == []
+
+
+def test_allow_empty_still_fails_on_a_path_that_does_not_exist(tmp_path, ckpt):
+    args = ["classify", str(tmp_path / "inbxo"), "--checkpoint", str(ckpt), "--allow-empty"]
+    assert runner.invoke(app, args).exit_code == 1
+
+
+def test_allow_empty_accepts_nothing_on_stdin(ckpt):
+    args = ["classify", "-", "--checkpoint", str(ckpt), "--allow-empty", "-f", "csv"]
+    done = runner.invoke(app, args, input="")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("path,label,") and len(done.stdout.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- progress
+def test_the_number_of_rows_is_told_before_the_first_one_when_known(tmp_path, model):
+    root = _tree(tmp_path / "data")
+    events = []
+    told = lambda n: events.append(("total", n))  # noqa: E731
+    rows = classify([str(root)], model, recursive=True, workers=1, on_total=told)
+    for row in rows:
+        events.append(("row", row.path))
+    assert events[0] == ("total", 4) and len(events) == 5
+    streamed = []
+    list(classify(["-"], model, stdin=io.StringIO(f"{root / 'b.png'}\n"), workers=1,
+                  on_total=streamed.append))  # fmt: skip
+    assert streamed == []  # stdin is a stream: its length is not known first
+
+
+def test_classify_gives_its_bar_the_total_on_a_terminal(tmp_path, ckpt, monkeypatch):
+    from threengan_cli.cli import progress, views
+
+    root = _tree(tmp_path / "data")
+    monkeypatch.setattr(views.err, "_console", views.err.console.__class__(force_terminal=True))
+    seen = []
+    update = progress.BarView.update
+
+    def recorded(self, done, total=None):
+        seen.append((done, total))
+        update(self, done, total)
+
+    monkeypatch.setattr(progress.BarView, "update", recorded)
+    args = ["classify", str(root), "-r", "--checkpoint", str(ckpt), "-f", "csv", "--workers", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert seen[0] == (0, 4) and seen[-1][0] == 4

@@ -130,6 +130,49 @@ def test_sort_into_puts_each_input_in_its_label_folder(tmp_path, ckpt, link):
     assert again.exit_code == 3 and len(list(out.rglob("*.png"))) == 5
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_sort_into_copies_exits_130_and_leaves_no_half_copied_file(tmp_path, ckpt):
+    """Ctrl+C reaches the whole process group (the decoding workers too) while a copy is
+    half written: the copy's temporary goes, and nothing half-copied stays in DIR."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, out = _images(tmp_path / "in", 6), tmp_path / "sorted"
+    # The copy writes half the file, then waits: the signal lands inside it, as it would
+    # inside a long copy.
+    driver = (
+        "import shutil, sys, time\n"
+        "def slow(src, dst, *args, **kwargs):\n"
+        "    with open(src, 'rb') as f, open(dst, 'wb') as g:\n"
+        "        data = f.read()\n"
+        "        g.write(data[: len(data) // 2]); g.flush()\n"
+        "        time.sleep(60)\n"
+        "        g.write(data[len(data) // 2 :])\n"
+        "    return dst\n"
+        "shutil.copyfile = slow\n"
+        "from threengan_cli.cli import main\n"
+        f"sys.argv = ['threengan', 'classify', {str(folder)!r}, '--checkpoint', {str(ckpt)!r},\n"
+        f"            '--sort-into', {str(out)!r}, '-f', 'csv', '--workers', '2']\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(p.is_file() and p.stat().st_size for p in out.rglob("*")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl+C on a terminal
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    left = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in left if p.name.startswith(".")], left  # no temporary stays
+    assert all((folder / p.name).read_bytes() == p.read_bytes() for p in left), left
+
+
 def test_link_without_sort_into_is_a_usage_error(tmp_path, ckpt):
     image = str(write_image(tmp_path / "a.png"))
     assert _cli(image, "--checkpoint", str(ckpt), "--link").exit_code == 2

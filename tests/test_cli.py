@@ -308,3 +308,56 @@ def test_a_failing_prepare_takes_its_progress_bar_down_before_the_error_line(
     assert "at least two are needed" in screen.getvalue()
     assert [started for _, started in bars] == [True]  # the bar was live while decoding
     assert live_at_error == [False]
+
+
+@pytest.mark.parametrize("every", ["nan", "-1", "inf"])
+def test_train_refuses_a_checkpoint_interval_that_is_not_a_number_of_seconds(dataset, every):
+    result = run("train", dataset, "--checkpoint-every", every, *TINY)
+    assert result.exit_code == 2, result.output
+    assert "--checkpoint-every takes seconds" in result.stderr
+
+
+def test_train_with_an_unlabelled_pool_that_does_not_exist_is_a_usage_error(dataset, tmp_path):
+    result = run("train", dataset, "--unlabelled", "no-such-pool", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 2, result.output
+    assert "--unlabelled no-such-pool: not 'rest', a prepared dataset" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_no_option_help_loses_bracketed_words_to_markup():
+    """rich reads ``[word ...]`` as a style tag and drops it: such text must be escaped."""
+    import re
+
+    import typer
+
+    styles = {"bold", "dim", "italic", "red", "green", "yellow", "cyan"}
+    lost = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            for found in re.finditer(r"(?<!\\)\[([a-z#/@][^\]]*)\]", param.help or ""):
+                if found.group(1).lstrip("/").split()[0] not in styles:
+                    lost.append(f"{name} --{param.name}: {found.group(0)}")
+    assert not lost
+    shown_help = run("evaluate", "--help").stdout
+    assert "default: the model's own, which flags 5% of its val split" in " ".join(
+        shown_help.replace("│", " ").split()
+    )
+
+
+def test_train_with_a_broken_torchvision_stops_before_its_first_epoch(
+    dataset, tmp_path, broken_torchvision
+):
+    result = run("train", dataset, "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 1, result.output
+    assert "sample grids need torchvision: torchvision " in result.stderr
+    assert "pip install --force-reinstall torch==" in result.stderr
+    assert "epoch 1/" not in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "r" / "last.safetensors").exists()
+
+
+def test_info_shows_torchvision_and_what_is_wrong_with_it(broken_torchvision):
+    from threengan_cli.core.system import torchvision_version
+
+    shown_json = json.loads(run("info", "--json").stdout)
+    assert shown_json["torchvision"].startswith("broken: torchvision ")
+    assert torchvision_version() in shown_json["torchvision"]

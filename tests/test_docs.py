@@ -47,3 +47,26 @@ def test_help_defers_markdown_and_traceback_but_they_still_work():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
+
+
+def test_every_version_the_docs_and_help_name_is_this_one_or_earlier():
+    """"Models trained before threengan 0.2" needs a threengan 0.2 to exist."""
+    import re
+
+    from threengan_cli import __version__
+
+    def parts(version: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in version.split("."))
+
+    texts = [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("threengan_cli/*.py")]
+    named = {
+        (path.name, found)
+        for path in texts
+        for found in re.findall(r"threengan (\d+\.\d+(?:\.\d+)?)", path.read_text())
+    }
+    assert named, "the test reads no version words: it would pass whatever they say"
+    ahead = sorted((name, v) for name, v in named if parts(v) > parts(__version__))
+    assert not ahead, f"threengan is {__version__}; these name a later version: {ahead}"
+    wheel = f"threengan-{__version__}-py3-none-any.whl"
+    readme = (ROOT / "README.md").read_text()
+    assert wheel in readme and "threengan-0.1.0-" not in readme.replace(wheel, "")

@@ -106,6 +106,25 @@ def test_a_csv_of_path_and_label_is_scored(tmp_path, tree, model_file):
     assert json.loads(done.stdout)["n"] == len(files) == 12
 
 
+def test_a_csv_whose_rows_are_all_test_rows_is_scored(tmp_path, tree, model_file):
+    files = sorted((tree / "test").rglob("*.jpeg"))
+    table = tmp_path / "test_only.csv"
+    table.write_text("path,label,split\n" + "".join(f"{f},{f.parent.name},test\n" for f in files))
+    done = _eval(str(table), "--checkpoint", str(model_file), "--workers", "1", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == len(files) == 12
+
+
+def test_a_tree_with_only_a_test_folder_is_scored(tmp_path, tree, model_file):
+    for f in (tree / "test").rglob("*.jpeg"):
+        target = tmp_path / "d" / "test" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    done = _eval(str(tmp_path / "d"), "--checkpoint", str(model_file), "--workers", "1", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 12
+
+
 def test_unreadable_images_are_left_out_and_exit_3(tmp_path, model_file):
     for c in CLASSES:
         write_image(tmp_path / "d" / c / "a.png", seed=len(c))
@@ -190,8 +209,10 @@ def test_the_bundled_model_is_never_rewritten_however_it_is_named(tmp_path, prep
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text("{}")
+    (run / "final.safetensors").hardlink_to(bundled)  # the model --run loads
     (run / "best.safetensors").hardlink_to(bundled)
-    for given in (["--checkpoint", str(bundled)], ["--checkpoint", str(link)], ["--run", str(run)]):
+    runs = (["--run", str(run)], ["--run", str(run), "--model", "best"])
+    for given in (["--checkpoint", str(bundled)], ["--checkpoint", str(link)], *runs):
         result = _eval(prepared, *given, "--threshold-from", "val")
         assert result.exit_code == 2, result.output
         assert "bundled default model" in result.stderr and "cp " in result.stderr
@@ -249,7 +270,7 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
     from threengan_cli.train import runs
 
     run = tmp_path / "run"
-    checkpoint = make_checkpoint(run / runs.BEST, classes=CLASSES)
+    checkpoint = make_checkpoint(run / runs.LAST, classes=CLASSES)  # what --run loads
     (run / runs.RUN).write_text("{}")
     before = checkpoint.read_bytes()
     holder = subprocess.Popen(
@@ -278,3 +299,22 @@ def test_threshold_from_val_refuses_a_run_that_another_process_writes(tree, prep
     done = _eval(prepared, "--run", str(run), "--threshold-from", "val", "--json")
     assert done.exit_code == 0, done.output
     assert checkpoint.read_bytes() != before and not (run / runs.LOCK).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["robust", "paper"])
+def test_evaluate_run_scores_the_model_whose_figures_the_run_reports(dataset, recipe):
+    """summary.json's test figures and `evaluate --run` on the same images: one model."""
+    args = ["train", str(dataset), "--name", f"r-{recipe}", "--recipe", recipe, "--method"]
+    args += ["vanilla", "--width", "4", "--batch-size", "4", "--epochs", "3", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+    summary = json.loads(
+        (paths.runs_dir() / f"r-{recipe}" / "summary.json").read_text()
+    )
+    done = _eval(str(dataset), "--run", f"r-{recipe}", "--engine", "torch", "--json", "-q")
+    assert done.exit_code == 0, done.output
+    scored = json.loads(done.stdout)
+    assert scored["which_model"] == "final, epoch 3"
+    assert scored["n"] == summary["test"]["n"]
+    assert scored["accuracy"] == summary["test"]["accuracy"]
+    assert scored["auc"] == pytest.approx(summary["test"]["auc"], abs=1e-6)

@@ -236,6 +236,19 @@ def test_grid_png_keeps_the_layout_and_pixels_of_its_numpy_version(count, nrow):
 
 
 @needs_torch
+def test_a_torchvision_that_does_not_import_is_one_line_naming_both_versions(broken_torchvision):
+    import torch
+
+    pixels = np.zeros((4, 12, 10), dtype=np.uint8)
+    with pytest.raises(images.GridUnavailable) as info:
+        images.grid_png(pixels)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"does not work with torch {torch.__version__}" in message
+    assert "torchvision::nms" in message and "pip install --force-reinstall" in message
+
+
+@needs_torch
 def test_a_grid_of_one_image_is_that_image_without_gutters():
     pixels = np.random.default_rng(1).integers(0, 256, (1, 12, 10), dtype=np.uint8)
     with Image.open(io.BytesIO(images.grid_png(pixels, nrow=1))) as img:

@@ -199,7 +199,7 @@ def test_a_damaged_summary_is_recomputed_by_resume(tiny, threengan_home):
 
 def test_a_missing_unlabelled_dataset_leaves_no_run_folder(tiny, threengan_home):
     done = _train(tiny, "--name", "w", "--epochs", "1", "--unlabelled", "nowhere")
-    assert done.exit_code == 1 and "--unlabelled nowhere" in done.stderr
+    assert done.exit_code == 2 and "--unlabelled nowhere" in done.stderr  # a usage error
     assert not (threengan_home / "runs" / "w").exists()
 
 

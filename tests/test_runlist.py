@@ -97,9 +97,9 @@ def test_prune_last_keeps_final_weights_and_the_run_still_classifies(dataset, fi
     assert (finished / "final.safetensors").stat().st_size < 0.5 * doc["pruned"][0]["freed_bytes"]
     assert doc["runs"][0]["state"] == "finished" and not doc["runs"][0]["resumable"]
     again = runner.invoke(app, ["classify", image, "--run", "done", "-f", "jsonl"]).stdout
-    assert again == first  # --run still takes best.safetensors
-    (finished / "best.safetensors").unlink()  # and final.safetensors when best is gone
-    assert runner.invoke(app, ["classify", image, "--run", "done"]).exit_code == 0
+    assert again == first  # --run takes the same final weights, now from final.safetensors
+    best = ["classify", image, "--run", "done", "--model", "best", "-f", "json", "-q"]
+    assert json.loads(runner.invoke(app, best).stdout)["model"].startswith("done/best.")
     nothing = runner.invoke(app, ["runs", "--prune-last"])
     assert nothing.exit_code == 0 and "nothing to prune" in nothing.stderr
 
@@ -233,7 +233,7 @@ def test_run_names_are_never_cut_short_in_the_table(dataset, threengan_home):
     assert long_name in table.stdout and "…" not in table.stdout
 
 
-def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
+def test_runs_train_and_evaluate_report_the_final_model_that_run_loads(
     dataset, threengan_home, monkeypatch
 ):
     # Accuracies staged by call order (epoch 1 val, epoch 2 val, final test, final val,
@@ -260,10 +260,19 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
     assert summary["best_epoch_on_val"] == 1
     assert (summary["test"]["accuracy"], summary["test_of_best_on_val"]["accuracy"]) == (0.7, 0.8)
     line = done.stderr.splitlines()[-1]
-    assert "test accuracy 0.8000" in line and "the model --run uses" in line
-    assert "epoch 1, the best on val" in line and "the final epoch 2: test accuracy 0.7000" in line
+    assert "test accuracy 0.7000" in line and "of the final model, the one --run loads" in line
+    assert "best on val, epoch 1 (--model best): test accuracy 0.8000" in line
     [row] = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
-    assert (row["test_accuracy"], row["best_epoch"], row["val_accuracy"]) == (0.8, 1, 0.9)
-    assert row["test_accuracy_final"] == 0.7
+    assert (row["test_accuracy"], row["best_epoch"], row["test_accuracy_best"]) == (0.7, 1, 0.8)
+    assert row["val_accuracy"] == summary["val"]["accuracy"]  # the final model's
     table = runner.invoke(app, ["runs"]).stdout
-    assert "0.8000 (1)" in table and "0.7000" in table and "--run uses" in table
+    assert "0.7000" in table and "0.8000 (1)" in table and "--run loads" in table
+    # --run loads the model those figures are of; --model best the other one
+    final = runner.invoke(app, ["evaluate", str(dataset), "--run", "two", "--json", "-q"])
+    best = runner.invoke(
+        app, ["evaluate", str(dataset), "--run", "two", "--model", "best", "--json", "-q"]
+    )
+    assert final.exit_code == 0 and best.exit_code == 0, final.output + best.output
+    final, best = json.loads(final.stdout), json.loads(best.stdout)
+    assert final["which_model"] == "final, epoch 2" and final["model"].startswith("two/last.")
+    assert best["which_model"] == "best on val, epoch 1" and best["model"].startswith("two/best.")

@@ -135,3 +135,12 @@ def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_p
     config.write_text("[classify]\nbatch_size = " + "[" * 500 + "]" * 500 + "\n")
     with pytest.raises(SettingsError, match="nests arrays or tables too deeply"):
         resolve("classify", config)
+
+
+@pytest.mark.parametrize("field", ["unlabelled_weight", "alpha", "lam", "ema"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_train_setting_that_is_not_a_finite_number_is_refused(tmp_path, field, value):
+    config = tmp_path / "w.toml"
+    config.write_text(f"[train]\n{field} = {value}\n")  # TOML spells them inf and nan
+    with pytest.raises(SettingsError, match=f"train.{field}: input should be a finite number"):
+        resolve("train", config)

@@ -2,4 +2,4 @@
 
 # A literal, not importlib.metadata: reading package metadata costs ~70 ms at every start.
 # pyproject.toml reads the version from here.
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,7 +21,16 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from threengan_cli import __version__
-from threengan_cli.cli import benchmark, classify, evaluate, generate, prepare, train, views
+from threengan_cli.cli import (
+    benchmark,
+    classify,
+    evaluate,
+    generate,
+    prepare,
+    split,
+    train,
+    views,
+)
 from threengan_cli.cli.common import (
     JsonOpt,
     flag,
@@ -158,6 +167,7 @@ def info(
 
 command()(prepare.prepare)
 command()(prepare.datasets)
+command()(split.split)
 command()(train.train)
 command()(evaluate.runs)
 command()(classify.classify)

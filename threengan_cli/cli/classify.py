@@ -1,6 +1,6 @@
 """The classify command: input paths -> one row per file, streamed to stdout or a file.
 
-Registered on the app by ``cli``; exit codes in ``cli_common``.
+Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -13,8 +13,8 @@ import typer
 
 from threengan_cli.cli import progress, views
 from threengan_cli.cli.common import (
-    MAX_LISTED,
     CheckpointOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     classifier_of,
@@ -26,14 +26,16 @@ from threengan_cli.cli.common import (
     threshold_of,
 )
 from threengan_cli.cli.helptext import shown
-from threengan_cli.cli.views import err, note, warn
-from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_OOD, EXIT_PARTIAL, EXIT_USAGE
+from threengan_cli.cli.tally import Tally, report_or_exit
+from threengan_cli.cli.views import err, note
+from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 from threengan_cli.infer.output import choose_format
 
 
-def _stdin_paths(inputs: list[str]):
+def _stdin_paths(inputs: list[str], allow_empty: bool):
     """stdin's lines, when ``-`` is among the inputs, read up to the first path before any
-    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH."""
+    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH,
+    unless ``allow_empty``."""
     import itertools
 
     if "-" not in inputs:
@@ -41,39 +43,9 @@ def _stdin_paths(inputs: list[str]):
     for line in sys.stdin:
         if line.strip() and line.rstrip("\r\n") != "-":
             return itertools.chain([line], sys.stdin)
-    if inputs == ["-"]:
+    if inputs == ["-"] and not allow_empty:
         fail("no paths were given on stdin (one per line)", EXIT_USAGE)
     return iter(())
-
-
-class _ClassifyTally:
-    """Counts rows as they stream past, lists the first unreadable inputs on stderr, and
-    counts the files folder scans passed over (names that are not image names)."""
-
-    def __init__(self, listing: bool, classes: list[str]):
-        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
-        self.per_label = dict.fromkeys(classes, 0)
-        self.listing, self.listed = listing, 0
-        self.first_error: str | None = None
-        self.first_skipped: str | None = None
-
-    def add(self, row) -> None:
-        self.counts["inputs"] += 1
-        if row.ok:
-            self.counts["classified"] += 1
-            self.per_label[row.label] += 1
-            self.counts["ood"] += bool(row.ood)
-            return
-        self.counts["errors"] += 1
-        if self.first_error is None:
-            self.first_error = f"{row.path}: {row.error}"
-        if self.listing and self.listed < MAX_LISTED:
-            warn(f"{row.path}: {row.error}")
-            self.listed += 1
-
-    def skip(self, path: str) -> None:
-        self.counts["skipped"] += 1
-        self.first_skipped = self.first_skipped or path
 
 
 def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
@@ -99,6 +71,8 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             shard=extra["shard"],
             exclude=[sorter.folder] if sorter is not None else [],
             on_skip=tally.skip,
+            on_total=(lambda n: view.update(0, n)) if extra["counted"] else None,
+            allow_empty=cfg.allow_empty,
         )
         for row in rows:
             writer.write(row)
@@ -173,13 +147,13 @@ def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, ad
     return shard_ij
 
 
-def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
+def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link: bool):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
     --sort-into folders, or ``None``."""
     from threengan_cli.infer.classify import Sorter
 
     engine_name = "torch" if adapt == "bn" else cfg.engine
-    model = classifier_of(checkpoint, run, cfg.device, engine_name)
+    model = classifier_of(checkpoint, run, cfg.device, engine_name, which)
     model.require_classifier()
     sorter = None
     if sort_into is not None:
@@ -199,8 +173,9 @@ def _decision_thresholds(model, cfg, quiet: bool):
     ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
     if not quiet:
         ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
+        which = f"{model.which}; " if model.which else ""
         note(
-            f"model {model.model_id} ({model.method}, {model.image_size}px, classes "
+            f"model {model.model_id} ({which}{model.method}, {model.image_size}px, classes "
             f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
             f"{ood_said}{ood_note}, device {model.device}"
         )
@@ -220,9 +195,13 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
 
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
+    live = not quiet and err.is_terminal
+    # Counted up front only for a bar (a terminal), and never stdin's stream of paths.
+    counted = live and ("-" not in inputs or extra["shard"] is not None)
     try:
-        with progress.BarView(not quiet and err.is_terminal, "classifying") as view:
-            _classify_stream(inputs, model, cfg, fmt, output, tally, view, extra)
+        with progress.BarView(live, "classifying", counted=counted) as view:
+            stream_extra = {**extra, "counted": counted}
+            _classify_stream(inputs, model, cfg, fmt, output, tally, view, stream_extra)
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
@@ -233,53 +212,6 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
             views.stdout_gone()
         where = output if output is not None else "stdout"
         fail(views.os_failure(exc, f"writing the results to {where}") + kept)
-
-
-def _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, quiet) -> None:
-    """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
-    inputs could not be, 4 under --fail-on-ood when an image was flagged."""
-    counts = tally.counts
-    if counts["inputs"] == 0:
-        if shard_ij is not None:
-            fail(
-                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
-                "empty (fewer inputs than shards)"
-            )
-        fail(
-            "nothing to classify (no paths were given on stdin)"
-            if "-" in inputs
-            else "nothing to classify (the inputs named no files)"
-        )
-    if counts["classified"] == 0:
-        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
-    if not quiet:
-        where = f" -> {output}" if output is not None else ""
-        note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
-        labels = ", ".join(f"{label} {n}" for label, n in tally.per_label.items())
-        errors = f", errors {counts['errors']}" if counts["errors"] else ""
-        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
-        note(f"labels: {labels}{errors}{sorted_to}")
-        if ood_value is not None:
-            note(
-                f"ood: {counts['ood']} of {counts['classified']} images look unlike the "
-                "model's training X-rays (score above "
-                f"{ood_value}); their labels are not reliable (docs/guide.md, 'Images unlike "
-                "the training set')"
-            )
-        if counts["skipped"]:
-            files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
-            warn(
-                f"skipped {files} in the folders whose names are not image names (the first: "
-                f"{tally.first_skipped}); give them as PATHs to classify them anyway"
-            )
-    if counts["errors"]:
-        if not quiet:
-            if tally.listing and tally.listed < counts["errors"]:
-                warn(f"... and {counts['errors'] - tally.listed} more")
-            warn(f"{counts['errors']} inputs could not be classified (see the error column)")
-        raise typer.Exit(EXIT_PARTIAL)
-    if cfg.fail_on_ood and counts["ood"]:
-        raise typer.Exit(EXIT_OOD)
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
@@ -294,6 +226,7 @@ def classify(
         ),
     ] = None,
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     recursive: Annotated[
         bool | None,
@@ -339,7 +272,7 @@ def classify(
         float | None,
         typer.Option(
             help="Flag an image (ood = true) when its out-of-distribution score is above "
-            "this [default: the model's own, which flags 5% of its val split]."
+            "this \\[default: the model's own, which flags 5% of its val split]."
         ),
     ] = None,
     fail_on_ood: Annotated[
@@ -406,6 +339,15 @@ def classify(
             metavar="I/N",
         ),
     ] = None,
+    allow_empty: Annotated[
+        bool,
+        flag(
+            "--allow-empty",
+            help="Inputs without a single image file (an empty folder, a pattern that matches "
+            "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its "
+            "header). A path that does not exist is still an error.",
+        ),
+    ] = False,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -426,7 +368,7 @@ def classify(
 
     Data goes to stdout (or --output), messages to stderr. The model id
     and thresholds are printed on stderr; --format json also puts them in
-    its header: {"model", "method", "threshold", "threshold_source",
+    its header: {"model", "which_model", "method", "threshold", "threshold_source",
     "ood_threshold", "ood_threshold_source", "classes", "image_size",
     "rows": [...], "summary"}. A threshold that `evaluate
     --threshold-from val` stored in the model is used unless --threshold
@@ -439,9 +381,10 @@ def classify(
     needs --format (or format in --config). In CSV a cell that starts
     with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
-    Exit codes: 0 every input classified, 3 some could not be read,
-    4 (with --fail-on-ood) all were read and some were flagged ood,
-    1 none could (or no model), 2 usage error (no PATH, bad option,
+    Exit codes: 0 every input classified (or, with --allow-empty, there
+    was no image file), 3 some could not be read, 4 (with --fail-on-ood)
+    all were read and some were flagged ood, 1 none could, or no image
+    file was found (or no model), 2 usage error (no PATH, bad option,
     --checkpoint or --run that does not exist, --sort-into with class
     names that cannot be folder names).
 
@@ -476,17 +419,18 @@ def classify(
         format=fmt,
         ood_threshold=ood_threshold,
         fail_on_ood=fail_on_ood or None,
+        allow_empty=allow_empty or None,
     )
     fmt = choose_format(fmt, cfg.format, output, sys.stdout.isatty())
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
-    stdin = _stdin_paths(inputs)
-    model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)
+    stdin = _stdin_paths(inputs, cfg.allow_empty)
+    model, sorter = _model_and_sorter(checkpoint, run, which_model, cfg, adapt, sort_into, link)
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)
         stdin = None
     cfg, header = _decision_thresholds(model, cfg, quiet)
-    tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
+    tally = Tally(listing=not quiet and fmt != "table", classes=list(model.classes))
     extra = {"header": header, "shard": shard_ij, "sorter": sorter, "stdin": stdin}
     _classify_or_exit(inputs, model, cfg, fmt, output, tally, extra, quiet)
-    _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)
+    report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)

@@ -112,7 +112,22 @@ def settings_of(section: str, config: Path | None, **flags: Any):
 
 RunOpt = Annotated[
     str | None,
-    typer.Option("--run", help="Use the best checkpoint of this training run (name or folder)."),
+    typer.Option(
+        "--run",
+        help="Use a model of this training run (name or folder): its final one, unless "
+        "--model best.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Which model of the --run: final (the weights training ended with, whose test "
+        "figures its summary.json reports; the latest epoch while it is unfinished) or best "
+        "(best.safetensors, the epoch best on val). \\[default: final]",
+        metavar="final|best",
+        show_default=False,
+    ),
 ]
 CheckpointOpt = Annotated[
     Path | None,
@@ -120,22 +135,32 @@ CheckpointOpt = Annotated[
 ]
 
 
-def model_of(checkpoint: Path | None, run: str | None, device: str):
+def model_of(checkpoint: Path | None, run: str | None, device: str, which: str | None = None):
+    """The torch model of ``--checkpoint``, ``--run`` (``which``: ``--model``) or the bundled
+    one."""
     from threengan_cli.infer.torch_engine import load_model
     from threengan_cli.train import runs
 
-    return load_model(runs.model_file(checkpoint, run), device)
+    return load_model(runs.model_file(checkpoint, run, which), device)
 
 
-def classifier_of(checkpoint: Path | None, run: str | None, device: str, engine: str):
+def classifier_of(
+    checkpoint: Path | None, run: str | None, device: str, engine: str, which: str | None = None
+):
     """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
     never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
     if device not in ("auto", "cpu") or engine == "torch":
-        return model_of(checkpoint, run, "cpu" if device == "auto" else device)
+        return model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
     from threengan_cli.infer import numpy_engine
     from threengan_cli.train import runs
 
-    return numpy_engine.load(runs.model_file(checkpoint, run))
+    return numpy_engine.load(runs.model_file(checkpoint, run, which))
+
+
+def model_said(model) -> str:
+    """The model as stderr names it: its id, and which model of its run it is."""
+    which = getattr(model, "which", None)
+    return f"{model.model_id} ({which})" if which else model.model_id
 
 
 def threshold_of(model, given: float | None) -> tuple[float, str, str]:

@@ -1,5 +1,5 @@
 """The evaluate and runs commands: scoring a model on labelled X-rays, and listing (and
-pruning) training runs. Registered on the app by ``cli``; exit codes in ``cli_common``.
+pruning) training runs. Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
@@ -14,6 +14,7 @@ from threengan_cli.cli.common import (
     MAX_LISTED,
     CheckpointOpt,
     JsonOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     classifier_of,
@@ -52,7 +53,7 @@ def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
             fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_FAIL)
 
 
-def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -> None:
+def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None, which) -> None:
     """Hold the writer lock of the run whose checkpoint ``evaluate --threshold-from`` will
     write until the command ends (``ctx`` releases it): a training run that rewrote that file
     meanwhile would lose the threshold, or the threshold would be of other weights."""
@@ -60,7 +61,7 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
     from threengan_cli.train import runs
 
     try:
-        path = runs.model_file(checkpoint, run)
+        path = runs.model_file(checkpoint, run, which)
     except ModelError:
         return  # loading it says what is wrong
     folder = runs.run_of(path)
@@ -68,14 +69,14 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None) -
         lock_or_exit(ctx, folder)
 
 
-def _model_or_exit(ctx, checkpoint, run, device: str, engine: str, threshold_from):
+def _model_or_exit(ctx, checkpoint, run, which, device: str, engine: str, threshold_from):
     """The classifier to score; under --threshold-from its run locked and its file checked
     writable before any work, since the chosen threshold is stored in it."""
     from threengan_cli.model.modelfile import check_writable
 
     if threshold_from is not None:  # it writes the checkpoint: one writer per run
-        _lock_run_of(ctx, checkpoint, run)
-    model = classifier_of(checkpoint, run, device, engine)
+        _lock_run_of(ctx, checkpoint, run, which)
+    model = classifier_of(checkpoint, run, device, engine, which)
     model.require_classifier()
     if threshold_from is not None:  # before the work: the threshold is stored in it
         check_writable(model.path)
@@ -154,8 +155,9 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
         views.evaluation_tables(result)
     if not quiet:
         where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
+        which = f"{result.which_model}; " if result.which_model else ""
         note(
-            f"model {result.model_id} ({result.method}), threshold {result.threshold} "
+            f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
             + ood_threshold_of(model, ood_threshold)[2]
         )
@@ -188,6 +190,7 @@ def evaluate(
         ),
     ] = None,
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     threshold: Annotated[
         float | None,
@@ -222,7 +225,7 @@ def evaluate(
     ood_threshold: Annotated[
         float | None,
         typer.Option(
-            help="Flag images whose out-of-distribution score is above this [default: the "
+            help="Flag images whose out-of-distribution score is above this \\[default: the "
             "model's own, which flags 5% of its val split].",
             min=0.0,
         ),
@@ -272,7 +275,7 @@ def evaluate(
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
     _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
-    model = _model_or_exit(ctx, checkpoint, run, device, engine, threshold_from)
+    model = _model_or_exit(ctx, checkpoint, run, which_model, device, engine, threshold_from)
     result, chosen = _score_or_exit(
         data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,
         batch_size, workers, quiet,

@@ -11,6 +11,7 @@ from threengan_cli.cli import progress, views
 from threengan_cli.cli.common import (
     CheckpointOpt,
     JsonOpt,
+    ModelOpt,
     QuietOpt,
     RunOpt,
     config_opt,
@@ -29,6 +30,7 @@ from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
 def generate(
     run: RunOpt = None,
+    which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     count: Annotated[
         int | None, typer.Option(help=f"Images to make. {shown('generate', 'count')}")
@@ -108,7 +110,7 @@ def generate(
 
     from threengan_cli.infer.generate import generate as run_generate
 
-    model = model_of(checkpoint, run, cfg.device)
+    model = model_of(checkpoint, run, cfg.device, which_model)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
     try:
         with progress.BarView(not quiet and err.is_terminal, "generating", total=total) as view:

@@ -51,11 +51,17 @@ class BarView(LiveView):
         super().__init__(quiet=not enabled)
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         columns = [TextColumn(esc(what)), BarColumn(bar_width=30)]
         if total or counted:
-            columns.append(MofNCompleteColumn())
+            columns += [MofNCompleteColumn(), TimeRemainingColumn(compact=True)]
         else:
             columns.append(TextColumn("{task.completed} images"))
         columns += [TextColumn("{task.fields[rate]}")]

@@ -6,6 +6,7 @@ Registered on the app by ``app``; exit codes in ``core/errors``.
 # No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -200,8 +201,9 @@ def _metric(metrics: dict, key: str) -> str:
 
 
 def _train_done_line(summary: dict, run_dir: Path) -> str:
-    """The test metrics of the model ``--run`` uses (best.safetensors: the best epoch on val),
-    and the final epoch's accuracy beside them where that is another epoch."""
+    """The test metrics of the model ``--run`` loads (the final one, which summary.json's
+    ``test`` reports), and best.safetensors' accuracy beside them where that is another
+    epoch."""
     from threengan_cli.train import runs
 
     test = summary.get("test") or {}
@@ -209,17 +211,20 @@ def _train_done_line(summary: dict, run_dir: Path) -> str:
     if not test.get("n"):
         return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
     best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
-    used = summary.get("test_of_best_on_val") or test
+    best = summary.get("test_of_best_on_val") or {}
     if best_epoch is None or best_epoch == epochs:
-        whose, final = f"final epoch {epochs}, also the best on val", ""
+        whose, other = f"epoch {epochs}, also the best on val", ""
     else:
-        whose = f"epoch {best_epoch}, the best on val"
-        final = f"; the final epoch {epochs}: test accuracy {_metric(test, 'accuracy')}"
+        whose = f"epoch {epochs}"
+        other = (
+            f"; best on val, epoch {best_epoch} (--model best): test accuracy "
+            f"{_metric(best, 'accuracy')}"
+        )
     return (
-        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(used, 'accuracy')}, "
-        f"AUC {_metric(used, 'auc')}, sensitivity {_metric(used, 'sensitivity')}, "
-        f"specificity {_metric(used, 'specificity')} of the model --run uses "
-        f"(best.safetensors: {whose}){final} ({where})"
+        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(test, 'accuracy')}, "
+        f"AUC {_metric(test, 'auc')}, sensitivity {_metric(test, 'sensitivity')}, "
+        f"specificity {_metric(test, 'specificity')} of the final model, the one --run loads "
+        f"({whose}){other} ({where})"
     )
 
 
@@ -324,7 +329,8 @@ def train(
         str | None,
         typer.Option(
             help="Start from a trained model's networks to fine-tune them: default (the "
-            "bundled model), a run (name or folder) or a checkpoint file. Its classes, image "
+            "bundled model), a run (name or folder; its final model, as --run) or a checkpoint "
+            "file. Its classes, image "
             "size and width must be the run's. \\[default: fresh networks]",
             show_default=False,
         ),
@@ -360,9 +366,10 @@ def train(
     """Train a model on a prepared dataset; each epoch is evaluated on its val split.
 
     The run folder gets settings.json, metrics.jsonl (one line per epoch), samples/ (images
-    from a fixed latent batch), last.safetensors (resumable), best.safetensors (best val
-    accuracy) and summary.json (test metrics, computed once at the end). Ctrl+C saves a
-    resumable checkpoint and exits 130 (SIGTERM: 143).
+    from a fixed latent batch), last.safetensors (resumable; at the end, the final model),
+    best.safetensors (best val accuracy) and summary.json (test metrics, computed once at
+    the end, of the final model: the one --run loads; of best.safetensors beside them).
+    Ctrl+C saves a resumable checkpoint and exits 130 (SIGTERM: 143).
 
     The same command run again (same --name or --out, dataset and settings) does not train
     twice: a finished run prints its summary and exits 0, an unfinished one resumes. A run
@@ -381,8 +388,11 @@ def train(
     from threengan_cli.core.settings import TrainSettings
 
     flags = flags_of(TrainSettings, locals())
-    if checkpoint_every < 0:
-        fail(f"--checkpoint-every takes seconds, 0 or more (got {checkpoint_every})", EXIT_USAGE)
+    if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
+        fail(
+            f"--checkpoint-every takes seconds, a number 0 or more (got {checkpoint_every})",
+            EXIT_USAGE,
+        )
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     with held:
         if resume is not None:

@@ -327,8 +327,10 @@ def evaluation_tables(result) -> None:
 
     m = result.metrics
     split = f" ({result.data.split})" if result.data.split else ""
+    which = f" ({result.which_model})" if result.which_model else ""
+    title = f"{Path(result.data.source).name}{split}: {m['n']} images, {result.model_id}{which}"
     scores = Table(
-        title=esc(f"{Path(result.data.source).name}{split}: {m['n']} images"),
+        title=esc(title),
         box=box.SIMPLE_HEAD,
         show_header=False,
     )
@@ -361,8 +363,8 @@ def evaluation_tables(result) -> None:
 
 
 def runs_table(found) -> None:
-    """``threengan runs``: one row per run. The accuracies are of the model ``--run`` uses
-    (best on val, its epoch in brackets); ``final`` is the final epoch's test accuracy."""
+    """``threengan runs``: one row per run. The accuracies are of the model ``--run`` loads
+    (the final one); ``best on val`` is best.safetensors' test accuracy (its epoch)."""
     from rich import box
     from rich.table import Table
 
@@ -370,12 +372,12 @@ def runs_table(found) -> None:
 
     table = Table(
         box=box.SIMPLE_HEAD,
-        caption="val/test acc: of best.safetensors, the model --run uses (its epoch); "
-        "final: test acc of the final epoch",
+        caption="val/test acc: of the final model, the one --run loads; best on val: test "
+        "acc of best.safetensors (its epoch), --model best",
     )
-    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "final", "size")
-    for column in columns:
-        right = column in ("N", "epochs", "val acc", "test acc", "final", "size")
+    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "best on val")
+    for column in (*columns, "size"):
+        right = column in ("N", "epochs", "val acc", "test acc", "best on val", "size")
         table.add_column(column, justify="right" if right else "left")
 
     def acc(value) -> str:
@@ -390,8 +392,8 @@ def runs_table(found) -> None:
             esc(f"{r.epochs_done}/{r.epochs_planned or '?'}"),
             f"[red]{r.state}[/]" if r.state == "damaged" else r.state,
             acc(r.val_accuracy),
-            acc(r.test_accuracy) + (epoch if r.test_accuracy is not None else ""),
-            acc(r.test_accuracy_final),
+            acc(r.test_accuracy),
+            acc(r.test_accuracy_best) + (epoch if r.test_accuracy_best is not None else ""),
             human_bytes(r.bytes),
         )
     print_whole(table)

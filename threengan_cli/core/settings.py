@@ -148,6 +148,10 @@ def with_stored_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrainSettings(_Section):
+    # inf passes ``ge=0`` (a weight of inf turns the first loss into nan), nan passes nothing
+    # that compares, so neither is a number a training setting can take.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     method: str = "3ngan"
     recipe: Recipe = Field(
         DEFAULT_RECIPE, description="paper: the paper's protocol exactly; robust: stabler model"
@@ -304,6 +308,7 @@ class ClassifySettings(_Section):
         "score; none: the model's own (flags 5% of its val split)"
     )
     fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
+    allow_empty: bool = Field(False, description="no image to classify is a success, no rows")
 
 
 class GenerateSettings(_Section):

@@ -115,6 +115,57 @@ def has_torch() -> bool:
     return find_spec("torch") is not None
 
 
+def torchvision_version() -> str:
+    """torchvision's installed version, read from its package metadata (without importing
+    it, which a torchvision built for another torch fails to do), or "not installed"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchvision")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def torchvision_state() -> str:
+    """torchvision's version if it imports, else what is wrong: "not installed" or
+    "broken: ..." with the error and the fix (``info`` shows it)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # a torchvision built for another torch raises RuntimeError
+        if torchvision_version() == "not installed":
+            return "not installed"
+        return f"broken: {torchvision_problem(exc)}"
+    return torchvision_version()
+
+
+def torchvision_problem(exc: BaseException) -> str:
+    """One line for a torchvision that does not import: both versions, the error, the fix.
+    pip pairs a torch from one index with a torchvision from another (a CPU torch, a CUDA
+    torchvision) without complaint; only the pair built together works."""
+    import torch
+
+    tv = torchvision_version()
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if tv == "not installed":
+        return (
+            f"torchvision is not installed (torch {torch.__version__}): pip install "
+            f"torchvision{_index_of(torch.__version__)}"
+        )
+    base = torch.__version__.split("+")[0]
+    return (
+        f"torchvision {tv} does not work with torch {torch.__version__} ({cause}): install "
+        f"the pair built together, from one index: pip install --force-reinstall "
+        f"torch=={base} torchvision{_index_of(torch.__version__)}"
+    )
+
+
+def _index_of(torch_version: str) -> str:
+    """The ``--index-url`` torch's own build came from (``+cpu``, ``+cu121``), or nothing
+    for PyPI's build."""
+    _, _, local = torch_version.partition("+")
+    return f" --index-url https://download.pytorch.org/whl/{local}" if local else ""
+
+
 def library_versions() -> dict[str, str]:
     import numpy
     import PIL
@@ -129,6 +180,7 @@ def library_versions() -> dict[str, str]:
         "threengan": __version__,
         "python": platform.python_version(),
         "torch": torch_version,
+        "torchvision": torchvision_version(),
         "numpy": numpy.__version__,
         "pillow": PIL.__version__,
     }
@@ -153,6 +205,7 @@ def describe() -> dict[str, object]:
         dicom = "not installed (pip install 'threengan[dicom]')"
     return {
         **library_versions(),
+        "torchvision": torchvision_state() if torch else torchvision_version(),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu cores": os.cpu_count(),

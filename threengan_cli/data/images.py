@@ -43,6 +43,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from threengan_cli.core.errors import Failure
+
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".webp"}
 )
@@ -320,15 +322,32 @@ def _dicom_pixels(data: bytes) -> np.ndarray:
         raise ImageReadError(f"unreadable DICOM ({exc})") from None
 
 
+class GridUnavailable(Failure):
+    """torchvision, which draws sample grids, does not import; one line for the user."""
+
+
+def grid_maker():
+    """torchvision's ``make_grid``. Only the training and generate paths, which have torch
+    already, make grids: torchvision is imported here, on first use, so that decoding never
+    needs it. A torchvision that does not import (missing, or built for another torch:
+    "operator torchvision::nms does not exist") is a :class:`GridUnavailable` naming both
+    versions and the fix; training asks before its first epoch, not after it."""
+    try:
+        from torchvision.utils import make_grid
+    except Exception as exc:  # RuntimeError, ImportError, OSError (a missing .so): all "broken"
+        from threengan_cli.core.system import torchvision_problem
+
+        problem = torchvision_problem(exc)
+        raise GridUnavailable(f"sample grids need torchvision: {problem}") from None
+    return make_grid
+
+
 def grid_png(pixels: np.ndarray, nrow: int = 8, pad: int = 2) -> bytes:
     """An 8-bit grayscale PNG of uint8 images (B, H, W) laid out by torchvision's
-    ``make_grid``: ``nrow`` per row, ``pad`` px black gutters; one image is written as it is.
-
-    Only the training and generate paths, which have torch already, make grids: torchvision
-    is imported here, on the first grid, so that decoding never needs it."""
+    ``make_grid``: ``nrow`` per row, ``pad`` px black gutters; one image is written as it is."""
     import torch
-    from torchvision.utils import make_grid
 
+    make_grid = grid_maker()
     # make_grid repeats a single channel into three; the first is the grayscale grid.
     grid = make_grid(torch.from_numpy(pixels)[:, None], nrow=nrow, padding=pad)[0]
     buf = io.BytesIO()

@@ -116,7 +116,7 @@ def _walk_class(folder: Path, label: int, split: str, source: Path, items, skipp
         items.append(Item(rel(full), label, split, full))
 
 
-def _scan_folder(source: Path) -> Source:
+def _scan_folder(source: Path, need_train: bool = True) -> Source:
     top = _visible_dirs(source)
     by_split: dict[str, Path] = {}
     others: list[Path] = []
@@ -133,6 +133,11 @@ def _scan_folder(source: Path) -> Source:
         class_dirs = {split: _visible_dirs(d) for split, d in by_split.items()}
         for d in by_split.values():
             skipped += _loose_files(d, source, "outside a class folder")
+    elif by_split and not need_train:  # labelled data to score, e.g. a test/ folder alone
+        kind = "split-folders"
+        skipped = _loose_files(source, source, "outside train/, val/, test/")
+        skipped += [(_rel(d, source), OTHER_FOLDER) for d in others]
+        class_dirs = {split: _visible_dirs(d) for split, d in by_split.items()}
     elif by_split:
         raise DatasetError(
             f"{source} has {'/, '.join(sorted(by_split))}/ folders but no train/ folder"
@@ -143,7 +148,7 @@ def _scan_folder(source: Path) -> Source:
         class_dirs = {"train": top}
     classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
     in_train = {d.name for d in class_dirs.get("train", [])}
-    for split in ("val", "test"):
+    for split in ("val", "test") if need_train else ():
         unknown = sorted({d.name for d in class_dirs.get(split, [])} - in_train)
         if unknown:  # as the CSV path: a class must be learnt before it can be tested
             raise DatasetError(
@@ -163,7 +168,7 @@ def _scan_folder(source: Path) -> Source:
     return Source(kind, classes, items, skipped)
 
 
-def _scan_csv(source: Path) -> Source:
+def _scan_csv(source: Path, need_train: bool = True) -> Source:
     base = source.parent
     try:
         with open(source, newline="", encoding="utf-8-sig") as fh:
@@ -194,8 +199,10 @@ def _scan_csv(source: Path) -> Source:
         if split not in SPLIT_ALIASES:
             raise DatasetError(f"CSV {source} line {n}: unknown split {split!r} (train, val, test)")
         parsed.append((n, path, label, SPLIT_ALIASES[split]))
-    train_labels = sorted({label for _, _, label, split in parsed if split == "train"})
-    if not train_labels:
+    train_labels = sorted(
+        {label for _, _, label, split in parsed if split == "train" or not need_train}
+    )
+    if not train_labels and need_train:
         raise DatasetError(f"CSV {source} has no train rows")
     for n, _, label, _ in parsed:
         if label not in train_labels:
@@ -264,19 +271,22 @@ def _scan_npz(source: Path) -> Source:
     return Source("npz", [str(v) for v in values], items, [], image_arrays)
 
 
-def scan(source: Path) -> Source:
+def scan(source: Path, need_train: bool = True) -> Source:
+    """The items of ``source``. Data to train on (``need_train``) must have train images,
+    and every class of its val and test images among theirs; labelled data that is only
+    scored (``evaluate``) needs neither: its classes are all the labels it holds."""
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"{source} does not exist")
     if source.is_dir():
-        return _scan_folder(source)
+        return _scan_folder(source, need_train)
     if not source.is_file():  # a FIFO or a device would hang or never end
         raise DatasetError(f"{source} is not a regular file, a folder, a .npz or a .csv")
     suffix = source.suffix.lower()
     if suffix == ".npz":
         return _scan_npz(source)
     if suffix == ".csv":
-        return _scan_csv(source)
+        return _scan_csv(source, need_train)
     raise DatasetError(f"{source} is not a folder, a .npz or a .csv file")
 
 

@@ -21,6 +21,10 @@ class DataError(Failure):
     """Data a run cannot train on; the message is one line meant for the user."""
 
 
+class PoolNotFound(DataError):
+    """The pool ``--unlabelled`` names is no prepared dataset, folder or ``rest``."""
+
+
 def batch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
     """The permutation of epoch ``epoch``: a pure function of (seed, epoch), so resume is exact."""
     gen = torch.Generator().manual_seed(system.stream_seed(seed, epoch))
@@ -138,8 +142,9 @@ def unlabelled_pool(
     elif Path(source).expanduser().is_dir():
         images, found = _decode_folder(Path(source).expanduser(), image_size, fit)
     else:
-        raise DataError(
-            f"--unlabelled {source}: not 'rest', a prepared dataset or a folder of images"
+        raise PoolNotFound(
+            f"--unlabelled {source}: not 'rest', a prepared dataset or a folder of images "
+            f"(looked in {paths.datasets_dir()})"
         )
     if not len(images):
         raise DataError(f"--unlabelled {source} holds no readable images")

@@ -89,15 +89,19 @@ def expand(
     stdin: Iterable[str] | None = None,
     exclude: Iterable[str | os.PathLike] = (),
     on_skip: Callable[[str], None] | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[Item]:
-    """The files to classify, lazily, in input order; inputs that give none yield an error.
+    """The files to classify, lazily, in input order; inputs that give none yield an error,
+    except, with ``allow_empty``, a folder without images and a pattern that matches
+    nothing (a nightly job's empty inbox), which yield nothing. A missing path stays an
+    error: a misspelt folder is not an empty one.
 
     Folder scans and glob patterns leave out everything under the ``exclude`` folders (where
     ``--sort-into`` writes, so a rerun never classifies its own copies), and call
     ``on_skip(path)`` for each file they pass over because its name is not an image's
     (system files such as ``.DS_Store`` and ``Thumbs.db`` are passed over without a call).
     A file named as an input is always tried, whatever its name."""
-    scan = _Scan(recursive, tuple(os.fspath(e) for e in exclude), on_skip)
+    scan = _Scan(recursive, tuple(os.fspath(e) for e in exclude), on_skip, allow_empty)
     for given in inputs:
         if given == STDIN:
             stream = sys.stdin if stdin is None else stdin
@@ -116,6 +120,7 @@ class _Scan:
     recursive: bool
     exclude: tuple[str, ...]
     on_skip: Callable[[str], None] | None
+    allow_empty: bool = False
 
     def one(self, given: str) -> Iterator[Item]:
         if "\0" in given:  # os.path would raise on it; one bad line must not end the run
@@ -126,7 +131,7 @@ class _Scan:
             yield given, None  # any file is tried, whatever its name; decoding decides
         elif _GLOB_CHARS & set(given):
             matches = sorted(glob.iglob(given, recursive=True))
-            if not matches:
+            if not matches and not self.allow_empty:
                 yield given, "no file matches this pattern"
             for match in matches:
                 if self.excluded(match):
@@ -172,7 +177,7 @@ class _Scan:
             found = True
             yield path, None
         yield from errors
-        if not found and not errors:
+        if not found and not errors and not self.allow_empty:
             hint = " (use --recursive to look in sub-folders)" if subfolders else ""
             yield folder, f"no image files in folder{hint}"
 
@@ -303,12 +308,17 @@ def classify(
     shard: tuple[int, int] | None = None,
     exclude: Iterable[str | os.PathLike] = (),
     on_skip: Callable[[str], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[Row]:
     """Rows for every input file, in input order (see the module docstring).
 
     ``workers=0`` uses every core; ``stdin`` is the stream ``-`` reads (default sys.stdin);
     ``exclude`` and ``on_skip`` as for :func:`expand`; ``decision`` defaults to threshold 0.5
-    and the model's own out-of-distribution threshold.
+    and the model's own out-of-distribution threshold; ``allow_empty`` as for :func:`expand`.
+    ``on_total(n)``, where given, is
+    called with the number of rows to come before the first one, whenever it is known
+    without reading stdin (files, folders, globs; a shard, which lists its inputs anyway).
     """
     if decision is None:
         stats = getattr(model, "stats", None)
@@ -317,9 +327,15 @@ def classify(
     workers = workers or os.cpu_count() or 1
     size, fit = model.image_size, model.fit
     pending: deque[tuple[list[Item], list[Future]]] = deque()
-    items: Iterable[Item] = expand(inputs, recursive, stdin, exclude, on_skip)
+    items: Iterable[Item] = expand(inputs, recursive, stdin, exclude, on_skip, allow_empty)
     if shard is not None:
         items = shard_of(items, shard)
+    elif on_total is not None and isinstance(inputs, list | tuple) and STDIN not in inputs:
+        # The expanded list of a folder or of named files is held (paths only, ~100 bytes
+        # each) for a bar with a total and an ETA; stdin's paths stay a stream.
+        items = list(items)
+    if on_total is not None and isinstance(items, list):
+        on_total(len(items))
     pool = _executor(workers)
     try:
         for chunk in _chunks(iter(items), batch_size):

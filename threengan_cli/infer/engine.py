@@ -110,6 +110,21 @@ def stored_threshold(meta: dict[str, Any], path: Path | str) -> dict[str, Any] |
     return found
 
 
+def which_model(meta: dict[str, Any]) -> str | None:
+    """Which model of its run a checkpoint holds, in words: "final, epoch 30", "best on val,
+    epoch 12" or "latest, epoch 7 of an unfinished run"; None for a file that is not a run's
+    checkpoint as training wrote it (the bundled model, an export)."""
+    position = meta.get("position")
+    epoch = position.get("epoch") if isinstance(position, dict) else None
+    if not isinstance(epoch, int):
+        return None
+    if meta.get("weights") == "best-on-val":
+        return f"best on val, epoch {epoch}"
+    if meta.get("weights") == "final" or meta.get("finished"):
+        return f"final, epoch {epoch}"
+    return f"latest, epoch {epoch} of an unfinished run"
+
+
 class Engine:
     """What both engines' models answer alike; each defines ``outputs_of``, ``meta`` and
     ``path``."""
@@ -117,6 +132,11 @@ class Engine:
     meta: dict[str, Any]
     path: Path | None
     model_id: str
+
+    @property
+    def which(self) -> str | None:
+        """Which model of its run this is ("final, epoch 30"), or None (not a run's)."""
+        return which_model(self.meta)
 
     @property
     def stored_threshold(self) -> dict[str, Any] | None:

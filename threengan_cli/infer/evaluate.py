@@ -82,6 +82,7 @@ class Evaluation:
     chosen: dict[str, Any] | None = None
     ood_threshold: float | None = None  # None: a model without out-of-distribution statistics
     unflagged: dict[str, Any] | None = None  # the metrics over the images not flagged
+    which_model: str | None = None  # which model of its run ("final, epoch 30"), if a run's
 
     @property
     def flagged(self) -> float | None:
@@ -96,6 +97,7 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_id,
+            "which_model": self.which_model,
             "method": self.method,
             "classes": self.classes,
             "data": self.data.source,
@@ -150,7 +152,7 @@ def read_labelled(data: str, split: str | None, model: Classifier) -> Labelled:
             "then evaluate NAME --split test"
         )
     try:
-        src = sources.scan(given)
+        src = sources.scan(given, need_train=False)
     except sources.DatasetError as exc:
         raise EvaluateError(str(exc)) from None
     splits = {item.split for item in src.items}
@@ -371,6 +373,7 @@ def evaluate(
         )
     return Evaluation(
         model_id=model.model_id,
+        which_model=getattr(model, "which", None),
         method=model.method,
         classes=classes,
         data=data,
@@ -400,7 +403,8 @@ def write_plots(result: Evaluation, folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     made = []
-    title = f"{result.model_id} on {Path(result.data.source).name}"
+    which = f" ({result.which_model})" if result.which_model else ""
+    title = f"{result.model_id}{which} on {Path(result.data.source).name}"
     title += f" ({result.data.split})" if result.data.split else ""
     if result.roc:
         fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)

@@ -90,6 +90,7 @@ class RowWriter:
             head = json.dumps(
                 {
                     "model": self.model.model_id,
+                    "which_model": getattr(self.model, "which", None),
                     "method": self.model.method,
                     **self.header,
                     "classes": self.classes,

@@ -20,10 +20,14 @@ class TrainingError(Failure):
     """A run that cannot start or continue; the message is one line meant for the user."""
 
 
-class InitNotFound(TrainingError):
-    """The model ``train --init`` names does not exist (a usage error, not a failure)."""
+class InputNotFound(TrainingError):
+    """A model or pool a setting names does not exist (a usage error, not a failure)."""
 
     exit_code = EXIT_USAGE
+
+
+class InitNotFound(InputNotFound):
+    """The model ``train --init`` names does not exist."""
 
 
 class NonFiniteLoss(TrainingError):

@@ -12,14 +12,15 @@ else ``stopped`` (resumable with ``train --resume``); ``damaged`` when one of it
 cannot be read as a run's (the reason in ``error``; the other runs list as usual). The files
 are read with :mod:`runs`' readers, which own their format.
 
-Accuracies are those of the model ``--run`` loads: ``best.safetensors``, the best epoch on
-val (``best_epoch``); the final epoch's test accuracy is ``test_accuracy_final``.
+Accuracies are those of the model ``--run`` loads: the final one, whose test figures
+``summary.json`` reports (the latest epoch's val accuracy while a run is unfinished); the
+test accuracy of ``best.safetensors`` (``--model best``), the best epoch on val
+(``best_epoch``), is ``test_accuracy_best``.
 
 Pruning a finished run copies the final epoch's weights, byte for byte, into
 ``final.safetensors`` (a few MB: no optimizer state) and deletes ``last.safetensors``;
-``--run`` still finds ``best.safetensors`` (or ``final``), so classify, evaluate and
-generate keep working. Only extending the run (``train --resume --epochs``) needs what was
-deleted.
+``--run`` then finds ``final.safetensors``, so classify, evaluate and generate keep
+working. Only extending the run (``train --resume --epochs``) needs what was deleted.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ class RunInfo:
     epochs_done: int
     epochs_planned: int | None
     state: str  # finished, failed (a loss became non-finite), running, stopped or damaged
-    # Of the model that --run uses: best.safetensors (the best epoch on val) where it is there
+    # Of the model that --run loads: the final one (the latest epoch while unfinished)
     val_accuracy: float | None
     test_accuracy: float | None
     bytes: int
     resumable: bool  # last.safetensors is there
     error: str | None = None  # what is damaged (state "damaged")
     best_epoch: int | None = None  # the epoch of best.safetensors
-    test_accuracy_final: float | None = None  # of the final epoch's weights
+    test_accuracy_best: float | None = None  # of best.safetensors (--model best)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,20 +149,18 @@ def _read_run_info(run_dir: Path, name: str) -> RunInfo:
         best_epoch = summary.get("best_epoch_on_val") or best_epoch
     elif state != "failed":
         finished, state = False, "running" if runlock.locked_by(run_dir) else "stopped"
-    # --run takes best.safetensors (the best epoch on val) while there is one: the numbers
-    # shown are of that model, and the final epoch's test accuracy is shown beside them.
-    uses_best = (run_dir / BEST).is_file() and best_epoch is not None
-    val_epoch = best_epoch if uses_best else done
-    val = next((r.get("val") for r in records if r["epoch"] == val_epoch), None)
+    # --run loads the final model (the latest epoch while unfinished): the numbers shown are
+    # of that model, and best.safetensors' test accuracy (--model best) is shown beside them.
+    has_best = (run_dir / BEST).is_file() and best_epoch is not None
+    val = summary["val"] if finished else None
     if not isinstance(val, dict):
-        val = summary["val"] if finished else {}
+        val = next((r.get("val") for r in records if r["epoch"] == done), None) or {}
     val_accuracy = _typed(val.get("accuracy"), (int, float), run_dir / METRICS, "val accuracy")
-    test_final = test_used = None
+    test_final = test_best = None
     if finished:
         test_final = summary["test"].get("accuracy")
-        test_used = test_final
-        if uses_best and summary.get("test_of_best_on_val") is not None:
-            test_used = summary["test_of_best_on_val"].get("accuracy")
+        if has_best and summary.get("test_of_best_on_val") is not None:
+            test_best = summary["test_of_best_on_val"].get("accuracy")
     return RunInfo(
         name=name,
         path=str(run_dir),
@@ -171,11 +170,11 @@ def _read_run_info(run_dir: Path, name: str) -> RunInfo:
         epochs_planned=planned,
         state=state,
         val_accuracy=val_accuracy,
-        test_accuracy=test_used,
+        test_accuracy=test_final,
         bytes=_disk_bytes(run_dir)[0],
         resumable=(run_dir / LAST).is_file(),
-        best_epoch=best_epoch if uses_best else None,
-        test_accuracy_final=test_final,
+        best_epoch=best_epoch if has_best else None,
+        test_accuracy_best=test_best,
     )
 
 

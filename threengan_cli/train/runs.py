@@ -30,7 +30,13 @@ from typing import Any
 from threengan_cli.core import paths
 from threengan_cli.core.errors import Failure
 from threengan_cli.core.settings import with_stored_recipe
-from threengan_cli.model.modelfile import BEST, FINAL, LAST, ModelNotFound, checked_file
+from threengan_cli.model.modelfile import (
+    BEST,
+    FINAL,
+    LAST,
+    ModelNotFound,
+    checked_file,
+)
 
 __all__ = [
     "BEST",
@@ -352,6 +358,10 @@ def clear(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------- which model a run answers
+# Which model of a run ``--run`` loads: the final one (the weights training ended with, whose
+# test figures summary.json reports; for the robust recipe the averaged weights the study
+# measured) unless ``--model best`` asks for the epoch best on val.
+RUN_MODELS = ("final", "best")
 def resolve_run(name_or_path: str) -> Path:
     """A training run given by name (under the data dir) or by folder path."""
     candidate = Path(name_or_path).expanduser()
@@ -362,21 +372,44 @@ def resolve_run(name_or_path: str) -> Path:
     return candidate
 
 
-def model_file(checkpoint: Path | None = None, run: str | None = None) -> Path:
-    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default."""
+def model_file(
+    checkpoint: Path | None = None, run: str | None = None, which: str | None = None
+) -> Path:
+    """The checkpoint file to load from ``--checkpoint``, ``--run`` or the bundled default.
+
+    Of a run (``--run``, or a run folder as ``--checkpoint``), ``which`` picks the file:
+    ``final`` (the default) the weights training ended with, pruned into final.safetensors
+    or in last.safetensors (the latest epoch while the run is unfinished); ``best``
+    best.safetensors, the epoch best on val."""
     if checkpoint is not None and run is not None:
         raise ModelNotFound("give either --checkpoint or --run, not both")
+    if which is not None and which not in RUN_MODELS:
+        raise ModelNotFound(f"--model must be {' or '.join(RUN_MODELS)} (got {which!r})")
     if checkpoint is not None and Path(checkpoint).expanduser().is_dir():
-        run = str(checkpoint)  # a run folder passed as a checkpoint: take the run's model
-    elif checkpoint is not None or run is None:
+        run = str(checkpoint)  # a run folder passed as a checkpoint
+    elif checkpoint is not None:
+        if which is not None:
+            raise ModelNotFound(
+                f"--model {which} picks a model of a --run; --checkpoint names one file"
+            )
         return checked_file(checkpoint)
+    elif run is None:
+        if which is not None:
+            raise ModelNotFound(f"--model {which} picks a model of a --run: give --run as well")
+        return checked_file(None)
     run_dir = resolve_run(run)
     if not run_dir.is_dir():
         raise ModelNotFound(f"no run {run!r} (looked in {run_dir})")
-    for name in (BEST, LAST, FINAL):
+    names = (BEST,) if which == "best" else (FINAL, LAST)
+    for name in names:
         if (run_dir / name).is_file():
             return run_dir / name
-    raise ModelNotFound(f"run {run_dir} holds no checkpoint ({BEST} or {LAST})")
+    if which is None and (run_dir / BEST).is_file():
+        raise ModelNotFound(
+            f"run {run_dir} holds no final model ({FINAL} or {LAST}), only {BEST}: "
+            "--model best loads it"
+        )
+    raise ModelNotFound(f"run {run_dir} holds no {' or '.join(names)}")
 
 
 def init_file(source: str) -> Path:

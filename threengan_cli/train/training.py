@@ -41,8 +41,8 @@ import torch
 
 from threengan_cli.core import fileio, system
 from threengan_cli.core.settings import TrainSettings
-from threengan_cli.data.images import grid_png
-from threengan_cli.data.training_data import DataError, batch_order
+from threengan_cli.data.images import GridUnavailable, grid_maker, grid_png
+from threengan_cli.data.training_data import DataError, PoolNotFound, batch_order
 from threengan_cli.model.networks import from_model_range, to_model_range
 from threengan_cli.train import runlock, runs
 from threengan_cli.train.accel import (
@@ -53,6 +53,7 @@ from threengan_cli.train.accel import (
 from threengan_cli.train.events import (
     EpochDone,
     Event,
+    InputNotFound,
     Interrupted,
     NonFiniteLoss,
     RunFinished,
@@ -282,7 +283,13 @@ def _train(
     # is exactly what the uninterrupted run did.
     resume = resume and (run_dir / runs.LAST).exists()
     try:
+        grid_maker()  # a torchvision that does not import fails the run now, not after epoch 1
+    except GridUnavailable as exc:
+        raise TrainingError(str(exc)) from None
+    try:
         loop = open_loop(device, dataset_path, settings, run_dir, turns, fresh=not resume)
+    except PoolNotFound as exc:
+        raise InputNotFound(str(exc)) from None
     except DataError as exc:
         raise TrainingError(str(exc)) from None
     if resume:

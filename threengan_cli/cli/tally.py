@@ -1,0 +1,93 @@
+"""What classify counts while rows stream past, and what it says at the end: the closing
+lines on stderr and the exit code (1 nothing classified, 3 some inputs unreadable, 4 an
+ood gate tripped)."""
+
+# No ``from __future__ import annotations``: as in the other command modules.
+
+import typer
+
+from threengan_cli.cli.common import MAX_LISTED, fail
+from threengan_cli.cli.views import note, warn
+from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
+
+
+class Tally:
+    """Counts rows as they stream past, lists the first unreadable inputs on stderr, and
+    counts the files folder scans passed over (names that are not image names)."""
+
+    def __init__(self, listing: bool, classes: list[str]):
+        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
+        self.per_label = dict.fromkeys(classes, 0)
+        self.listing, self.listed = listing, 0
+        self.first_error: str | None = None
+        self.first_skipped: str | None = None
+
+    def add(self, row) -> None:
+        self.counts["inputs"] += 1
+        if row.ok:
+            self.counts["classified"] += 1
+            self.per_label[row.label] += 1
+            self.counts["ood"] += bool(row.ood)
+            return
+        self.counts["errors"] += 1
+        if self.first_error is None:
+            self.first_error = f"{row.path}: {row.error}"
+        if self.listing and self.listed < MAX_LISTED:
+            warn(f"{row.path}: {row.error}")
+            self.listed += 1
+
+    def skip(self, path: str) -> None:
+        self.counts["skipped"] += 1
+        self.first_skipped = self.first_skipped or path
+
+
+def report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, quiet) -> None:
+    """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
+    inputs could not be, 4 under --fail-on-ood when an image was flagged."""
+    counts = tally.counts
+    if counts["inputs"] == 0 and cfg.allow_empty:
+        if not quiet:
+            where = f" ({output} holds no rows)" if output is not None else ""
+            note(f"nothing to classify: no image files in the inputs (--allow-empty){where}")
+        return
+    if counts["inputs"] == 0:
+        if shard_ij is not None:
+            fail(
+                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
+                "empty (fewer inputs than shards)"
+            )
+        fail(
+            "nothing to classify (no paths were given on stdin)"
+            if "-" in inputs
+            else "nothing to classify (the inputs named no files)"
+        )
+    if counts["classified"] == 0:
+        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
+    if not quiet:
+        where = f" -> {output}" if output is not None else ""
+        note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
+        labels = ", ".join(f"{label} {n}" for label, n in tally.per_label.items())
+        errors = f", errors {counts['errors']}" if counts["errors"] else ""
+        sorted_to = f" (sorted into {sort_into})" if sort_into is not None else ""
+        note(f"labels: {labels}{errors}{sorted_to}")
+        if ood_value is not None:
+            note(
+                f"ood: {counts['ood']} of {counts['classified']} images look unlike the "
+                "model's training X-rays (score above "
+                f"{ood_value}); their labels are not reliable (docs/guide.md, 'Images unlike "
+                "the training set')"
+            )
+        if counts["skipped"]:
+            files = f"{counts['skipped']} file" + ("s" if counts["skipped"] != 1 else "")
+            warn(
+                f"skipped {files} in the folders whose names are not image names (the first: "
+                f"{tally.first_skipped}); give them as PATHs to classify them anyway"
+            )
+    if counts["errors"]:
+        if not quiet:
+            if tally.listing and tally.listed < counts["errors"]:
+                warn(f"... and {counts['errors'] - tally.listed} more")
+            warn(f"{counts['errors']} inputs could not be classified (see the error column)")
+        raise typer.Exit(EXIT_PARTIAL)
+    if cfg.fail_on_ood and counts["ood"]:
+        raise typer.Exit(EXIT_OOD)
