@@ -220,11 +220,64 @@ def test_unreadable_files_keep_their_error_rows_beside_the_scores(stats_ckpt, mi
 
 
 def test_a_model_without_statistics_classifies_with_empty_columns_and_one_note(ckpt, mixed):
-    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv", "--fail-on-ood")
+    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv")
     assert result.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert {r["ood_score"] for r in rows} == {""} and {r["ood"] for r in rows} == {""}
     assert result.stderr.count("no out-of-distribution statistics") == 1
+
+
+@pytest.mark.parametrize("gate", [["--fail-on-ood"], ["--max-ood-share", "0.5"]])
+def test_an_ood_gate_a_model_without_statistics_cannot_judge_is_refused_even_quiet(
+    ckpt, mixed, gate
+):
+    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv", "-q", *gate)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "cannot be judged" in result.stderr and "no out-of-distribution" in result.stderr
+
+
+def test_max_ood_share_exits_4_only_above_the_share(stats_ckpt, mixed, tmp_path):
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed), "-q", "-f", "csv"]
+    rows = list(csv.DictReader(io.StringIO(_classify(*m).stdout)))
+    flagged = sum(r["ood"] == "true" for r in rows)
+    assert 4 <= flagged < 12
+    share = flagged / 12
+    at = _classify(*m, "--max-ood-share", repr(share))
+    assert at.exit_code == 0 and at.stderr == ""
+    below = _classify(*m, "--max-ood-share", repr(share - 0.01))
+    assert below.exit_code == EXIT_OOD
+    assert f"{flagged} of 12 images" in below.stderr  # said even under -q: it sets the exit
+    config = tmp_path / "c.toml"
+    config.write_text("[classify]\nmax_ood_share = 0.0\n")
+    assert _classify(*m, "--config", str(config)).exit_code == EXIT_OOD
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "1.5", "nan", "inf"])
+def test_max_ood_share_outside_zero_to_one_is_a_usage_error(stats_ckpt, mixed, bad):
+    result = _classify("--checkpoint", str(stats_ckpt), str(mixed), "--max-ood-share", bad)
+    assert result.exit_code == 2 and "max_ood_share" in result.stderr.replace("-", "_")
+    assert "Traceback" not in result.stderr
+
+
+def test_sort_into_files_flagged_images_under_ood_unless_told_not_to(stats_ckpt, mixed, tmp_path):
+    out = tmp_path / "sorted"
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed), "-f", "csv", "--sort-into", str(out)]
+    rows = list(csv.DictReader(io.StringIO(_classify(*m).stdout)))
+    flagged = [r["path"] for r in rows if r["ood"] == "true"]
+    assert flagged  # the bright images at least
+    in_ood = sorted(p.name for p in (out / "ood").iterdir())
+    assert len(in_ood) == len(flagged)
+    assert len(_sorted_files(out)) == 12 - len(flagged)
+    # the old behaviour on demand; the rerun moves the flagged copies out of ood/
+    assert _classify(*m, "--no-ood-folder").exit_code == 0
+    assert list((out / "ood").iterdir()) == []
+    assert len(_sorted_files(out)) == 12
+
+
+def _sorted_files(out):
+    """The files --sort-into filed under the model's class folders."""
+    return [p for c in ("normal", "pneumonia") if (out / c).is_dir() for p in (out / c).iterdir()]
 
 
 # ----------------------------------------------------------------------------- training

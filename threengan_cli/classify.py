@@ -373,9 +373,15 @@ def classify(
 
 
 # ------------------------------------------------------------------------------ sorting
+OOD_FOLDER = "ood"  # --sort-into's folder of flagged images
+
+
 class Sorter:
     """``--sort-into DIR``: copies (or with ``link`` hard-links, else symlinks) each
-    classified input into ``DIR/<label>/``.
+    classified input into ``DIR/<label>/``, or into ``DIR/ood/`` where the image is flagged
+    as unlike the model's training X-rays and ``ood_folder`` is on: its label is not
+    reliable, so it is not filed beside the labelled ones (as ``generate`` keeps
+    ``uncertain/`` apart).
 
     The model's class names become folder names, so each must be a plain one
     (:func:`paths.check_class_folder`, a ValueError otherwise): a checkpoint's names are not
@@ -388,9 +394,22 @@ class Sorter:
     is removed when a later run first writes into that folder.
     """
 
-    def __init__(self, folder: Path | str, classes: Iterable[str], link: bool = False):
+    def __init__(
+        self,
+        folder: Path | str,
+        classes: Iterable[str],
+        link: bool = False,
+        ood_folder: bool = True,
+    ):
         self.classes = [paths.check_class_folder(name) for name in classes]
-        self.folder, self.link = Path(folder), link
+        if ood_folder and OOD_FOLDER in (name.casefold() for name in self.classes):
+            raise ValueError(
+                f"a class is named {OOD_FOLDER!r}, the folder of flagged images "
+                "(--no-ood-folder files flagged images under their labels)"
+            )
+        self.folder, self.link, self.ood_folder = Path(folder), link, ood_folder
+        # a rerun may move an input between any two of these: every one is cleaned
+        self.folders = [*self.classes, OOD_FOLDER]
         self._ready: set[str] = set()
 
     def __call__(self, row: Row) -> Path | None:
@@ -398,11 +417,12 @@ class Sorter:
         if not row.ok or row.label is None:
             return None
         source = Path(row.path)
-        target = self._target(source, self._label_folder(row.label))
+        where = OOD_FOLDER if self.ood_folder and row.ood else row.label
+        target = self._target(source, self._label_folder(where))
         if not _same_file(source, target):
             fileio.copy_file(source, target, link=self.link)
-        for other in self.classes:
-            if other != row.label:
+        for other in self.folders:
+            if other != where:
                 self._remove_earlier(source, self.folder / other)
         return target
 

@@ -207,9 +207,10 @@ def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, ad
     return shard_ij
 
 
-def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
+def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool, ood_folder: bool):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
-    --sort-into folders, or ``None``."""
+    --sort-into folders, or ``None``. An ood gate that this model cannot judge (no
+    statistics) is refused before anything is classified."""
     from threengan_cli.classify import Sorter
     from threengan_cli.modelfile import ModelError
 
@@ -219,13 +220,49 @@ def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
         model.require_classifier()
     except ModelError as exc:
         fail(str(exc))
+    gate = _gate_name(cfg)
+    if gate is not None and getattr(model, "stats", None) is None:
+        fail(
+            f"{gate} cannot be judged: model {model.model_id} has no out-of-distribution "
+            "statistics (trained before threengan 0.2); fit them with "
+            "tools/add_model_statistics.py, or drop the option",
+            EXIT_USAGE,
+        )
     sorter = None
     if sort_into is not None:
         try:
-            sorter = Sorter(sort_into, model.classes, link=link)
+            sorter = Sorter(sort_into, model.classes, link=link, ood_folder=ood_folder)
         except ValueError as exc:
             fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
     return model, sorter
+
+
+def _gate_name(cfg) -> str | None:
+    """The ood gate asked for (--fail-on-ood or --max-ood-share), as the user named it."""
+    if cfg.fail_on_ood:
+        return "--fail-on-ood"
+    if cfg.max_ood_share is not None:
+        return f"--max-ood-share {cfg.max_ood_share}"
+    return None
+
+
+def _ood_gate_trips(cfg, counts) -> bool:
+    """Whether the ood gate asked for trips: --fail-on-ood on any flagged image,
+    --max-ood-share F where more than the share F of the classified images is flagged (said
+    on stderr at any verbosity: it sets the exit code)."""
+    gate = _gate_name(cfg)
+    if gate is None or counts["classified"] == 0:
+        return False
+    flagged, classified = counts["ood"], counts["classified"]
+    limit = 0.0 if cfg.fail_on_ood else cfg.max_ood_share
+    if flagged <= limit * classified:
+        return False
+    allowed = "none" if limit == 0 else f"at most {limit:.1%}"
+    views.error(
+        f"{flagged} of {classified} images ({flagged / classified:.1%}) are flagged as unlike "
+        f"the model's training X-rays; {gate} allows {allowed} (exit 4)"
+    )
+    return True
 
 
 def _decision_thresholds(model, cfg, quiet: bool):
@@ -319,7 +356,7 @@ def _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, 
                 warn(f"... and {counts['errors'] - tally.listed} more")
             warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
-    if cfg.fail_on_ood and counts["ood"]:
+    if _ood_gate_trips(cfg, counts):
         raise typer.Exit(EXIT_OOD)
 
 
@@ -390,6 +427,15 @@ def classify(
             help="Exit 4 when any image is flagged as unlike the model's training X-rays.",
         ),
     ] = False,
+    max_ood_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Exit 4 only when more than this share (0 to 1) of the classified images "
+            "is flagged: about 5% of X-rays like the training ones are, by design. "
+            f"{shown('classify', 'max_ood_share')}",
+            metavar="F",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -422,6 +468,14 @@ def classify(
             metavar="DIR",
         ),
     ] = None,
+    ood_folder: Annotated[
+        bool,
+        typer.Option(
+            "--ood-folder/--no-ood-folder",
+            help="With --sort-into: put flagged images into DIR/ood/ (their labels are not "
+            "reliable) rather than under their labels.",
+        ),
+    ] = True,
     link: Annotated[
         bool,
         flag(
@@ -481,10 +535,11 @@ def classify(
     with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
     Exit codes: 0 every input classified, 3 some could not be read,
-    4 (with --fail-on-ood) all were read and some were flagged ood,
-    1 none could (or no model), 2 usage error (no PATH, bad option,
-    --checkpoint or --run that does not exist, --sort-into with class
-    names that cannot be folder names).
+    4 all were read and, with --fail-on-ood, some were flagged ood
+    (with --max-ood-share F: more than the share F of them), 1 none
+    could (or no model), 2 usage error (no PATH, bad option, --checkpoint
+    or --run that does not exist, --sort-into with class names that
+    cannot be folder names, an ood gate with a model without statistics).
 
     [bold]Examples[/]
 
@@ -498,7 +553,7 @@ def classify(
 
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
 
-      threengan classify new-site/ -r --fail-on-ood -o results.csv
+      threengan classify new-site/ -r --max-ood-share 0.1 -o results.csv
 
       threengan classify scans/ -r --shard 3/10 -o part-03.csv
 
@@ -517,11 +572,12 @@ def classify(
         format=fmt,
         ood_threshold=ood_threshold,
         fail_on_ood=fail_on_ood or None,
+        max_ood_share=max_ood_share,
     )
     fmt = _classify_format(fmt, cfg.format, output)
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
     stdin = _stdin_paths(inputs)
-    model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link)
+    model, sorter = _model_and_sorter(checkpoint, run, cfg, adapt, sort_into, link, ood_folder)
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)

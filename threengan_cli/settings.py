@@ -303,6 +303,10 @@ class ClassifySettings(_Section):
         "score; none: the model's own (flags 5% of its val split)"
     )
     fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
+    max_ood_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="exit 4 when more than this share of the "
+        "classified images is flagged; none: no such gate"
+    )
 
 
 class GenerateSettings(_Section):
