@@ -332,6 +332,58 @@ def test_evaluate_reports_the_flagged_share_and_the_metrics_over_the_unflagged(
     assert high["ood_flagged"] == 0 and high["unflagged"]["accuracy"] == high["accuracy"]
 
 
+def test_evaluate_gives_a_95_percent_interval_for_every_metric_in_json(stats_ckpt, labelled):
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+    report = json.loads(runner.invoke(app, args).stdout)
+    keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+    for key in (*keys, "ece", "brier"):
+        for found in (report, report["unflagged"]):
+            lo, hi = found[f"{key}_ci"]
+            assert 0 <= lo <= found[key] <= hi <= 1, key
+    correct = round(report["accuracy"] * 24)
+    assert report["accuracy_ci"] == pytest.approx(metrics.wilson_interval(correct, 24), abs=1e-6)
+    flagged = round(report["ood_flagged"] * 24)
+    assert report["ood_flagged_ci"] == pytest.approx(metrics.wilson_interval(flagged, 24), abs=1e-6)
+    assert report["ood_fit"]["dims"] >= 1 and report["ood_fit"]["fitted_on"]
+    assert json.loads(runner.invoke(app, args).stdout) == report  # the bootstrap is seeded
+
+
+def test_evaluate_tables_have_headers_naming_each_column_and_its_images(stats_ckpt, labelled):
+    done = runner.invoke(app, ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt)])
+    report = json.loads(
+        runner.invoke(
+            app, ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+        ).stdout
+    )
+    header = next(line for line in done.stdout.splitlines() if "metric" in line)
+    assert "all (n=24)" in header
+    assert f"not flagged (n={report['unflagged']['n']})" in header
+    lo, hi = report["accuracy_ci"]
+    assert f"{report['accuracy']:.4f} [{lo:.3f}, {hi:.3f}]" in done.stdout
+    assert "true \\ predicted" in done.stdout
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e300", "nan", "0"])
+def test_evaluate_refuses_an_ood_threshold_classify_refuses(stats_ckpt, labelled, bad):
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+    done = runner.invoke(app, [*args, "--ood-threshold", bad])
+    assert done.exit_code == 2 and done.stdout == ""
+    assert "--ood-threshold" in done.stderr and "Traceback" not in done.stderr
+    assert _classify(str(labelled), "--checkpoint", str(stats_ckpt), "--ood-threshold", bad,
+                     "-r").exit_code == 2
+
+
+def test_json_output_never_holds_nan_or_infinity():
+    import math
+
+    from threengan_cli.views import strict_json
+
+    data = {"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": (2.0, "x"), "e": None}
+    assert strict_json(data) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2.0, "x"],
+                                 "e": None}
+    json.dumps(strict_json(data), allow_nan=False)  # strict: raises on any left
+
+
 def test_evaluate_plots_a_reliability_diagram_and_the_scores(stats_ckpt, labelled, tmp_path):
     pytest.importorskip("matplotlib")
     args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--plot", str(tmp_path)]

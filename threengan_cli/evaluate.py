@@ -73,12 +73,19 @@ class Evaluation:
     chosen: dict[str, Any] | None = None
     ood_threshold: float | None = None  # None: a model without out-of-distribution statistics
     unflagged: dict[str, Any] | None = None  # the metrics over the images not flagged
+    ood_fit: dict[str, Any] | None = None  # how the model's detector was fitted (its metadata)
 
     @property
     def flagged(self) -> float | None:
         """The share of the readable images flagged as unlike the training X-rays."""
         scored = [p.ood for p in self.predictions if p.ood is not None]
         return float(np.mean(scored)) if scored else None
+
+    @property
+    def flagged_ci(self) -> list[float] | None:
+        """The Wilson 95% interval of :attr:`flagged`."""
+        scored = [p.ood for p in self.predictions if p.ood is not None]
+        return metrics.rounded_out(metrics.wilson_interval(sum(scored), len(scored)))
 
     @property
     def unreadable(self) -> list[Prediction]:
@@ -100,6 +107,8 @@ class Evaluation:
             "per_class": self.per_class,
             "ood_threshold": self.ood_threshold,
             "ood_flagged": self.flagged,
+            "ood_flagged_ci": self.flagged_ci,
+            "ood_fit": self.ood_fit,
             "unflagged": self.unflagged,
             "unreadable": [[p.path, p.error] for p in self.unreadable],
         }
@@ -322,6 +331,7 @@ def evaluate(
         raise EvaluateError(f"none of the {len(errors)} images could be read")
     labels, good = data.labels[ok], probs[ok]
     scored = metrics.classification_metrics(labels, good, threshold=threshold)
+    scored.update(metrics.confidence_intervals(labels, good, threshold=threshold))
     predicted = metrics.predict(good, threshold)
     per_class = {
         c: {
@@ -338,11 +348,10 @@ def evaluate(
     unflagged = None
     if flags is not None:
         kept = ~flags[ok]
-        unflagged = (
-            metrics.classification_metrics(labels[kept], good[kept], threshold=threshold)
-            if kept.any()
-            else {"n": 0}
-        )
+        unflagged = {"n": 0}
+        if kept.any():
+            unflagged = metrics.classification_metrics(labels[kept], good[kept], threshold)
+            unflagged.update(metrics.confidence_intervals(labels[kept], good[kept], threshold))
     predictions = []
     decided = iter(predicted.tolist())
     for i, (name, truth, p, error) in enumerate(
@@ -374,6 +383,7 @@ def evaluate(
         chosen=chosen,
         ood_threshold=ood_threshold,
         unflagged=unflagged,
+        ood_fit=model.stats.info.get("ood") if flags is not None else None,
     )
 
 
@@ -403,24 +413,40 @@ def write_plots(result: Evaluation, folder: Path) -> list[Path]:
         if sens is not None and spec is not None:
             ax.plot([1 - spec], [sens], "o", label=f"threshold {result.threshold:g}")
         ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(_wrapped(title), fontsize=8)
         ax.legend(loc="lower right", fontsize=8)
         made.append(_save(fig, folder / "roc.png", fileio))
+    made.append(_confusion(result, title, folder, plt, fileio))
+    made.append(_reliability(result, title, folder, plt, fileio))
+    if result.ood_threshold is not None:
+        made.append(_ood_histogram(result, title, folder, plt, fileio))
+    return made
+
+
+def _confusion(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
+    """confusion.png: each cell's count and its share of the true class (the row), coloured
+    by that share so that a small class's errors show as clearly as a large one's."""
     cm = np.array(result.metrics["confusion"])
-    fig, ax = plt.subplots(figsize=(4.5, 4), dpi=120)
-    ax.imshow(cm, cmap="Blues")
+    rows = cm.sum(axis=1, keepdims=True)
+    shares = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=120)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ticks = range(len(result.classes))
     ax.set_xticks(ticks, result.classes)
     ax.set_yticks(ticks, result.classes)
     ax.set(xlabel="predicted", ylabel="true")
     for (i, j), n in np.ndenumerate(cm):
-        ax.text(j, i, str(n), ha="center", va="center", color="black" if n < cm.max() / 2 else "w")
-    ax.set_title(title, fontsize=8)
-    made.append(_save(fig, folder / "confusion.png", fileio))
-    made.append(_reliability(result, title, folder, plt, fileio))
-    if result.ood_threshold is not None:
-        made.append(_ood_histogram(result, title, folder, plt, fileio))
-    return made
+        colour = "black" if shares[i, j] < 0.5 else "w"
+        ax.text(j, i, f"{n}\n{shares[i, j]:.1%}", ha="center", va="center", color=colour)
+    ax.set_title(_wrapped(title + " (share of the true class)"), fontsize=8)
+    return _save(fig, folder / "confusion.png", fileio)
+
+
+def _wrapped(title: str, width: int = 60) -> str:
+    """A plot title on as many lines as it needs: a run name or path is never cut short."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False))
 
 
 def _reliability(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
@@ -444,7 +470,7 @@ def _reliability(result: Evaluation, title: str, folder: Path, plt, fileio) -> P
     for x, y, n in zip(centres, accuracy, counts, strict=True):
         ax.annotate(str(n), (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.set(xlabel="confidence (mean of the bin)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_wrapped(title), fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, folder / "reliability.png", fileio)
 
@@ -458,7 +484,11 @@ def _ood_histogram(result: Evaluation, title: str, folder: Path, plt, fileio) ->
     ax.axvline(result.ood_threshold, c="tab:red", lw=1.5)
     flagged = result.flagged or 0.0
     ax.set(xlabel="out-of-distribution score (last bin: that and above)", ylabel="images")
-    ax.set_title(f"{title}\nflagged {flagged:.1%} (threshold {result.ood_threshold:g})", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images are whole
+    caption = f"flagged {flagged:.1%} (threshold {result.ood_threshold:g})"
+    ax.set_title(_wrapped(title) + "\n" + caption, fontsize=8)
     return _save(fig, folder / "ood_scores.png", fileio)
 
 
