@@ -150,6 +150,44 @@ def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path):
             load(bad)
 
 
+def _with_stats(source, path, **changed):
+    """A copy of ``source`` whose ``stats/`` tensors are ``changed``, saved with valid
+    checksums: wrong values, not a damaged file."""
+    import torch
+
+    from threengan_cli import checkpoints
+
+    ckpt = checkpoints.load(source)
+    nets = {name: ckpt.group(f"net/{name}") for name in ckpt.network_names}
+    stats = {**ckpt.group("stats"), **{k: torch.tensor(v) for k, v in changed.items()}}
+    checkpoints.save(path, ckpt.meta, nets, stats=stats)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"ood_threshold": -1.0}, {"ood_threshold": 0.0}, {"ood_threshold": 1e30}],
+)
+def test_stored_statistics_that_make_no_sense_are_refused_by_both_engines(
+    stats_ckpt, tmp_path, changed
+):
+    bad = _with_stats(stats_ckpt, tmp_path / "bad.safetensors", **changed)
+    for load in (classify_numpy.load, lambda p: load_model(p, device="cpu")):
+        with pytest.raises(ModelError, match="out-of-distribution threshold"):
+            load(bad)
+    assert _classify("--checkpoint", str(bad), str(tmp_path)).exit_code == 1
+
+
+def test_a_projection_with_a_direction_of_zeros_is_refused(stats_ckpt, tmp_path):
+    projection = classify_numpy.load(stats_ckpt).stats.projection.copy()
+    projection[:, 0] = 0
+    bad = _with_stats(stats_ckpt, tmp_path / "bad.safetensors", ood_projection=projection)
+    with pytest.raises(ModelError, match="projection"):
+        classify_numpy.load(bad)
+    good = _with_stats(stats_ckpt, tmp_path / "good.safetensors", ood_threshold=2.5)
+    assert classify_numpy.load(good).stats.threshold == 2.5
+
+
 def test_pruned_final_weights_keep_their_statistics(stats_ckpt, tmp_path):
     from threengan_cli.modelfile import copy_weights
 
