@@ -17,6 +17,7 @@ from threengan_cli.bench import benchmark, grid, report
 from threengan_cli.bench.merge import merge
 from threengan_cli.cli.app import app
 from threengan_cli.core import settings as settings_mod
+from threengan_cli.model import checkpoints
 from threengan_cli.model.methods import METHODS
 from threengan_cli.train import events, training
 
@@ -388,8 +389,8 @@ def test_repeats_trained_in_parallel_threads_equal_runs_trained_one_at_a_time(da
     assert together["counts"]["finished"] == 6
     assert _numbers(together["results"]) == _numbers(alone["results"])
     for name in ("3ngan-n16-r0", "3ngan-n16-r2", "vanilla-n16-r1"):
-        a = training.checkpoints.load(tmp_path / "alone" / "runs" / name / "last.safetensors")
-        b = training.checkpoints.load(tmp_path / "together" / "runs" / name / "last.safetensors")
+        a = checkpoints.load(tmp_path / "alone" / "runs" / name / "last.safetensors")
+        b = checkpoints.load(tmp_path / "together" / "runs" / name / "last.safetensors")
         assert all(torch.equal(a.group("net")[k], b.group("net")[k]) for k in a.group("net"))
 
 

@@ -49,7 +49,7 @@ def test_sort_into_refuses_class_names_that_are_not_folder_names(tmp_path, bad):
 def test_the_class_folder_rule_is_one_function_shared_by_classify_and_generate(tmp_path):
     from threengan_cli.core import paths
     from threengan_cli.infer import generate
-    from threengan_cli.infer.classify import Sorter
+    from threengan_cli.infer.sorting import Sorter
 
     with pytest.raises(ValueError, match="cannot be a folder name"):
         Sorter(tmp_path, ["normal", "../x"])

@@ -156,3 +156,74 @@ def test_values_are_plain_python_numbers():
     m = classification_metrics(np.array([0, 1]), _binary([0.2, 0.9]))
     assert all(type(m[k]) is float for k in ("accuracy", "auc", "f1", "sensitivity"))
     assert type(m["n"]) is int
+
+
+# ------------------------------------------------------------------------------ intervals
+def test_wilson_interval_matches_published_values():
+    from threengan_cli.metrics import wilson_interval
+
+    # 5 of 10: 0.2366 to 0.7634; 0 of 10: 0 to z^2 / (n + z^2) = 0.2775 (Wilson 1927;
+    # Newcombe 1998, Table I, method 3)
+    np.testing.assert_allclose(wilson_interval(5, 10), [0.2366, 0.7634], atol=5e-5)
+    np.testing.assert_allclose(wilson_interval(0, 10), [0.0, 0.2775], atol=5e-5)
+    # 81 of 263 (Newcombe 1998, example (c)): 0.2553 to 0.3662
+    np.testing.assert_allclose(wilson_interval(81, 263), [0.2553, 0.3662], atol=5e-5)
+    assert wilson_interval(0, 0) is None
+
+
+def test_delong_interval_by_hand():
+    from threengan_cli.metrics import delong_interval
+
+    # positives 0.8, 0.6; negatives 0.7, 0.2: AUC 3/4. Placements: per positive, the share of
+    # negatives below it: 1, 1/2; per negative, of positives above it: 1/2, 1. Both have
+    # sample variance 1/8, so var = 1/8 / 2 + 1/8 / 2 = 1/8.
+    is_pos = np.array([True, True, False, False])
+    lo, hi = delong_interval(is_pos, np.array([0.8, 0.6, 0.7, 0.2]))
+    half = 1.959963984540054 * np.sqrt(1 / 8)
+    assert lo == pytest.approx(0.75 - half) and hi == 1.0  # clipped at 1
+    # ties count one half, as in the AUC: all scores equal gives AUC 1/2 and no spread
+    assert delong_interval(is_pos, np.ones(4)) == [0.5, 0.5]
+    assert delong_interval(np.array([True, False, False]), np.array([0.3, 0.2, 0.1])) is None
+
+
+def test_delong_standard_error_matches_the_hanley_mcneil_formula_on_large_samples():
+    from threengan_cli.metrics import delong_interval
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1.0, 1.0, 4000), rng.normal(0.0, 1.0, 4000)
+    is_pos = np.r_[np.ones(4000, bool), np.zeros(4000, bool)]
+    lo, hi = delong_interval(is_pos, np.r_[pos, neg])
+    a = (lo + hi) / 2
+    # Hanley and McNeil (1982), for comparison: a different estimate of the same variance
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + 3999 * (q1 - a * a) + 3999 * (q2 - a * a)) / 4000**2)
+    assert (hi - lo) / 2 == pytest.approx(1.959963984540054 * se, rel=0.05)
+
+
+def test_every_metric_gets_an_interval_around_it_and_the_same_one_each_time():
+    from threengan_cli.metrics import confidence_intervals
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 600)
+    probs = _binary(np.clip(0.3 * labels + 0.7 * rng.random(600), 0, 1))
+    point = classification_metrics(labels, probs)
+    found = confidence_intervals(labels, probs)
+    keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+    assert set(found) == {f"{k}_ci" for k in (*keys, "ece", "brier")}
+    for key in (*keys, "ece", "brier"):
+        lo, hi = found[f"{key}_ci"]
+        assert lo < point[key] < hi and hi - lo < 0.2, key
+    assert confidence_intervals(labels, probs) == found  # seeded: deterministic
+    # the bootstrap agrees with the Wilson interval where both apply (balanced classes)
+    np.testing.assert_allclose(
+        found["balanced_accuracy_ci"], found["accuracy_ci"], atol=0.015
+    )
+
+
+def test_intervals_of_undefined_metrics_are_none():
+    from threengan_cli.metrics import confidence_intervals
+
+    found = confidence_intervals(np.array([0, 0, 0]), _binary([0.2, 0.7, 0.1]))
+    assert found["sensitivity_ci"] is None and found["auc_ci"] is None
+    assert found["f1_ci"] is None
+    assert found["specificity_ci"] == pytest.approx([0.2077, 0.9385], abs=5e-4)  # 2 of 3

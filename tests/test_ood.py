@@ -151,6 +151,44 @@ def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path):
             load(bad)
 
 
+def _with_stats(source, path, **changed):
+    """A copy of ``source`` whose ``stats/`` tensors are ``changed``, saved with valid
+    checksums: wrong values, not a damaged file."""
+    import torch
+
+    from threengan_cli.model import checkpoints
+
+    ckpt = checkpoints.load(source)
+    nets = {name: ckpt.group(f"net/{name}") for name in ckpt.network_names}
+    stats = {**ckpt.group("stats"), **{k: torch.tensor(v) for k, v in changed.items()}}
+    checkpoints.save(path, ckpt.meta, nets, stats=stats)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"ood_threshold": -1.0}, {"ood_threshold": 0.0}, {"ood_threshold": 1e30}],
+)
+def test_stored_statistics_that_make_no_sense_are_refused_by_both_engines(
+    stats_ckpt, tmp_path, changed
+):
+    bad = _with_stats(stats_ckpt, tmp_path / "bad.safetensors", **changed)
+    for load in (numpy_engine.load, lambda p: load_model(p, device="cpu")):
+        with pytest.raises(ModelError, match="out-of-distribution threshold"):
+            load(bad)
+    assert _classify("--checkpoint", str(bad), str(tmp_path)).exit_code == 1
+
+
+def test_a_projection_with_a_direction_of_zeros_is_refused(stats_ckpt, tmp_path):
+    projection = numpy_engine.load(stats_ckpt).stats.projection.copy()
+    projection[:, 0] = 0
+    bad = _with_stats(stats_ckpt, tmp_path / "bad.safetensors", ood_projection=projection)
+    with pytest.raises(ModelError, match="projection"):
+        numpy_engine.load(bad)
+    good = _with_stats(stats_ckpt, tmp_path / "good.safetensors", ood_threshold=2.5)
+    assert numpy_engine.load(good).stats.threshold == 2.5
+
+
 def test_pruned_final_weights_keep_their_statistics(stats_ckpt, tmp_path):
     from threengan_cli.model.modelfile import copy_weights
 
@@ -221,11 +259,64 @@ def test_unreadable_files_keep_their_error_rows_beside_the_scores(stats_ckpt, mi
 
 
 def test_a_model_without_statistics_classifies_with_empty_columns_and_one_note(ckpt, mixed):
-    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv", "--fail-on-ood")
+    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv")
     assert result.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert {r["ood_score"] for r in rows} == {""} and {r["ood"] for r in rows} == {""}
     assert result.stderr.count("no out-of-distribution statistics") == 1
+
+
+@pytest.mark.parametrize("gate", [["--fail-on-ood"], ["--max-ood-share", "0.5"]])
+def test_an_ood_gate_a_model_without_statistics_cannot_judge_is_refused_even_quiet(
+    ckpt, mixed, gate
+):
+    result = _classify("--checkpoint", str(ckpt), "-r", str(mixed), "-f", "csv", "-q", *gate)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "cannot be judged" in result.stderr and "no out-of-distribution" in result.stderr
+
+
+def test_max_ood_share_exits_4_only_above_the_share(stats_ckpt, mixed, tmp_path):
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed), "-q", "-f", "csv"]
+    rows = list(csv.DictReader(io.StringIO(_classify(*m).stdout)))
+    flagged = sum(r["ood"] == "true" for r in rows)
+    assert 4 <= flagged < 12
+    share = flagged / 12
+    at = _classify(*m, "--max-ood-share", repr(share))
+    assert at.exit_code == 0 and at.stderr == ""
+    below = _classify(*m, "--max-ood-share", repr(share - 0.01))
+    assert below.exit_code == EXIT_OOD
+    assert f"{flagged} of 12 images" in below.stderr  # said even under -q: it sets the exit
+    config = tmp_path / "c.toml"
+    config.write_text("[classify]\nmax_ood_share = 0.0\n")
+    assert _classify(*m, "--config", str(config)).exit_code == EXIT_OOD
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "1.5", "nan", "inf"])
+def test_max_ood_share_outside_zero_to_one_is_a_usage_error(stats_ckpt, mixed, bad):
+    result = _classify("--checkpoint", str(stats_ckpt), str(mixed), "--max-ood-share", bad)
+    assert result.exit_code == 2 and "max_ood_share" in result.stderr.replace("-", "_")
+    assert "Traceback" not in result.stderr
+
+
+def test_sort_into_files_flagged_images_under_ood_unless_told_not_to(stats_ckpt, mixed, tmp_path):
+    out = tmp_path / "sorted"
+    m = ["--checkpoint", str(stats_ckpt), "-r", str(mixed), "-f", "csv", "--sort-into", str(out)]
+    rows = list(csv.DictReader(io.StringIO(_classify(*m).stdout)))
+    flagged = [r["path"] for r in rows if r["ood"] == "true"]
+    assert flagged  # the bright images at least
+    in_ood = sorted(p.name for p in (out / "ood").iterdir())
+    assert len(in_ood) == len(flagged)
+    assert len(_sorted_files(out)) == 12 - len(flagged)
+    # the old behaviour on demand; the rerun moves the flagged copies out of ood/
+    assert _classify(*m, "--no-ood-folder").exit_code == 0
+    assert list((out / "ood").iterdir()) == []
+    assert len(_sorted_files(out)) == 12
+
+
+def _sorted_files(out):
+    """The files --sort-into filed under the model's class folders."""
+    return [p for c in ("normal", "pneumonia") if (out / c).is_dir() for p in (out / c).iterdir()]
 
 
 # ----------------------------------------------------------------------------- training
@@ -278,6 +369,58 @@ def test_evaluate_reports_the_flagged_share_and_the_metrics_over_the_unflagged(
     # a threshold above every score flags nothing: the unflagged metrics are the metrics
     high = json.loads(runner.invoke(app, [*args, "--ood-threshold", "1e5"]).stdout)
     assert high["ood_flagged"] == 0 and high["unflagged"]["accuracy"] == high["accuracy"]
+
+
+def test_evaluate_gives_a_95_percent_interval_for_every_metric_in_json(stats_ckpt, labelled):
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+    report = json.loads(runner.invoke(app, args).stdout)
+    keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
+    for key in (*keys, "ece", "brier"):
+        for found in (report, report["unflagged"]):
+            lo, hi = found[f"{key}_ci"]
+            assert 0 <= lo <= found[key] <= hi <= 1, key
+    correct = round(report["accuracy"] * 24)
+    assert report["accuracy_ci"] == pytest.approx(metrics.wilson_interval(correct, 24), abs=1e-6)
+    flagged = round(report["ood_flagged"] * 24)
+    assert report["ood_flagged_ci"] == pytest.approx(metrics.wilson_interval(flagged, 24), abs=1e-6)
+    assert report["ood_fit"]["dims"] >= 1 and report["ood_fit"]["fitted_on"]
+    assert json.loads(runner.invoke(app, args).stdout) == report  # the bootstrap is seeded
+
+
+def test_evaluate_tables_have_headers_naming_each_column_and_its_images(stats_ckpt, labelled):
+    done = runner.invoke(app, ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt)])
+    report = json.loads(
+        runner.invoke(
+            app, ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+        ).stdout
+    )
+    header = next(line for line in done.stdout.splitlines() if "metric" in line)
+    assert "all (n=24)" in header
+    assert f"not flagged (n={report['unflagged']['n']})" in header
+    lo, hi = report["accuracy_ci"]
+    assert f"{report['accuracy']:.4f} [{lo:.3f}, {hi:.3f}]" in done.stdout
+    assert "true \\ predicted" in done.stdout
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e300", "nan", "0"])
+def test_evaluate_refuses_an_ood_threshold_classify_refuses(stats_ckpt, labelled, bad):
+    args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--json"]
+    done = runner.invoke(app, [*args, "--ood-threshold", bad])
+    assert done.exit_code == 2 and done.stdout == ""
+    assert "--ood-threshold" in done.stderr and "Traceback" not in done.stderr
+    assert _classify(str(labelled), "--checkpoint", str(stats_ckpt), "--ood-threshold", bad,
+                     "-r").exit_code == 2
+
+
+def test_json_output_never_holds_nan_or_infinity():
+    import math
+
+    from threengan_cli.cli.views import strict_json
+
+    data = {"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": (2.0, "x"), "e": None}
+    assert strict_json(data) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2.0, "x"],
+                                 "e": None}
+    json.dumps(strict_json(data), allow_nan=False)  # strict: raises on any left
 
 
 def test_evaluate_plots_a_reliability_diagram_and_the_scores(stats_ckpt, labelled, tmp_path):

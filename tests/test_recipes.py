@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from threengan_cli.bench import benchmark, grid
 from threengan_cli.cli.app import app
+from threengan_cli.core import names
 from threengan_cli.core.settings import RECIPES, SettingsError, TrainSettings, resolve
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.data.training_data import load_run_data
@@ -56,9 +57,10 @@ def test_settings_stored_before_recipes_existed_read_as_the_paper_recipe():
 
 
 def test_help_lists_exactly_the_registered_methods():
-    from threengan_cli.core.names import METHOD_NAMES
+    from threengan_cli.core.names import BUILT_IN, METHOD_NAMES
 
-    assert METHOD_NAMES == tuple(methods.METHODS)
+    assert BUILT_IN == tuple(methods.METHODS)[: len(BUILT_IN)]
+    assert METHOD_NAMES == list(methods.METHODS)
 
 
 def test_an_unknown_augmentation_is_a_one_line_settings_error():
@@ -241,6 +243,7 @@ def test_a_method_registered_by_a_plugin_trains_benchmarks_and_classifies(datase
         assert results["results"][0]["method"] == "toy" and results["counts"]["finished"] == 1
     finally:
         methods.METHODS.pop("toy")
+        names.METHOD_NAMES.remove("toy")
 
 
 # ---------------------------------------------------------------------------- adapt-bn

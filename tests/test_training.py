@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from threengan_cli.core.settings import TrainSettings
+from threengan_cli.model import checkpoints
 from threengan_cli.train import accel, events, training
 
 
@@ -89,8 +90,8 @@ def test_an_interrupted_run_resumes_exactly_like_an_uninterrupted_one(dataset, t
         ]
 
     assert strip(_metrics(stopped)) == strip(_metrics(full))
-    a = training.checkpoints.load(full / "last.safetensors").group("net")
-    b = training.checkpoints.load(stopped / "last.safetensors").group("net")
+    a = checkpoints.load(full / "last.safetensors").group("net")
+    b = checkpoints.load(stopped / "last.safetensors").group("net")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -182,9 +183,9 @@ def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val
     dataset, tmp_path, monkeypatch
 ):
     writes = []
-    real_save = training.checkpoints.save
+    real_save = checkpoints.save
     monkeypatch.setattr(
-        training.checkpoints,
+        checkpoints,
         "save",
         lambda path, *a, **k: (writes.append(path.name), real_save(path, *a, **k)),
     )
@@ -195,7 +196,7 @@ def test_with_a_checkpoint_interval_only_the_end_is_written_and_best_matches_val
     # and last marked finished, with its own
     assert writes == ["best.safetensors", "last.safetensors"] * 2
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0003.png"]
-    best = training.checkpoints.load(run / "best.safetensors")
+    best = checkpoints.load(run / "best.safetensors")
     assert best.meta["position"]["epoch"] == summary["best_epoch_on_val"]
     vals = [r["val"]["accuracy"] for r in _metrics(run)]
     assert best.meta["best_val_accuracy"] == max(vals)
@@ -236,7 +237,7 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
     clock = _Clock()
     monkeypatch.setattr(training.time, "perf_counter", clock)
     writes = []
-    real_save = training.checkpoints.save
+    real_save = checkpoints.save
 
     def save(path, *args, **kwargs):
         writes.append((path.parent.name, path.name))
@@ -266,7 +267,7 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
 
     with pytest.raises(KeyboardInterrupt):
         training.train(dataset, cfg, killed, on_event=kill_in_epoch_5, checkpoint_every_s=60)
-    assert training.checkpoints.load(killed / "last.safetensors").meta["position"]["epoch"] == 3
+    assert checkpoints.load(killed / "last.safetensors").meta["position"]["epoch"] == 3
     assert [r["epoch"] for r in _metrics(killed)] == [1, 2, 3, 4]  # ahead of the checkpoint
     training.train(dataset, cfg, killed, resume=True, checkpoint_every_s=60)
 
@@ -277,8 +278,8 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
 
     assert strip(_metrics(killed)) == strip(_metrics(full))
     for name in ("last.safetensors", "best.safetensors"):
-        a = training.checkpoints.load(full / name).group("net")
-        b = training.checkpoints.load(killed / name).group("net")
+        a = checkpoints.load(full / name).group("net")
+        b = checkpoints.load(killed / name).group("net")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -392,7 +393,7 @@ def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
     run = tmp_path / "run"
     summary = training.train(tmp_path / "ds", _settings(epochs=3), run)
     assert summary["best_epoch_on_val"] == 3
-    best = training.checkpoints.load(run / "best.safetensors")
-    last = training.checkpoints.load(run / "last.safetensors")
+    best = checkpoints.load(run / "best.safetensors")
+    last = checkpoints.load(run / "last.safetensors")
     assert best.meta["position"]["epoch"] == 3
     assert all(torch.equal(v, last.group("net")[k]) for k, v in best.group("net").items())

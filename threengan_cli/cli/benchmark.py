@@ -30,7 +30,7 @@ from threengan_cli.cli.common import (
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE
-from threengan_cli.core.names import METHOD_NAMES
+from threengan_cli.core.names import BUILT_IN
 
 
 def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
@@ -113,7 +113,7 @@ def run(
     methods: Annotated[
         str | None,
         typer.Option(
-            help=f"Comma-separated: {', '.join(METHOD_NAMES)}, or a variant: the ablations "
+            help=f"Comma-separated: {', '.join(BUILT_IN)}, or a variant: the ablations "
             "3ngan-nokl, 3ngan-nogc, 3ngan-pairkl and the study's ladder "
             "(docs/benchmark-protocol.md). \\[default: the profile's]"
         ),

@@ -26,7 +26,7 @@ from threengan_cli.cli.common import (
     threshold_of,
 )
 from threengan_cli.cli.helptext import shown
-from threengan_cli.cli.tally import Tally, report_or_exit
+from threengan_cli.cli.tally import Tally, gate_name, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 from threengan_cli.infer.output import choose_format
@@ -147,18 +147,27 @@ def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, ad
     return shard_ij
 
 
-def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link: bool):
+def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link, ood_folder):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
-    --sort-into folders, or ``None``."""
-    from threengan_cli.infer.classify import Sorter
+    --sort-into folders, or ``None``. An ood gate that this model cannot judge (no
+    statistics) is refused before anything is classified."""
+    from threengan_cli.infer.sorting import Sorter
 
     engine_name = "torch" if adapt == "bn" else cfg.engine
     model = classifier_of(checkpoint, run, cfg.device, engine_name, which)
     model.require_classifier()
+    gate = gate_name(cfg)
+    if gate is not None and getattr(model, "stats", None) is None:
+        fail(
+            f"{gate} cannot be judged: model {model.model_id} has no out-of-distribution "
+            "statistics (trained before threengan 0.2); fit them with "
+            "tools/add_model_statistics.py, or drop the option",
+            EXIT_USAGE,
+        )
     sorter = None
     if sort_into is not None:
         try:
-            sorter = Sorter(sort_into, model.classes, link=link)
+            sorter = Sorter(sort_into, model.classes, link=link, ood_folder=ood_folder)
         except ValueError as exc:
             fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
     return model, sorter
@@ -282,6 +291,15 @@ def classify(
             help="Exit 4 when any image is flagged as unlike the model's training X-rays.",
         ),
     ] = False,
+    max_ood_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Exit 4 only when more than this share (0 to 1) of the classified images "
+            "is flagged: about 5% of X-rays like the training ones are, by design. "
+            f"{shown('classify', 'max_ood_share')}",
+            metavar="F",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -314,6 +332,14 @@ def classify(
             metavar="DIR",
         ),
     ] = None,
+    ood_folder: Annotated[
+        bool,
+        typer.Option(
+            "--ood-folder/--no-ood-folder",
+            help="With --sort-into: put flagged images into DIR/ood/ (their labels are not "
+            "reliable) rather than under their labels.",
+        ),
+    ] = True,
     link: Annotated[
         bool,
         flag(
@@ -382,11 +408,12 @@ def classify(
     with = + - @ gets a leading ' so no spreadsheet runs it as a formula.
 
     Exit codes: 0 every input classified (or, with --allow-empty, there
-    was no image file), 3 some could not be read, 4 (with --fail-on-ood)
-    all were read and some were flagged ood, 1 none could, or no image
-    file was found (or no model), 2 usage error (no PATH, bad option,
-    --checkpoint or --run that does not exist, --sort-into with class
-    names that cannot be folder names).
+    was no image file), 3 some could not be read, 4 all were read and,
+    with --fail-on-ood, some were flagged ood (with --max-ood-share F:
+    more than the share F of them), 1 none could, or no image file was
+    found (or no model), 2 usage error (no PATH, bad option, --checkpoint
+    or --run that does not exist, --sort-into with class names that
+    cannot be folder names, an ood gate with a model without statistics).
 
     [bold]Examples[/]
 
@@ -400,7 +427,7 @@ def classify(
 
       threengan classify 'batch/*.jpg' --threshold 0.7 --format json
 
-      threengan classify new-site/ -r --fail-on-ood -o results.csv
+      threengan classify new-site/ -r --max-ood-share 0.1 -o results.csv
 
       threengan classify scans/ -r --shard 3/10 -o part-03.csv
 
@@ -420,11 +447,14 @@ def classify(
         ood_threshold=ood_threshold,
         fail_on_ood=fail_on_ood or None,
         allow_empty=allow_empty or None,
+        max_ood_share=max_ood_share,
     )
     fmt = choose_format(fmt, cfg.format, output, sys.stdout.isatty())
     shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
     stdin = _stdin_paths(inputs, cfg.allow_empty)
-    model, sorter = _model_and_sorter(checkpoint, run, which_model, cfg, adapt, sort_into, link)
+    model, sorter = _model_and_sorter(
+        checkpoint, run, which_model, cfg, adapt, sort_into, link, ood_folder
+    )
     if adapt == "bn":
         exclude = [sort_into] if sort_into is not None else []
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)

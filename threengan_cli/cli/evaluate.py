@@ -29,8 +29,9 @@ from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, E
 
 
 # ----------------------------------------------------------------------------------- evaluate
-def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot):
+def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold):
     """Usage errors of evaluate's options, before any model or data is read."""
+    from threengan_cli.core.settings import SettingsError, resolve
     from threengan_cli.infer import evaluate as ev
 
     if split is not None and split not in ("train", "val", "test"):
@@ -43,6 +44,11 @@ def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
         fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
     if threshold is not None and not 0.0 < threshold < 1.0:
         fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
+    if ood_threshold is not None:  # the range classify takes: one owner, its settings
+        try:
+            resolve("classify", None, ood_threshold=ood_threshold)
+        except SettingsError as exc:
+            fail(f"--ood-threshold {ood_threshold}: {str(exc).split(': ', 1)[-1]}", EXIT_USAGE)
     if engine not in ("numpy", "torch"):
         fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
     if plot is not None:
@@ -143,11 +149,11 @@ def _store_threshold(model, chosen: dict, rule: str, quiet: bool) -> None:
 
 def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool) -> None:
     """The scores (tables or JSON) and plots; exit 3 when some images could not be read."""
-    from threengan_cli.infer import evaluate as ev
+    from threengan_cli.infer.plots import write_plots
 
     made = []
     if plot is not None:
-        made = ev.write_plots(result, plot)
+        made = write_plots(result, plot)
 
     if as_json:
         print_json({**result.to_dict(), "plots": [str(p) for p in made]})
@@ -247,9 +253,13 @@ def evaluate(
     specificity, F1, calibration (ECE over 15 bins, Brier score), the confusion matrix and
     per-class counts.
 
+    Every metric comes with its 95% interval (Wilson for proportions,
+    DeLong for the AUC, a seeded bootstrap for the others; in --json as
+    "<metric>_ci": [low, high]).
+
     With a model that has out-of-distribution statistics, also the share
     of images flagged as unlike its training X-rays, and the metrics over
-    the images it does not flag.
+    the images it does not flag (the column "not flagged (n=...)").
 
     Without --run or --checkpoint the bundled default model is used. Files
     go through classify's own decoding and decision, so evaluate and
@@ -274,7 +284,7 @@ def evaluate(
 
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
-    _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot)
+    _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold)
     model = _model_or_exit(ctx, checkpoint, run, which_model, device, engine, threshold_from)
     result, chosen = _score_or_exit(
         data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,

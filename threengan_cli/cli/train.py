@@ -30,7 +30,7 @@ from threengan_cli.cli.common import (
 from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_OK, EXIT_USAGE, Failure
-from threengan_cli.core.names import METHOD_NAMES
+from threengan_cli.core.names import BUILT_IN
 from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
 
@@ -240,7 +240,7 @@ def train(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help=f"{', '.join(METHOD_NAMES)}. {shown('train', 'method')}"),
+        typer.Option(help=f"{', '.join(BUILT_IN)}. {shown('train', 'method')}"),
     ] = None,
     size: Annotated[
         int | None,

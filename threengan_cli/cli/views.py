@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 import types
@@ -171,9 +172,24 @@ def reader_gone() -> NoReturn:
     raise typer.Exit(0)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinity) as ``None``: JSON has no
+    such numbers, and ``json.dumps`` would write ``NaN`` or ``Infinity``, which strict
+    parsers (``jq``, JavaScript's ``JSON.parse``) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def print_json(data: Any) -> None:
+    """``data`` as strict JSON on stdout (:func:`strict_json`)."""
     try:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        text = json.dumps(strict_json(data), indent=2, default=str, allow_nan=False)
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         reader_gone()
@@ -331,21 +347,23 @@ def evaluation_tables(result) -> None:
     title = f"{Path(result.data.source).name}{split}: {m['n']} images, {result.model_id}{which}"
     scores = Table(
         title=esc(title),
+        caption="[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
+        "a seeded bootstrap for the others)",
         box=box.SIMPLE_HEAD,
-        show_header=False,
     )
     scores.add_column("metric")
-    scores.add_column("all images", justify="right")
+    scores.add_column(f"all (n={m['n']})", justify="right")
     unflagged = result.unflagged
     if unflagged is not None:
-        scores.add_column(f"not flagged ({unflagged['n']})", justify="right")
+        scores.add_column(f"not flagged (n={unflagged['n']})", justify="right")
     keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
     for key in (*keys, "ece", "brier"):
-        values = [m.get(key)] + ([unflagged.get(key)] if unflagged is not None else [])
-        shown = ["undefined" if v is None else f"{v:.4f}" for v in values]
+        found = [m] + ([unflagged] if unflagged is not None else [])
+        shown = [_with_interval(f.get(key), f.get(f"{key}_ci")) for f in found]
         scores.add_row(key.replace("_", " ").replace("ece", "ECE (15 bins)"), *shown)
     if result.flagged is not None:
-        share = f"{result.flagged:.1%} (score above {result.ood_threshold:g})"
+        lo, hi = result.flagged_ci
+        share = f"{result.flagged:.1%} [{lo:.1%}, {hi:.1%}] (score above {result.ood_threshold:g})"
         scores.add_row("flagged as unlike the training X-rays", share, *([""] if unflagged else []))
     out.print(scores)
     matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
@@ -360,6 +378,15 @@ def evaluation_tables(result) -> None:
             esc(c), *(str(n) for n in row), str(counts["images"]), str(counts["correct"])
         )
     out.print(matrix)
+
+
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    """``0.8958 [0.870, 0.918]``; ``undefined`` for a metric that is not defined here."""
+    if value is None:
+        return "undefined"
+    if interval is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def runs_table(found) -> None:

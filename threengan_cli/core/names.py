@@ -1,8 +1,16 @@
 """The methods' names, in registration order: the one list that needs no torch.
 
-Settings validate ``method`` against it and ``--help`` lists it without importing torch (which
-the methods themselves need); :mod:`threengan_cli.model.methods` registers a step under each
-name and refuses a class whose name is not here, and a test checks that both lists agree.
+Settings validate ``method`` against it and ``--help`` lists the built-in ones without
+importing torch (which the methods themselves need). :func:`threengan_cli.model.methods.register`
+adds the name of every method it registers, so a method registered by a plugin is known to
+the settings as well; a test checks that the built-in names are the registry's.
 """
 
-METHOD_NAMES = ("vanilla", "sgan", "3ngan", "ecgan")
+BUILT_IN = ("vanilla", "sgan", "3ngan", "ecgan")
+METHOD_NAMES: list[str] = list(BUILT_IN)
+
+
+def add(name: str) -> None:
+    """Know ``name`` as a method (its step is registered in model/methods.py)."""
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)

@@ -309,6 +309,10 @@ class ClassifySettings(_Section):
     )
     fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
     allow_empty: bool = Field(False, description="no image to classify is a success, no rows")
+    max_ood_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="exit 4 when more than this share of the "
+        "classified images is flagged; none: no such gate"
+    )
 
 
 class GenerateSettings(_Section):

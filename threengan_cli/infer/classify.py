@@ -28,7 +28,6 @@ shards' rows, concatenated in shard order, are exactly the rows of one unsharded
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 import sys
@@ -36,13 +35,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from threengan_cli import metrics
-from threengan_cli.core import fileio, paths
 from threengan_cli.core.errors import UsageError
 from threengan_cli.data import images
 from threengan_cli.data.walk import identity, image_files
@@ -354,90 +351,6 @@ def classify(
             yield from _rows(*pending.popleft(), model, decision)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------ sorting
-class Sorter:
-    """``--sort-into DIR``: copies (or with ``link`` hard-links, else symlinks) each
-    classified input into ``DIR/<label>/``.
-
-    The model's class names become folder names, so each must be a plain one
-    (:func:`paths.check_class_folder`, a ValueError otherwise): a checkpoint's names are not
-    trusted to stay inside ``DIR``. The file keeps its name; a different file of that name
-    already there gets the name with a short hash of its source path added, so two inputs
-    never overwrite each other. A rerun replaces what it wrote before, in the input's label
-    folder and in the others: where a rerun (another model or threshold) gives an input
-    another label, its earlier copy is removed from the old label's folder. Copies appear
-    whole or not at all, through :mod:`fileio`'s marked temporaries; one cut short by a kill
-    is removed when a later run first writes into that folder.
-    """
-
-    def __init__(self, folder: Path | str, classes: Iterable[str], link: bool = False):
-        self.classes = [paths.check_class_folder(name) for name in classes]
-        self.folder, self.link = Path(folder), link
-        self._ready: set[str] = set()
-
-    def __call__(self, row: Row) -> Path | None:
-        """Sort one row's input; ``None`` for an error row."""
-        if not row.ok or row.label is None:
-            return None
-        source = Path(row.path)
-        target = self._target(source, self._label_folder(row.label))
-        if not _same_file(source, target):
-            fileio.copy_file(source, target, link=self.link)
-        for other in self.classes:
-            if other != row.label:
-                self._remove_earlier(source, self.folder / other)
-        return target
-
-    def _label_folder(self, label: str) -> Path:
-        folder = self.folder / label
-        if label not in self._ready:  # once per run, not once per file
-            folder.mkdir(parents=True, exist_ok=True)
-            fileio.clean_stale(folder)
-            self._ready.add(label)
-        return folder
-
-    @staticmethod
-    def _names(source: Path) -> tuple[str, str]:
-        tag = hashlib.sha1(os.fsencode(source.resolve())).hexdigest()[:8]
-        return source.name, f"{source.stem}-{tag}{source.suffix}"
-
-    def _target(self, source: Path, folder: Path) -> Path:
-        plain, tagged = self._names(source)
-        target = folder / plain
-        if os.path.lexists(target) and not _same_file(source, target):
-            target = folder / tagged
-        return target
-
-    def _remove_earlier(self, source: Path, folder: Path) -> None:
-        for name in self._names(source):
-            earlier = folder / name
-            if not os.path.isfile(earlier):
-                continue
-            if os.path.realpath(earlier) == os.path.realpath(source):
-                continue  # the input itself lies there: never removed
-            if _same_file(source, earlier):
-                earlier.unlink()
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """``b`` is ``a`` itself (a link to it) or a copy of it made by :class:`Sorter`."""
-    try:
-        if os.path.samefile(a, b):
-            return True
-        sa, sb = a.stat(), b.stat()
-    except OSError:
-        return False
-    if sa.st_size != sb.st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 ADAPT_MIN_IMAGES = 32  # fewer images give BatchNorm statistics too noisy to trust

@@ -83,12 +83,19 @@ class Evaluation:
     ood_threshold: float | None = None  # None: a model without out-of-distribution statistics
     unflagged: dict[str, Any] | None = None  # the metrics over the images not flagged
     which_model: str | None = None  # which model of its run ("final, epoch 30"), if a run's
+    ood_fit: dict[str, Any] | None = None  # how the model's detector was fitted (its metadata)
 
     @property
     def flagged(self) -> float | None:
         """The share of the readable images flagged as unlike the training X-rays."""
         scored = [p.ood for p in self.predictions if p.ood is not None]
         return float(np.mean(scored)) if scored else None
+
+    @property
+    def flagged_ci(self) -> list[float] | None:
+        """The Wilson 95% interval of :attr:`flagged`."""
+        scored = [p.ood for p in self.predictions if p.ood is not None]
+        return metrics.rounded_out(metrics.wilson_interval(sum(scored), len(scored)))
 
     @property
     def unreadable(self) -> list[Prediction]:
@@ -111,6 +118,8 @@ class Evaluation:
             "per_class": self.per_class,
             "ood_threshold": self.ood_threshold,
             "ood_flagged": self.flagged,
+            "ood_flagged_ci": self.flagged_ci,
+            "ood_fit": self.ood_fit,
             "unflagged": self.unflagged,
             "unreadable": [[p.path, p.error] for p in self.unreadable],
         }
@@ -333,6 +342,7 @@ def evaluate(
         raise EvaluateError(f"none of the {len(errors)} images could be read")
     labels, good = data.labels[ok], probs[ok]
     scored = metrics.classification_metrics(labels, good, threshold=threshold)
+    scored.update(metrics.confidence_intervals(labels, good, threshold=threshold))
     predicted = metrics.predict(good, threshold)
     per_class = {
         c: {
@@ -349,11 +359,10 @@ def evaluate(
     unflagged = None
     if flags is not None:
         kept = ~flags[ok]
-        unflagged = (
-            metrics.classification_metrics(labels[kept], good[kept], threshold=threshold)
-            if kept.any()
-            else {"n": 0}
-        )
+        unflagged = {"n": 0}
+        if kept.any():
+            unflagged = metrics.classification_metrics(labels[kept], good[kept], threshold)
+            unflagged.update(metrics.confidence_intervals(labels[kept], good[kept], threshold))
     predictions = []
     decided = iter(predicted.tolist())
     for i, (name, truth, p, error) in enumerate(
@@ -386,103 +395,5 @@ def evaluate(
         chosen=chosen,
         ood_threshold=ood_threshold,
         unflagged=unflagged,
+        ood_fit=model.stats.info.get("ood") if flags is not None else None,
     )
-
-
-# -------------------------------------------------------------------------------- plots
-def write_plots(result: Evaluation, folder: Path) -> list[Path]:
-    """roc.png (two classes) and confusion.png in ``folder``; needs matplotlib (the ``plot``
-    extra: ImportError otherwise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from threengan_cli.core import fileio
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    which = f" ({result.which_model})" if result.which_model else ""
-    title = f"{result.model_id}{which} on {Path(result.data.source).name}"
-    title += f" ({result.data.split})" if result.data.split else ""
-    if result.roc:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-        auc = result.metrics.get("auc")
-        shown = f"AUC {auc:.4f}" if auc is not None else "AUC undefined"
-        ax.plot(result.roc["fpr"], result.roc["tpr"], lw=1.5, label=shown)
-        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
-        sens, spec = result.metrics.get("sensitivity"), result.metrics.get("specificity")
-        if sens is not None and spec is not None:
-            ax.plot([1 - spec], [sens], "o", label=f"threshold {result.threshold:g}")
-        ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate")
-        ax.set_title(title, fontsize=8)
-        ax.legend(loc="lower right", fontsize=8)
-        made.append(_save(fig, folder / "roc.png", fileio))
-    cm = np.array(result.metrics["confusion"])
-    fig, ax = plt.subplots(figsize=(4.5, 4), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    ticks = range(len(result.classes))
-    ax.set_xticks(ticks, result.classes)
-    ax.set_yticks(ticks, result.classes)
-    ax.set(xlabel="predicted", ylabel="true")
-    for (i, j), n in np.ndenumerate(cm):
-        ax.text(j, i, str(n), ha="center", va="center", color="black" if n < cm.max() / 2 else "w")
-    ax.set_title(title, fontsize=8)
-    made.append(_save(fig, folder / "confusion.png", fileio))
-    made.append(_reliability(result, title, folder, plt, fileio))
-    if result.ood_threshold is not None:
-        made.append(_ood_histogram(result, title, folder, plt, fileio))
-    return made
-
-
-def _reliability(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
-    """reliability.png: accuracy against confidence in the 15 bins of the ECE."""
-    readable = [p for p in result.predictions if p.probabilities is not None]
-    probs = np.array([[p.probabilities[c] for c in result.classes] for p in readable])
-    truth = np.array([result.classes.index(p.truth) for p in readable])
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
-    bins = metrics.ECE_BINS
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    centres, accuracy, counts = [], [], []
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            centres.append(confidence[inside].mean())
-            accuracy.append(correct[inside].mean())
-            counts.append(int(inside.sum()))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1, label="calibrated")
-    ax.plot(centres, accuracy, "o-", lw=1.5, label=f"ECE {result.metrics['ece']:.4f}")
-    for x, y, n in zip(centres, accuracy, counts, strict=True):
-        ax.annotate(str(n), (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
-    ax.set(xlabel="confidence (mean of the bin)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title(title, fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, folder / "reliability.png", fileio)
-
-
-def _ood_histogram(result: Evaluation, title: str, folder: Path, plt, fileio) -> Path:
-    """ood_scores.png: the out-of-distribution scores and the threshold that flags them."""
-    scores = np.array([p.ood_score for p in result.predictions if p.ood_score is not None])
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    edges = np.linspace(0, max(float(np.percentile(scores, 99)), result.ood_threshold * 2), 41)
-    ax.hist(np.clip(scores, 0, edges[-1]), bins=edges, color="tab:blue", alpha=0.8)
-    ax.axvline(result.ood_threshold, c="tab:red", lw=1.5)
-    flagged = result.flagged or 0.0
-    ax.set(xlabel="out-of-distribution score (last bin: that and above)", ylabel="images")
-    ax.set_title(f"{title}\nflagged {flagged:.1%} (threshold {result.ood_threshold:g})", fontsize=8)
-    return _save(fig, folder / "ood_scores.png", fileio)
-
-
-def _save(fig, path: Path, fileio) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    fileio.write_bytes(path, buffer.getvalue())
-    return path

@@ -36,6 +36,7 @@ DIMS = 256  # principal directions kept at most
 SHRINK = 0.01  # share of the mean variance added to every direction's variance
 QUANTILE = 0.95  # of the val split's scores: the default threshold flags 5% of val
 META_KEY = "stats"  # the metadata entry describing it
+MAX_THRESHOLD = 1e6  # the range of classify's --ood-threshold (settings.ClassifySettings)
 
 
 class StatsError(ValueError):
@@ -141,10 +142,17 @@ def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> ModelSta
     temperature = float(values["temperature"])
     if not 0.0 < temperature < 1000.0:
         raise StatsError(f"its temperature {temperature} is not a usable value")
+    # a score is a mean of squares, about 1 for a training image: a threshold at or below 0
+    # would flag every image, one beyond the range --ood-threshold takes none
+    threshold = float(values["ood_threshold"])
+    if not 0.0 < threshold < MAX_THRESHOLD:
+        raise StatsError(f"its out-of-distribution threshold {threshold} is not a usable value")
+    if not np.abs(values["ood_projection"]).sum(axis=0).all():
+        raise StatsError("its out-of-distribution projection has a direction of zeros")
     return ModelStats(
         mean=values["ood_mean"],
         projection=values["ood_projection"],
-        threshold=float(values["ood_threshold"]),
+        threshold=threshold,
         temperature=temperature,
         info=dict(meta[META_KEY]),
     )

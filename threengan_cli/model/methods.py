@@ -1,14 +1,14 @@
 """vanilla / sgan / ecgan / 3ngan: which network is updated with which loss, one step each.
 
 It reads better whole, so it stays one module over 500 lines: the four methods are read side
-by side (ecgan is 3ngan with one line changed). Adding one touches this file, and one line of
-core/names.py, the list of names that settings and ``--help`` read without torch.
+by side (ecgan is 3ngan with one line changed). Adding one touches this file (and, for a
+built-in one, one line of core/names.py, the names ``--help`` lists without torch).
 
-A method is a small class registered in :data:`METHODS` under a name from
-:data:`threengan_cli.core.names.METHOD_NAMES`. Every method answers: which networks
-it builds, their optimizers, one training step, which network's logits classify an image
-(:attr:`Method.classifier`, written into every checkpoint so that loaders need no method
-names), and what a step costs (:attr:`Method.step_ms`, for the benchmark's ETA).
+A method is a small class registered in :data:`METHODS`; :func:`register` also adds its name to
+:data:`threengan_cli.core.names.METHOD_NAMES`, which settings validate against. Every method
+answers: which networks it builds, their optimizers, one training step, which network's logits
+classify an image (:attr:`Method.classifier`, written into every checkpoint so that loaders need
+no method names), and what a step costs (:attr:`Method.step_ms`, for the benchmark's ETA).
 
 Options of the robust recipe reach a step as two arguments: ``aug``, a differentiable
 augmentation applied alike to every batch D and C see, real or generated, and in G's loss
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threengan_cli.core.names import METHOD_NAMES
+from threengan_cli.core import names
 from threengan_cli.model import losses, pseudolabels
 from threengan_cli.model.augment import Augment
 from threengan_cli.model.networks import (
@@ -274,8 +274,7 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    if cls.name not in METHOD_NAMES:  # settings and --help know a method by that list alone
-        raise ValueError(f"method {cls.name!r} is not listed in core/names.py")
+    names.add(cls.name)  # settings know a method by that list alone
     METHODS[cls.name] = cls
     return cls
 
