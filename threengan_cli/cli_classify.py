@@ -112,14 +112,15 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
     from threengan_cli.classify import classify as run_classify
     from threengan_cli.classify_output import RowWriter
 
-    sorter = extra["sorter"]
+    sorter, visuals = extra["sorter"], extra["visuals"]
 
     def consume(stream) -> None:
-        writer = RowWriter(fmt, stream, model, extra["header"])
+        columns = visuals.columns if visuals is not None else ()
+        writer = RowWriter(fmt, stream, model, extra["header"], columns)
         writer.begin()
         rows = run_classify(
             inputs,
-            model,
+            visuals.model if visuals is not None else model,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             decision=Decision(cfg.threshold, extra["header"]["ood_threshold"]),
@@ -130,7 +131,7 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             on_skip=tally.skip,
         )
         for row in rows:
-            writer.write(row)
+            writer.write(row, **(visuals.add(row) if visuals is not None else {}))
             tally.add(row)
             if row.ok and sorter is not None:
                 try:
@@ -139,6 +140,8 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
                     fail(f"cannot sort {row.path} into {sorter.folder}: {exc}")
             view.update(tally.counts["inputs"])
         writer.end({**tally.counts, "labels": tally.per_label})
+        if visuals is not None:
+            visuals.finish()  # before the results are renamed into place: both or neither
 
     if output is not None:
         with fileio.atomic_file(output, "w") as fh:
@@ -228,6 +231,19 @@ def _model_and_sorter(checkpoint, run, cfg, adapt: str, sort_into, link: bool):
     return model, sorter
 
 
+def _visuals_or_exit(model, heatmaps: Path | None, report: Path | None, header: dict):
+    """What --heatmaps and --report add to the run, or ``None`` without either."""
+    if heatmaps is None and report is None:
+        return None
+    from threengan_cli.infer.heatmap import Visuals, VisualsError
+
+    info = {"model": model.model_id, "method": model.method, "engine": model.device, **header}
+    try:
+        return Visuals(model, heatmaps, report, info)
+    except VisualsError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
 def _decision_thresholds(model, cfg, quiet: bool):
     """The settings with the threshold to use, and the output's header: both thresholds and
     where they come from (said on stderr with the model)."""
@@ -255,6 +271,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
     went away or a full disk ends the command with its exit code."""
     from threengan_cli.fileio import writes_in_place  # a device or FIFO keeps what it got
+    from threengan_cli.infer.heatmap import VisualsError
     from threengan_cli.modelfile import ModelError
 
     whole = output is not None and not writes_in_place(output)
@@ -265,8 +282,8 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
-    except ModelError as exc:
-        fail(str(exc))
+    except (ModelError, VisualsError) as exc:
+        fail(str(exc) + (kept if isinstance(exc, VisualsError) else ""))
     except BrokenPipeError:
         views.reader_gone()
     except OSError as exc:  # a full disk under -o or under a redirected stdout
@@ -447,13 +464,34 @@ def classify(
             metavar="I/N",
         ),
     ] = None,
+    heatmaps: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmaps",
+            help="Also write, per classified image, a PNG of it with the classifier's evidence "
+            "for its label overlaid into DIR, named in a heatmap column (numpy or onnx engine).",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Also write one self-contained HTML page for the batch: counts, histograms "
+            "and a grid of thumbnails, sortable and filterable (works offline).",
+            dir_okay=False,
+            metavar="FILE",
+        ),
+    ] = None,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify X-ray images with a trained model: one row per input file.
 
     Without --run or --checkpoint the bundled default model is used.
-    Columns: path, label, p_<class> for each class, ood_score, ood, error.
+    Columns: path, label, p_<class> for each class, ood_score, ood, error
+    (and heatmap, the PNG's path, with --heatmaps).
     A file that cannot be read gets a row with its error and no label.
     Rows come in input order; folder contents sorted by name, files
     before sub-folders.
@@ -528,6 +566,8 @@ def classify(
         stdin = None
     cfg, header = _decision_thresholds(model, cfg, quiet)
     tally = _ClassifyTally(listing=not quiet and fmt != "table", classes=list(model.classes))
+    visuals = _visuals_or_exit(model, heatmaps, report, header)
     extra = {"header": header, "shard": shard_ij, "sorter": sorter, "stdin": stdin}
+    extra["visuals"] = visuals
     _classify_or_exit(inputs, model, cfg, fmt, output, tally, extra, quiet)
     _report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)

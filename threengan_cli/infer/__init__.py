@@ -1,0 +1,1 @@
+"""Using a trained classifier: heatmaps, the batch report page and ONNX export."""
