@@ -96,7 +96,9 @@ class ReportPage:
         data = json.dumps(
             {"classes": self.classes, "cards": self.cards, "errors": self.errors[:1000]},
             separators=(",", ":"),
-        ).replace("</", "<\\/")
+        )
+        # "<" as a JSON escape: no "</script>" or "<!--" in a file name can end the block
+        data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         options = "".join(f"<option>{html.escape(c)}</option>" for c in self.classes)
         about = " · ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in self.info.items())
         return _PAGE.format(
@@ -177,6 +179,7 @@ function value(id) { return document.getElementById(id).value; }
 function card(c) {
   const div = document.createElement('div');
   div.className = 'card' + (c.ood ? ' ood' : '');
+  div.dataset.label = c.label; div.dataset.p = c.p[c.p.length - 1];
   const img = document.createElement('img');
   img.alt = c.path; img.loading = 'lazy';
   if (c.heatmap) {  // its right half: the evidence over the image; a click opens the whole
@@ -217,8 +220,16 @@ function update() {
   grid.textContent = ''; drawn = 0; draw();
   shown.textContent = view.length + ' of ' + data.cards.length + ' shown';
 }
-for (const id of ['label', 'flag', 'pmin', 'pmax', 'sort'])
-  document.getElementById(id).addEventListener('input', update);
+// The controls' state lives in the address too (report.html#label=PNEUMONIA&sort=-p), so
+// a view can be bookmarked or sent; the page reads it when it opens.
+const CONTROLS = ['label', 'flag', 'pmin', 'pmax', 'sort'];
+for (const [id, v] of new URLSearchParams(location.hash.slice(1)))
+  if (CONTROLS.includes(id)) document.getElementById(id).value = v;
+for (const id of CONTROLS) document.getElementById(id).addEventListener('input', () => {
+  update();
+  history.replaceState(null, '', '#' + new URLSearchParams(
+    CONTROLS.map(c => [c, value(c)])).toString());
+});
 new IntersectionObserver(e => { if (e[0].isIntersecting && drawn < view.length) draw(); })
   .observe(document.getElementById('more'));
 update();
@@ -238,7 +249,8 @@ _PAGE = """<!DOCTYPE html>
 <div class="charts">{charts}</div>
 <div class="controls">
 <label>label <select id="label"><option value="">all</option>{options}</select></label>
-<label>flag <select id="flag"><option value="">all</option><option value="ood">flagged ood</option>
+<label>flag <select id="flag"><option value="">all</option>
+<option value="ood">flagged ood</option>
 <option value="ok">not flagged</option></select></label>
 <label>p_{positive} from <input id="pmin" type="number" min="0" max="1" step="0.05" value="0"
  style="width:5em"> to <input id="pmax" type="number" min="0" max="1" step="0.05" value="1"
