@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from threengan_cli import __version__, cli_classify, cli_evaluate, cli_train, views
+from threengan_cli import __version__, cli_classify, cli_evaluate, cli_export, cli_train, views
 from threengan_cli.cli_common import (
     EXIT_FAIL,
     EXIT_INTERRUPT,
@@ -386,6 +386,7 @@ command()(cli_train.train)
 command()(cli_evaluate.runs)
 command()(cli_classify.classify)
 command()(cli_evaluate.evaluate)
+command()(cli_export.export)
 
 
 # ----------------------------------------------------------------------------------- generate

@@ -132,7 +132,12 @@ def load_model_or_exit(checkpoint: Path | None, run: str | None, device: str):
 
 def load_classifier_or_exit(checkpoint: Path | None, run: str | None, device: str, engine: str):
     """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
-    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
+    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's.
+    A ``.onnx`` file (``threengan export``) runs on onnxruntime, whatever the engine."""
+    from threengan_cli.infer import onnx_export
+
+    if onnx_export.is_onnx(checkpoint):
+        return loaded_or_exit(lambda: onnx_export.load(checkpoint))
     if device not in ("auto", "cpu") or engine == "torch":
         return load_model_or_exit(checkpoint, run, "cpu" if device == "auto" else device)
     from threengan_cli import classify_numpy
