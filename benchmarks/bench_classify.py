@@ -12,6 +12,9 @@ side is the bottleneck.
 with ``--report`` too, timed in turn with the plain run within each repeat; the ratios are
 what they cost classify (target: >= 0.5x the throughput without them).
 
+--onnx: the same model exported (``threengan export``) and run by onnxruntime, beside the
+NumPy and torch engines.
+
 --stats: the same model twice, without and with out-of-distribution statistics and a
 temperature (fitted here on 256 random images, as training fits them on its own), timed in
 turn within each repeat: the ratio is what the out-of-distribution score costs classify.
@@ -183,6 +186,11 @@ def throughput(args) -> None:
             "numpy": classify_numpy.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
+        if args.onnx:  # the same weights exported, run by onnxruntime
+            from threengan_cli.infer import onnx_export
+
+            onnx_export.export(models["numpy"], tmp / "m.onnx")
+            models["onnx"] = onnx_export.load(tmp / "m.onnx")
         if args.stats:
             scored = make_model(tmp / "s.safetensors", args.width, args.image_size, stats=True)
             models["numpy+ood"] = classify_numpy.load(scored)
@@ -317,6 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--heatmaps", action="store_true", help="also time --heatmaps and --report (numpy)"
     )
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX export")
     parser.add_argument("--make-model", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_model:

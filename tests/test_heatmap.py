@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from threengan_cli import classify_numpy, images
 from threengan_cli.cli import app
-from threengan_cli.infer.heatmap import Capture, numpy_explained, render
+from threengan_cli.infer.heatmap import Capture, numpy_explained, png, render
 from threengan_cli.paths import example_images
 
 runner = CliRunner()
@@ -111,7 +111,7 @@ def test_heatmaps_add_a_column_and_leave_the_rows_as_they_were(tmp_path):
     assert sorted(Path(r["heatmap"]) for r in rows if r["heatmap"]) == written
     assert len(written) == 4
     with Image.open(written[0]) as picture:
-        assert picture.format == "PNG" and picture.size[0] >= 192
+        assert picture.format == "PNG" and picture.size[0] >= 128
 
 
 def test_each_heatmap_is_the_one_of_its_own_image(tmp_path):
@@ -177,8 +177,15 @@ def test_render_is_a_picture_of_the_image_with_the_evidence_in_colour():
     xray = np.full((64, 64), 128, np.uint8)
     evidence = np.zeros((4, 4), np.float32)
     evidence[0, 0], evidence[3, 3] = 1.0, -1.0  # for, top left; against, bottom right
-    pixels = np.asarray(render(xray, evidence, "a p=0.9"))
-    top_left, bottom_right, middle = pixels[5, 5], pixels[185, 185], pixels[96, 96]
+    pixels = render(xray, evidence, "a 0.9")
+    top_left, bottom_right, middle = pixels[3, 3], pixels[124, 124], pixels[64, 64]
     assert top_left[0] > 180 and top_left[2] < 100  # red
     assert bottom_right[2] > 180 and bottom_right[0] < 100  # blue
     assert abs(int(middle[0]) - 128) < 40 and abs(int(middle[2]) - 128) < 40  # gray shows
+
+
+def test_png_reads_back_as_the_same_pixels():
+    pixels = np.random.default_rng(7).integers(0, 256, (30, 17, 3), dtype=np.uint8)
+    with Image.open(io.BytesIO(png(pixels))) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(picture), pixels)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,8 +42,8 @@ from PIL import Image, ImageDraw, ImageFont
 from threengan_cli import fileio
 from threengan_cli.classify_numpy import per_image, softmax
 
-PANEL = 192  # pixels per side of the picture (the model's 64 px image, 3x)
-_CAPTION = 16  # pixels of caption below it
+PANEL = 128  # pixels per side of the picture (the model's 64 px image, 2x)
+_CAPTION = 26  # pixels of caption below it: two lines
 _ALPHA = 0.6  # opacity of the strongest evidence
 
 
@@ -115,14 +117,16 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------ drawing
-def render(image_u8: np.ndarray, evidence: np.ndarray, caption: str) -> Image.Image:
-    """One readable PNG: the X-ray as the model saw it with the evidence for its label
-    overlaid (red for, blue against, stronger = more opaque, so the anatomy shows through
-    where the evidence is weak; scaled to the image's largest value, which the caption gives
-    in log-probability units), drawn at the model's resolution and enlarged 3x.
+def render(image_u8: np.ndarray, evidence: np.ndarray, caption: str) -> np.ndarray:
+    """One readable picture, (H, W, 3) uint8: the X-ray as the model saw it with the
+    evidence for its label overlaid (red for, blue against, stronger = more opaque, so the
+    anatomy shows through where the evidence is weak; scaled to the image's largest value,
+    which the caption gives in log-probability units), drawn at the model's resolution and
+    enlarged to :data:`PANEL` pixels, with the caption below.
 
-    One panel, not the X-ray beside it: writing the PNG is most of a heatmap's cost (zlib at
-    about 40 MB/s on the busy 2-core EPYC measured), and the report's thumbnail shows the
+    One panel of 128 px, not the X-ray beside it at 256 px (the first design): a heatmap
+    then cost 12 ms against the model's 5 ms per image on the 2-core EPYC measured, and the
+    picture holds no more than the model's 64 px anyway; the report's thumbnail shows the
     plain image."""
     side = image_u8.shape[0]
     gray = image_u8.astype(np.float32)[..., None]
@@ -134,9 +138,37 @@ def render(image_u8: np.ndarray, evidence: np.ndarray, caption: str) -> Image.Im
     small = Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8), "RGB")
     canvas = Image.new("RGB", (PANEL, PANEL + _CAPTION), (255, 255, 255))
     canvas.paste(small.resize((PANEL, PANEL), Image.Resampling.BICUBIC), (0, 0))
-    words = f"{caption} max {peak:.2f}".encode("ascii", "replace").decode()
-    ImageDraw.Draw(canvas).text((3, PANEL + 3), words, (0, 0, 0), font=_font())
-    return canvas
+    draw = ImageDraw.Draw(canvas)
+    words = caption.encode("ascii", "replace").decode()
+    draw.text((2, PANEL + 1), words, (0, 0, 0), font=_font())
+    draw.text((2, PANEL + 13), f"max |evidence| {peak:.2f}", (90, 90, 90), font=_font())
+    return np.asarray(canvas)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 as a PNG: every row with the "Up" filter, zlib at level 1.
+
+    Written here rather than by Pillow, whose encoder tries every filter on every row:
+    3.8 ms against Pillow's 6.7 ms (level 1) per heatmap, for files of the same size
+    (41 kB against 42 kB), measured on Kermany test images."""
+    height, width, _ = pixels.shape
+    rows = pixels.reshape(height, -1)
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 arithmetic wraps, as the filter is defined
+    raw = np.hstack([np.full((height, 1), 2, np.uint8), up]).tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 1))
+        + chunk(b"IEND", b"")
+    )
 
 
 _FOR = np.array([230, 40, 20], np.float32)  # red
@@ -175,7 +207,7 @@ class HeatmapWriter:
     def __call__(self, row, image_u8: np.ndarray, maps: np.ndarray) -> Path:
         """Queue the row's heatmap; returns the path it will have."""
         k = self.classes.index(row.label)
-        caption = f"{row.label} p={row.probabilities[row.label]:.3f}" + (" ood" if row.ood else "")
+        caption = f"{row.label} {row.probabilities[row.label]:.3f}" + (" ood" if row.ood else "")
         target = self.folder / self.name(row.path)
         while len(self._pending) >= _IN_FLIGHT:
             self._pending.popleft().result()
@@ -195,10 +227,10 @@ _IN_FLIGHT = 64
 
 
 def _write(target: Path, image_u8: np.ndarray, evidence: np.ndarray, caption: str) -> None:
-    picture = render(image_u8, evidence, caption)
+    data = png(render(image_u8, evidence, caption))
     try:
         with fileio.atomic_file(target, "wb", durable=False) as fh:
-            picture.save(fh, format="PNG", compress_level=1)
+            fh.write(data)
     except OSError as exc:
         raise VisualsError(f"cannot write the heatmap {target}: {exc.strerror or exc}") from None
 
