@@ -233,7 +233,12 @@ for (const id of CONTROLS) document.getElementById(id).addEventListener('input',
 new IntersectionObserver(e => { if (e[0].isIntersecting && drawn < view.length) draw(); })
   .observe(document.getElementById('more'));
 update();
+// When the page became usable and when it finished loading, in ms from the navigation's
+// start: benchmarks/bench_report.py reads them.
 document.body.dataset.ready = String(Math.round(performance.now()));
+addEventListener('load', () => {
+  document.body.dataset.loaded = String(Math.round(performance.now()));
+});
 """
 
 _PAGE = """<!DOCTYPE html>
