@@ -128,6 +128,8 @@ def _histogram(values: list[float], low: float, high: float, name: str, mark) ->
         f": {n}</title></rect>"
         for i, n in enumerate(counts.tolist())
     )
+    above = sum(v > high for v in values)
+    over = f"; the last bar holds the {above} above {high:.3g}" if above else ""
     line = ""
     if mark is not None and low <= mark <= high:
         x = (mark - low) / (high - low) * width
@@ -140,8 +142,8 @@ def _histogram(values: list[float], low: float, high: float, name: str, mark) ->
         f'role="img" aria-label="histogram of {html.escape(name)}">{bars}{line}'
         f'<text x="0" y="{height - 3}">{low:.3g}</text>'
         f'<text x="{width}" y="{height - 3}" text-anchor="end">{high:.3g}</text></svg>'
-        f"<figcaption>{html.escape(name)} ({len(values)} images; tallest bar {tallest})"
-        "</figcaption></figure>"
+        f"<figcaption>{html.escape(name)} ({len(values)} images; tallest bar {tallest}"
+        f"{over})</figcaption></figure>"
     )
 
 
