@@ -189,3 +189,18 @@ def test_png_reads_back_as_the_same_pixels():
     with Image.open(io.BytesIO(png(pixels))) as picture:
         assert picture.format == "PNG" and picture.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(picture), pixels)
+
+
+def test_a_heatmap_folder_inside_the_inputs_is_never_classified(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_image(folder / f"{i}.png", seed=i)
+    for _ in range(2):  # the second run finds the first run's heatmaps there
+        result = _cli(
+            str(folder), "-r", "--checkpoint", str(ckpt), "-f", "csv",
+            "--heatmaps", str(folder / "maps"),
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert len(_rows(result.stdout)) == 3
+    assert len(list((folder / "maps").iterdir())) == 3

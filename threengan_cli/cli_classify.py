@@ -127,7 +127,8 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
             recursive=cfg.recursive,
             stdin=extra["stdin"],
             shard=extra["shard"],
-            exclude=[sorter.folder] if sorter is not None else [],
+            # what this run writes into is never classified: --sort-into's and --heatmaps' folders
+            exclude=[f for f in (sorter and sorter.folder, visuals and visuals.folder) if f],
             on_skip=tally.skip,
         )
         for row in rows:

@@ -244,6 +244,7 @@ class Visuals:
     def __init__(self, model, heatmaps: Path | None, report: Path | None, info: dict):
         self.model = Capture(model, maps=heatmaps is not None)
         self.columns = ("heatmap",) if heatmaps is not None else ()
+        self.folder = heatmaps  # where the run writes: folder scans leave it out
         self.heatmaps = None
         if heatmaps is not None:
             try:
