@@ -9,14 +9,16 @@ position, exactly, with no gradients and no second pass (NumPy does it; torch is
 
 Summed over the 16 positions, plus the centred bias, it is ``log p_k - mean_j log p_j`` of
 the calibrated probabilities (with two classes: half the label's log-odds). Positive values
-(red) argue for the label, negative ones (blue) against it. Each position sees the whole
-image through the body's receptive field but mostly its own 16x16 block of the 64 px input;
-the 4x4 map is drawn smoothly (bilinear) over the image the model classified.
+(red) argue for the label, negative ones (blue) against it. Each position of the 4x4 map
+sees a 46x46 px window of the 64 px input (four 4x4 stride-2 convolutions) centred on its
+own 16x16 block; the map is drawn smoothly (bilinear) over the image the model classified.
 
 Chosen by measurement over Grad-CAM on the 8x8 map before the last stage
-(``benchmarks/heatmap_compare.py``, docs/classify.md, "Heatmaps"): this decomposition is
-exact, costs one small product per image, and passes the randomisation sanity check of
-Adebayo et al. (2018): with the classifier's weights randomised, the maps change.
+(``benchmarks/heatmap_compare.py``, docs/visual.md): this decomposition is exact, comes out
+of the forward pass that gives the probabilities (one small product more per image), points
+at blocks that hold more of the model's evidence than Grad-CAM's do (a deletion test), and
+changes more than Grad-CAM when the classifier's weights are randomised (the sanity check of
+Adebayo et al. 2018).
 
 How maps reach rows without changing the classify hot path: :class:`Capture` wraps the
 model; ``classify`` calls ``outputs_of`` once per batch, on the readable images of the batch
@@ -26,10 +28,10 @@ carry a label take the captured images and maps in the order they were captured.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import struct
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -175,9 +177,15 @@ _FOR = np.array([230, 40, 20], np.float32)  # red
 _AGAINST = np.array([30, 90, 240], np.float32)  # blue
 
 
-@functools.cache
+_FONTS = threading.local()
+
+
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()  # built into Pillow: nothing is read from the system
+    """Pillow's built-in font (nothing is read from the system), one per thread: a FreeType
+    face must not be used by two threads at once."""
+    if not hasattr(_FONTS, "font"):
+        _FONTS.font = ImageFont.load_default()
+    return _FONTS.font
 
 
 class HeatmapWriter:
@@ -258,7 +266,8 @@ class Visuals:
             self.page = ReportPage(report, model.classes, info)
 
     def add(self, row) -> dict[str, str | None]:
-        """The row's extra column values; writes its heatmap (an OSError says which file)."""
+        """The row's extra column values; queues its heatmap (a failed write is raised as a
+        :class:`VisualsError` that names the file)."""
         image, maps, made = None, None, None
         if row.ok:
             image, maps = self.model.take()
