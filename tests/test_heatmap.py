@@ -139,7 +139,8 @@ def test_each_heatmap_is_the_one_of_its_own_image(tmp_path):
         assert Path(record["heatmap"]).read_bytes() == Path(single).read_bytes()
 
 
-def test_table_and_json_name_the_heatmap(tmp_path):
+def test_table_and_json_name_the_heatmap(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the folder is given relative to it
     ckpt = make_checkpoint(tmp_path / "m.safetensors")
     image = write_image(tmp_path / "x.png")
     table = _cli(str(image), "--checkpoint", str(ckpt), "-f", "table", "--heatmaps", "maps")
