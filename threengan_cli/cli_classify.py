@@ -490,7 +490,8 @@ def classify(
 ) -> None:
     """Classify X-ray images with a trained model: one row per input file.
 
-    Without --run or --checkpoint the bundled default model is used.
+    Without --run or --checkpoint the bundled default model is used;
+    --checkpoint model.onnx (from threengan export) runs on onnxruntime.
     Columns: path, label, p_<class> for each class, ood_score, ood, error
     (and heatmap, the PNG's path, with --heatmaps).
     A file that cannot be read gets a row with its error and no label.

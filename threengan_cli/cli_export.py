@@ -42,7 +42,7 @@ def export(
     Without --run or --checkpoint the bundled default model is exported.
     The graph takes uint8 images (N, S, S), decoded and resized as
     threengan classify does (recorded in the file's metadata and in
-    docs/classify.md), and gives probabilities (N, K) calibrated by the
+    docs/visual.md), and gives probabilities (N, K) calibrated by the
     model's temperature, ood_score (N,) for models with out-of-distribution
     statistics, and evidence (N, K, 4, 4), the heatmaps' values.
     `threengan classify --checkpoint model.onnx` runs it with onnxruntime

@@ -19,7 +19,7 @@ and gives
 
 The scaling of uint8 pixels to the model's range is inside the graph; decoding and resizing
 cannot be, and are recorded in the metadata (``threengan`` entry, JSON: classes, image
-size, fit, normalisation, thresholds, the source checkpoint) and in docs/classify.md.
+size, fit, normalisation, thresholds, the source checkpoint) and in docs/visual.md.
 """
 
 from __future__ import annotations
