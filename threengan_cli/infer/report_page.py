@@ -6,8 +6,9 @@ and each image's thumbnail as a data URI (a JPEG of the 64 px image the model cl
 about 1.5 kB); heatmaps made by ``--heatmaps`` are linked by their path relative to the
 page, so the page and the heatmap folder move together. Rows go into the page as one JSON
 block that the script renders into the grid, sorted and filtered in the browser; the cards
-are rendered a few hundred at a time as the reader scrolls, so that a page of 5,216 images
-opens as fast as one of 50 (sizes and load times measured in docs/classify.md).
+are rendered 240 at a time as the reader scrolls, so that a page of 5,216 images builds
+no more cards than one of 240 before it is usable (measured: 11 MB, usable after about half
+a second in headless Chromium; docs/visual.md).
 
 Every text from the inputs (file names) reaches the page only as JSON data and is put into
 the document with ``textContent``, never parsed as HTML.
