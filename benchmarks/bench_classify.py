@@ -8,6 +8,13 @@ model. Both are medians over repeats, pool start-up included in both. The target
 within 1.2x. Inference alone (the model on ready uint8 batches) is timed too, to show which
 side is the bottleneck.
 
+--heatmaps: the NumPy engine with ``--heatmaps`` (a PNG per image into a temporary folder) and
+with ``--report`` too, timed in turn with the plain run within each repeat; the ratios are
+what they cost classify (target: >= 0.5x the throughput without them).
+
+--onnx: the same model exported (``threengan export``) and run by onnxruntime, beside the
+NumPy and torch engines.
+
 --stats: the same model twice, without and with out-of-distribution statistics and a
 temperature (fitted here on 256 random images, as training fits them on its own), timed in
 turn within each repeat: the ratio is what the out-of-distribution score costs classify.
@@ -18,6 +25,7 @@ paths on stdin (100 tiny PNGs repeated), to show that memory stays flat with the
     python benchmarks/bench_classify.py                      # 400 synthetic X-rays, width 64
     python benchmarks/bench_classify.py --folder /work/shared/data/kermany-chest-xray/val
     python benchmarks/bench_classify.py --stats              # the cost of the ood score
+    python benchmarks/bench_classify.py --heatmaps --folder ../shared/data/kermany-chest-xray/test
     python benchmarks/bench_classify.py --memory
 """
 
@@ -127,6 +135,25 @@ def classify_run(paths: list[str], model, batch_size: int, workers: int) -> floa
     return time.perf_counter() - t0
 
 
+def visuals_run(
+    paths: list[str], model, batch_size: int, workers: int, folder: Path, report: bool
+) -> float:
+    """:func:`classify_run` with ``--heatmaps`` into ``folder`` (and ``--report``)."""
+    from threengan_cli.infer.classify import classify
+    from threengan_cli.infer.heatmap import Visuals
+
+    t0 = time.perf_counter()
+    page = folder / "report.html" if report else None
+    visuals = Visuals(model, folder / "heatmaps", page, {})
+    n = 0
+    for row in classify(paths, visuals.model, batch_size=batch_size, workers=workers):
+        visuals.add(row)
+        n += row.ok
+    visuals.finish()
+    assert n == len(paths), n
+    return time.perf_counter() - t0
+
+
 def inference_rate(model, batch_size: int, batches: int = 20) -> float:
     size = model.image_size
     x = np.random.default_rng(0).integers(0, 256, (batch_size, size, size), dtype=np.uint8)
@@ -160,6 +187,11 @@ def throughput(args) -> None:
             "numpy": numpy_engine.load(checkpoint),
             "torch": load_model(checkpoint, device=args.device),
         }
+        if args.onnx:  # the same weights exported, run by onnxruntime
+            from threengan_cli.infer import onnx_export
+
+            onnx_export.export(models["numpy"], tmp / "m.onnx")
+            models["onnx"] = onnx_export.load(tmp / "m.onnx")
         if args.stats:
             scored = make_model(tmp / "s.safetensors", args.width, args.image_size, stats=True)
             models["numpy+ood"] = numpy_engine.load(scored)
@@ -167,10 +199,19 @@ def throughput(args) -> None:
         floor_run(paths[: workers * 4], args.image_size, workers)  # warm the page cache
         floors: list[float] = []
         runs: dict[str, list[float]] = {name: [] for name in models}
+        visual = ["numpy+heatmaps", "numpy+heatmaps+report"] if args.heatmaps else []
+        runs.update({name: [] for name in visual})
         for _ in range(args.repeats):
             floors.append(floor_run(paths, args.image_size, workers))
             for name, model in models.items():
                 runs[name].append(classify_run(paths, model, args.batch_size, workers))
+            for name in visual:
+                made = tmp / name
+                runs[name].append(
+                    visuals_run(
+                        paths, models["numpy"], args.batch_size, workers, made, "report" in name
+                    )
+                )
         floor_s = statistics.median(floors)
         n = len(paths)
         print(f"input:      {source}")
@@ -183,7 +224,7 @@ def throughput(args) -> None:
             f"{args.batch_size}, {workers} decoding workers, median of {args.repeats}"
         )
         print(f"floor:          {n / floor_s:8.1f} img/s  (decode+resize only, {floor_s:.2f} s)")
-        for name in models:
+        for name in runs:
             run_s = statistics.median(runs[name])
             print(
                 f"classify {name}: {n / run_s:8.1f} img/s  ({run_s:.2f} s; "
@@ -194,6 +235,13 @@ def throughput(args) -> None:
             print(
                 f"with the ood score, {name.removesuffix('+ood')}: "
                 f"{plain / statistics.median(runs[name]):.3f}x the throughput without it"
+            )
+        for name in visual:
+            plain = statistics.median(runs["numpy"])
+            print(
+                f"with {name.removeprefix('numpy+')}: "
+                f"{plain / statistics.median(runs[name]):.3f}x the throughput without "
+                "(target >= 0.5x)"
             )
         for name, model in models.items():
             print(
@@ -275,6 +323,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory", action="store_true", help="peak RSS over 1k and 100k paths")
     parser.add_argument("--stats", action="store_true", help="also time the ood score's cost")
+    parser.add_argument(
+        "--heatmaps", action="store_true", help="also time --heatmaps and --report (numpy)"
+    )
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX export")
     parser.add_argument("--make-model", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_model:

@@ -57,3 +57,17 @@ def test_a_command_that_needs_torch_says_how_to_install_it(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "needs PyTorch" in done.stderr
     assert "download.pytorch.org/whl/cpu" in done.stderr
+
+
+def test_heatmaps_report_and_onnx_export_need_no_torch(tmp_path):
+    done = _run(
+        "classify", "--examples", "-f", "csv", "--heatmaps", str(tmp_path / "maps"),
+        "--report", str(tmp_path / "report.html"), home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 8
+    assert (tmp_path / "report.html").is_file()
+    pytest.importorskip("onnx")
+    done = _run("export", "-o", str(tmp_path / "m.onnx"), home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 1_000_000

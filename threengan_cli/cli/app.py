@@ -25,6 +25,7 @@ from threengan_cli.cli import (
     benchmark,
     classify,
     evaluate,
+    export,
     generate,
     prepare,
     split,
@@ -172,6 +173,7 @@ command()(train.train)
 command()(evaluate.runs)
 command()(classify.classify)
 command()(evaluate.evaluate)
+command()(export.export)
 command()(generate.generate)
 
 

@@ -3,7 +3,7 @@
 Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
-# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import sys
 from pathlib import Path
@@ -26,26 +26,11 @@ from threengan_cli.cli.common import (
     threshold_of,
 )
 from threengan_cli.cli.helptext import shown
+from threengan_cli.cli.inputs import check_flags, inputs_or_exit, stdin_paths
 from threengan_cli.cli.tally import Tally, gate_name, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 from threengan_cli.infer.output import choose_format
-
-
-def _stdin_paths(inputs: list[str], allow_empty: bool):
-    """stdin's lines, when ``-`` is among the inputs, read up to the first path before any
-    model is loaded: ``-`` alone with nothing on stdin is a usage error, like no PATH,
-    unless ``allow_empty``."""
-    import itertools
-
-    if "-" not in inputs:
-        return None
-    for line in sys.stdin:
-        if line.strip() and line.rstrip("\r\n") != "-":
-            return itertools.chain([line], sys.stdin)
-    if inputs == ["-"] and not allow_empty:
-        fail("no paths were given on stdin (one per line)", EXIT_USAGE)
-    return iter(())
 
 
 def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
@@ -55,27 +40,29 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
     from threengan_cli.infer.classify import classify as run_classify
     from threengan_cli.infer.output import RowWriter
 
-    sorter = extra["sorter"]
+    sorter, visuals = extra["sorter"], extra["visuals"]
 
     def consume(stream) -> None:
-        writer = RowWriter(fmt, stream, model, extra["header"])
+        columns = visuals.columns if visuals is not None else ()
+        writer = RowWriter(fmt, stream, model, extra["header"], columns)
         writer.begin()
         rows = run_classify(
             inputs,
-            model,
+            visuals.model if visuals is not None else model,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             decision=Decision(cfg.threshold, extra["header"]["ood_threshold"]),
             recursive=cfg.recursive,
             stdin=extra["stdin"],
             shard=extra["shard"],
-            exclude=[sorter.folder] if sorter is not None else [],
+            # what this run writes into is never classified: --sort-into's and --heatmaps' folders
+            exclude=[f for f in (sorter and sorter.folder, visuals and visuals.folder) if f],
             on_skip=tally.skip,
             on_total=(lambda n: view.update(0, n)) if extra["counted"] else None,
             allow_empty=cfg.allow_empty,
         )
         for row in rows:
-            writer.write(row)
+            writer.write(row, **(visuals.add(row) if visuals is not None else {}))
             tally.add(row)
             if row.ok and sorter is not None:
                 try:
@@ -84,6 +71,8 @@ def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, v
                     fail(f"cannot sort {row.path} into {sorter.folder}: {exc}")
             view.update(tally.counts["inputs"])
         writer.end({**tally.counts, "labels": tally.per_label})
+        if visuals is not None:
+            visuals.finish()  # before the results are renamed into place: both or neither
 
     if output is not None:
         with fileio.atomic_file(output, "w") as fh:
@@ -107,44 +96,6 @@ def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> lis
             "(transductive, no labels used)"
         )
     return inputs
-
-
-def _inputs_or_exit(inputs: list[str] | None, examples: bool) -> list[str]:
-    """The PATHs given, with the shipped example X-rays under --examples; none is a usage
-    error."""
-    if examples:
-        from threengan_cli.core.paths import example_images
-
-        shipped = [str(p) for p in example_images()]
-        if not shipped:
-            fail("this installation has no example X-rays (threengan_cli/examples)")
-        inputs = [*(inputs or []), *shipped]
-    if not inputs:
-        fail(
-            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
-            "from stdin",
-            EXIT_USAGE,
-        )
-    return inputs
-
-
-def _check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, adapt: str):
-    """Usage errors of the options, before stdin or the model is read; the shard (i, n) or
-    ``None``."""
-    if inputs.count("-") > 1:
-        fail("- (paths from stdin) may be given once", EXIT_USAGE)
-    if link and sort_into is None:
-        fail("--link goes with --sort-into DIR", EXIT_USAGE)
-
-    from threengan_cli.infer.classify import parse_shard
-
-    try:
-        shard_ij = parse_shard(shard) if shard is not None else None
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    if adapt not in ("none", "bn"):
-        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
-    return shard_ij
 
 
 def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link, ood_folder):
@@ -171,6 +122,19 @@ def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link, 
         except ValueError as exc:
             fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
     return model, sorter
+
+
+def _visuals_or_exit(model, heatmaps: Path | None, report: Path | None, header: dict):
+    """What --heatmaps and --report add to the run, or ``None`` without either."""
+    if heatmaps is None and report is None:
+        return None
+    from threengan_cli.infer.heatmap import Visuals, VisualsError
+
+    info = {"model": model.model_id, "method": model.method, "engine": model.device, **header}
+    try:
+        return Visuals(model, heatmaps, report, info)
+    except VisualsError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _decision_thresholds(model, cfg, quiet: bool):
@@ -201,6 +165,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
     went away or a full disk ends the command with its exit code."""
     from threengan_cli.core.fileio import writes_in_place  # a device or FIFO keeps what it got
+    from threengan_cli.infer.heatmap import VisualsError
 
     whole = output is not None and not writes_in_place(output)
     kept = f"; nothing written to {output}" if whole else ""
@@ -214,6 +179,8 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
+    except VisualsError as exc:
+        fail(str(exc) + kept)
     except BrokenPipeError:
         views.reader_gone()
     except OSError as exc:  # a full disk under -o or under a redirected stdout
@@ -374,13 +341,35 @@ def classify(
             "header). A path that does not exist is still an error.",
         ),
     ] = False,
+    heatmaps: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmaps",
+            help="Also write, per classified image, a PNG of it with the classifier's evidence "
+            "for its label overlaid into DIR, named in a heatmap column (numpy or onnx engine).",
+            file_okay=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Also write one self-contained HTML page for the batch: counts, histograms "
+            "and a grid of thumbnails, sortable and filterable (works offline).",
+            dir_okay=False,
+            metavar="FILE",
+        ),
+    ] = None,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify X-ray images with a trained model: one row per input file.
 
-    Without --run or --checkpoint the bundled default model is used.
-    Columns: path, label, p_<class> for each class, ood_score, ood, error.
+    Without --run or --checkpoint the bundled default model is used;
+    --checkpoint model.onnx (from threengan export) runs on onnxruntime.
+    Columns: path, label, p_<class> for each class, ood_score, ood, error
+    (and heatmap, the PNG's path, with --heatmaps).
     A file that cannot be read gets a row with its error and no label.
     Rows come in input order; folder contents sorted by name, files
     before sub-folders.
@@ -433,7 +422,7 @@ def classify(
 
       threengan classify inbox/ --sort-into sorted/ --link
     """
-    inputs = _inputs_or_exit(inputs, examples)
+    inputs = inputs_or_exit(inputs, examples)
     cfg = settings_of(
         "classify",
         config,
@@ -450,8 +439,8 @@ def classify(
         max_ood_share=max_ood_share,
     )
     fmt = choose_format(fmt, cfg.format, output, sys.stdout.isatty())
-    shard_ij = _check_flags(inputs, link, sort_into, shard, adapt)
-    stdin = _stdin_paths(inputs, cfg.allow_empty)
+    shard_ij = check_flags(inputs, link, sort_into, shard, adapt)
+    stdin = stdin_paths(inputs, cfg.allow_empty)
     model, sorter = _model_and_sorter(
         checkpoint, run, which_model, cfg, adapt, sort_into, link, ood_folder
     )
@@ -461,6 +450,8 @@ def classify(
         stdin = None
     cfg, header = _decision_thresholds(model, cfg, quiet)
     tally = Tally(listing=not quiet and fmt != "table", classes=list(model.classes))
+    visuals = _visuals_or_exit(model, heatmaps, report, header)
     extra = {"header": header, "shard": shard_ij, "sorter": sorter, "stdin": stdin}
+    extra["visuals"] = visuals
     _classify_or_exit(inputs, model, cfg, fmt, output, tally, extra, quiet)
     report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)

@@ -6,7 +6,7 @@ the others hold the long ones. All of them import these pieces from here, never 
 so no command module imports the app that registers it.
 """
 
-# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import functools
 from collections.abc import Callable
@@ -148,7 +148,12 @@ def classifier_of(
     checkpoint: Path | None, run: str | None, device: str, engine: str, which: str | None = None
 ):
     """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
-    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's."""
+    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's.
+    A ``.onnx`` file (``threengan export``) runs on onnxruntime, whatever the engine."""
+    from threengan_cli.infer import onnx_export
+
+    if onnx_export.is_onnx(checkpoint):
+        return onnx_export.load(checkpoint)
     if device not in ("auto", "cpu") or engine == "torch":
         return model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
     from threengan_cli.infer import numpy_engine

@@ -2,7 +2,7 @@
 pruning) training runs. Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
-# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 from pathlib import Path
 from typing import Annotated

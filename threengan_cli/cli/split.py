@@ -4,7 +4,7 @@ Registered on the app by ``app``; the engine is :mod:`threengan_cli.data.split`;
 in ``core/errors``.
 """
 
-# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 from pathlib import Path
 from typing import Annotated

@@ -3,7 +3,7 @@
 Registered on the app by ``app``; exit codes in ``core/errors``.
 """
 
-# No ``from __future__ import annotations``: typer reads the annotations (see cli.py).
+# No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import contextlib
 import math

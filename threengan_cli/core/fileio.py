@@ -196,11 +196,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "wb") -> Iterator:
+def atomic_file(path: Path, mode: str = "wb", durable: bool = True) -> Iterator:
     """Write ``path`` through a temporary sibling, fsync it, then rename it into place.
 
     A device, a FIFO or a path into /dev or /proc is written directly instead (see the
-    module docstring); a symbolic link is followed, so the file it points to is replaced."""
+    module docstring); a symbolic link is followed, so the file it points to is replaced.
+    ``durable=False`` is for many small files that can be made again (a heatmap per image):
+    no fsync and no clean-up of the folder on each write (the writer runs
+    :func:`clean_stale` once); the file still appears whole or not at all."""
     path = Path(path)
     encoding = None if "b" in mode else "utf-8"  # what was written reads the same anywhere
     if writes_in_place(path):
@@ -213,16 +216,19 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator:
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent)
+    if durable:
+        clean_stale(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, mode, encoding=encoding) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

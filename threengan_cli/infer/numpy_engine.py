@@ -85,6 +85,11 @@ class NumpyClassifier(engine.Engine):
     def _forward(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, H, W) -> all the head's logits (B, outputs), and the images'
         out-of-distribution scores (B,) where the model has statistics."""
+        return self.head_outputs(self.last_map(images_u8))
+
+    def last_map(self, images_u8: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W) -> the body's last feature map (B, 4, 4, C), channels-last:
+        what the head and the out-of-distribution score read."""
         scale, offset = np.float32(self.scale), np.float32(self.offset)
         x = images_u8.astype(np.float32)[..., None] * scale + offset
         for kernel, shift in self.layers:
@@ -92,6 +97,11 @@ class NumpyClassifier(engine.Engine):
             if shift is not None:
                 x += shift
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
+        return x
+
+    def head_outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The last feature map (B, 4, 4, C) -> all the head's logits (B, outputs), and the
+        out-of-distribution scores (B,) where the model has statistics."""
         kernel, bias = self.head
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
         scores = self.stats.scores(ood.pooled_features(x)) if self.stats is not None else None

@@ -70,13 +70,16 @@ class RowWriter:
 
     ``header`` is what the JSON header says of the decision besides the model: threshold,
     threshold_source, ood_threshold and ood_threshold_source. The ``ood_score`` and ``ood``
-    columns are empty (null) for a model without out-of-distribution statistics."""
+    columns are empty (null) for a model without out-of-distribution statistics.
+    ``extra`` names columns added after ``error`` (``heatmap`` under ``--heatmaps``), whose
+    values :meth:`write` receives by name; a row without one leaves it empty (null)."""
 
-    def __init__(self, fmt: str, stream, model, header: dict[str, Any]):
+    def __init__(self, fmt: str, stream, model, header: dict[str, Any], extra: tuple = ()):
         self.fmt, self.stream, self.model, self.header = fmt, stream, model, header
         self.classes = list(model.classes)
         probs = [f"p_{c}" for c in self.classes]
-        self.columns = ["path", "label", *probs, "ood_score", "ood", "error"]
+        self.extra = tuple(extra)
+        self.columns = ["path", "label", *probs, "ood_score", "ood", "error", *self.extra]
         self.first = True
         if fmt == "csv":
             import csv
@@ -104,9 +107,9 @@ class RowWriter:
             ]
             heads = ["label", *(f"p_{c}" for c in self.classes)]
             cells = [h.ljust(w) for h, w in zip(heads, self.widths, strict=True)]
-            self.stream.write("  ".join([*cells, "ood_score", "path"]) + "\n")
+            self.stream.write("  ".join([*cells, "ood_score", "path", *self.extra]) + "\n")
 
-    def record(self, row) -> dict[str, Any]:
+    def record(self, row, **extra: Any) -> dict[str, Any]:
         probs = row.probabilities or {}
         values = {f"p_{c}": probs.get(c) for c in self.classes}  # classify.exact's digits
         return {
@@ -116,17 +119,19 @@ class RowWriter:
             "ood_score": row.ood_score,
             "ood": row.ood,
             "error": row.error,
+            **{name: extra.get(name) for name in self.extra},
         }
 
-    def write(self, row) -> None:
+    def write(self, row, **extra: Any) -> None:
+        """One row; ``extra`` holds the values of the extra columns (paths as text)."""
         if self.fmt == "csv":
-            rec = self.record(row)
+            rec = self.record(row, **extra)
             self.csv.writerow([_csv_value(rec[k]) for k in self.columns])
         elif self.fmt == "jsonl":
-            self.stream.write(json.dumps(self.record(row)) + "\n")
+            self.stream.write(json.dumps(self.record(row, **extra)) + "\n")
         elif self.fmt == "json":
             sep = "\n  " if self.first else ",\n  "
-            self.stream.write(sep + json.dumps(self.record(row)))
+            self.stream.write(sep + json.dumps(self.record(row, **extra)))
         else:
             probs = row.probabilities or {}
             cells = [(row.label or "-").ljust(self.widths[0])] + [
@@ -136,7 +141,8 @@ class RowWriter:
             score = "-" if row.ood_score is None else f"{row.ood_score:.2f}"
             cells.append((score + (" ood" if row.ood else "")).ljust(9))
             tail = f"  (error: {text(row.error)})" if row.error else ""
-            self.stream.write("  ".join([*cells, text(row.path)]) + tail + "\n")
+            more = [text(str(extra[n])) for n in self.extra if extra.get(n) is not None]
+            self.stream.write("  ".join([*cells, text(row.path), *more]) + tail + "\n")
         self.first = False
 
     def end(self, summary: dict[str, Any]) -> None:
