@@ -35,164 +35,41 @@ from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
 
 # -------------------------------------------------------------------------------------- train
-def _run_dir_for(dataset: str, cfg, name: str | None, out_dir: Path | None) -> Path:
-    from threengan_cli.core import paths
-
-    if out_dir is not None:
-        return out_dir
-    if name is not None:
-        try:
-            return paths.runs_dir() / paths.check_name(name)
-        except ValueError as exc:
-            fail(str(exc), EXIT_USAGE)
-    base = f"{Path(dataset).name}-{cfg.method}-n{cfg.size or 'all'}-s{cfg.seed}"
-    candidate, i = paths.runs_dir() / base, 2
-    while candidate.exists():
-        candidate, i = paths.runs_dir() / f"{base}-{i}", i + 1
-    return candidate
-
-
-def _resume_plan(resume: str, flags: dict[str, Any], given_other: bool, held):
-    """(settings, dataset folder, run folder) of the run to continue, its folder locked into
-    ``held`` before it is read; only --epochs may change."""
-    from threengan_cli.train import runs
-
-    run_dir = runs.resolve_run(resume)
-    changed = sorted(k for k, v in flags.items() if v is not None and k != "epochs")
-    if changed or given_other:
-        fail(
-            "--resume continues a run with its own data and settings; only --epochs may "
-            f"be given (got {', '.join(changed) or 'a dataset or --config'})",
-            EXIT_USAGE,
-        )
-    state = runs.state(run_dir)
-    if state == "unstarted":
-        fail(
-            f"the run at {run_dir} was stopped before it had started (no {runs.RUN}); "
-            f"start it again in place: threengan train DATASET --out {run_dir}",
-            EXIT_USAGE,
-        )
-    if state not in ("started", "resumable", "finished", "failed"):
-        fail(f"no run to resume at {run_dir}", EXIT_USAGE)
-    lock_or_exit(held, run_dir)
-    saved, dataset = runs.identity(run_dir)
-    if dataset is None:
-        fail(f"{run_dir / runs.RUN} does not name the run's dataset")
-    if flags["epochs"] is not None:
-        saved["epochs"] = flags["epochs"]
-    return settings_of("train", None, **saved), Path(dataset), run_dir
-
-
-def _finished_summary(run_dir: Path, quiet: bool) -> dict | None:
-    """The summary of a finished run; ``None`` while it is not finished, or when its summary
-    is damaged or missing and the last checkpoint lets training recompute it (said on
-    stderr). Damage that cannot be recovered is a one-line error."""
-    from threengan_cli.train import runs
-
-    summary, problem = runs.finished_summary(run_dir)
-    if problem is not None and not (run_dir / runs.LAST).is_file():
-        fail(
-            f"{problem}; the run's resumable checkpoint was pruned, so it cannot be "
-            "recomputed: train it again with --force"
-        )
-    if problem is not None and not quiet:
-        warn(f"{problem}; the final evaluation runs again to rewrite it")
-    return summary
-
-
 def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
     """A finished run asked for no more epochs than it has: its summary, exit 0 (so a CI job
-    can run the same line twice); a pruned one asked for more: a clear error. Otherwise
-    return, and training continues."""
-    from threengan_cli.train import runs
+    can run the same line twice). Otherwise return, and training continues."""
+    from threengan_cli.train import plan
 
-    summary = _finished_summary(run_dir, quiet)
+    summary, problem = plan.finished(run_dir, epochs)
+    if problem is not None and not quiet:
+        warn(f"{problem}; the final evaluation runs again to rewrite it")
     if summary is None:
         return
-    done = summary["epochs"]
-    if epochs is None or epochs <= done:
-        if not quiet:
-            note(
-                f"{run_dir} already finished its {done} epochs; pass --epochs larger than "
-                f"{done} to extend it (with --resume)"
-            )
-        if as_json:
-            print_json(summary)
-        elif not quiet:
-            note(_train_done_line(summary, run_dir))
-        raise typer.Exit(EXIT_OK)
-    if not (run_dir / runs.LAST).is_file():
-        fail(
-            f"{run_dir} cannot be extended: its resumable checkpoint was pruned "
-            "(threengan runs --prune-last); train a new run instead",
-            EXIT_USAGE,
+    if not quiet:
+        done = summary["epochs"]
+        note(
+            f"{run_dir} already finished its {done} epochs; pass --epochs larger than "
+            f"{done} to extend it (with --resume)"
         )
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        note(_train_done_line(summary, run_dir))
+    raise typer.Exit(EXIT_OK)
 
 
 def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, force: bool, held):
     """(settings, dataset folder, run folder, resume) of a new run, its folder locked into
-    ``held``. A folder that holds the same run (same dataset and settings) is that run
-    again: finished, the caller says so and exits 0; unfinished, it resumes. Another run
-    there is refused, naming --resume and --force; --force replaces it."""
-    from threengan_cli.train import runs
+    ``held`` (train/plan decides)."""
+    from threengan_cli.train import plan
 
     if dataset is None:
         fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
     cfg = settings_of("train", config, **flags)
     dataset_dir = prepared_or_exit(dataset)
-    run_dir = _run_dir_for(dataset, cfg, *where)
-    if run_dir.exists() and not run_dir.is_dir():
-        fail(f"{run_dir} is a file, not a run folder", EXIT_USAGE)
-    # Locked before it is looked at, so that two commands cannot both find it free.
-    lock_or_exit(held, run_dir)
-    state = runs.state(run_dir)
-    if state in ("absent", "empty", "unstarted"):
-        return cfg, dataset_dir, run_dir, False
-    if state == "other":
-        fail(
-            f"{run_dir} holds files that are not a run's; choose another --name or --out "
-            "(--force replaces only a run's own files)",
-            EXIT_USAGE,
-        )
-    if force:
-        runs.clear(run_dir)
-        return cfg, dataset_dir, run_dir, False
-    _same_run_or_exit(run_dir, cfg, dataset_dir)
-    return cfg, dataset_dir, run_dir, True
-
-
-def _same_run_or_exit(run_dir: Path, cfg, dataset_dir: Path) -> None:
-    """Return when ``run_dir`` holds a run of ``cfg`` on ``dataset_dir``; else a usage
-    error that says what differs and what to do."""
-    from threengan_cli.train import runs
-
-    asked = cfg.model_dump(mode="json")
-    try:
-        found = runs.difference(run_dir, asked, dataset_dir)
-    except runs.RunError as exc:
-        fail(f"{run_dir} already holds a run, and {exc}; --force replaces it", EXIT_USAGE)
-    if found is None:
-        return
-    if found.what == "dataset":
-        fail(
-            f"{run_dir} already holds a run on another dataset ({found.there}); use another "
-            "--name, or --force to replace it",
-            EXIT_USAGE,
-        )
-    if found.key == "epochs" and not found.more and found.asked > (found.there or 0):
-        fail(
-            f"{run_dir} already holds this run with {found.there} epochs; extend it "
-            f"with: threengan train --resume {run_dir} --epochs {found.asked} (or --force "
-            "to train it again from scratch)",
-            EXIT_USAGE,
-        )
-    more = f", and {found.more} more" if found.more else ""
-    fail(
-        f"{run_dir} already holds a run with other settings ({found.key} = {found.there!r} "
-        f"there, {found.asked!r} asked{more}): continue it as it is with --resume "
-        f"{run_dir}, use another --name, or --force to replace it",
-        EXIT_USAGE,
-    )
+    run_dir = plan.run_dir_for(dataset, cfg, *where)
+    again = plan.again(run_dir, cfg, dataset_dir, force, lambda d: lock_or_exit(held, d))
+    return cfg, dataset_dir, run_dir, again
 
 
 def _metric(metrics: dict, key: str) -> str:
@@ -386,6 +263,7 @@ def train(
       threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
     from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.train import plan
 
     flags = flags_of(TrainSettings, locals())
     if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
@@ -399,7 +277,10 @@ def train(
             if force:
                 fail("--force starts a run over; --resume continues one: give one", EXIT_USAGE)
             given_other = config is not None or dataset is not None
-            cfg, dataset_dir, run_dir = _resume_plan(resume, flags, given_other, held)
+            saved, dataset_dir, run_dir = plan.resume(
+                resume, flags, given_other, lambda d: lock_or_exit(held, d)
+            )
+            cfg = settings_of("train", None, **saved)
             again = True
             _finished_run_or_continue(run_dir, flags["epochs"], as_json, quiet)
         else:
