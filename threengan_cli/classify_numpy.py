@@ -105,7 +105,10 @@ class NumpyClassifier:
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
         kernel, bias = self.head
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
-        scores = self.stats.scores(ood.pooled_features(x)) if self.stats is not None else None
+        stats = self.stats
+        scores = None
+        if stats is not None:
+            scores = stats.scores(ood.pooled_features(x), stats.pixel_inputs(images_u8))
         return (logits if bias is None else logits + bias), scores
 
 

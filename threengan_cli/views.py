@@ -597,6 +597,20 @@ def _with_interval(value: float | None, interval: list[float] | None) -> str:
     return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
+def ood_fit_text(fit: dict | None, short: bool = True) -> str:
+    """How a detector was fitted: ``4683 img, 256+16 dir`` (features + pixels), or in
+    words; ``–`` where unknown."""
+    if not fit:
+        return "–"
+    images = (fit.get("fitted_on") or {}).get("images", "?")
+    pixels = (fit.get("pixels") or {}).get("dims")
+    dims = f"{fit.get('dims', '?')}" + (f"+{pixels}" if pixels else "")
+    if short:
+        return f"{images} img, {dims} dir"
+    threshold = (fit.get("threshold") or {}).get("split", "?")
+    return f"{images} images, {dims} directions (features + pixels), threshold on {threshold}"
+
+
 def runs_table(found) -> None:
     """``threengan runs``: one row per run. The accuracies are of the model ``--run`` uses
     (best on val, its epoch in brackets); ``final`` is the final epoch's test accuracy."""
@@ -608,9 +622,13 @@ def runs_table(found) -> None:
     table = Table(
         box=box.SIMPLE_HEAD,
         caption="val/test acc: of best.safetensors, the model --run uses (its epoch); "
-        "final: test acc of the final epoch",
+        "final: test acc of the final epoch; ood fit: images and directions of its "
+        "out-of-distribution detector (features + pixels)",
     )
-    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "final", "size")
+    columns = (
+        "name", "method", "N", "epochs", "state", "val acc", "test acc", "final", "ood fit",
+        "size",
+    )
     for column in columns:
         right = column in ("N", "epochs", "val acc", "test acc", "final", "size")
         table.add_column(column, justify="right" if right else "left")
@@ -629,6 +647,7 @@ def runs_table(found) -> None:
             acc(r.val_accuracy),
             acc(r.test_accuracy) + (epoch if r.test_accuracy is not None else ""),
             acc(r.test_accuracy_final),
+            ood_fit_text(r.ood_fit),
             human_bytes(r.bytes),
         )
     print_whole(table)
