@@ -77,7 +77,8 @@ def make_model(path: Path, width: int, image_size: int, stats: bool = False) -> 
         rng = np.random.default_rng(0)
         pixels = torch.from_numpy(rng.integers(0, 256, (256, image_size, image_size), np.uint8))
         _, features = _logits_and_features(nets["C"], pixels, 2)
-        tensors, info = ood.fit_ood(features[:192], features[192:])
+        grid = ood.pixel_features(pixels.numpy())  # the pixel Gaussian too, as training fits
+        tensors, info = ood.fit_ood(features[:192], features[192:], pixels=(grid[:192], grid[192:]))
         tensors["temperature"] = np.array(1.5, dtype=np.float32)
         stored = {k: torch.from_numpy(np.array(v, order="C")) for k, v in tensors.items()}
         meta["stats"] = {"ood": info, "temperature": {"split": "val", "images": 64}}

@@ -15,7 +15,9 @@ sources; they only measure. Candidates:
 - Mahalanobis with class means and a shared covariance (Lee et al., NeurIPS 2018) on
   features pooled over positions (mean; mean and std) of one stage or of all;
 - Gaussians in the top principal directions of the last feature map, whole (4x4
-  positions) or in 2x2 blocks of positions: the last is what threengan ships (ood.py);
+  positions) or in 2x2 blocks of positions: the last is the feature Gaussian threengan
+  ships (ood.py), fitted here on the labelled images; the pixel Gaussian shipped beside it
+  and the whole-train-split fit are measured by benchmarks/ood_fitsets.py;
 - the 8x8-downsampled pixels themselves, as a baseline that needs no model;
 - with --checkpoint a run's checkpoint that keeps D (a run's last.safetensors; the bundled
   model has none): the discriminator's score, minus its "real" logit (D was trained to tell

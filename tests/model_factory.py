@@ -62,8 +62,7 @@ def make_checkpoint(
         rng = np.random.default_rng(seed)
         data = SimpleNamespace(
             classes=list(classes),
-            train_x=torch.from_numpy(familiar_images(48, image_size, seed)),
-            unlabelled=None,
+            detector_x=torch.from_numpy(familiar_images(48, image_size, seed)),
             val_x=torch.from_numpy(familiar_images(24, image_size, seed + 1)),
             val_y=torch.from_numpy(rng.integers(0, len(classes), 24)),
         )

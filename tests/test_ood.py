@@ -78,6 +78,61 @@ def test_a_score_does_not_depend_on_the_other_images_in_its_batch():
     np.testing.assert_array_equal(one_by_one, whole)
 
 
+def test_pixel_features_are_the_means_of_4x4_blocks_and_independent_of_the_batch():
+    image = np.zeros((8, 8), np.uint8)
+    image[:2, :2] = 255  # the top-left block of 2x2 pixels, white
+    image[6:, 6:] = 51  # the bottom-right one at a fifth
+    found = ood.pixel_features(image[None])
+    expected = np.zeros(16, np.float32)
+    expected[0], expected[15] = 1.0, 0.2
+    np.testing.assert_allclose(found[0], expected, atol=1e-7)
+    many = np.random.default_rng(0).integers(0, 256, (9, 32, 32), dtype=np.uint8)
+    one_by_one = np.concatenate([ood.pixel_features(many[i : i + 1]) for i in range(9)])
+    np.testing.assert_array_equal(ood.pixel_features(many), one_by_one)
+
+
+def test_the_score_is_the_larger_of_the_scaled_feature_and_pixel_scores():
+    rng = np.random.default_rng(6)
+    features, pixels = rng.standard_normal((600, 8)), rng.random((600, 16))
+    tensors, info = ood.fit_ood(features[:500], features[500:], pixels=(pixels[:500], pixels[500:]))
+    assert info["detector"] == "mahalanobis-pca+pixels" and info["pixels"]["dims"] == 16
+    stats = ood.from_arrays(
+        {**tensors, "temperature": np.float32(1.0)}, {ood.META_KEY: {"ood": info}}
+    )
+    f_score = ood.gaussian_scores(tensors["ood_mean"], tensors["ood_projection"], features)
+    p_score = ood.gaussian_scores(
+        tensors["ood_pixel_mean"], tensors["ood_pixel_projection"], pixels
+    )
+    scales = tensors["ood_scales"]
+    expected = np.maximum(f_score / scales[0], p_score / scales[1])
+    np.testing.assert_allclose(stats.scores(features, pixels), expected, rtol=1e-6)
+    # each scale is the 95th percentile of its val scores: the combined score flags about
+    # 5% of val, and an image unlike the training ones in its pixels alone is flagged
+    assert np.mean(stats.scores(features[500:], pixels[500:]) > stats.threshold) <= 0.06
+    odd = pixels[500:510] + 2.0
+    assert (stats.scores(features[500:510], odd) > stats.threshold).all()
+
+
+def test_statistics_without_the_pixel_gaussian_still_load_and_score(stats_ckpt, tmp_path):
+    """Checkpoints fitted before the pixel Gaussian existed: the features' score alone."""
+    from threengan_cli.model import checkpoints
+
+    ckpt = checkpoints.load(stats_ckpt)
+    info = json.loads(json.dumps(ckpt.meta["stats"]))
+    info["ood"].pop("pixels")
+    info["ood"]["detector"] = "mahalanobis-pca"
+    stats = {k: v for k, v in ckpt.group("stats").items() if "pixel" not in k and k != "ood_scales"}
+    nets = {name: ckpt.group(f"net/{name}") for name in ckpt.network_names}
+    old = tmp_path / "old.safetensors"
+    checkpoints.save(old, {**ckpt.meta, "stats": info}, nets, stats=stats)
+    images = familiar_images(6, 32, seed=8)
+    for load in (numpy_engine.load, lambda p: load_model(p, device="cpu")):
+        model = load(old)
+        assert model.stats.pixels is None
+        _, scores = model.outputs_of(images)
+        assert scores.shape == (6,) and np.isfinite(scores).all()
+
+
 def test_ece_and_brier_by_hand():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])
@@ -331,10 +386,73 @@ def test_training_stores_statistics_in_best_and_last_and_the_summary(dataset, tm
     for name in ("best.safetensors", "last.safetensors"):
         model = numpy_engine.load(tmp_path / "run" / name)
         assert model.stats is not None
-        assert model.stats.info["ood"]["fitted_on"] == {"labelled": 12, "unlabelled": 0}
+        # the whole train split (24 images), not only the 12 labelled ones: the fit needs
+        # no labels
+        assert model.stats.info["ood"]["fitted_on"] == {"images": 24}
         assert model.stats.info["ood"]["threshold"]["split"] == "val"
     # the threshold is the 95th percentile of the 8 val images' scores: one at most is above
     assert summary["stats"]["ood_flagged"]["val"] <= 1 / 8
+
+
+def test_a_run_without_val_says_it_is_uncalibrated_and_holds_out_its_threshold(tmp_path):
+    from threengan_cli.core.settings import PrepareSettings
+    from threengan_cli.data.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = rng.integers(0, 120, (40, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "noval.npz", train_images=images, train_labels=labels.reshape(-1, 1),
+             test_images=images[:8], test_labels=labels[:8].reshape(-1, 1))
+    settings = PrepareSettings(image_size=32, min_val=0, val_fraction=0.0, workers=1)
+    prepare(tmp_path / "noval.npz", tmp_path / "noval", settings)
+    args = ["train", str(tmp_path / "noval"), "--out", str(tmp_path / "run"), "--method",
+            "vanilla", "--recipe", "paper", "--width", "4", "--batch-size", "4", "--epochs",
+            "2", "--device", "cpu"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    line = done.stderr.splitlines()[-1]
+    assert "best on val" not in line and "no val split" in line and "uncalibrated" in line
+    model = numpy_engine.load(tmp_path / "run" / "best.safetensors")
+    assert model.stats.temperature == 1.0 and model.stats.info["temperature"]["split"] is None
+    assert model.stats.info["ood"]["threshold"]["split"].startswith("held out")
+
+
+def test_the_detector_is_fitted_on_the_whole_train_split_and_an_outside_pool(dataset, tmp_path):
+    import torch
+
+    from threengan_cli.core.settings import TrainSettings
+    from threengan_cli.data.datasets import load_prepared
+    from threengan_cli.data.training_data import load_run_data
+
+    prepared = load_prepared(dataset)
+    whole, _ = prepared.subset("train")
+    pool = _write_pngs(tmp_path / "pool", familiar_images(5, 32, seed=3))
+    cpu = torch.device("cpu")
+    for unlabelled, expected in ((None, whole), ("rest", whole)):
+        settings = TrainSettings(size=12, unlabelled=unlabelled)
+        data = load_run_data(prepared, settings, cpu)
+        assert len(data.train_x) == 12
+        np.testing.assert_array_equal(data.detector_x.numpy(), expected)
+    data = load_run_data(prepared, TrainSettings(size=12, unlabelled=str(pool)), cpu)
+    assert len(data.detector_x) == len(whole) + 5
+    np.testing.assert_array_equal(data.detector_x[len(whole):].numpy(), data.unlabelled.numpy())
+
+
+def test_without_val_the_threshold_comes_from_images_held_out_of_the_fit():
+    rng = np.random.default_rng(5)
+    scales = np.linspace(0.2, 3.0, 64)
+    train = rng.standard_normal((400, 64)) * scales
+    fresh = rng.standard_normal((20000, 64)) * scales
+    tensors, info = ood.fit_ood(train, train[:0])
+    assert info["threshold"]["split"].startswith("held out") and info["threshold"]["images"] == 80
+    assert info["fitted_on"] == {"images": 320}
+    stats = ood.ModelStats(tensors["ood_mean"], tensors["ood_projection"], 1.0, 1.0, info)
+    flagged = (stats.scores(fresh) > float(tensors["ood_threshold"])).mean()
+    # about 5% of new images like the training ones (the 95th percentile of 80 scores)...
+    assert 0.02 < flagged < 0.10
+    # ...where the 95th percentile of the fit images' own scores flags several times as many
+    own = np.quantile(stats.scores(train[np.arange(400) % 5 != 4]), 0.95)
+    assert (stats.scores(fresh) > own).mean() > 0.15
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from threengan_cli.cli.app import app
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.infer.torch_engine import load_model
-from threengan_cli.train import events, finish, runlist, runstate, scoring, training
+from threengan_cli.train import events, finish, runlist, scoring, training
 
 runner = CliRunner()
 
@@ -236,22 +236,25 @@ def test_run_names_are_never_cut_short_in_the_table(dataset, threengan_home):
 def test_runs_train_and_evaluate_report_the_final_model_that_run_loads(
     dataset, threengan_home, monkeypatch
 ):
-    # Accuracies staged by call order (epoch 1 val, epoch 2 val, final test, final val,
-    # BN-adapted test, test of the best-on-val model), so that the best epoch on val (1) and
-    # the final epoch (2) have different test accuracies.
-    staged = {1: 0.9, 2: 0.6, 3: 0.7, 6: 0.8}
-    calls = []
-    real = scoring.score_split
+    # Accuracies staged by call order, so that the best epoch on val (1) and the final epoch
+    # (2) have different test accuracies: of the epochs' val splits (epoch 1, epoch 2; then
+    # the BN-adapted test), and at the end of the run from one pass's logits (final test,
+    # final val, test of the best-on-val model).
+    def staged(real, accuracies):
+        calls = []
 
-    def score_split(*args, **kwargs):
-        out = dict(real(*args, **kwargs))
-        calls.append(out)
-        if len(calls) in staged:
-            out["accuracy"] = staged[len(calls)]
-        return out
+        def scored(*args, **kwargs):
+            out = dict(real(*args, **kwargs))
+            calls.append(out)
+            if len(calls) in accuracies:
+                out["accuracy"] = accuracies[len(calls)]
+            return out
 
-    for module in (training, runstate, finish):  # every caller, in the order a run calls
-        monkeypatch.setattr(module, "score_split", score_split)
+        return scored
+
+    monkeypatch.setattr(training, "score_split", staged(scoring.score_split, {1: 0.9, 2: 0.6}))
+    at_end = staged(scoring.metrics_of_logits, {1: 0.7, 3: 0.8})
+    monkeypatch.setattr(finish, "metrics_of_logits", at_end)
     args = ["train", str(dataset), "--name", "two", "--method", "vanilla", "--recipe", "paper"]
     args += ["--width", "4", "--batch-size", "4", "--epochs", "2", "--device", "cpu"]
     done = runner.invoke(app, args)

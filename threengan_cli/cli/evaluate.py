@@ -162,10 +162,14 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
     if not quiet:
         where = {"given": "given", "model": "stored in the model", "chosen": "chosen on val"}
         which = f"{result.which_model}; " if result.which_model else ""
+        fitted = ""
+        if result.ood_fit is not None:
+            fitted = f"; ood detector fitted on {views.ood_fit_text(result.ood_fit, short=False)}"
         note(
             f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
             + ood_threshold_of(model, ood_threshold)[2]
+            + fitted
         )
         if made:
             note("wrote " + ", ".join(str(p) for p in made))

@@ -89,7 +89,13 @@ def _train_done_line(summary: dict, run_dir: Path) -> str:
         return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
     best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
     best = summary.get("test_of_best_on_val") or {}
-    if best_epoch is None or best_epoch == epochs:
+    if not (summary.get("val") or {}).get("n"):
+        whose, other = (
+            f"epoch {epochs}; no val split: no epoch chosen on val, probabilities "
+            "uncalibrated (temperature 1), ood threshold from images held out of its fit",
+            "",
+        )
+    elif best_epoch is None or best_epoch == epochs:
         whose, other = f"epoch {epochs}, also the best on val", ""
     else:
         whose = f"epoch {epochs}"

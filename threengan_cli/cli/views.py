@@ -389,6 +389,20 @@ def _with_interval(value: float | None, interval: list[float] | None) -> str:
     return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
+def ood_fit_text(fit: dict | None, short: bool = True) -> str:
+    """How a detector was fitted: ``4683 img, 256+16 dir`` (features + pixels), or in
+    words; ``–`` where unknown."""
+    if not fit:
+        return "–"
+    images = (fit.get("fitted_on") or {}).get("images", "?")
+    pixels = (fit.get("pixels") or {}).get("dims")
+    dims = f"{fit.get('dims', '?')}" + (f"+{pixels}" if pixels else "")
+    if short:
+        return f"{images} img, {dims} dir"
+    threshold = (fit.get("threshold") or {}).get("split", "?")
+    return f"{images} images, {dims} directions (features + pixels), threshold on {threshold}"
+
+
 def runs_table(found) -> None:
     """``threengan runs``: one row per run. The accuracies are of the model ``--run`` loads
     (the final one); ``best on val`` is best.safetensors' test accuracy (its epoch)."""
@@ -400,10 +414,14 @@ def runs_table(found) -> None:
     table = Table(
         box=box.SIMPLE_HEAD,
         caption="val/test acc: of the final model, the one --run loads; best on val: test "
-        "acc of best.safetensors (its epoch), --model best",
+        "acc of best.safetensors (its epoch), --model best; ood fit: images and directions of "
+        "its out-of-distribution detector (features + pixels)",
     )
-    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "best on val")
-    for column in (*columns, "size"):
+    columns = (
+        "name", "method", "N", "epochs", "state", "val acc", "test acc", "best on val",
+        "ood fit", "size",
+    )
+    for column in columns:
         right = column in ("N", "epochs", "val acc", "test acc", "best on val", "size")
         table.add_column(column, justify="right" if right else "left")
 
@@ -421,6 +439,7 @@ def runs_table(found) -> None:
             acc(r.val_accuracy),
             acc(r.test_accuracy),
             acc(r.test_accuracy_best) + (epoch if r.test_accuracy_best is not None else ""),
+            ood_fit_text(r.ood_fit),
             human_bytes(r.bytes),
         )
     print_whole(table)

@@ -76,7 +76,8 @@ def numpy_explained(model, images_u8: np.ndarray) -> tuple[np.ndarray, Any, np.n
 
     def forward(chunk: np.ndarray) -> tuple:
         x = model.last_map(chunk)
-        logits, scores = model.head_outputs(x)
+        pixels = model.stats.pixel_inputs(chunk) if model.stats is not None else None
+        logits, scores = model.head_outputs(x, pixels)
         return logits, scores, positional_evidence(x, model.head[0], model.keep, temperature)
 
     logits, scores, maps = per_image(forward, images_u8)

@@ -85,7 +85,8 @@ class NumpyClassifier(engine.Engine):
     def _forward(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, H, W) -> all the head's logits (B, outputs), and the images'
         out-of-distribution scores (B,) where the model has statistics."""
-        return self.head_outputs(self.last_map(images_u8))
+        pixels = self.stats.pixel_inputs(images_u8) if self.stats is not None else None
+        return self.head_outputs(self.last_map(images_u8), pixels)
 
     def last_map(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) -> the body's last feature map (B, 4, 4, C), channels-last:
@@ -99,12 +100,19 @@ class NumpyClassifier(engine.Engine):
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
         return x
 
-    def head_outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The last feature map (B, 4, 4, C) -> all the head's logits (B, outputs), and the
-        out-of-distribution scores (B,) where the model has statistics."""
+    def head_outputs(
+        self, x: np.ndarray, pixels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The last feature map (B, 4, 4, C) and the images' pixel features (where the model
+        has a pixel Gaussian: :meth:`ood.ModelStats.pixel_inputs`) -> all the head's logits
+        (B, outputs), and the out-of-distribution scores (B,) where the model has
+        statistics."""
         kernel, bias = self.head
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
-        scores = self.stats.scores(ood.pooled_features(x)) if self.stats is not None else None
+        stats = self.stats
+        scores = None
+        if stats is not None:
+            scores = stats.scores(ood.pooled_features(x), pixels)
         return (logits if bias is None else logits + bias), scores
 
 

@@ -115,7 +115,24 @@ def build(model: NumpyClassifier):
         f = node("Sub", [f, const("ood_mean", model.stats.mean)], "centred")
         z = node("MatMul", [f, const("ood_projection", model.stats.projection)], "whitened")
         z = node("Mul", [z, z], "squares")
-        node("ReduceMean", [z], "ood_score", axes=[1], keepdims=0)
+        pixels = model.stats.pixels
+        if pixels is None:
+            node("ReduceMean", [z], "ood_score", axes=[1], keepdims=0)
+        else:  # the larger of the feature and the pixel score, each over its scale
+            feature = node("ReduceMean", [z], "feature_score", axes=[1], keepdims=0)
+            # the image's 4x4 blocks of pixels in [0, 1] (ood.pixel_features), row-major
+            p = node("Unsqueeze", ["pixels", const("p_axis", np.array([1], np.int64))], "p0")
+            p = node("AveragePool", [p], "p_blocks", kernel_shape=[side // 4] * 2,
+                     strides=[side // 4] * 2)  # fmt: skip
+            p = node("Reshape", [p, const("p_rows", np.array([0, -1], np.int64))], "p_flat")
+            p = node("Div", [p, const("p_max", np.float32(255.0))], "p_features")
+            p = node("Sub", [p, const("p_mean", pixels.mean)], "p_centred")
+            p = node("MatMul", [p, const("p_projection", pixels.projection)], "p_whitened")
+            p = node("Mul", [p, p], "p_squares")
+            pixel = node("ReduceMean", [p], "pixel_score", axes=[1], keepdims=0)
+            a = node("Div", [feature, const("feature_scale", pixels.scales[0])], "feature_scaled")
+            b = node("Div", [pixel, const("pixel_scale", pixels.scales[1])], "pixel_scaled")
+            node("Max", [a, b], "ood_score")
         outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"]))
     # Evidence: each position's terms of the class logits, centred over the classes and
     # divided by the temperature: linear in the map, so one Einsum with centred weights.

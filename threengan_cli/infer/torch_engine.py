@@ -87,8 +87,15 @@ class Model(engine.Engine):
                 _, features = self.unadapted.logits_and_features(x)
             features = features.cpu().numpy()
         # The score's products run image by image in NumPy, as in the NumPy engine, so that
-        # an image's score never depends on its batch.
-        (scores,) = per_image(lambda f: (self.stats.scores(f),), features)
+        # an image's score never depends on its batch. The images' pixel features (where
+        # the model has a pixel Gaussian) travel beside the features: one array to split.
+        pixels = self.stats.pixel_inputs(images_u8)
+        if pixels is None:
+            (scores,) = per_image(lambda f: (self.stats.scores(f),), features)
+            return probs, scores
+        size = features.shape[1]
+        both = np.concatenate([features, pixels], axis=1)
+        (scores,) = per_image(lambda f: (self.stats.scores(f[:, :size], f[:, size:]),), both)
         return probs, scores
 
     def predict_proba(self, images_u8: torch.Tensor) -> torch.Tensor:

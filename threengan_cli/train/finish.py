@@ -20,7 +20,13 @@ from threengan_cli.train.runstate import (
     evaluate_adapted,
     weights_of,
 )
-from threengan_cli.train.scoring import flagged_share, model_statistics, score_split
+from threengan_cli.train.scoring import (
+    SplitOutputs,
+    flagged_share,
+    metrics_of_logits,
+    model_statistics,
+    split_outputs,
+)
 
 
 def summary_ok(run_dir: Path) -> bool:
@@ -30,24 +36,37 @@ def summary_ok(run_dir: Path) -> bool:
         return False
 
 
-def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
+def final_outputs(loop: Loop, used: dict[str, torch.nn.Module]) -> dict[str, SplitOutputs]:
+    """val and test through the classifier once each: their logits (metrics) and features
+    (statistics, flagged shares)."""
+    k = len(loop.data.classes)
+    return {
+        split: split_outputs(loop.method, used, getattr(loop.data, f"{split}_x"), k, amp=loop.amp)
+        for split in ("val", "test")
+    }
+
+
+def finish(
+    loop: Loop, used: dict[str, torch.nn.Module], stats: Stats, outputs: dict[str, SplitOutputs]
+) -> dict:
     """Evaluate on test once (final model, best-on-val model, and the transductive BN-adapted
     final model in a column of its own) and write summary.json. The best-on-val checkpoint
-    is written again with the statistics of its own weights."""
+    is written again with the statistics of its own weights. ``outputs``: the final model's
+    pass over val and test (:func:`final_outputs`)."""
     settings, data = loop.settings, loop.data
-    k = len(data.classes)
-    how = how_evaluated(loop, stats)
-    final_test = score_split(loop.method, used, data.test_x, data.test_y, k, **how)
-    final_val = score_split(loop.method, used, data.val_x, data.val_y, k, **how)
+    temperature = how_evaluated(loop, stats)["temperature"]
+    final_test = metrics_of_logits(outputs["test"].logits, data.test_y, temperature)
+    final_val = metrics_of_logits(outputs["val"].logits, data.val_y, temperature)
     adapted = evaluate_adapted(loop, used)
     best_test, best_stats = final_test, stats
     best = checkpoints.load(loop.run_dir / runs.BEST, map_location=data.train_x.device)
     if loop.best_epoch is not None and loop.best_epoch != settings.epochs:
         saved = weights_of(used)
         checkpoints.restore_networks(best, used)
-        best_stats = model_statistics(loop.method, used, data)
-        how = how_evaluated(loop, best_stats)
-        best_test = score_split(loop.method, used, data.test_x, data.test_y, k, **how)
+        best_outputs = final_outputs(loop, used)
+        best_stats = model_statistics(loop.method, used, data, val=best_outputs["val"])
+        best_temperature = how_evaluated(loop, best_stats)["temperature"]
+        best_test = metrics_of_logits(best_outputs["test"].logits, data.test_y, best_temperature)
         for name, net in used.items():
             net.load_state_dict(saved[name])
     if best_stats is not None:
@@ -57,8 +76,7 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
     flagged = {}
     if stats is not None:
         for split in ("val", "test"):
-            images = getattr(data, f"{split}_x")
-            flagged[split] = flagged_share(loop.method, used, images, stats[0])
+            flagged[split] = flagged_share(outputs[split], stats)
     summary = {
         "run": str(loop.run_dir),
         "method": settings.method,
@@ -76,6 +94,8 @@ def finish(loop: Loop, used: dict[str, torch.nn.Module], stats: Stats) -> dict:
             "temperature": how_evaluated(loop, stats)["temperature"],
             "ood_threshold": float(stats[0]["ood_threshold"]) if stats is not None else None,
             "ood_flagged": flagged,
+            "ood_fit": stats[1]["ood"] if stats is not None else None,
+            "temperature_split": stats[1]["temperature"]["split"] if stats is not None else None,
         },
         "elapsed_s": round(loop.elapsed(), 2),
         "extended": loop.extended,

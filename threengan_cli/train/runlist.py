@@ -53,6 +53,7 @@ class RunInfo:
     error: str | None = None  # what is damaged (state "damaged")
     best_epoch: int | None = None  # the epoch of best.safetensors
     test_accuracy_best: float | None = None  # of best.safetensors (--model best)
+    ood_fit: dict[str, Any] | None = None  # how the final model's ood detector was fitted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +176,15 @@ def _read_run_info(run_dir: Path, name: str) -> RunInfo:
         resumable=(run_dir / LAST).is_file(),
         best_epoch=best_epoch if has_best else None,
         test_accuracy_best=test_best,
+        ood_fit=_ood_fit(summary) if finished else None,
     )
+
+
+def _ood_fit(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """What summary.json says of the detector's fit (runs from before it said: None)."""
+    stats = summary.get("stats")
+    found = stats.get("ood_fit") if isinstance(stats, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def run_folders(home: Path | None = None) -> list[tuple[str, Path]]:

@@ -61,7 +61,7 @@ from threengan_cli.train.events import (
     StepDone,
     TrainingError,
 )
-from threengan_cli.train.finish import finish, summary_ok
+from threengan_cli.train.finish import final_outputs, finish, summary_ok
 from threengan_cli.train.runstate import (
     Loop,
     create,
@@ -356,8 +356,9 @@ def _train(
             emit(_epoch_done(loop, epoch, first, epoch_t0, test_every_epoch, checkpoint_every_s))
 
     used = prediction_nets(loop)  # once, for the final evaluation and the last checkpoint
-    stats = model_statistics(loop.method, used, loop.data)
-    summary = finish(loop, used, stats)
+    outputs = final_outputs(loop, used)
+    stats = model_statistics(loop.method, used, loop.data, val=outputs["val"])
+    summary = finish(loop, used, stats, outputs)
     save_last(loop, settings.epochs, 0, used=used, stats=stats, finished=True)
     emit(RunFinished(summary))
     return summary
