@@ -555,8 +555,10 @@ def evaluation_tables(result) -> None:
     split = f" ({result.data.split})" if result.data.split else ""
     scores = Table(
         title=esc(f"{Path(result.data.source).name}{split}: {m['n']} images"),
-        caption="[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
-        "a seeded bootstrap for the others)",
+        caption=esc(
+            "[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
+            "a seeded bootstrap for the others)"
+        ),
         box=box.SIMPLE_HEAD,
     )
     scores.add_column("metric")
