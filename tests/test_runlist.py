@@ -257,5 +257,8 @@ def test_runs_and_train_show_the_accuracy_of_the_model_that_run_uses(
     [row] = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
     assert (row["test_accuracy"], row["best_epoch"], row["val_accuracy"]) == (0.8, 1, 0.9)
     assert row["test_accuracy_final"] == 0.7
+    # how its out-of-distribution detector was fitted: the whole train split, 24 images
+    assert row["ood_fit"]["fitted_on"] == {"images": 24} and row["ood_fit"]["pixels"]["dims"]
     table = runner.invoke(app, ["runs"]).stdout
     assert "0.8000 (1)" in table and "0.7000" in table and "--run uses" in table
+    assert "24 img, 12+12 dir" in table  # half as many directions as images at most
