@@ -244,6 +244,15 @@ def test_plots_are_written_with_the_plot_extra(tmp_path, tree, model_file):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_titles_are_wrapped_never_cut_short():
+    title = "model-with-a-long-name@0123456789ab on /data/sites/hospital-north/held-out (test)"
+    from threengan_cli.infer import plots
+
+    lines = plots._wrapped(title * 2, width=40).split("\n")
+    assert len(lines) > 2 and max(map(len, lines)) <= 40
+    assert "".join(lines).replace(" ", "") == (title * 2).replace(" ", "")
+
+
 def test_plot_without_matplotlib_is_a_failure_not_a_usage_error(
     tmp_path, tree, model_file, monkeypatch
 ):

@@ -518,6 +518,7 @@ def test_evaluate_tables_have_headers_naming_each_column_and_its_images(stats_ck
     lo, hi = report["accuracy_ci"]
     assert f"{report['accuracy']:.4f} [{lo:.3f}, {hi:.3f}]" in done.stdout
     assert "true \\ predicted" in done.stdout
+    assert "[brackets]: 95% interval" in done.stdout
 
 
 @pytest.mark.parametrize("bad", ["inf", "1e300", "nan", "0"])

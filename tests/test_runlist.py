@@ -268,8 +268,11 @@ def test_runs_train_and_evaluate_report_the_final_model_that_run_loads(
     [row] = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
     assert (row["test_accuracy"], row["best_epoch"], row["test_accuracy_best"]) == (0.7, 1, 0.8)
     assert row["val_accuracy"] == summary["val"]["accuracy"]  # the final model's
+    # how its out-of-distribution detector was fitted: the whole train split, 24 images
+    assert row["ood_fit"]["fitted_on"] == {"images": 24} and row["ood_fit"]["pixels"]["dims"]
     table = runner.invoke(app, ["runs"]).stdout
     assert "0.7000" in table and "0.8000 (1)" in table and "--run loads" in table
+    assert "24 img, 12+12 dir" in table  # half as many directions as images at most
     # --run loads the model those figures are of; --model best the other one
     final = runner.invoke(app, ["evaluate", str(dataset), "--run", "two", "--json", "-q"])
     best = runner.invoke(

@@ -347,8 +347,10 @@ def evaluation_tables(result) -> None:
     title = f"{Path(result.data.source).name}{split}: {m['n']} images, {result.model_id}{which}"
     scores = Table(
         title=esc(title),
-        caption="[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
-        "a seeded bootstrap for the others)",
+        caption=esc(
+            "[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
+            "a seeded bootstrap for the others)"
+        ),
         box=box.SIMPLE_HEAD,
     )
     scores.add_column("metric")
