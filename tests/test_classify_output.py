@@ -152,7 +152,7 @@ def test_ctrl_c_while_sort_into_copies_exits_130_and_leaves_no_half_copied_file(
         "        g.write(data[len(data) // 2 :])\n"
         "    return dst\n"
         "shutil.copyfile = slow\n"
-        "from threengan_cli.cli import main\n"
+        "from threengan_cli.cli.app import main\n"
         f"sys.argv = ['threengan', 'classify', {str(folder)!r}, '--checkpoint', {str(ckpt)!r},\n"
         f"            '--sort-into', {str(out)!r}, '-f', 'csv', '--workers', '2']\n"
         "main()\n"

@@ -243,7 +243,7 @@ def test_checkpoints_on_a_time_basis_resume_exactly_after_a_kill(dataset, tmp_pa
         writes.append((path.parent.name, path.name))
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(training.checkpoints, "save", save)
+    monkeypatch.setattr(checkpoints, "save", save)
 
     def every_45_s(event):
         if isinstance(event, events.EpochDone):
