@@ -12,8 +12,9 @@ and gives
 
     probabilities   float32 (N, K): softmax(logits / temperature), the model's calibration
     ood_score       float32 (N,): the out-of-distribution score (``ood``: the last feature
-                    map averaged over 2x2 blocks, centred, projected, mean of squares);
-                    only for a model with statistics
+                    map averaged over 2x2 blocks, centred, projected, mean of squares; where
+                    the model has a pixel Gaussian, the larger of that and the image's 4x4
+                    blocks' score, each over its scale); only for a model with statistics
     evidence        float32 (N, K, 4, 4): each position's evidence for each class
                     (:mod:`infer.heatmap`), which ``classify --heatmaps`` draws
 
