@@ -322,7 +322,7 @@ def runs(
     quiet: QuietOpt = False,
 ) -> None:
     """List the training runs in the data dir: name, method, N, epochs done/planned,
-    state (finished, running, stopped), val and test accuracy, size on disk.
+    state (finished, failed, running, stopped), val and test accuracy, size on disk.
 
     Runs of benchmarks are listed as BENCHMARK/RUN. A run counts as
     running while a live process holds its writer lock.
