@@ -44,12 +44,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "pool": {},
     "pool-bn": {"unlabelled_norm": "labelled"},  # the ssl study's val winner
-    "pool-dbn": {"domain_bn": True},  # BatchNorm statistics per domain
-    "pool-adamatch": {
+    "pool-dbn": {"precise_bn_images": "unlabelled"},  # BatchNorm statistics per domain
+    "pool-adamatch": {  # Berthelot et al. 2021, with their tau (docs/method.md)
         "unlabelled_align": True,
-        "unlabelled_relative_tau": True,
+        "unlabelled_threshold": "relative",
         "unlabelled_tau": 0.9,
-        "logit_interpolation": True,
+        "unlabelled_interpolation": True,
     },
 }
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ood_flagged")
