@@ -4,7 +4,8 @@ trained on N labelled images of another hospital, scored on the site's held-out 
     python benchmarks/site_study.py --source kermany-source \\
         --site ../shared/data/kermany-chest-xray/test --out site-study \\
         [--size 200] [--width 64] [--epochs 100] [--seeds 11,12,13,14,15] \\
-        [--variants none,pool,pool-bn] [--method 3ngan] [--recipe robust] [--device auto]
+        [--variants none,pool,pool-bn] [--method 3ngan] [--recipe robust] [--device auto] \\
+        [--parallel 1]
 
 Labelled source: ``--size`` images of the prepared dataset ``--source``'s train split (its val
 split chooses the best checkpoint). Prepare it WITHOUT the site's folder, or ``--unlabelled``
@@ -14,8 +15,14 @@ kermany-source``). Site: ``--site``, a folder of class folders, split into halve
 fixed hash of the patient id (threengan_cli/bench/site.py); for each seed, pool = A and
 held-out = B, then the reverse, so every site image is scored once per seed.
 
+The variants (:data:`VARIANTS`; docs/method.md says what each option does): ``none`` (no
+pool), ``pool`` (``--unlabelled`` the other half, as it is), ``pool-bn`` (``unlabelled_norm =
+"labelled"``, the ssl study's val winner), ``pool-dbn`` (``precise_bn_images = "unlabelled"``:
+the site's BatchNorm statistics) and ``pool-adamatch`` (AdaMatch's alignment, relative bar
+and logit interpolation). ``--method vanilla --out OTHER`` gives the same without the game.
+
 Each (variant, seed, half) is a ``threengan train`` run in ``OUT/runs/<variant>-s<seed>-pool<H>``
-with the variant's settings in a TOML file beside it, then ``threengan evaluate --json`` on the
+with its settings in ``OUT/configs/<run>.toml``, then ``threengan evaluate --json`` on the
 held-out half: the final model (``last.safetensors``) and the best on val (``--run``). A run
 with its ``eval.json`` is skipped, so the script resumes where it stopped; a run stopped
 midway is resumed by ``train --resume``. ``OUT/report.md`` and ``OUT/results.json``: per
@@ -32,7 +39,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +105,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
     held_out = work / f"heldout-{site.other(half)}"
     pool = work / f"pool-{half}"
     extra = VARIANTS[variant]
-    config = args.out / "configs" / f"{variant}.toml"
+    config = args.out / "configs" / f"{name}.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(_toml(extra or {}))
     log = args.out / "logs" / f"{name}.log"
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="3ngan")
     parser.add_argument("--recipe", default="robust")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU: 4-10)")
     parser.add_argument("--report-only", action="store_true", help="tabulate what has finished")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
@@ -237,23 +247,31 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    records = []
-    for seed in seeds:
-        for half in halves:
-            for variant in variants:
-                run_dir = args.out / "runs" / f"{variant}-s{seed}-pool{half}"
-                if args.report_only:
-                    if (run_dir / "eval.json").is_file():
-                        records.append(json.loads((run_dir / "eval.json").read_text()))
-                    continue
-                record = one_run(args, variant, seed, half, splits[half], cli)
-                records.append(record)
-                print(
-                    f"{variant} seed {seed} pool {half}: final accuracy "
-                    f"{record['final']['accuracy']:.4f} ({record['train_seconds']:.0f} s)",
-                    flush=True,
-                )
-                _write(args, records, variants, split_sizes)
+    jobs = [(seed, half, v) for seed in seeds for half in halves for v in variants]
+    records: list[dict[str, Any]] = []
+    if args.report_only:
+        for seed, half, variant in jobs:
+            done = args.out / "runs" / f"{variant}-s{seed}-pool{half}" / "eval.json"
+            if done.is_file():
+                records.append(json.loads(done.read_text()))
+        _write(args, records, variants, split_sizes)
+        return 0
+    lock = threading.Lock()
+
+    def job(seed: int, half: str, variant: str) -> None:
+        record = one_run(args, variant, seed, half, splits[half], cli)
+        with lock:
+            records.append(record)
+            print(
+                f"{variant} seed {seed} pool {half}: final accuracy "
+                f"{record['final']['accuracy']:.4f} ({record['train_seconds']:.0f} s)",
+                flush=True,
+            )
+            _write(args, records, variants, split_sizes)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for future in [pool.submit(job, *j) for j in jobs]:
+            future.result()  # a failed run stops the study with its message
     _write(args, records, variants, split_sizes)
     return 0
 

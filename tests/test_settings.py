@@ -157,6 +157,15 @@ def test_the_site_options_refuse_what_they_cannot_do(flags, expected):
     assert ok.precise_bn_images == "unlabelled"
 
 
+def test_a_site_option_in_a_file_may_take_its_pool_from_the_flag(tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text('[train]\nprecise_bn_images = "unlabelled"\n')
+    assert resolve("train", config, unlabelled="pool/").precise_bn_images == "unlabelled"
+    with pytest.raises(SettingsError, match="needs precise_bn and a pool") as info:
+        resolve("train", config)
+    assert str(info.value).startswith("train: precise_bn_images")
+
+
 def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):
     config = tmp_path / "deep.toml"
     config.write_text("[classify]\nbatch_size = " + "[" * 500 + "]" * 500 + "\n")

@@ -280,7 +280,10 @@ class TrainSettings(_Section):
         return value
 
     @model_validator(mode="after")
-    def _pool_statistics_need_a_pool(self) -> TrainSettings:
+    def _pool_statistics_need_a_pool(self, info: ValidationInfo) -> TrainSettings:
+        # A config file is checked alone first (resolve): the pool may come from a flag.
+        if (info.context or {}).get("file_alone"):
+            return self
         if self.precise_bn_images == "unlabelled" and not (self.precise_bn and self.unlabelled):
             raise ValueError("precise_bn_images = 'unlabelled' needs precise_bn and a pool")
         if self.unlabelled_interpolation and (
@@ -390,7 +393,8 @@ def explain(exc: ValidationError, section: str, model: type[BaseModel] | None = 
     else:
         allowed = err["msg"].removeprefix("Value error, ")
         allowed = allowed[0].lower() + allowed[1:]
-    return f"{section}.{name}: {allowed}{got}"
+    where = section if not err["loc"] else f"{section}.{name}"  # a check of several fields
+    return f"{where}: {allowed}{got}"
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -441,7 +445,7 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     # A file's values are taken as written, strictly: `epochs = true` or `tau = "0.9"` is an
     # error there, not 1 or 0.9 (flags arrive typed by the command line already).
     try:
-        model.model_validate(from_file, strict=True)
+        model.model_validate(from_file, strict=True, context={"file_alone": True})
     except ValidationError as exc:
         raise SettingsError(f"config file {config}: {explain(exc, section)}") from None
     values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
