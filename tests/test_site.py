@@ -135,3 +135,47 @@ def test_the_summary_pairs_runs_by_seed_and_half():
     assert diff["ci95"] == pytest.approx(expected["ci95"])
     assert found["means"]["final"]["pool"]["accuracy"]["n"] == 3
     assert "none - pool" not in found["paired"]["final"]
+
+
+def _study_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "site_study.py"
+    spec = importlib.util.spec_from_file_location("site_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_resumes(
+    dataset, tmp_path
+):
+    import json
+
+    root = tmp_path / "site"
+    for i in range(6):  # the tiny dataset's classes are "0" and "1"
+        save(root / "0" / f"IM-{i:04d}-0001.png", seed=i, size=(32, 32))
+        save(root / "1" / f"person{i}_bacteria_{i}.png", seed=100 + i, size=(32, 32))
+    expected = site.split(site.site_files(root), "A")
+    out = tmp_path / "study"
+    args = ["--source", str(dataset), "--site", str(root), "--out", str(out), "--size", "4",
+            "--width", "4", "--epochs", "1", "--seeds", "3", "--halves", "A",
+            "--variants", "none,pool", "--device", "cpu"]  # fmt: skip
+    study = _study_script()
+    assert study.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]: r for r in results["records"]}
+    assert runs["pool"]["pool_images"] == len(expected.pool) and runs["none"]["pool_images"] == 0
+    assert runs["pool"]["held_out_images"] == len(expected.held_out)
+    for variant, pool in (("none", None), ("pool", str(out / "site" / "pool-A"))):
+        settings = json.loads((out / "runs" / f"{variant}-s3-poolA" / "settings.json").read_text())
+        assert settings["unlabelled"] == pool and settings["seed"] == 3
+    assert 0.0 <= runs["pool"]["final"]["accuracy"] <= 1.0
+    assert results["summary"]["paired"]["final"]["pool - none"]["accuracy"]["pairs"] == 1
+    assert "pool - none" in (out / "report.md").read_text()
+    model = out / "runs" / "pool-s3-poolA" / "last.safetensors"
+    before = model.stat().st_mtime_ns
+    assert study.main(args) == 0  # a second call finds every run done
+    assert model.stat().st_mtime_ns == before
