@@ -13,7 +13,8 @@ refuses a pool of its own test images: for Kermany, a folder with links to train
 only (``ln -s .../train src/train; ln -s .../val src/val; threengan prepare src --name
 kermany-source``). Site: ``--site``, a folder of class folders, split into halves A and B by a
 fixed hash of the patient id (threengan_cli/bench/site.py); for each seed, pool = A and
-held-out = B, then the reverse, so every site image is scored once per seed.
+held-out = B, then the reverse, so every site image is scored once per seed. Another site:
+``--site ../shared/data/external-dev/nih-cxr8-darkcovidnet --patient-pattern '^(\\d{8})_'``.
 
 The variants (:data:`VARIANTS`; docs/method.md says what each option does): ``none`` (no
 pool), ``pool`` (``--unlabelled`` the other half, as it is), ``pool-bn`` (``unlabelled_norm =
@@ -202,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="kermany-source", help="prepared labelled dataset")
     parser.add_argument("--site", default="../shared/data/kermany-chest-xray/test")
+    parser.add_argument(
+        "--patient-pattern",
+        help="regex whose first group is the patient id (default: Kermany's names); NIH: "
+        r"'^(\d{8})_'",
+    )
     parser.add_argument("--out", type=Path, default=Path("site-study"))
     parser.add_argument("--size", type=int, default=200)
     parser.add_argument("--width", type=int, default=64)
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = [sys.executable, "-m", "threengan_cli"]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    files = site.site_files(args.site)
+    files = site.site_files(args.site, args.patient_pattern)
     splits = {h: site.split(files, h) for h in site.HALVES}
     split_sizes = ", ".join(
         f"pool {h} {len(s.pool)} images (+{len(s.dropped)} byte copies of held-out ones left "

@@ -20,6 +20,9 @@ def test_patient_ids_read_from_kermany_names_join_normal2_and_im_stems():
     assert site.patient_of("IM-0115-0001.jpeg") == "IM-0115"
     assert site.patient_of("NORMAL2-IM-0115-0001-0002.jpeg") == site.patient_of("IM-0115-0002.jpeg")
     assert site.patient_of("/a/scan.png") == "file:scan.png"
+    nih = r"^(\d{8})_"
+    assert site.patient_of("/x/00001280_004.png", nih) == site.patient_of("00001280_000.png", nih)
+    assert site.patient_of("00001280_004.png", nih) == "00001280"
 
 
 def test_a_patients_half_is_the_parity_of_its_ids_sha256():

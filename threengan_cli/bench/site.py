@@ -51,9 +51,11 @@ class Split:
     dropped: list[SiteFile]
 
 
-def patient_of(path: str) -> str:
-    """The patient id of a file (see the module docstring); ``file:<name>`` without one."""
-    found = sources.patient_id(path)
+def patient_of(path: str, pattern: str | None = None) -> str:
+    """The patient id of a file (see the module docstring), or the first group of
+    ``pattern`` searched in its name (``prepare --patient-pattern``'s rule, e.g.
+    ``^(\\d{8})_`` for NIH's ``PPPPPPPP_FFF.png``); ``file:<name>`` without one."""
+    found = sources.patient_id(path, pattern)
     return found if found is not None else f"file:{os.path.basename(path)}"
 
 
@@ -66,15 +68,15 @@ def other(half: str) -> str:
     return HALVES[1 - HALVES.index(half)]
 
 
-def site_files(folder: str | os.PathLike) -> list[SiteFile]:
+def site_files(folder: str | os.PathLike, pattern: str | None = None) -> list[SiteFile]:
     """The image files of a folder of class folders (``NORMAL/``, ``PNEUMONIA/``...), sorted
-    by class then path."""
+    by class then path; ``pattern``: see :func:`patient_of`."""
     top = Path(folder)
     classes = sorted(p for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{folder} holds no class folders")
     return [
-        SiteFile(str(Path(path).resolve()), klass.name, patient_of(path))
+        SiteFile(str(Path(path).resolve()), klass.name, patient_of(path, pattern))
         for klass in classes
         for path in image_files(str(klass))
     ]
