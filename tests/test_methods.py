@@ -327,3 +327,51 @@ def test_with_labelled_norm_the_pool_is_labelled_under_the_labelled_batchs_stati
     assert torch.equal(pseudo.unlabelled.counts[0], torch.bincount(borrowed, minlength=K).float())
     # else this test could not tell the two apart
     assert not torch.equal(torch.bincount(own, minlength=K), torch.bincount(borrowed, minlength=K))
+
+
+def test_random_logit_interpolation_draws_labelled_logits_between_own_and_joint_statistics():
+    from threengan_cli.model.networks import separately
+
+    settings, nets, opts, real, labels = _setup("vanilla")
+    C, pool = nets["C"], _pool() * 0.5 + 0.4  # brighter: the joint statistics differ
+    with torch.no_grad():
+        alone = separately(C, real)[0]
+        joint = separately(C, torch.cat([real, pool]))[0]
+        (got,), weak, strong = methods._classifier_views(
+            C, None, real, unlabelled=pool, interpolate=True, rng=torch.Generator().manual_seed(4)
+        )
+    lam = torch.rand(alone.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(got, lam * alone + (1 - lam) * joint[:BATCH], atol=1e-6)
+    assert torch.allclose(weak, joint[BATCH:], atol=1e-6) and torch.equal(weak, strong)
+    assert not torch.allclose(alone, joint[:BATCH], atol=1e-3)  # else this shows nothing
+
+
+def test_interpolation_with_augmentation_labels_the_weak_view_and_trains_the_strong_one():
+    from threengan_cli.model.augment import policy
+
+    settings, nets, opts, real, labels = _setup("3ngan", unlabelled_interpolation=True)
+    aug = policy(("cutout", "color"), torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        (c_real, c_fake), weak, strong = methods._classifier_views(
+            nets["C"], aug, real, real, unlabelled=_pool(), interpolate=True, rng=gen
+        )
+    assert c_real.shape == c_fake.shape == weak.shape == strong.shape == (BATCH, K)
+    assert not torch.equal(weak, strong)
+    before = _params(nets["C"])
+    out = _step("3ngan", settings, nets, opts, real, labels, unlabelled=_pool(), aug=aug)
+    assert torch.isfinite(out.loss_c) and not _same(before, _params(nets["C"]))
+
+
+def test_a_relative_threshold_in_a_step_follows_cs_confidence_on_the_labelled_batch():
+    from threengan_cli.model import pseudolabels
+    from threengan_cli.model.networks import separately
+
+    settings, nets, opts, real, labels = _setup("3ngan", unlabelled_threshold="relative")
+    with torch.no_grad():
+        c_real = separately(copy.deepcopy(nets["C"]), real)[0]
+    pseudo = pseudolabels.build(settings, K, torch.device("cpu"))
+    _step("3ngan", settings, nets, opts, real, labels, unlabelled=_pool(), pseudo=pseudo)
+    expected = pseudolabels.relative_threshold(settings.unlabelled_tau, c_real)
+    assert float(pseudo.unlabelled.bar) == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) < settings.unlabelled_tau

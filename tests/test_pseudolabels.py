@@ -96,6 +96,26 @@ def test_state_restores_into_a_fresh_labeller_that_then_labels_the_same():
     assert torch.equal(a.counts, b.counts)
 
 
+def test_a_relative_threshold_is_tau_times_the_labelled_batchs_mean_confidence():
+    labelled = _logits(0.9, 0.3)  # top probabilities 0.9 and 0.7: mean 0.8
+    assert float(pseudolabels.relative_threshold(0.9, labelled)) == pytest.approx(0.72)
+    relative = PseudoLabeller(2, 0.9, CPU, relative=True)
+    _, weights = relative(_logits(0.75, 0.70, 0.2), labelled)
+    assert weights.tolist() == [1.0, 0.0, 1.0]  # 0.75 and 0.8 clear 0.72; 0.70 does not
+    fixed = PseudoLabeller(2, 0.9, CPU)
+    assert fixed(_logits(0.75, 0.70, 0.2), labelled)[1].tolist() == [0.0, 0.0, 0.0]
+    assert relative.summary(["N", "P"])["relative_threshold"] == pytest.approx(0.72)
+    assert relative.thresholds().tolist() == pytest.approx([0.72, 0.72])
+    # a more confident labelled batch raises the bar with it
+    _, weights = relative(_logits(0.75, 0.70, 0.2), _logits(0.99, 0.01))
+    assert weights.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_relative_threshold_needs_the_labelled_logits():
+    with pytest.raises(ValueError, match="labelled batch's logits"):
+        PseudoLabeller(2, 0.9, CPU, relative=True)(_logits(0.8))
+
+
 def test_build_follows_the_settings_and_refuses_a_teacher_it_lacks():
     settings = TrainSettings(
         unlabelled_align=True, unlabelled_threshold="adaptive", unlabelled_rampup=3
@@ -107,6 +127,9 @@ def test_build_follows_the_settings_and_refuses_a_teacher_it_lacks():
     assert pool.target is not None and pool.adaptive and pool.ramp_steps == 60
     assert built.generated.target is None and not built.generated.adaptive
     assert built.teacher_for("unlabelled") is None
+    assert not pool.relative
+    relative = pseudolabels.build(TrainSettings(unlabelled_threshold="relative"), 2, CPU)
+    assert relative.unlabelled.relative and not relative.generated.relative
     with pytest.raises(ValueError, match="averaged weights"):
         pseudolabels.build(TrainSettings(unlabelled_teacher=True), 2, CPU)
 
@@ -169,6 +192,37 @@ def test_a_run_with_every_pseudo_label_option_resumes_exactly(dataset, tmp_path)
 
     assert pseudo(stopped) == pseudo(full)
     assert "thresholds" in pseudo(full)[-1]["unlabelled"]
+
+
+ADAMATCH = {
+    "unlabelled_align": True,
+    "unlabelled_threshold": "relative",
+    "unlabelled_tau": 0.9,
+    "unlabelled_interpolation": True,
+    "precise_bn_images": "unlabelled",
+}
+
+
+@pytest.mark.slow
+def test_a_run_with_the_site_options_resumes_exactly(dataset, tmp_path):
+    from model_factory import train_until_stopped
+
+    from threengan_cli.model import checkpoints
+    from threengan_cli.train import training
+
+    settings = _loop_settings(epochs=2, **ADAMATCH)
+    full = tmp_path / "full"
+    training.train(dataset, settings, full)
+    stopped = tmp_path / "stopped"
+    train_until_stopped(dataset, settings, stopped)
+    training.train(dataset, settings, stopped, resume=True)
+    a = checkpoints.load(full / "last.safetensors")
+    b = checkpoints.load(stopped / "last.safetensors")
+    for group in ("net", "use"):
+        ga, gb = a.group(group), b.group(group)
+        assert ga and all(torch.equal(ga[k], gb[k]) for k in ga), group
+    last = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 < last["pseudo"]["unlabelled"]["relative_threshold"] <= 0.9
 
 
 def test_teacher_pseudo_labels_need_a_classifier_c(dataset, tmp_path):

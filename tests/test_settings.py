@@ -127,7 +127,43 @@ def test_the_pseudo_label_options_are_off_in_both_recipes(recipe):
     assert (cfg.unlabelled_ratio, cfg.unlabelled_rampup) == (1, 0)
     assert not (cfg.unlabelled_align or cfg.unlabelled_teacher or cfg.generated_teacher)
     assert cfg.unlabelled_threshold == "fixed"
+    assert not cfg.unlabelled_interpolation and cfg.precise_bn_images == "labelled"
     assert resolve("train", recipe=recipe, ema=0.99, unlabelled_teacher=True).unlabelled_teacher
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"precise_bn_images": "unlabelled"}, "needs precise_bn and a pool"),
+        (
+            {"precise_bn_images": "unlabelled", "unlabelled": "rest", "recipe": "paper"},
+            "needs precise_bn and a pool",
+        ),
+        (
+            {"unlabelled_interpolation": True, "unlabelled_norm": "labelled"},
+            "does not combine with unlabelled_teacher or unlabelled_norm",
+        ),
+        (
+            {"unlabelled_interpolation": True, "unlabelled_teacher": True},
+            "does not combine with unlabelled_teacher or unlabelled_norm",
+        ),
+    ],
+)
+def test_the_site_options_refuse_what_they_cannot_do(flags, expected):
+    with pytest.raises(SettingsError, match=expected) as info:
+        resolve("train", **flags)
+    assert "\n" not in str(info.value)
+    ok = resolve("train", unlabelled="rest", precise_bn_images="unlabelled")
+    assert ok.precise_bn_images == "unlabelled"
+
+
+def test_a_site_option_in_a_file_may_take_its_pool_from_the_flag(tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text('[train]\nprecise_bn_images = "unlabelled"\n')
+    assert resolve("train", config, unlabelled="pool/").precise_bn_images == "unlabelled"
+    with pytest.raises(SettingsError, match="needs precise_bn and a pool") as info:
+        resolve("train", config)
+    assert str(info.value).startswith("train: precise_bn_images")
 
 
 def test_a_config_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):

@@ -397,3 +397,22 @@ def test_without_a_val_split_the_best_checkpoint_is_the_final_model(tmp_path):
     last = checkpoints.load(run / "last.safetensors")
     assert best.meta["position"]["epoch"] == 3
     assert all(torch.equal(v, last.group("net")[k]) for k, v in best.group("net").items())
+
+
+def test_precise_bn_on_the_pool_fits_the_classifiers_statistics_on_the_pool():
+    from types import SimpleNamespace
+
+    from threengan_cli.train.runstate import bn_batches
+
+    labelled = torch.zeros(70, 8, 8, dtype=torch.uint8)
+    pool = torch.full((130, 8, 8), 255, dtype=torch.uint8)
+    data = SimpleNamespace(train_x=labelled, unlabelled=pool)
+
+    def seen(**kw):
+        settings = TrainSettings(unlabelled="rest", **kw)
+        loop = SimpleNamespace(settings=settings, data=data, n=70, device=torch.device("cpu"))
+        batches = list(bn_batches(loop, "C"))
+        return sum(len(b) for b in batches), float(torch.cat(batches).mean())
+
+    assert seen() == (70, -1.0)  # the labelled images, in the model's range
+    assert seen(precise_bn_images="unlabelled") == (130, 1.0)  # the pool's

@@ -36,8 +36,9 @@ Recipe = Literal["paper", "robust"]
 # fp16 is not offered: training would need a loss scaler (see accel.autocast_dtype).
 Precision = Literal["fp32", "bf16"]
 KLMode = Literal["batch-mean", "per-pair", "none"]
-Threshold = Literal["fixed", "adaptive"]
+Threshold = Literal["fixed", "adaptive", "relative"]
 Norm = Literal["own", "labelled"]
+PreciseBNImages = Literal["labelled", "unlabelled"]
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
 
 
@@ -200,7 +201,9 @@ class TrainSettings(_Section):
         False, description="align the pool's pseudo-label probabilities to the labels' shares"
     )
     unlabelled_threshold: Threshold = Field(
-        "fixed", description="fixed: unlabelled_tau; adaptive: FreeMatch's per-class bars"
+        "fixed",
+        description="fixed: unlabelled_tau; adaptive: FreeMatch's per-class bars; relative: "
+        "AdaMatch's, unlabelled_tau times the labelled batch's mean confidence",
     )
     unlabelled_teacher: bool = Field(
         False, description="the pool's pseudo-labels from the averaged weights (needs ema)"
@@ -212,6 +215,16 @@ class TrainSettings(_Section):
     )
     unlabelled_rampup: int = Field(
         0, ge=0, le=100_000, description="epochs over which the pool's weight ramps up; 0 = none"
+    )
+    unlabelled_interpolation: bool = Field(
+        False,
+        description="AdaMatch's random logit interpolation: the labelled batch's logits drawn "
+        "between its own BatchNorm statistics and those of the labelled batch and pool together",
+    )
+    precise_bn_images: PreciseBNImages = Field(
+        "labelled",
+        description="images precise BN fits the classifier's statistics on: labelled, or "
+        "unlabelled (the pool: the site's own statistics in the saved model)",
     )
     init: str | None = Field(
         None, description="start from this model's networks: default, a run, or a checkpoint file"
@@ -269,6 +282,22 @@ class TrainSettings(_Section):
         if value and not info.data.get("ema"):
             raise ValueError("needs ema > 0: the teacher is the moving average of the weights")
         return value
+
+    @model_validator(mode="after")
+    def _pool_statistics_need_a_pool(self, info: ValidationInfo) -> TrainSettings:
+        # A config file is checked alone first (resolve): the pool may come from a flag.
+        if (info.context or {}).get("file_alone"):
+            return self
+        if self.precise_bn_images == "unlabelled" and not (self.precise_bn and self.unlabelled):
+            raise ValueError("precise_bn_images = 'unlabelled' needs precise_bn and a pool")
+        if self.unlabelled_interpolation and (
+            self.unlabelled_teacher or self.unlabelled_norm == "labelled"
+        ):
+            raise ValueError(
+                "unlabelled_interpolation takes the pool's pseudo-labels from C's joint batch: "
+                "it does not combine with unlabelled_teacher or unlabelled_norm = 'labelled'"
+            )
+        return self
 
     @field_validator("augment")
     @classmethod
@@ -373,7 +402,8 @@ def explain(exc: ValidationError, section: str, model: type[BaseModel] | None = 
     else:
         allowed = err["msg"].removeprefix("Value error, ")
         allowed = allowed[0].lower() + allowed[1:]
-    return f"{section}.{name}: {allowed}{got}"
+    where = section if not err["loc"] else f"{section}.{name}"  # a check of several fields
+    return f"{where}: {allowed}{got}"
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -424,7 +454,7 @@ def resolve(section: str, config: Path | None = None, **flags: Any):
     # A file's values are taken as written, strictly: `epochs = true` or `tau = "0.9"` is an
     # error there, not 1 or 0.9 (flags arrive typed by the command line already).
     try:
-        model.model_validate(from_file, strict=True)
+        model.model_validate(from_file, strict=True, context={"file_alone": True})
     except ValidationError as exc:
         raise SettingsError(f"config file {config}: {explain(exc, section)}") from None
     values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}

@@ -135,10 +135,12 @@ def _pseudo_label_term(
     logits_strong: torch.Tensor,
     settings: TrainSettings,
     pseudo: pseudolabels.PseudoLabels,
+    logits_labelled: torch.Tensor,
 ) -> torch.Tensor:
     """Unlabelled images: CE of the strongly augmented view against the confident argmax of
-    the weak (un-augmented) view, masked by the pool's labeller, times its weight (FixMatch)."""
-    labels, weights = pseudo.unlabelled(logits_weak)
+    the weak (un-augmented) view, masked by the pool's labeller, times its weight (FixMatch).
+    ``logits_labelled``: the labelled batch's, for a threshold relative to them (AdaMatch)."""
+    labels, weights = pseudo.unlabelled(logits_weak, logits_labelled)
     return settings.unlabelled_weight * losses.masked_ce(logits_strong, labels, weights)
 
 
@@ -173,13 +175,21 @@ def _classifier_views(
     unlabelled: torch.Tensor | None,
     teacher: nn.Module | None = None,
     labelled_norm: bool = False,
+    interpolate: bool = False,
+    rng: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """C's logits of the augmented ``batches`` and, with ``unlabelled``, of its weak
     (un-augmented) and strong (augmented) views, all in one call of C. With a ``teacher``,
     the weak view's logits are the teacher's, and C sees the strong view only. With
     ``labelled_norm`` the weak view is normalised by the statistics of the first batch (the
     labelled images) un-augmented, not by its own: the pool's class mix then does not move
-    what its pseudo-labels are."""
+    what its pseudo-labels are.
+
+    With ``interpolate`` (AdaMatch's random logit interpolation) the labelled batch and the
+    pool's views are also seen as one batch, normalised by their joint statistics: the pool's
+    logits are that batch's, and the labelled batch's are drawn, logit by logit, uniformly
+    between its own-statistics logits and its joint-statistics ones (from ``rng``), so C
+    learns labels that hold under either normalisation."""
     t = aug or _same
     parts = [t(b) for b in batches]
     n = len(batches)
@@ -194,11 +204,34 @@ def _classifier_views(
         parts += [reference, unlabelled, t(unlabelled)]
         out = [o.float() for o in separately(C, *parts, borrow={n + 1: n})]
         return out[:n], out[n + 1].detach(), out[n + 2]
+    if interpolate:
+        return _interpolated_views(C, parts, t(unlabelled) if aug is not None else None,
+                                   unlabelled, rng)  # fmt: skip
     parts += [unlabelled, t(unlabelled)] if aug is not None else [unlabelled]
     out = [o.float() for o in separately(C, *parts)]
     weak = out[n]
     strong = out[n + 1] if aug is not None else out[n]
     return out[:n], weak, strong
+
+
+def _interpolated_views(
+    C: nn.Module,
+    parts: list[torch.Tensor],
+    strong_input: torch.Tensor | None,
+    weak_input: torch.Tensor,
+    rng: torch.Generator | None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`_classifier_views` with random logit interpolation (see there)."""
+    pool = [weak_input] + ([strong_input] if strong_input is not None else [])
+    joint_batch = torch.cat([parts[0], *pool])
+    out = [o.float() for o in separately(C, *parts, joint_batch)]
+    alone, joint = out[0], out[-1]
+    k, m = parts[0].shape[0], weak_input.shape[0]
+    lam = torch.rand(alone.shape, generator=rng, device=alone.device)
+    labelled = lam * alone + (1 - lam) * joint[:k]
+    weak = joint[k : k + m]
+    strong = joint[k + m :] if strong_input is not None else weak
+    return [labelled, *out[1:-1]], weak.detach(), strong
 
 
 def _init(net: nn.Module) -> nn.Module:
@@ -319,11 +352,13 @@ class Vanilla(Method):
                     unlabelled=unlabelled,
                     teacher=_teacher(pseudo, "unlabelled"),
                     labelled_norm=settings.unlabelled_norm == "labelled",
+                    interpolate=settings.unlabelled_interpolation,
+                    rng=rng,
                 )
             loss_c = F.cross_entropy(logits, labels)
             if weak is not None:
                 pseudo = pseudo or _plain_pseudo_labels(settings, logits)
-                loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo)
+                loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo, logits)
         _update(opts["C"], loss_c)
         return StepOutput(loss_c=loss_c.detach())
 
@@ -454,6 +489,8 @@ class ThreeNGAN(Method):
                     unlabelled=unlabelled,
                     teacher=_teacher(pseudo, "unlabelled"),
                     labelled_norm=settings.unlabelled_norm == "labelled",
+                    interpolate=settings.unlabelled_interpolation,
+                    rng=rng,
                 )
         pseudo = pseudo or _plain_pseudo_labels(settings, c_real)
         gen_teacher = pseudo.teacher_for("generated")
@@ -474,7 +511,7 @@ class ThreeNGAN(Method):
             kl=settings.kl if use_kl else "none",
         )
         if weak is not None:
-            loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo)
+            loss_c = loss_c + _pseudo_label_term(weak, strong, settings, pseudo, c_real)
         _update(opts["C"], loss_c)
 
         # (3) Update G on the same fake: fool D and, in 3ngan, be classified confidently by C

@@ -15,6 +15,10 @@ The options, each off by default (settings ``unlabelled_*`` and ``generated_teac
   targets pulled back;
 - self-adaptive thresholds (FreeMatch): one bar per class from running means of the top
   probability and of each class's probability, in place of a fixed bar;
+- a relative threshold (AdaMatch, Berthelot et al. 2021): the bar is ``tau`` times C's mean
+  top probability on the labelled batch of the same step, so it follows how confident C is
+  on the images whose labels it knows, rather than a fixed number a shifted site may never
+  reach;
 - a ramp-up of the unlabelled term's weight over its first epochs (Mean Teacher's);
 - pseudo-labels from a teacher, the moving average of C's weights (Mean Teacher), instead of
   C itself (the step computes the teacher's logits; see :class:`PseudoLabels`).
@@ -60,23 +64,29 @@ class PseudoLabeller:
         *,
         target: torch.Tensor | None = None,
         adaptive: bool = False,
+        relative: bool = False,
         ramp_steps: int = 0,
     ):
         k = num_classes
         self.tau = tau
         self.target = target.to(device) if target is not None else None  # align when given
         self.adaptive = adaptive
+        self.relative = relative
         self.ramp_steps = ramp_steps
         self.steps = torch.zeros((), device=device)
         self.model_mean = torch.full((k,), 1.0 / k, device=device)  # alignment's running mean
         self.confidence = torch.full((), 1.0 / k, device=device)  # FreeMatch's global bar
         self.class_mean = torch.full((k,), 1.0 / k, device=device)  # ... and its class means
         self.counts = torch.zeros(len(_ROWS), k, device=device)
+        self.bar = torch.full((), tau, device=device)  # the relative bar of the last step
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, logits: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, weights) of the images whose logits (B, K) are given: argmax class, and
-        1 where confident enough (times the ramp-up while it lasts), else 0."""
+        1 where confident enough (times the ramp-up while it lasts), else 0. ``reference``:
+        the labelled batch's logits, which a relative threshold is relative to."""
         probs = torch.softmax(logits.detach().float(), dim=1)
         self.steps += 1
         keep = 1 - ((1 + self.steps) / (_WARMUP + self.steps)).clamp(max=MOMENTUM)
@@ -88,6 +98,11 @@ class PseudoLabeller:
             self.confidence.lerp_(probs.max(dim=1).values.mean(), keep)
             self.class_mean.lerp_(probs.mean(dim=0), keep)
             tau = losses.adaptive_thresholds(self.confidence, self.class_mean)
+        if self.relative:
+            if reference is None:
+                raise ValueError("a relative threshold needs the labelled batch's logits")
+            self.bar.copy_(relative_threshold(self.tau, reference))
+            tau = self.bar.expand(probs.shape[1])  # one bar for every class
         labels, mask = losses.confident_argmax(probs, tau)
         chosen = torch.zeros_like(probs).scatter_(1, labels[:, None], 1.0)  # one-hot, no sync
         self.counts += torch.stack([chosen.sum(0), (chosen * mask[:, None]).sum(0), probs.sum(0)])
@@ -99,6 +114,8 @@ class PseudoLabeller:
         """The bar of each class now, (K,)."""
         if self.adaptive:
             return losses.adaptive_thresholds(self.confidence, self.class_mean)
+        if self.relative:
+            return self.bar.expand_as(self.class_mean).clone()
         return torch.full_like(self.class_mean, self.tau)
 
     # ------------------------------------------------------------------ state and summary
@@ -146,11 +163,19 @@ class PseudoLabeller:
         }
         if self.adaptive:
             out["thresholds"] = by_class(self.thresholds().tolist())
+        if self.relative:
+            out["relative_threshold"] = round(float(self.bar), 4)
         if self.target is not None:
             out["model_mean"] = by_class(self.model_mean.tolist())
         if self.ramp_steps:
             out["ramp"] = round(float(losses.rampup(self.steps / self.ramp_steps)), 4)
         return out
+
+
+def relative_threshold(tau: float, reference: torch.Tensor) -> torch.Tensor:
+    """AdaMatch's relative confidence threshold: ``tau`` times the mean over the rows of
+    ``reference`` (the labelled batch's logits, B x K) of their top softmax probability."""
+    return tau * torch.softmax(reference.detach().float(), dim=1).max(dim=1).values.mean()
 
 
 @dataclass
@@ -221,6 +246,7 @@ def build(
             device,
             target=label_shares if settings.unlabelled_align else None,
             adaptive=settings.unlabelled_threshold == "adaptive",
+            relative=settings.unlabelled_threshold == "relative",
             ramp_steps=settings.unlabelled_rampup * steps_per_epoch,
         ),
         teacher=teacher if wants_teacher else None,

@@ -326,14 +326,20 @@ def prediction_nets(loop: Loop) -> dict[str, torch.nn.Module]:
 
 def bn_batches(loop: Loop, name: str) -> Iterator[torch.Tensor]:
     """Inputs for recomputing a network's BatchNorm statistics: the labelled training images
-    (no augmentation) for a classifier; for G, latent batches from a fixed generator."""
+    (no augmentation) for a classifier, or the unlabelled pool under ``precise_bn_images =
+    "unlabelled"`` (the statistics of the site the pool comes from: what ``classify --adapt
+    bn`` fits at test time, fitted here on the pool instead); for G, latent batches from a
+    fixed generator."""
     size = 64  # a larger batch than training's gives the same averages with fewer passes
     if name == "G":
         gen = torch.Generator().manual_seed(loop.settings.seed + 17)
         for _ in range(max(1, min(20, loop.n // size))):
             yield torch.randn(size, loop.settings.latent, generator=gen).to(loop.device)
         return
-    for chunk in loop.data.train_x.split(size):
+    images = loop.data.train_x
+    if loop.settings.precise_bn_images == "unlabelled" and loop.data.unlabelled is not None:
+        images = loop.data.unlabelled
+    for chunk in images.split(size):
         if len(chunk) >= 2:
             yield to_model_range(chunk)
 

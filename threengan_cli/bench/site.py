@@ -1,0 +1,166 @@
+"""The site protocol: a folder of labelled X-rays from one site split in two halves by patient,
+one half the unlabelled pool a run learns from, the other held out to score it.
+
+A patient's half is a fixed function of the patient's id (the first byte of the id's sha256,
+even: half A, odd: half B), so every machine, seed and run splits the same way and no patient
+has X-rays in both halves. The id is read from the file's name as ``prepare`` reads it
+(:func:`sources.patient_id`: ``person<N>`` for Kermany's pneumonia files, the ``IM-NNNN``
+stem for normal ones, ``NORMAL2-IM-NNNN`` being the same patient as ``IM-NNNN``); a file whose
+name carries none is its own patient.
+
+The same bytes can sit in a folder under two patient ids (Kermany's test folder holds
+``NORMAL2-IM-0095-0001.jpeg`` and ``NORMAL2-IM-0096-0001.jpeg``, identical). A pool file whose
+bytes equal a held-out file's is left out of the pool: trained on, even without its label, it
+would make the held-out metrics transductive (``train --unlabelled`` refuses the same for a
+prepared dataset's own test and val images).
+
+Pure functions over paths; :func:`link_folder` is the one that writes (symbolic links, never
+copies of the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from threengan_cli.bench.report import mean_std
+from threengan_cli.data import sources
+from threengan_cli.data.walk import image_files
+
+HALVES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class SiteFile:
+    path: str  # absolute
+    label: str  # the class folder it sits in
+    patient: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """One direction of the protocol: the pool (unlabelled), the held-out files (labelled),
+    and the pool files left out because their bytes equal a held-out file's."""
+
+    pool_half: str
+    pool: list[SiteFile]
+    held_out: list[SiteFile]
+    dropped: list[SiteFile]
+
+
+def patient_of(path: str, pattern: str | None = None) -> str:
+    """The patient id of a file (see the module docstring), or the first group of
+    ``pattern`` searched in its name (``prepare --patient-pattern``'s rule, e.g.
+    ``^(\\d{8})_`` for NIH's ``PPPPPPPP_FFF.png``); ``file:<name>`` without one."""
+    found = sources.patient_id(path, pattern)
+    return found if found is not None else f"file:{os.path.basename(path)}"
+
+
+def half_of(patient: str) -> str:
+    """``A`` or ``B``: the parity of the first byte of the id's sha256 (UTF-8)."""
+    return HALVES[hashlib.sha256(patient.encode()).digest()[0] & 1]
+
+
+def other(half: str) -> str:
+    return HALVES[1 - HALVES.index(half)]
+
+
+def site_files(folder: str | os.PathLike, pattern: str | None = None) -> list[SiteFile]:
+    """The image files of a folder of class folders (``NORMAL/``, ``PNEUMONIA/``...), sorted
+    by class then path; ``pattern``: see :func:`patient_of`."""
+    top = Path(folder)
+    classes = sorted(p for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder} holds no class folders")
+    return [
+        SiteFile(str(Path(path).resolve()), klass.name, patient_of(path, pattern))
+        for klass in classes
+        for path in image_files(str(klass))
+    ]
+
+
+def halves(files: list[SiteFile]) -> dict[str, list[SiteFile]]:
+    """The files of each half, in the given order."""
+    out: dict[str, list[SiteFile]] = {h: [] for h in HALVES}
+    for f in files:
+        out[half_of(f.patient)].append(f)
+    return out
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split(files: list[SiteFile], pool_half: str, digest=file_digest) -> Split:
+    """The pool (``pool_half``'s files without byte copies of a held-out file) and the
+    held-out files (the other half's)."""
+    by_half = halves(files)
+    held_out = by_half[other(pool_half)]
+    held_bytes = {digest(f.path) for f in held_out}
+    pool, dropped = [], []
+    for f in by_half[pool_half]:
+        (dropped if digest(f.path) in held_bytes else pool).append(f)
+    return Split(pool_half, pool, held_out, dropped)
+
+
+def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: bool) -> Path:
+    """A folder of symbolic links to ``files``: in class folders (``by_class``, for
+    ``evaluate``) or flat, labels dropped (for ``--unlabelled``). Made afresh each time."""
+    dest = Path(dest)
+    if dest.exists():
+        for link in sorted(dest.rglob("*"), reverse=True):
+            link.rmdir() if link.is_dir() and not link.is_symlink() else link.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        name = os.path.basename(f.path)
+        if by_class:
+            (dest / f.label).mkdir(exist_ok=True)
+            target = dest / f.label / name
+        else:  # the class would show in the folder name; a number keeps names unique
+            target = dest / f"{i:05d}-{name}"
+        target.symlink_to(f.path)
+    return dest
+
+
+def summarise(
+    records: list[dict[str, Any]], variants: list[str], metrics: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per model (``final``, ``best_on_val``): each variant's mean of each metric over its
+    runs, and each variant's paired differences of accuracy and AUC with ``none`` and with
+    ``pool``, paired by (seed, pool half), with their 95% t-intervals."""
+
+    def by_key(variant: str, model: str, metric: str) -> dict[tuple, float]:
+        return {
+            (r["seed"], r["pool_half"]): r[model][metric]
+            for r in records
+            if r["variant"] == variant and r[model].get(metric) is not None
+        }
+
+    out: dict[str, Any] = {"means": {}, "paired": {}}
+    for model in ("final", "best_on_val"):
+        for v in variants:
+            out["means"].setdefault(model, {})[v] = {
+                m: mean_std(by_key(v, model, m).values()) for m in metrics
+            }
+        for base in ("none", "pool"):
+            for v in variants:
+                if v in (base, "none") or base not in variants:
+                    continue
+                diffs = {}
+                for m in ("accuracy", "auc"):
+                    left, right = by_key(v, model, m), by_key(base, model, m)
+                    common = sorted(set(left) & set(right))
+                    diffs[m] = {
+                        **mean_std(left[k] - right[k] for k in common),
+                        "pairs": len(common),
+                        "signed": True,
+                    }
+                out["paired"].setdefault(model, {})[f"{v} - {base}"] = diffs
+    return out
