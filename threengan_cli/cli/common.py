@@ -162,12 +162,6 @@ def classifier_of(
     return numpy_engine.load(runs.model_file(checkpoint, run, which))
 
 
-def model_said(model) -> str:
-    """The model as stderr names it: its id, and which model of its run it is."""
-    which = getattr(model, "which", None)
-    return f"{model.model_id} ({which})" if which else model.model_id
-
-
 def threshold_of(model, given: float | None) -> tuple[float, str, str]:
     """The decision threshold classify and evaluate use, where it comes from (given, model
     or default) and a note for stderr: a given one (flag or --config) wins; else the one
