@@ -12,6 +12,7 @@ from image_factory import save
 
 from threengan_cli.bench import site
 from threengan_cli.bench.report import mean_std
+from threengan_cli.core import fileio
 
 
 def test_patient_ids_read_from_kermany_names_join_normal2_and_im_stems():
@@ -80,8 +81,8 @@ def test_a_pool_file_with_the_bytes_of_a_held_out_file_is_left_out(tmp_path):
     assert [os.path.basename(f.path) for f in pool_a.dropped] == [f"person{a}_virus_7000.jpeg"]
     held = {os.path.basename(f.path) for f in pool_a.held_out}
     assert f"person{b}_virus_7001.jpeg" in held
-    pool_digests = {site.file_digest(f.path) for f in pool_a.pool}
-    assert not pool_digests & {site.file_digest(f.path) for f in pool_a.held_out}
+    pool_digests = {fileio.sha256_of(f.path) for f in pool_a.pool}
+    assert not pool_digests & {fileio.sha256_of(f.path) for f in pool_a.held_out}
     # the reverse direction drops B's copy instead
     pool_b = site.split(files, "B")
     assert [os.path.basename(f.path) for f in pool_b.dropped] == [f"person{b}_virus_7001.jpeg"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from threengan_cli.bench.report import mean_std
+from threengan_cli.core import fileio
 from threengan_cli.data import sources
 from threengan_cli.data.walk import image_files
 
@@ -90,15 +91,7 @@ def halves(files: list[SiteFile]) -> dict[str, list[SiteFile]]:
     return out
 
 
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def split(files: list[SiteFile], pool_half: str, digest=file_digest) -> Split:
+def split(files: list[SiteFile], pool_half: str, digest=fileio.sha256_of) -> Split:
     """The pool (``pool_half``'s files without byte copies of a held-out file) and the
     held-out files (the other half's)."""
     by_half = halves(files)

@@ -316,3 +316,12 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
         # (it could not be put back) it stays, marked, for clean_stale to restore.
         if old is not None and (not (old / _MOVED).exists() or path.exists()):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

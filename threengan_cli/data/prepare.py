@@ -150,7 +150,7 @@ def _data_intact(out: Path, report: PrepareReport) -> bool:
     data = out / "data.safetensors"
     if report.data_sha256:
         try:
-            return _file_sha256(data) == report.data_sha256
+            return fileio.sha256_of(data) == report.data_sha256
         except OSError:
             return False
     try:
@@ -158,14 +158,6 @@ def _data_intact(out: Path, report: PrepareReport) -> bool:
     except DatasetError:
         return False
     return True
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -465,7 +457,8 @@ def _write(
             save_file(tensors, str(tmp / "data.safetensors"), metadata={"format_version": "1"})
             # safetensors creates its file 0600, whatever the umask says
             os.chmod(tmp / "data.safetensors", 0o666 & ~fileio.umask())
-            report.data_sha256 = manifest["data_sha256"] = _file_sha256(tmp / "data.safetensors")
+            digest = fileio.sha256_of(tmp / "data.safetensors")
+            report.data_sha256 = manifest["data_sha256"] = digest
             # compact: the indenting encoder is pure Python and took 0.5 s on Kermany's rows
             (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
             (tmp / "settings.json").write_text(dump(settings))

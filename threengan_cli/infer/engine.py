@@ -60,16 +60,23 @@ def spec_of(meta: dict[str, Any], path: Path) -> ModelSpec:
     )
 
 
-def read_stats(path: Path, meta: dict[str, Any], width: int) -> ood.ModelStats | None:
+def read_stats(
+    path: Path, meta: dict[str, Any], width: int, arrays: dict[str, np.ndarray] | None = None
+) -> ood.ModelStats | None:
     """The model's out-of-distribution statistics and temperature, or ``None`` for a model
-    trained before they existed; their shapes are checked before they are read, and their
-    checksum after."""
+    trained before they existed. ``arrays``: its ``stats`` tensors where the caller read
+    them already (the torch engine, with the rest of the checkpoint, checksummed); else they
+    are read here, their shapes checked before and their checksum after."""
     if not ood.has_stats(meta):
         return None
     try:
         shapes = ood.expected_shapes(meta, width)
-        group = modelfile.STATS + "/"
-        _, arrays, _ = modelfile.read_arrays(path, lambda _: group, lambda _: shapes)
+        if arrays is None:
+            group = modelfile.STATS + "/"
+            _, arrays, _ = modelfile.read_arrays(path, lambda _: group, lambda _: shapes)
+        else:
+            found = {k: tuple(v.shape) for k, v in arrays.items()}
+            modelfile.check_shapes(found, shapes, f"{path} (stats)")
         if set(arrays) != set(shapes):
             raise ood.StatsError(f"its {modelfile.STATS} tensors are missing (damaged file)")
         return ood.from_arrays(arrays, meta)

@@ -26,6 +26,7 @@ from threengan_cli.infer import engine, ood
 from threengan_cli.infer.blas import per_image
 from threengan_cli.model import checkpoints, modelfile
 from threengan_cli.model.modelfile import (
+    STATS,
     ModelError,
     ModelNotFound,
     check_finite,
@@ -171,7 +172,9 @@ def load_model(checkpoint: Path | None = None, device: str = "auto") -> Model:
         # decoding. Inputs have one channel, so they need no conversion.
         nets[classifier] = nets[classifier].to(memory_format=torch.channels_last)
     return Model(
-        stats=engine.read_stats(path, meta, settings.width),
+        stats=engine.read_stats(
+            path, meta, settings.width, {k: v.float().numpy() for k, v in ckpt.group(STATS).items()}
+        ),
         method=spec.method,
         nets=nets,
         classes=spec.classes,

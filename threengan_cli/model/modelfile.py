@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from threengan_cli.core import paths
+from threengan_cli.core import fileio, paths
 from threengan_cli.core.errors import EXIT_USAGE, Failure
 
 FORMAT_VERSION = 1  # of checkpoint files; a newer one is refused
@@ -304,14 +304,10 @@ def checked_file(checkpoint: Path | None = None) -> Path:
 
 def file_id(path: Path) -> str:
     """A short, content-based name of a checkpoint: ``file name@first 12 hex of sha256``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     name = path.name
     if path.name in (BEST, LAST, FINAL):
         name = f"{path.parent.name}/{path.name}"
-    return f"{name}@{digest.hexdigest()[:12]}"
+    return f"{name}@{fileio.sha256_of(path)[:12]}"
 
 
 def classifier_spec(meta: dict[str, Any], path: Path) -> tuple[str, int, int]:
@@ -428,8 +424,6 @@ def copy_weights(source: Path, target: Path, changes: dict[str, Any]) -> None:
     where the metadata says so, else ``net/...``), byte for byte, stored as ``net/...``,
     with the statistics of those weights (``stats/...``) where the source has them, and its
     metadata updated by ``changes`` (a key set to None is dropped)."""
-    from threengan_cli.core import fileio
-
     check_writable(target)
     check_file(source)
     with open(source, "rb") as src:
@@ -484,8 +478,6 @@ def update_meta(path: Path, changes: dict[str, Any]) -> None:
     The new header is padded with spaces to a multiple of 8, as safetensors writes it, and
     the file is written whole under a temporary name, then renamed into place.
     """
-    from threengan_cli.core import fileio
-
     check_writable(path)
     check_file(path)
     with open(path, "rb") as src:
