@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from threengan_cli.bench import benchmark, grid, report
 from threengan_cli.bench.merge import merge
 from threengan_cli.cli.app import app
-from threengan_cli.core import settings as settings_mod
+from threengan_cli.core import config
 from threengan_cli.model import checkpoints
 from threengan_cli.model.methods import METHODS
 from threengan_cli.train import events, training
@@ -230,7 +230,7 @@ def test_an_unfinished_run_resumes_and_one_without_checkpoint_starts_afresh(
     second = out / "runs" / "vanilla-n16-r0"
     second.mkdir(parents=True)
     spec = grid.grid(cfg)[1]
-    (second / "settings.json").write_text(settings_mod.dump(spec.settings))
+    (second / "settings.json").write_text(config.dump(spec.settings))
 
     calls = _count_train_calls(monkeypatch)
     results = benchmark.run(dataset, cfg, out)
@@ -303,7 +303,7 @@ def test_a_bad_grid_setting_is_one_line_like_any_other_section():
         ({"methods": ("sgan", 3)}, "benchmark.methods.1: input should be a valid string (got 3)"),
         ({"sizes": (8, 8)}, "benchmark.sizes: lists a size twice (got (8, 8))"),
     ]:
-        with pytest.raises(settings_mod.SettingsError) as refused:
+        with pytest.raises(config.SettingsError) as refused:
             grid.resolve_settings("smoke", **flags)
         assert str(refused.value) == line
 

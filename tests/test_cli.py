@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from threengan_cli.bench.grid import BenchmarkSettings
 from threengan_cli.cli import helptext
 from threengan_cli.cli.app import app
-from threengan_cli.core import paths, settings
+from threengan_cli.core import config, paths, settings
 
 runner = CliRunner()
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "4", "--device", "cpu"]
@@ -59,6 +59,20 @@ def test_help_defaults_equal_the_settings_models_defaults(section, model):
         if field.is_required():
             continue
         assert helptext.default_of(section, name) == field.default, f"{section}.{name}"
+
+
+@pytest.mark.parametrize(
+    "section, model",
+    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+)
+def test_option_help_is_the_settings_fields_description(section, model):
+    """Options are declared once: the help ``--help`` shows is the field's description, read
+    from the source without importing pydantic; it must be what pydantic reads."""
+    described = [name for name, field in model.model_fields.items() if field.description]
+    assert described
+    for name in described:
+        field = model.model_fields[name]
+        assert helptext.description_of(section, name) == field.description, f"{section}.{name}"
 
 
 def test_help_shows_the_models_default():
@@ -236,11 +250,11 @@ def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
     block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
-    config = tmp_path / "c.toml"
-    config.write_text(block)
+    toml = tmp_path / "c.toml"
+    toml.write_text(block)
     for section in settings.SECTIONS:
-        settings.resolve(section, config)
-    values = dict(settings.read_config(config)["benchmark"])
+        config.resolve(section, toml)
+    values = dict(config.read_config(toml)["benchmark"])
     grid.resolve_settings(values.pop("profile"), **values)
 
 

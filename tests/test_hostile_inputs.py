@@ -80,7 +80,7 @@ def test_prepare_skips_csv_rows_that_point_at_a_device_or_a_fifo_with_a_reason(t
 
 
 def test_a_fifo_as_prepare_source_or_config_is_refused(tmp_path):
-    from threengan_cli.core.settings import SettingsError, read_config
+    from threengan_cli.core.config import SettingsError, read_config
     from threengan_cli.data.sources import DatasetError
 
     fifo = make_fifo(tmp_path / "list.csv")

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from threengan_cli.core.settings import SettingsError, TrainSettings, resolve
+from threengan_cli.core.config import SettingsError, resolve
+from threengan_cli.core.settings import TrainSettings
 from threengan_cli.model import methods
 from threengan_cli.model.methods import METHODS, StepOutput
 from threengan_cli.model.networks import (

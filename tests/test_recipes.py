@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from threengan_cli.bench import benchmark, grid
 from threengan_cli.cli.app import app
 from threengan_cli.core import names
-from threengan_cli.core.settings import RECIPES, SettingsError, TrainSettings, resolve
+from threengan_cli.core.config import SettingsError, resolve
+from threengan_cli.core.settings import RECIPES, TrainSettings
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.data.training_data import load_run_data
 from threengan_cli.infer.torch_engine import load_model

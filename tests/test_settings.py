@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from threengan_cli.core.settings import SettingsError, TrainSettings, dump, resolve
+from threengan_cli.core.config import SettingsError, dump, resolve
+from threengan_cli.core.settings import TrainSettings
 
 
 def test_defaults_are_the_papers_values():

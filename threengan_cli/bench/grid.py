@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from threengan_cli.bench.report import cell_of
-from threengan_cli.core import settings as settings_mod
+from threengan_cli.core import config
 from threengan_cli.core.settings import Precision, Recipe, TrainSettings
 from threengan_cli.model.methods import METHODS
 
@@ -183,18 +183,35 @@ class BenchmarkSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    profile: Profile = "quick"
+    profile: Profile = Field(
+        "quick",
+        description="smoke (seconds; tests), quick (a reduced grid: about 15-20 minutes on a "
+        "2-core CPU, see docs/benchmark-protocol.md) or paper (the full protocol).",
+    )
     methods: tuple[str, ...]
-    sizes: tuple[int, ...]
-    repeats: int = Field(ge=1, le=1000)
-    epochs: int = Field(ge=1, le=100_000)
-    batch_size: int = Field(ge=1, le=4096)
-    width: int = Field(ge=1, le=1024)
+    sizes: tuple[int, ...] = Field(
+        description="Comma-separated training sizes N. \\[default: the profile's]"
+    )
+    repeats: int = Field(
+        ge=1, le=1000,
+        description="Repeats per cell; repeat r uses seed + r. \\[default: the profile's]",
+    )
+    epochs: int = Field(ge=1, le=100_000, description="Epochs per run. \\[default: the profile's]")
+    batch_size: int = Field(
+        ge=1, le=4096, description="Mini-batch size. \\[default: the profile's]"
+    )
+    width: int = Field(
+        ge=1, le=1024, description="Network width ngf = ndf. \\[default: the profile's]"
+    )
     latent: int = Field(ge=1, le=4096)
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
-    precision: Precision = "fp32"
-    ablate: bool = False
+    seed: int = Field(0, ge=0, description="Base seed.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    precision: Precision = Field("fp32", description="fp32 or bf16.")
+    ablate: bool = Field(
+        False,
+        description="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
+        "against C), 3ngan-pairkl (per-pair KL).",
+    )
     recipes: tuple[Recipe, ...] = ("paper",)
 
     @field_validator("methods")
@@ -231,7 +248,7 @@ def resolve_settings(profile: str = "quick", **flags: Any) -> BenchmarkSettings:
     """The profile's values, overridden by the flags that are not None; ``ablate`` appends
     the 3N-GAN ablations to the methods. Raises SettingsError with a one-line message."""
     if profile not in PROFILES:
-        raise settings_mod.SettingsError(
+        raise config.SettingsError(
             f"benchmark.profile: must be one of {', '.join(PROFILES)} (got {profile!r})"
         )
     values: dict[str, Any] = {**PROFILES[profile], "profile": profile}
@@ -243,8 +260,8 @@ def resolve_settings(profile: str = "quick", **flags: Any) -> BenchmarkSettings:
     try:
         cfg = BenchmarkSettings(**values)
     except ValidationError as exc:
-        raise settings_mod.SettingsError(
-            settings_mod.explain(exc, "benchmark", BenchmarkSettings)
+        raise config.SettingsError(
+            config.explain(exc, "benchmark", BenchmarkSettings)
         ) from None
     grid(cfg)  # the per-run TrainSettings validate device, precision and ranges
     return cfg
@@ -331,7 +348,7 @@ def grid(cfg: BenchmarkSettings) -> list[RunSpec]:
             for method, recipe in _pairs(cfg):
                 base, overrides = variant(method)
                 overrides = {"recipe": recipe, **overrides}
-                settings = settings_mod.resolve(
+                settings = config.resolve(
                     "train",
                     None,
                     method=base,

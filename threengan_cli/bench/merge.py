@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from threengan_cli.bench.benchmark import BenchmarkError, read_json, read_run_record
 from threengan_cli.bench.grid import PROFILES, BenchmarkSettings, cells, comparison_pairs, grid
 from threengan_cli.bench.report import reductions, write_outputs
-from threengan_cli.core.settings import explain
+from threengan_cli.core.config import explain
 from threengan_cli.train import runs
 
 

@@ -18,16 +18,14 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
-    device_opt,
     fail,
-    flag,
     flags_of,
     interrupt_code,
     lock_or_exit,
     prepared_or_exit,
+    setting,
     warn_bf16_unmeasured,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE
 from threengan_cli.core.names import BUILT_IN
@@ -46,7 +44,7 @@ def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, A
     """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
     from threengan_cli.bench import grid
     from threengan_cli.cli.helptext import default_of
-    from threengan_cli.core.settings import SettingsError, read_config
+    from threengan_cli.core.config import SettingsError, read_config
 
     try:
         values = dict(read_config(config).get("benchmark", {}))
@@ -102,14 +100,7 @@ def run(
             show_default=False,
         ),
     ],
-    profile: Annotated[
-        str | None,
-        typer.Option(
-            help="smoke (seconds; tests), quick (a reduced grid: about 15-20 minutes on a "
-            "2-core CPU, see docs/benchmark-protocol.md) or paper (the full protocol). "
-            f"{shown('benchmark', 'profile')}"
-        ),
-    ] = None,
+    profile: Annotated[str | None, setting("benchmark", "profile")] = None,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -118,30 +109,14 @@ def run(
             "(docs/benchmark-protocol.md). \\[default: the profile's]"
         ),
     ] = None,
-    sizes: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated training sizes N. \\[default: the profile's]"),
-    ] = None,
-    repeats: Annotated[
-        int | None,
-        typer.Option(help="Repeats per cell; repeat r uses seed + r. \\[default: the profile's]"),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Epochs per run. \\[default: the profile's]")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Mini-batch size. \\[default: the profile's]")
-    ] = None,
-    width: Annotated[
-        int | None, typer.Option(help="Network width ngf = ndf. \\[default: the profile's]")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Base seed. {shown('benchmark', 'seed')}")
-    ] = None,
-    device: device_opt("benchmark") = None,
-    precision: Annotated[
-        str | None, typer.Option(help=f"fp32 or bf16. {shown('benchmark', 'precision')}")
-    ] = None,
+    sizes: Annotated[str | None, setting("benchmark", "sizes")] = None,
+    repeats: Annotated[int | None, setting("benchmark", "repeats")] = None,
+    epochs: Annotated[int | None, setting("benchmark", "epochs")] = None,
+    batch_size: Annotated[int | None, setting("benchmark", "batch_size")] = None,
+    width: Annotated[int | None, setting("benchmark", "width")] = None,
+    seed: Annotated[int | None, setting("benchmark", "seed")] = None,
+    device: Annotated[str | None, setting("benchmark", "device")] = None,
+    precision: Annotated[str | None, setting("benchmark", "precision")] = None,
     recipe: Annotated[
         str | None,
         typer.Option(
@@ -149,14 +124,7 @@ def run(
             "\\[default: the profile's; study: paper,robust; others: paper]"
         ),
     ] = None,
-    ablate: Annotated[
-        bool | None,
-        flag(
-            "--ablate",
-            help="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
-            "against C), 3ngan-pairkl (per-pair KL).",
-        ),
-    ] = None,
+    ablate: Annotated[bool | None, setting("benchmark", "ablate", "--ablate")] = None,
     parallel: Annotated[
         int | None,
         typer.Option(

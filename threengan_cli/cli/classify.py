@@ -22,10 +22,10 @@ from threengan_cli.cli.common import (
     fail,
     flag,
     ood_threshold_of,
+    setting,
     settings_of,
     threshold_of,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.inputs import check_flags, inputs_or_exit, stdin_paths
 from threengan_cli.cli.tally import Tally, gate_name, report_or_exit
 from threengan_cli.cli.views import err, note
@@ -204,10 +204,7 @@ def classify(
     run: RunOpt = None,
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    recursive: Annotated[
-        bool | None,
-        flag("--recursive", "-r", help="Look in sub-folders of folders too."),
-    ] = None,
+    recursive: Annotated[bool | None, setting("classify", "recursive", "--recursive", "-r")] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -227,61 +224,16 @@ def classify(
             dir_okay=False,
         ),
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Images per forward pass and per decoding job. {shown('classify', 'batch_size')}"
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help=f"Decoding processes; 0 = all cores. {shown('classify', 'workers')}"),
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Two classes: the second (pneumonia) when its probability is at "
-            f"least this. {shown('classify', 'threshold')}"
-        ),
-    ] = None,
-    ood_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Flag an image (ood = true) when its out-of-distribution score is above "
-            "this \\[default: the model's own, which flags 5% of its val split]."
-        ),
-    ] = None,
-    fail_on_ood: Annotated[
-        bool,
-        flag(
-            "--fail-on-ood",
-            help="Exit 4 when any image is flagged as unlike the model's training X-rays.",
-        ),
-    ] = False,
+    batch_size: Annotated[int | None, setting("classify", "batch_size")] = None,
+    workers: Annotated[int | None, setting("classify", "workers")] = None,
+    threshold: Annotated[float | None, setting("classify", "threshold")] = None,
+    ood_threshold: Annotated[float | None, setting("classify", "ood_threshold")] = None,
+    fail_on_ood: Annotated[bool, setting("classify", "fail_on_ood", "--fail-on-ood")] = False,
     max_ood_share: Annotated[
-        float | None,
-        typer.Option(
-            help="Exit 4 only when more than this share (0 to 1) of the classified images "
-            "is flagged: about 5% of X-rays like the training ones are, by design. "
-            f"{shown('classify', 'max_ood_share')}",
-            metavar="F",
-        ),
+        float | None, setting("classify", "max_ood_share", metavar="F")
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="auto or cpu: the CPU (decoding dominates at 64 px); cuda, cuda:N or mps: "
-            f"torch on that device. {shown('classify', 'device')}"
-        ),
-    ] = None,
-    engine: Annotated[
-        str | None,
-        typer.Option(
-            help="On the CPU: numpy starts in under a second (no torch import); torch "
-            "starts 3-4 s later and classifies long lists about 18% faster. "
-            f"{shown('classify', 'engine')}"
-        ),
-    ] = None,
+    device: Annotated[str | None, setting("classify", "device")] = None,
+    engine: Annotated[str | None, setting("classify", "engine")] = None,
     adapt: Annotated[
         str,
         typer.Option(
@@ -332,15 +284,7 @@ def classify(
             metavar="I/N",
         ),
     ] = None,
-    allow_empty: Annotated[
-        bool,
-        flag(
-            "--allow-empty",
-            help="Inputs without a single image file (an empty folder, a pattern that matches "
-            "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its "
-            "header). A path that does not exist is still an error.",
-        ),
-    ] = False,
+    allow_empty: Annotated[bool, setting("classify", "allow_empty", "--allow-empty")] = False,
     heatmaps: Annotated[
         Path | None,
         typer.Option(

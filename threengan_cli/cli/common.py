@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.helptext import shown
+from threengan_cli.cli.helptext import help_of
 from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE, Failure
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
@@ -30,6 +30,12 @@ MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a c
 def flag(*names: str, help: str) -> Any:
     """An on/off flag: ``--json``, never ``--json true`` (a usage error)."""
     return typer.Option(*names, help=help)
+
+
+def setting(section: str, field: str, *names: str, **options: Any) -> Any:
+    """The option that sets ``field`` of the ``section``'s settings: declared once, as that
+    field, whose description is its help (with its default: ``helptext.help_of``)."""
+    return typer.Option(*names, help=help_of(section, field), **options)
 
 
 def config_opt(section: str) -> Any:
@@ -50,12 +56,6 @@ JsonOpt = Annotated[
 QuietOpt = Annotated[
     bool, flag("--quiet", "-q", help="Errors only: no progress, notes or warnings.")
 ]
-
-
-def device_opt(section: str) -> Any:
-    return Annotated[
-        str | None, typer.Option(help=f"auto, cpu, cuda, cuda:N or mps. {shown(section, 'device')}")
-    ]
 
 
 def interrupt_code(signum: int | None) -> int:
@@ -105,7 +105,7 @@ def flags_of(model: Any, given: dict[str, Any]) -> dict[str, Any]:
 
 def settings_of(section: str, config: Path | None, **flags: Any):
     """The resolved settings of ``section`` (a :class:`SettingsError`, exit 2, if unusable)."""
-    from threengan_cli.core.settings import resolve
+    from threengan_cli.core.config import resolve
 
     return resolve(section, config, **flags)
 

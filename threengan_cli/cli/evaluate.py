@@ -31,7 +31,7 @@ from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, E
 # ----------------------------------------------------------------------------------- evaluate
 def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold):
     """Usage errors of evaluate's options, before any model or data is read."""
-    from threengan_cli.core.settings import SettingsError, resolve
+    from threengan_cli.core.config import SettingsError, resolve
     from threengan_cli.infer import evaluate as ev
 
     if split is not None and split not in ("train", "val", "test"):

@@ -15,13 +15,12 @@ from threengan_cli.cli.common import (
     QuietOpt,
     RunOpt,
     config_opt,
-    device_opt,
     fail,
     flag,
     model_of,
+    setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import err, note, print_json
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 
@@ -32,9 +31,7 @@ def generate(
     run: RunOpt = None,
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    count: Annotated[
-        int | None, typer.Option(help=f"Images to make. {shown('generate', 'count')}")
-    ] = None,
+    count: Annotated[int | None, setting("generate", "count")] = None,
     out_dir: Annotated[
         Path | None,
         typer.Option(
@@ -50,9 +47,7 @@ def generate(
             "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
         ),
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Same seed, same images. {shown('generate', 'seed')}")
-    ] = None,
+    seed: Annotated[int | None, setting("generate", "seed")] = None,
     label: Annotated[
         bool,
         flag(
@@ -61,14 +56,8 @@ def generate(
             "class, uncertain/ below --tau, and labels.csv.",
         ),
     ] = False,
-    tau: Annotated[
-        float | None,
-        typer.Option(
-            help="With --label: least top probability to count as labelled. "
-            f"{shown('generate', 'tau')}"
-        ),
-    ] = None,
-    device: device_opt("generate") = None,
+    tau: Annotated[float | None, setting("generate", "tau")] = None,
+    device: Annotated[str | None, setting("generate", "device")] = None,
     force: Annotated[
         bool,
         flag(

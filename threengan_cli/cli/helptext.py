@@ -1,10 +1,11 @@
-"""Help-text defaults, read from the settings models' source so the help cannot drift from them.
+"""Help texts and defaults of the options that set a settings field, read from the settings
+models' source: each option is declared once, as a field whose description is its help.
 
 ``--help`` must stay fast, and importing ``settings`` (pydantic with it) costs about 230 ms,
 more than the rest of ``threengan --help`` together (``python -X importtime -m threengan_cli
 --help``, 2026-11-26). So the defaults are read from the source of the modules that define
-the models: each field's default is the literal written in its class body, the same text
-pydantic reads. ``tests/test_cli_help.py`` checks every field against the real model.
+the models: each field's default and description are the literals written in its class body,
+the same text pydantic reads. ``tests/test_cli.py`` checks every field against the real model.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ _MISSING = object()
 
 
 @cache
-def _defaults(module: str, cls: str) -> dict[str, Any]:
-    """Field name -> default of the class ``cls`` in ``module``; fields without one left out."""
+def _fields(module: str, cls: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Field name -> default, and field name -> description, of the class ``cls`` in
+    ``module``; fields without one left out."""
     # Only the class's own lines are parsed: the whole of grid.py takes tens of ms.
     lines = (_PACKAGE / module).read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"class {cls}("))
@@ -39,6 +41,7 @@ def _defaults(module: str, cls: str) -> dict[str, Any]:
     tree = ast.parse("\n".join(lines[start:end]))
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
     found: dict[str, Any] = {}
+    described: dict[str, str] = {}
     for node in body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
@@ -46,6 +49,9 @@ def _defaults(module: str, cls: str) -> dict[str, Any]:
         if value is None:
             continue
         if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Field":
+            text = next((k.value for k in value.keywords if k.arg == "description"), None)
+            if text is not None:
+                described[node.target.id] = ast.literal_eval(text)
             given = value.args[0] if value.args else None
             given = given or next((k.value for k in value.keywords if k.arg == "default"), None)
             if given is None:
@@ -54,7 +60,7 @@ def _defaults(module: str, cls: str) -> dict[str, Any]:
         if isinstance(value, ast.Name):  # a module constant, e.g. DEFAULT_RECIPE
             value = _constant(lines, value.id)
         found[node.target.id] = ast.literal_eval(value)
-    return found
+    return found, described
 
 
 def _constant(lines: list[str], name: str) -> ast.expr:
@@ -67,7 +73,7 @@ def _constant(lines: list[str], name: str) -> ast.expr:
 
 def default_of(section: str, field: str) -> Any:
     """The default of ``field`` in the settings model of ``section``."""
-    value = _defaults(*_MODELS[section]).get(field, _MISSING)
+    value = _fields(*_MODELS[section])[0].get(field, _MISSING)
     if value is _MISSING:
         raise KeyError(f"{section}.{field} has no literal default")
     return value
@@ -83,3 +89,18 @@ def shown(section: str, field: str) -> str:
     else:
         text = str(value)
     return f"\\[default: {text}]"
+
+
+def description_of(section: str, field: str) -> str:
+    """The description of ``field`` in the settings model of ``section``: its option's help."""
+    return _fields(*_MODELS[section])[1][field]
+
+
+def help_of(section: str, field: str) -> str:
+    """The help of the option that sets ``field``: its description, then its default, unless
+    the description names its own or the option is a flag that is off unless given."""
+    text = description_of(section, field)
+    value = _fields(*_MODELS[section])[0].get(field, _MISSING)
+    if "\\[default" in text or value is False or value is _MISSING:
+        return text
+    return f"{text} {shown(section, field)}"

@@ -16,9 +16,9 @@ from threengan_cli.cli.common import (
     config_opt,
     fail,
     flag,
+    setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import err, note, print_json, warn
 from threengan_cli.core.errors import EXIT_USAGE
 
@@ -88,64 +88,15 @@ def prepare(
             file_okay=False,
         ),
     ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Side of the square images, px: a power of two (8, 16, 32, 64, ...), the "
-            f"sizes train builds networks for. {shown('prepare', 'image_size')}"
-        ),
-    ] = None,
-    fit: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-square images: squash (resize, as the paper), crop (centre "
-            f"square) or pad (black borders). {shown('prepare', 'fit')}"
-        ),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="Share of train carved as a patient-grouped val split when the "
-            f"source has none, or one smaller than --min-val. {shown('prepare', 'val_fraction')}"
-        ),
-    ] = None,
-    min_val: Annotated[
-        int | None,
-        typer.Option(
-            help="A source val split with fewer images is replaced by a carved one. "
-            f"{shown('prepare', 'min_val')}"
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Seed of the val carve. {shown('prepare', 'seed')}")
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help=f"Decoding processes; 0 = all cores. {shown('prepare', 'workers')}"),
-    ] = None,
-    patient_pattern: Annotated[
-        str | None,
-        typer.Option(
-            help="Regex whose first group is the patient id, searched in file names "
-            "\\[default: Kermany's person<id>_ / IM-<id>-]."
-        ),
-    ] = None,
-    class_names: Annotated[
-        str | None,
-        typer.Option(
-            help="Name the classes, comma-separated, in the source's order (a MedMNIST .npz: "
-            "label 0 first; folders: sorted names), e.g. NORMAL,PNEUMONIA for an .npz whose "
-            "classes are 0 and 1. \\[default: the source's names]"
-        ),
-    ] = None,
-    strict: Annotated[
-        bool | None,
-        flag(
-            "--strict",
-            help="Fail (exit 1, nothing written) if any image file "
-            "cannot be read. Non-image names such as .DS_Store never count.",
-        ),
-    ] = None,
+    image_size: Annotated[int | None, setting("prepare", "image_size")] = None,
+    fit: Annotated[str | None, setting("prepare", "fit")] = None,
+    val_fraction: Annotated[float | None, setting("prepare", "val_fraction")] = None,
+    min_val: Annotated[int | None, setting("prepare", "min_val")] = None,
+    seed: Annotated[int | None, setting("prepare", "seed")] = None,
+    workers: Annotated[int | None, setting("prepare", "workers")] = None,
+    patient_pattern: Annotated[str | None, setting("prepare", "patient_pattern")] = None,
+    class_names: Annotated[str | None, setting("prepare", "class_names")] = None,
+    strict: Annotated[bool | None, setting("prepare", "strict", "--strict")] = None,
     force: Annotated[bool, flag("--force", help="Replace an existing prepared dataset.")] = False,
     config: config_opt("prepare") = None,
     as_json: JsonOpt = False,

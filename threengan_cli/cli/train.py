@@ -17,13 +17,13 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
-    device_opt,
     fail,
     flag,
     flags_of,
     interrupt_code,
     lock_or_exit,
     prepared_or_exit,
+    setting,
     settings_of,
     warn_bf16_unmeasured,
 )
@@ -125,99 +125,29 @@ def train(
         str | None,
         typer.Option(help=f"{', '.join(BUILT_IN)}. {shown('train', 'method')}"),
     ] = None,
-    size: Annotated[
-        int | None,
-        typer.Option(help="Labelled training images N (N/2 per class, by seed). \\[default: all]"),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help=f"Passes over the N images. {shown('train', 'epochs')}")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help=f"Mini-batch size. {shown('train', 'batch_size')}")
-    ] = None,
-    tau: Annotated[
-        float | None, typer.Option(help=f"Pseudo-label confidence. {shown('train', 'tau')}")
-    ] = None,
-    alpha: Annotated[
-        float | None, typer.Option(help=f"Weight of the KL term. {shown('train', 'alpha')}")
-    ] = None,
-    lam: Annotated[
-        float | None,
-        typer.Option(help=f"Weight of the pseudo-label loss. {shown('train', 'lam')}"),
-    ] = None,
-    kl: Annotated[
-        str | None,
-        typer.Option(help=f"KL term: batch-mean, per-pair or none. {shown('train', 'kl')}"),
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help=f"Adam learning rate. {shown('train', 'lr')}")
-    ] = None,
-    width: Annotated[
-        int | None, typer.Option(help=f"Network width ngf = ndf. {shown('train', 'width')}")
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help=f"Seed of subset, init and batches. {shown('train', 'seed')}"),
-    ] = None,
-    device: device_opt("train") = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="fp32 or bf16. On a CPU bf16 was measured slower than fp32 even where it is "
-            "native (a warning) and is refused where emulated; `threengan info` says which. "
-            f"{shown('train', 'precision')}"
-        ),
-    ] = None,
+    size: Annotated[int | None, setting("train", "size")] = None,
+    epochs: Annotated[int | None, setting("train", "epochs")] = None,
+    batch_size: Annotated[int | None, setting("train", "batch_size")] = None,
+    tau: Annotated[float | None, setting("train", "tau")] = None,
+    alpha: Annotated[float | None, setting("train", "alpha")] = None,
+    lam: Annotated[float | None, setting("train", "lam")] = None,
+    kl: Annotated[str | None, setting("train", "kl")] = None,
+    lr: Annotated[float | None, setting("train", "lr")] = None,
+    width: Annotated[int | None, setting("train", "width")] = None,
+    seed: Annotated[int | None, setting("train", "seed")] = None,
+    device: Annotated[str | None, setting("train", "device")] = None,
+    precision: Annotated[str | None, setting("train", "precision")] = None,
     cuda_graphs: Annotated[
-        bool | None,
-        typer.Option(
-            "--cuda-graphs/--no-cuda-graphs",
-            help="On CUDA, replay each step from a captured CUDA graph. "
-            f"{shown('train', 'cuda_graphs')}",
-        ),
+        bool | None, setting("train", "cuda_graphs", "--cuda-graphs/--no-cuda-graphs")
     ] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="paper: the paper's protocol exactly; robust: precise BN, EMA and "
-            f"augmentation (docs/method.md). {shown('train', 'recipe')}"
-        ),
-    ] = None,
+    recipe: Annotated[str | None, setting("train", "recipe")] = None,
     precise_bn: Annotated[
-        bool | None,
-        typer.Option(
-            "--precise-bn/--no-precise-bn",
-            help="Recompute BatchNorm statistics for the weights used. \\[default: by recipe]",
-        ),
+        bool | None, setting("train", "precise_bn", "--precise-bn/--no-precise-bn")
     ] = None,
-    ema: Annotated[
-        float | None,
-        typer.Option(help="Decay of the weights' moving average, 0 = off. \\[default: by recipe]"),
-    ] = None,
-    augment: Annotated[
-        str | None,
-        typer.Option(
-            help="translation,cutout,color,flip or none, alike for real and generated images. "
-            "\\[default: by recipe]"
-        ),
-    ] = None,
-    unlabelled: Annotated[
-        str | None,
-        typer.Option(
-            help="Unlabelled X-rays: rest (train images outside the N), a prepared dataset or "
-            "a folder; 'none' for none. \\[default: by recipe]"
-        ),
-    ] = None,
-    init: Annotated[
-        str | None,
-        typer.Option(
-            help="Start from a trained model's networks to fine-tune them: default (the "
-            "bundled model), a run (name or folder; its final model, as --run) or a checkpoint "
-            "file. Its classes, image "
-            "size and width must be the run's. \\[default: fresh networks]",
-            show_default=False,
-        ),
-    ] = None,
+    ema: Annotated[float | None, setting("train", "ema")] = None,
+    augment: Annotated[str | None, setting("train", "augment")] = None,
+    unlabelled: Annotated[str | None, setting("train", "unlabelled")] = None,
+    init: Annotated[str | None, setting("train", "init", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)

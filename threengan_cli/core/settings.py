@@ -1,35 +1,24 @@
-"""Validated settings: one frozen pydantic model per command section.
+"""Validated settings: one frozen pydantic model per command section, the one list of options.
 
-A TOML file may hold a table per section (``[prepare]``, ``[train]``, ...); flags given on
-the command line override the file; the result is validated once and passed down. A bad
-value becomes a :class:`SettingsError` whose message is one line naming the field and what
-it allows, which the CLI prints and exits 2 on.
+Each field is an option: its description is the option's help (``cli/helptext`` reads it, and
+the default, from this source), its constraints what it allows. ``core/config`` reads a TOML
+file's tables and resolves flags over them into these models.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from threengan_cli.core.errors import UsageError
 from threengan_cli.core.names import METHOD_NAMES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, published as tomli before it joined the standard library
-    import tomli as tomllib
 
 Fit = Literal["squash", "crop", "pad"]
 Recipe = Literal["paper", "robust"]
@@ -39,11 +28,6 @@ KLMode = Literal["batch-mean", "per-pair", "none"]
 Threshold = Literal["fixed", "adaptive", "relative"]
 Norm = Literal["own", "labelled"]
 PreciseBNImages = Literal["labelled", "unlabelled"]
-MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
-
-
-class SettingsError(UsageError, ValueError):
-    """A setting that cannot be used; the message is one line meant for the user."""
 
 
 class _Section(BaseModel):
@@ -51,18 +35,41 @@ class _Section(BaseModel):
 
 
 class PrepareSettings(_Section):
-    image_size: int = Field(64, ge=8, le=1024, description="side of the square images, px")
-    fit: Fit = Field("squash", description="how a non-square image becomes square")
-    val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="share of train carved as val")
-    min_val: int = Field(
-        100, ge=0, description="a source val split smaller than this is replaced by a carved one"
+    image_size: int = Field(
+        64, ge=8, le=1024,
+        description="Side of the square images, px: a power of two (8, 16, 32, 64, ...), the "
+        "sizes train builds networks for.",
     )
-    seed: int = Field(0, ge=0)
-    workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
-    patient_pattern: str | None = Field(None, description="regex with one group: patient id")
-    strict: bool = False
+    fit: Fit = Field(
+        "squash",
+        description="Non-square images: squash (resize, as the paper), crop (centre square) or "
+        "pad (black borders).",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, le=0.5,
+        description="Share of train carved as a patient-grouped val split when the source has "
+        "none, or one smaller than --min-val.",
+    )
+    min_val: int = Field(
+        100, ge=0, description="A source val split with fewer images is replaced by a carved one."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the val carve.")
+    workers: int = Field(0, ge=0, le=512, description="Decoding processes; 0 = all cores.")
+    patient_pattern: str | None = Field(
+        None,
+        description="Regex whose first group is the patient id, searched in file names "
+        "\\[default: Kermany's person<id>_ / IM-<id>-].",
+    )
+    strict: bool = Field(
+        False,
+        description="Fail (exit 1, nothing written) if any image file cannot be read. Non-image "
+        "names such as .DS_Store never count.",
+    )
     class_names: list[str] | None = Field(
-        None, description="names for the source's classes, in its order (npz: label 0, 1, ...)"
+        None,
+        description="Name the classes, comma-separated, in the source's order (a MedMNIST .npz: "
+        "label 0 first; folders: sorted names), e.g. NORMAL,PNEUMONIA for an .npz whose classes "
+        "are 0 and 1. \\[default: the source's names]",
     )
 
     @field_validator("image_size")
@@ -155,40 +162,55 @@ class TrainSettings(_Section):
 
     method: str = "3ngan"
     recipe: Recipe = Field(
-        DEFAULT_RECIPE, description="paper: the paper's protocol exactly; robust: stabler model"
+        DEFAULT_RECIPE,
+        description="paper: the paper's protocol exactly; robust: precise BN, EMA and "
+        "augmentation (docs/method.md).",
     )
-    size: int | None = Field(None, ge=2, description="labelled images, half per class")
-    epochs: int = Field(100, ge=1, le=100_000)
-    batch_size: int = Field(10, ge=1, le=4096)
-    tau: float = Field(0.9, ge=0.0, le=1.0, description="pseudo-label confidence threshold")
-    alpha: float = Field(0.3, ge=0.0, description="weight of the KL term")
-    lam: float = Field(0.01, ge=0.0, description="weight of the pseudo-label loss")
-    kl: KLMode = Field("batch-mean", description="how the KL term compares predictions")
-    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    size: int | None = Field(
+        None, ge=2,
+        description="Labelled training images N (N/2 per class, by seed). \\[default: all]",
+    )
+    epochs: int = Field(100, ge=1, le=100_000, description="Passes over the N images.")
+    batch_size: int = Field(10, ge=1, le=4096, description="Mini-batch size.")
+    tau: float = Field(0.9, ge=0.0, le=1.0, description="Pseudo-label confidence.")
+    alpha: float = Field(0.3, ge=0.0, description="Weight of the KL term.")
+    lam: float = Field(0.01, ge=0.0, description="Weight of the pseudo-label loss.")
+    kl: KLMode = Field("batch-mean", description="KL term: batch-mean, per-pair or none.")
+    lr: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate.")
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    width: int = Field(64, ge=1, le=1024, description="ngf = ndf")
+    width: int = Field(64, ge=1, le=1024, description="Network width ngf = ndf.")
     latent: int = Field(100, ge=1, le=4096)
-    seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    precision: Precision = "fp32"
+    seed: int = Field(0, ge=0, description="Seed of subset, init and batches.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    precision: Precision = Field(
+        "fp32",
+        description="fp32 or bf16. On a CPU bf16 was measured slower than fp32 even where it is "
+        "native (a warning) and is refused where emulated; `threengan info` says which.",
+    )
     use_generator_classifier_loss: bool = Field(
         True, description="3ngan: train G against C as well as D (off = ablation)"
     )
     cuda_graphs: bool = Field(
-        True, description="on CUDA, replay each training step from a captured CUDA graph"
+        True, description="On CUDA, replay each step from a captured CUDA graph."
     )
     precise_bn: bool = Field(
-        False, description="recompute BatchNorm statistics of the weights used, before use"
+        False,
+        description="Recompute BatchNorm statistics for the weights used. \\[default: by recipe]",
     )
     ema: float = Field(
-        0.0, ge=0.0, lt=1.0, description="decay of the weights' moving average; 0 = off"
+        0.0, ge=0.0, lt=1.0,
+        description="Decay of the weights' moving average, 0 = off. \\[default: by recipe]",
     )
     augment: str = Field(
-        "none", description="comma list of translation, cutout, color, flip; or none"
+        "none",
+        description="translation,cutout,color,flip or none, alike for real and generated images. "
+        "\\[default: by recipe]",
     )
     unlabelled: str | None = Field(
-        None, description="rest (train images outside the N), a prepared dataset, or a folder"
+        None,
+        description="Unlabelled X-rays: rest (train images outside the N), a prepared dataset or "
+        "a folder; 'none' for none. \\[default: by recipe]",
     )
     unlabelled_tau: float = Field(
         0.95, ge=0.0, le=1.0, description="confidence for a pseudo-label of an unlabelled image"
@@ -227,7 +249,10 @@ class TrainSettings(_Section):
         "unlabelled (the pool: the site's own statistics in the saved model)",
     )
     init: str | None = Field(
-        None, description="start from this model's networks: default, a run, or a checkpoint file"
+        None,
+        description="Start from a trained model's networks to fine-tune them: default (the "
+        "bundled model), a run (name or folder; its final model, as --run) or a checkpoint file. "
+        "Its classes, image size and width must be the run's. \\[default: fresh networks]",
     )
     generated_teacher: bool = Field(
         False, description="generated images' pseudo-labels from the averaged weights (needs ema)"
@@ -321,34 +346,56 @@ class TrainSettings(_Section):
 
 
 class ClassifySettings(_Section):
-    batch_size: int = Field(64, ge=1, le=65536)
-    workers: int = Field(0, ge=0, le=512, description="decoding processes; 0 = all cores")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    device: str = "auto"
-    engine: Literal["numpy", "torch"] = Field(
-        "numpy", description="on the CPU: numpy (starts in under a second) or torch"
+    batch_size: int = Field(
+        64, ge=1, le=65536, description="Images per forward pass and per decoding job."
     )
-    recursive: bool = False
+    workers: int = Field(0, ge=0, le=512, description="Decoding processes; 0 = all cores.")
+    threshold: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Two classes: the second (pneumonia) when its probability is at least this.",
+    )
+    device: str = Field(
+        "auto",
+        description="auto or cpu: the CPU (decoding dominates at 64 px); cuda, cuda:N or mps: "
+        "torch on that device.",
+    )
+    engine: Literal["numpy", "torch"] = Field(
+        "numpy",
+        description="On the CPU: numpy starts in under a second (no torch import); torch starts "
+        "3-4 s later and classifies long lists about 18% faster.",
+    )
+    recursive: bool = Field(False, description="Look in sub-folders of folders too.")
     format: Literal["table", "csv", "json", "jsonl"] | None = Field(
         None, description="output format; none: from the output's suffix, else by terminal"
     )
     ood_threshold: float | None = Field(
-        None, gt=0.0, lt=1e6, description="flag an image above this out-of-distribution "
-        "score; none: the model's own (flags 5% of its val split)"
+        None, gt=0.0, lt=1e6,
+        description="Flag an image (ood = true) when its out-of-distribution score is above this "
+        "\\[default: the model's own, which flags 5% of its val split].",
     )
-    fail_on_ood: bool = Field(False, description="exit 4 when an image is flagged")
-    allow_empty: bool = Field(False, description="no image to classify is a success, no rows")
+    fail_on_ood: bool = Field(
+        False, description="Exit 4 when any image is flagged as unlike the model's training X-rays."
+    )
+    allow_empty: bool = Field(
+        False,
+        description="Inputs without a single image file (an empty folder, a pattern that matches "
+        "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its header). A "
+        "path that does not exist is still an error.",
+    )
     max_ood_share: float | None = Field(
-        None, ge=0.0, le=1.0, description="exit 4 when more than this share of the "
-        "classified images is flagged; none: no such gate"
+        None, ge=0.0, le=1.0,
+        description="Exit 4 only when more than this share (0 to 1) of the classified images is "
+        "flagged: about 5% of X-rays like the training ones are, by design.",
     )
 
 
 class GenerateSettings(_Section):
-    count: int = Field(64, ge=1, le=1_000_000)
-    seed: int = Field(0, ge=0)
-    tau: float = Field(0.9, ge=0.0, le=1.0)
-    device: str = "auto"
+    count: int = Field(64, ge=1, le=1_000_000, description="Images to make.")
+    seed: int = Field(0, ge=0, description="Same seed, same images.")
+    tau: float = Field(
+        0.9, ge=0.0, le=1.0, description="With --label: least top probability to count as labelled."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -357,113 +404,3 @@ SECTIONS: dict[str, type[_Section]] = {
     "classify": ClassifySettings,
     "generate": GenerateSettings,
 }
-# A config file may also hold a [benchmark] table. Its model, grid.BenchmarkSettings, lives
-# beside the profiles that fill its required fields (grid.resolve_settings builds it).
-SECTION_NAMES = (*SECTIONS, "benchmark")
-
-
-def _range(model: type[BaseModel], name: str) -> str | None:
-    """The allowed range of a numeric field, as ``a <= x <= b`` style text."""
-    info = model.model_fields.get(name)
-    if info is None:
-        return None
-    lo = hi = None
-    for meta in info.metadata:
-        for attr, side in (("ge", "lo"), ("gt", "lo"), ("le", "hi"), ("lt", "hi")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                text = f"{value} {'<=' if attr in ('ge', 'le') else '<'}"
-                if side == "lo":
-                    lo = text
-                else:
-                    hi = text.split()[1] + " " + str(value)
-    if lo is None and hi is None:
-        return None
-    return f"{lo + ' ' if lo else ''}{name}{' ' + hi if hi else ''}"
-
-
-def explain(exc: ValidationError, section: str, model: type[BaseModel] | None = None) -> str:
-    """Turn pydantic's report into one line: field, what is allowed, what was given.
-
-    ``model`` is the section's model, where it is not one of :data:`SECTIONS` (the
-    benchmark's); it supplies the allowed range of a number."""
-    err = exc.errors()[0]
-    name = ".".join(str(part) for part in err["loc"]) or section  # methods.1: the second method
-    given = err.get("input")
-    got = "" if isinstance(given, dict) else f" (got {given!r})"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{section}.{name}: unknown setting"
-    if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
-        field = str(err["loc"][0])
-        allowed = f"must satisfy {_range(model or SECTIONS[section], field)}"
-    elif kind == "literal_error":
-        allowed = f"must be one of {err['ctx']['expected']}"
-    else:
-        allowed = err["msg"].removeprefix("Value error, ")
-        allowed = allowed[0].lower() + allowed[1:]
-    where = section if not err["loc"] else f"{section}.{name}"  # a check of several fields
-    return f"{where}: {allowed}{got}"
-
-
-def read_config(path: Path | None) -> dict[str, Any]:
-    """Read a TOML settings file; a missing or malformed file is a SettingsError."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise SettingsError(f"config file {path} is not a regular file")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise SettingsError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise SettingsError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise SettingsError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SettingsError(f"config file {path} line {line} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {path} cannot be read: {exc}") from None
-    except RecursionError:  # tomllib parses nested arrays and tables recursively
-        raise SettingsError(
-            f"config file {path} nests arrays or tables too deeply to be a settings file"
-        ) from None
-    unknown = sorted(set(data) - set(SECTION_NAMES))
-    if unknown:
-        raise SettingsError(
-            f"config file {path}: unknown section [{unknown[0]}] "
-            f"(known: {', '.join(SECTION_NAMES)})"
-        )
-    return data
-
-
-def resolve(section: str, config: Path | None = None, **flags: Any):
-    """Build the settings of one section: defaults, then the file, then the flags.
-
-    Flags whose value is ``None`` were not given and leave the file's value in place.
-    """
-    model = SECTIONS[section]
-    from_file = read_config(config).get(section, {})
-    if not isinstance(from_file, dict):
-        raise SettingsError(f"config file {config}: [{section}] must be a table of settings")
-    # A file's values are taken as written, strictly: `epochs = true` or `tau = "0.9"` is an
-    # error there, not 1 or 0.9 (flags arrive typed by the command line already).
-    try:
-        model.model_validate(from_file, strict=True, context={"file_alone": True})
-    except ValidationError as exc:
-        raise SettingsError(f"config file {config}: {explain(exc, section)}") from None
-    values = {**from_file, **{k: v for k, v in flags.items() if v is not None}}
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        raise SettingsError(explain(exc, section)) from None
-
-
-def dump(settings: BaseModel) -> str:
-    """Settings as pretty JSON, written next to every output."""
-    return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

@@ -50,7 +50,8 @@ import numpy as np
 
 from threengan_cli import __version__
 from threengan_cli.core import fileio
-from threengan_cli.core.settings import PrepareSettings, dump
+from threengan_cli.core.config import dump
+from threengan_cli.core.settings import PrepareSettings
 from threengan_cli.data import images
 from threengan_cli.data.datasets import FORMAT_VERSION, PrepareReport, load_prepared, read_manifest
 from threengan_cli.data.sources import (

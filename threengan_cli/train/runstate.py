@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from threengan_cli.core import fileio, system
-from threengan_cli.core import settings as settings_mod
+from threengan_cli.core import config, fileio, system
 from threengan_cli.core.settings import TrainSettings
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.data.images import NORMALISATION
@@ -299,7 +298,7 @@ def create(loop: Loop) -> None:
     run_dir = loop.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
-    fileio.write_text(run_dir / runs.SETTINGS, settings_mod.dump(loop.settings))
+    fileio.write_text(run_dir / runs.SETTINGS, config.dump(loop.settings))
     run_meta = {
         **loop.meta,
         "format_version": RUN_FORMAT_VERSION,
