@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from threengan_cli.cli.app import app
 from threengan_cli.infer import numpy_engine
-from threengan_cli.infer.classify import Decision, classify, exact, parse_shard
+from threengan_cli.infer.classify import Decision, classify, parse_shard
+from threengan_cli.infer.engine import exact
 from threengan_cli.infer.torch_engine import load_model
 
 runner = CliRunner()

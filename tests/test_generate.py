@@ -165,7 +165,7 @@ def test_the_bundled_default_model_generates_a_grid_right_after_install(tmp_path
 
 def test_labels_csv_writes_the_probabilities_classify_writes(tmp_path, model):
     """The exact float32 digits of classify (6 fixed decimals lose the ranking near 0 and 1)."""
-    from threengan_cli.infer.classify import exact
+    from threengan_cli.infer.engine import exact
 
     generate(model, 4, out_dir=tmp_path / "lab", label=True, tau=0.0)
     rows = list(csv.DictReader((tmp_path / "lab" / "labels.csv").open()))

@@ -559,3 +559,19 @@ def test_scores_and_flags_are_the_same_for_every_batch_size(stats_ckpt, engine):
         parts = [model.outputs_of(pixels[i : i + batch])[1] for i in range(0, 40, batch)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
     np.testing.assert_array_equal(model.outputs_of(pixels[::-1])[1][::-1], whole)
+
+
+def test_the_share_gate_trips_only_above_its_share_and_the_any_gate_on_one_image():
+    from types import SimpleNamespace
+
+    from threengan_cli.infer import gate
+
+    share = SimpleNamespace(fail_on_ood=False, max_ood_share=0.1)
+    assert gate.breach(share, 10, 100) is None  # exactly the share: passes
+    assert "11 of 100 images (11.0%)" in gate.breach(share, 11, 100)
+    assert "--max-ood-share 0.1 allows at most 10.0%" in gate.breach(share, 11, 100)
+    assert gate.breach(share, 0, 0) is None  # nothing classified: another exit code says so
+    anything = SimpleNamespace(fail_on_ood=True, max_ood_share=None)
+    assert gate.breach(anything, 0, 624) is None
+    assert "--fail-on-ood allows none" in gate.breach(anything, 1, 624)
+    assert gate.breach(SimpleNamespace(fail_on_ood=False, max_ood_share=None), 624, 624) is None

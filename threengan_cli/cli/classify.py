@@ -21,15 +21,14 @@ from threengan_cli.cli.common import (
     config_opt,
     fail,
     flag,
-    ood_threshold_of,
     setting,
     settings_of,
-    threshold_of,
 )
 from threengan_cli.cli.inputs import check_flags, inputs_or_exit, stdin_paths
-from threengan_cli.cli.tally import Tally, gate_name, report_or_exit
+from threengan_cli.cli.tally import Tally, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
+from threengan_cli.infer.gate import gate_name
 from threengan_cli.infer.output import choose_format
 
 
@@ -141,9 +140,9 @@ def _decision_thresholds(model, cfg, quiet: bool):
     """The settings with the threshold to use, and the output's header: both thresholds and
     where they come from (said on stderr with the model)."""
     given = cfg.threshold if "threshold" in cfg.model_fields_set else None
-    threshold_value, threshold_source, source_note = threshold_of(model, given)
+    threshold_value, threshold_source, source_note = model.decision_threshold(given)
     cfg = cfg.model_copy(update={"threshold": threshold_value})
-    ood_value, ood_source, ood_note = ood_threshold_of(model, cfg.ood_threshold)
+    ood_value, ood_source, ood_note = model.ood_threshold(cfg.ood_threshold)
     if not quiet:
         ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
         which = f"{model.which}; " if model.which else ""

@@ -162,41 +162,6 @@ def classifier_of(
     return numpy_engine.load(runs.model_file(checkpoint, run, which))
 
 
-def threshold_of(model, given: float | None) -> tuple[float, str, str]:
-    """The decision threshold classify and evaluate use, where it comes from (given, model
-    or default) and a note for stderr: a given one (flag or --config) wins; else the one
-    ``evaluate --threshold-from`` stored in the model; else classify's default. A damaged
-    stored one is an error (exit 1), unless a given one overrides it."""
-    from threengan_cli.core.settings import ClassifySettings
-
-    if given is not None:
-        return given, "given", ""
-    stored = model.stored_threshold
-    if stored is None:
-        return ClassifySettings.model_fields["threshold"].default, "default", ""
-    how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
-    note = f" (the model's: {how}; --threshold overrides it)"
-    return float(stored["value"]), "model", note
-
-
-def ood_threshold_of(model, given: float | None) -> tuple[float | None, str | None, str]:
-    """The out-of-distribution threshold classify and evaluate flag above, where it comes
-    from (given or model) and a note for stderr: a given one (flag or --config) wins; else
-    the model's own. ``None`` for a model without statistics, whose note says so."""
-    if getattr(model, "stats", None) is None:
-        note = (
-            "; this model has no out-of-distribution statistics (trained before threengan "
-            "0.2): the ood columns are empty"
-        )
-        return None, None, note
-    if given is not None:
-        return given, "given", ""
-    split = model.stats.info.get("ood", {}).get("threshold", {}).get("split", "val")
-    from threengan_cli.infer.classify import exact  # the float32's shortest digits, as in the rows
-
-    return exact(model.stats.threshold), "model", f" (flags 5% of the model's {split} split)"
-
-
 def prepared_or_exit(dataset: str) -> Path:
     from threengan_cli.core import paths
 

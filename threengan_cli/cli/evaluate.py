@@ -21,8 +21,6 @@ from threengan_cli.cli.common import (
     fail,
     flag,
     lock_or_exit,
-    ood_threshold_of,
-    threshold_of,
 )
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, EXIT_USAGE
@@ -122,8 +120,8 @@ def _score_or_exit(
             chosen = _chosen_on_val(ev, data, data_set, model, rule, batch_size, workers, quiet)
             used, source = chosen["value"], "chosen"
         else:
-            used, source, _ = threshold_of(model, threshold)
-        ood_value = ood_threshold_of(model, ood_threshold)[0]
+            used, source, _ = model.decision_threshold(threshold)
+        ood_value = model.ood_threshold(ood_threshold)[0]
         result = ev.evaluate(
             data_set, model, used, source, batch_size, workers, chosen, ood_value
         )
@@ -168,7 +166,7 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
         note(
             f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
-            + ood_threshold_of(model, ood_threshold)[2]
+            + model.ood_threshold(ood_threshold)[2]
             + fitted
         )
         if made:

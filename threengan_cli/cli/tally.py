@@ -10,6 +10,7 @@ from threengan_cli.cli import views
 from threengan_cli.cli.common import MAX_LISTED, fail
 from threengan_cli.cli.views import note, warn
 from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
+from threengan_cli.infer import gate
 
 
 class Tally:
@@ -90,33 +91,7 @@ def report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, q
                 warn(f"... and {counts['errors'] - tally.listed} more")
             warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
-    if _ood_gate_trips(cfg, counts):
+    tripped = gate.breach(cfg, counts["ood"], counts["classified"])
+    if tripped is not None:  # said at any verbosity: it sets the exit code
+        views.error(tripped)
         raise typer.Exit(EXIT_OOD)
-
-
-def gate_name(cfg) -> str | None:
-    """The ood gate asked for (--fail-on-ood or --max-ood-share), as the user named it."""
-    if cfg.fail_on_ood:
-        return "--fail-on-ood"
-    if cfg.max_ood_share is not None:
-        return f"--max-ood-share {cfg.max_ood_share}"
-    return None
-
-
-def _ood_gate_trips(cfg, counts) -> bool:
-    """Whether the ood gate asked for trips: --fail-on-ood on any flagged image,
-    --max-ood-share F where more than the share F of the classified images is flagged (said
-    on stderr at any verbosity: it sets the exit code)."""
-    gate = gate_name(cfg)
-    if gate is None or counts["classified"] == 0:
-        return False
-    flagged, classified = counts["ood"], counts["classified"]
-    limit = 0.0 if cfg.fail_on_ood else cfg.max_ood_share
-    if flagged <= limit * classified:
-        return False
-    allowed = "none" if limit == 0 else f"at most {limit:.1%}"
-    views.error(
-        f"{flagged} of {classified} images ({flagged / classified:.1%}) are flagged as unlike "
-        f"the model's training X-rays; {gate} allows {allowed} (exit 4)"
-    )
-    return True

@@ -44,6 +44,7 @@ from threengan_cli.core.errors import UsageError
 from threengan_cli.data import images
 from threengan_cli.data.walk import identity, image_files
 from threengan_cli.data.workers import decode_pool
+from threengan_cli.infer.engine import exact
 
 if TYPE_CHECKING:
     from threengan_cli.infer.numpy_engine import NumpyClassifier
@@ -238,15 +239,6 @@ def shard_of(items: Iterable[Item], shard: tuple[int, int]) -> list[Item]:
 
 
 # ----------------------------------------------------------------------------- deciding
-def exact(p: float) -> float:
-    """The float32 ``p`` as the shortest decimal that reads back as the same float32.
-
-    Python writes a float32 widened to float64 with 17 digits (0.7571609616279602); rounding
-    to a fixed number of decimals instead loses the ranking near 0 and 1 (0.9999999 -> 1.0).
-    """
-    return float(np.format_float_positional(np.float32(p), unique=True, trim="0"))
-
-
 def decide(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class indices (B,) from probabilities (B, K): :func:`metrics.predict`'s rule."""
     return metrics.predict(probabilities, threshold)

@@ -94,6 +94,15 @@ def probabilities(logits: np.ndarray, stats: ood.ModelStats | None) -> np.ndarra
     return metrics.softmax(logits, temperature).astype(np.float32)
 
 
+def exact(p: float) -> float:
+    """The float32 ``p`` as the shortest decimal that reads back as the same float32.
+
+    Python writes a float32 widened to float64 with 17 digits (0.7571609616279602); rounding
+    to a fixed number of decimals instead loses the ranking near 0 and 1 (0.9999999 -> 1.0).
+    """
+    return float(np.format_float_positional(np.float32(p), unique=True, trim="0"))
+
+
 THRESHOLD_KEY = "threshold"  # in the metadata: {"value", "rule", "split", "dataset", ...}
 
 
@@ -149,6 +158,36 @@ class Engine:
     def stored_threshold(self) -> dict[str, Any] | None:
         """The threshold ``evaluate --threshold-from`` stored in the metadata, if any."""
         return stored_threshold(self.meta, self.path or self.model_id)
+
+    def decision_threshold(self, given: float | None) -> tuple[float, str, str]:
+        """The decision threshold classify and evaluate use, where it comes from (given,
+        model or default) and a note for stderr: a given one (flag or --config) wins; else
+        the one ``evaluate --threshold-from`` stored in the model; else classify's default. A
+        damaged stored one is an error (exit 1), unless a given one overrides it."""
+        from threengan_cli.core.settings import ClassifySettings
+
+        if given is not None:
+            return given, "given", ""
+        stored = self.stored_threshold
+        if stored is None:
+            return ClassifySettings.model_fields["threshold"].default, "default", ""
+        how = f"chosen on {stored.get('split', 'val')} by {stored.get('rule', '?')}"
+        return float(stored["value"]), "model", f" (the model's: {how}; --threshold overrides it)"
+
+    def ood_threshold(self, given: float | None) -> tuple[float | None, str | None, str]:
+        """The out-of-distribution threshold classify and evaluate flag above, where it comes
+        from (given or model) and a note for stderr: a given one (flag or --config) wins; else
+        the model's own. ``None`` for a model without statistics, whose note says so."""
+        if getattr(self, "stats", None) is None:
+            note = (
+                "; this model has no out-of-distribution statistics (trained before threengan "
+                "0.2): the ood columns are empty"
+            )
+            return None, None, note
+        if given is not None:
+            return given, "given", ""
+        split = self.stats.info.get("ood", {}).get("threshold", {}).get("split", "val")
+        return exact(self.stats.threshold), "model", f" (flags 5% of the model's {split} split)"
 
     def probabilities_of(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) at the model's size -> class probabilities (B, K), float32."""

@@ -25,6 +25,7 @@ from threengan_cli import metrics
 from threengan_cli.core import paths
 from threengan_cli.core.errors import EXIT_USAGE, Failure
 from threengan_cli.infer import classify
+from threengan_cli.infer.engine import exact
 
 if TYPE_CHECKING:
     from threengan_cli.infer.classify import Classifier
@@ -311,7 +312,7 @@ def choose_threshold(
     j = sensitivity + specificity - 1
     best = np.flatnonzero(j >= j.max() - 1e-12)
     pick = best[np.argmin(np.abs(cut[best].astype(np.float64) - 0.5))]
-    value = classify.exact(float(cut[pick]))
+    value = exact(float(cut[pick]))
     score = float(j[pick]) if rule == "youden" else float((sensitivity + specificity)[pick] / 2)
     return {
         "value": value,
@@ -371,12 +372,12 @@ def evaluate(
         if error is not None:
             predictions.append(Prediction(name, classes[truth], None, None, error))
             continue
-        values = {c: classify.exact(float(v)) for c, v in zip(classes, p, strict=True)}
+        values = {c: exact(float(v)) for c, v in zip(classes, p, strict=True)}
         label = classes[next(decided)]
         if flags is None:
             predictions.append(Prediction(name, classes[truth], label, values))
             continue
-        score = classify.exact(float(scores[i]))
+        score = exact(float(scores[i]))
         predictions.append(
             Prediction(name, classes[truth], label, values, None, score, bool(flags[i]))
         )

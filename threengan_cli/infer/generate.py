@@ -10,7 +10,7 @@ Files: ``gen_00000.png`` ... as 8-bit grayscale PNGs at the model's size. With `
 the classifier labels each image: it goes into a sub-folder named for its class, or into
 ``uncertain/`` where its highest probability is below ``tau``, and ``labels.csv`` lists
 ``file,label,p_<class>...`` (probabilities written as classify writes them:
-:func:`classify.exact`). The folder is built under a temporary name and renamed into
+:func:`engine.exact`). The folder is built under a temporary name and renamed into
 place at the end, so an interrupted run leaves nothing half-written.
 
 ``generate.json`` in the folder records what made it (model id, count, seed, label, tau)
@@ -37,7 +37,7 @@ from PIL import Image
 from threengan_cli.core import fileio, paths, system
 from threengan_cli.core.errors import UsageError
 from threengan_cli.data.images import grid_png
-from threengan_cli.infer.classify import exact
+from threengan_cli.infer.engine import exact
 from threengan_cli.infer.torch_engine import Model
 from threengan_cli.model.networks import from_model_range
 

@@ -111,7 +111,7 @@ class RowWriter:
 
     def record(self, row, **extra: Any) -> dict[str, Any]:
         probs = row.probabilities or {}
-        values = {f"p_{c}": probs.get(c) for c in self.classes}  # classify.exact's digits
+        values = {f"p_{c}": probs.get(c) for c in self.classes}  # engine.exact's digits
         return {
             "path": row.path,
             "label": row.label,
