@@ -29,26 +29,9 @@ from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, E
 # ----------------------------------------------------------------------------------- evaluate
 def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold):
     """Usage errors of evaluate's options, before any model or data is read."""
-    from threengan_cli.core.config import SettingsError, resolve
     from threengan_cli.infer import evaluate as ev
 
-    if split is not None and split not in ("train", "val", "test"):
-        fail(f"--split must be train, val or test (got {split!r})", EXIT_USAGE)
-    if threshold_from not in (None, "val"):
-        fail(f"--threshold-from takes val (got {threshold_from!r})", EXIT_USAGE)
-    if threshold_rule not in ev.RULES:
-        fail(f"--threshold-rule must be one of {', '.join(ev.RULES)}", EXIT_USAGE)
-    if threshold_from is not None and threshold is not None:
-        fail("give either --threshold or --threshold-from, not both", EXIT_USAGE)
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        fail(f"--threshold must lie strictly between 0 and 1 (got {threshold})", EXIT_USAGE)
-    if ood_threshold is not None:  # the range classify takes: one owner, its settings
-        try:
-            resolve("classify", None, ood_threshold=ood_threshold)
-        except SettingsError as exc:
-            fail(f"--ood-threshold {ood_threshold}: {str(exc).split(': ', 1)[-1]}", EXIT_USAGE)
-    if engine not in ("numpy", "torch"):
-        fail(f"--engine must be numpy or torch (got {engine!r})", EXIT_USAGE)
+    ev.check_options(split, threshold, threshold_from, threshold_rule, engine, ood_threshold)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -98,11 +81,7 @@ def _chosen_on_val(ev, data: str, data_set, model, rule: str, batch_size, worker
         )
     if data_set.split == "val" and not quiet:
         warn("the threshold is chosen and scored on the same val split: optimistic")
-    val = ev.read_labelled(data, "val", model)
-    probs, _ = ev.probabilities(val, model, batch_size, workers)
-    chosen = ev.choose_threshold(val.labels, probs, rule)
-    chosen.update(split="val", dataset=val.source)
-    return chosen
+    return ev.threshold_on_val(data, model, rule, batch_size, workers)
 
 
 def _score_or_exit(

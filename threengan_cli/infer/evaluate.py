@@ -45,6 +45,55 @@ class UnknownClass(EvaluateError):
     exit_code = EXIT_USAGE
 
 
+class BadOption(EvaluateError):
+    """An option value evaluate cannot take (exit 2), found before any model or data is read."""
+
+    exit_code = EXIT_USAGE
+
+
+def check_options(
+    split: str | None,
+    threshold: float | None,
+    threshold_from: str | None,
+    rule: str,
+    engine: str,
+    ood_threshold: float | None,
+) -> None:
+    """Refuse option values evaluate cannot take, before any model or data is read."""
+    from threengan_cli.core.config import SettingsError, resolve
+
+    if split is not None and split not in ("train", "val", "test"):
+        raise BadOption(f"--split must be train, val or test (got {split!r})")
+    if threshold_from not in (None, "val"):
+        raise BadOption(f"--threshold-from takes val (got {threshold_from!r})")
+    if rule not in RULES:
+        raise BadOption(f"--threshold-rule must be one of {', '.join(RULES)}")
+    if threshold_from is not None and threshold is not None:
+        raise BadOption("give either --threshold or --threshold-from, not both")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise BadOption(f"--threshold must lie strictly between 0 and 1 (got {threshold})")
+    if ood_threshold is not None:  # the range classify takes: one owner, its settings
+        try:
+            resolve("classify", None, ood_threshold=ood_threshold)
+        except SettingsError as exc:
+            detail = str(exc).split(": ", 1)[-1]
+            raise BadOption(f"--ood-threshold {ood_threshold}: {detail}") from None
+    if engine not in ("numpy", "torch"):
+        raise BadOption(f"--engine must be numpy or torch (got {engine!r})")
+
+
+def threshold_on_val(
+    data: str, model: Classifier, rule: str, batch_size: int, workers: int
+) -> dict[str, Any]:
+    """The threshold ``rule`` picks on the val split of the prepared dataset ``data``
+    (``--threshold-from val``), with how it was chosen."""
+    val = read_labelled(data, "val", model)
+    probs, _ = probabilities(val, model, batch_size, workers)
+    chosen = choose_threshold(val.labels, probs, rule)
+    chosen.update(split="val", dataset=val.source)
+    return chosen
+
+
 @dataclass
 class Labelled:
     """Labelled inputs: files to decode (``paths``) or a prepared split's decoded ``images``."""
