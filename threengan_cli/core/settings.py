@@ -232,6 +232,13 @@ class TrainSettings(_Section):
     generated_teacher: bool = Field(
         False, description="generated images' pseudo-labels from the averaged weights (needs ema)"
     )
+    calibration_folds: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="without a val split: fit the temperature on the out-of-fold logits of "
+        "this many fold models (2 to 10; 0 = off)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -275,6 +282,13 @@ class TrainSettings(_Section):
     def _no_pool(cls, value: str | None) -> str | None:
         """``none`` turns the pool off, also where a recipe would set one."""
         return None if value is not None and value.lower() == "none" else value
+
+    @field_validator("calibration_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (off) or 2 to 10 folds")
+        return value
 
     @field_validator("unlabelled_teacher", "generated_teacher")
     @classmethod
