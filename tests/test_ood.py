@@ -502,6 +502,9 @@ def test_evaluate_gives_a_95_percent_interval_for_every_metric_in_json(stats_ckp
     flagged = round(report["ood_flagged"] * 24)
     assert report["ood_flagged_ci"] == pytest.approx(metrics.wilson_interval(flagged, 24), abs=1e-6)
     assert report["ood_fit"]["dims"] >= 1 and report["ood_fit"]["fitted_on"]
+    # the temperature the probabilities were divided by, and where it was fitted
+    assert report["temperature"]["split"] == "val" and report["temperature"]["images"] == 24
+    assert report["temperature"]["value"] > 0
     assert json.loads(runner.invoke(app, args).stdout) == report  # the bootstrap is seeded
 
 

@@ -270,6 +270,8 @@ def test_runs_train_and_evaluate_report_the_final_model_that_run_loads(
     assert row["val_accuracy"] == summary["val"]["accuracy"]  # the final model's
     # how its out-of-distribution detector was fitted: the whole train split, 24 images
     assert row["ood_fit"]["fitted_on"] == {"images": 24} and row["ood_fit"]["pixels"]["dims"]
+    fitted = {"value": summary["stats"]["temperature"], "split": "val", "images": 8}
+    assert row["temperature"] == fitted  # where its temperature was fitted: the val split
     table = runner.invoke(app, ["runs"]).stdout
     assert "0.7000" in table and "0.8000 (1)" in table and "--run loads" in table
     assert "24 img, 12+12 dir" in table  # half as many directions as images at most

@@ -102,6 +102,9 @@ class TrainView(LiveView):
             return
         if isinstance(event, events.RunStarted):
             what = "extending" if event.extended else "resuming" if event.resumed else "training"
+            if event.fold is not None:  # the next run of one train command: a bar of its own
+                self.close()
+                what += " calibration fold {}/{}:".format(*event.fold)
             note(
                 f"{what} {event.method} on {event.train_images} images, "
                 f"{event.steps_per_epoch} steps/epoch, epochs {event.start_epoch + 1}.."

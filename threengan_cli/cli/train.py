@@ -90,9 +90,11 @@ def _train_done_line(summary: dict, run_dir: Path) -> str:
     best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
     best = summary.get("test_of_best_on_val") or {}
     if not (summary.get("val") or {}).get("n"):
+        crossfit = (summary.get("stats") or {}).get("temperature_split") == "cross-fit"
+        probs = "calibrated by cross-fitting" if crossfit else "uncalibrated (temperature 1)"
         whose, other = (
-            f"epoch {epochs}; no val split: no epoch chosen on val, probabilities "
-            "uncalibrated (temperature 1), ood threshold from images held out of its fit",
+            f"epoch {epochs}; no val split: no epoch chosen on val, probabilities {probs}, "
+            "ood threshold from images held out of its fit",
             "",
         )
     elif best_epoch is None or best_epoch == epochs:
@@ -148,6 +150,7 @@ def train(
     augment: Annotated[str | None, setting("train", "augment")] = None,
     unlabelled: Annotated[str | None, setting("train", "unlabelled")] = None,
     init: Annotated[str | None, setting("train", "init", show_default=False)] = None,
+    calibration_folds: Annotated[int | None, setting("train", "calibration_folds")] = None,
     name: Annotated[str | None, typer.Option(help="Run name under the data dir.")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run folder (instead of a name).", file_okay=False)

@@ -257,6 +257,11 @@ class TrainSettings(_Section):
     generated_teacher: bool = Field(
         False, description="generated images' pseudo-labels from the averaged weights (needs ema)"
     )
+    calibration_folds: int = Field(
+        0, ge=0, le=10,
+        description="Without a val split: fit the temperature on K fold models' logits on the "
+        "labelled images each did not train on (K = 2 to 10).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +305,13 @@ class TrainSettings(_Section):
     def _no_pool(cls, value: str | None) -> str | None:
         """``none`` turns the pool off, also where a recipe would set one."""
         return None if value is not None and value.lower() == "none" else value
+
+    @field_validator("calibration_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (off) or 2 to 10 folds")
+        return value
 
     @field_validator("unlabelled_teacher", "generated_teacher")
     @classmethod

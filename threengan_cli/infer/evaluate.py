@@ -134,6 +134,8 @@ class Evaluation:
     unflagged: dict[str, Any] | None = None  # the metrics over the images not flagged
     which_model: str | None = None  # which model of its run ("final, epoch 30"), if a run's
     ood_fit: dict[str, Any] | None = None  # how the model's detector was fitted (its metadata)
+    # the model's temperature and how it was fitted: {"value", "split": val, cross-fit or None}
+    temperature: dict[str, Any] | None = None
 
     @property
     def flagged(self) -> float | None:
@@ -170,6 +172,7 @@ class Evaluation:
             "ood_flagged": self.flagged,
             "ood_flagged_ci": self.flagged_ci,
             "ood_fit": self.ood_fit,
+            "temperature": self.temperature,
             "unflagged": self.unflagged,
             "unreadable": [[p.path, p.error] for p in self.unreadable],
         }
@@ -446,4 +449,14 @@ def evaluate(
         ood_threshold=ood_threshold,
         unflagged=unflagged,
         ood_fit=model.stats.info.get("ood") if flags is not None else None,
+        temperature=_temperature_of(getattr(model, "stats", None)),
     )
+
+
+def _temperature_of(stats: Any) -> dict[str, Any] | None:
+    """The temperature a model's probabilities were divided by, and where it was fitted (its
+    metadata: ``split`` val, cross-fit, or None for uncalibrated); None without statistics."""
+    if stats is None:
+        return None
+    how = stats.info.get("temperature")
+    return {"value": float(stats.temperature), **(how if isinstance(how, dict) else {})}

@@ -62,6 +62,7 @@ class RunStarted:
     epochs: int
     resumed: bool
     extended: bool
+    fold: tuple[int, int] | None = None  # (k, K): a calibration fold's run (train/crossfit)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def finish(
             "ood_flagged": flagged,
             "ood_fit": stats[1]["ood"] if stats is not None else None,
             "temperature_split": stats[1]["temperature"]["split"] if stats is not None else None,
+            "temperature_fit": stats[1]["temperature"] if stats is not None else None,
         },
         "elapsed_s": round(loop.elapsed(), 2),
         "extended": loop.extended,

@@ -54,6 +54,7 @@ class RunInfo:
     best_epoch: int | None = None  # the epoch of best.safetensors
     test_accuracy_best: float | None = None  # of best.safetensors (--model best)
     ood_fit: dict[str, Any] | None = None  # how the final model's ood detector was fitted
+    temperature: dict[str, Any] | None = None  # the final model's, and where it was fitted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +178,7 @@ def _read_run_info(run_dir: Path, name: str) -> RunInfo:
         best_epoch=best_epoch if has_best else None,
         test_accuracy_best=test_best,
         ood_fit=_ood_fit(summary) if finished else None,
+        temperature=_temperature(summary) if finished else None,
     )
 
 
@@ -185,6 +187,17 @@ def _ood_fit(summary: dict[str, Any]) -> dict[str, Any] | None:
     stats = summary.get("stats")
     found = stats.get("ood_fit") if isinstance(stats, dict) else None
     return found if isinstance(found, dict) else None
+
+
+def _temperature(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The final model's temperature and where it was fitted (``split``: val, cross-fit, or
+    None for uncalibrated), as summary.json says (runs from before it said: None)."""
+    stats = summary.get("stats")
+    if not isinstance(stats, dict) or not isinstance(stats.get("temperature"), (int, float)):
+        return None
+    how = stats.get("temperature_fit")
+    how = how if isinstance(how, dict) else {"split": stats.get("temperature_split")}
+    return {"value": stats["temperature"], **how}
 
 
 def run_folders(home: Path | None = None) -> list[tuple[str, Path]]:

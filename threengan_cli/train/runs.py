@@ -42,6 +42,7 @@ __all__ = [
     "BEST",
     "FAILED",
     "FINAL",
+    "FOLDS",
     "LAST",
     "LOCK",
     "METRICS",
@@ -71,6 +72,7 @@ __all__ = [
 
 SETTINGS, RUN, METRICS, SUMMARY = "settings.json", "run.json", "metrics.jsonl", "summary.json"
 FAILED, SAMPLES, LOCK = "failed.json", "samples", ".lock"
+FOLDS = "folds"  # the calibration folds' runs (train/crossfit)
 # What a start that was killed before run.json can leave behind: nothing worth keeping.
 _START_DEBRIS = frozenset({SETTINGS, SAMPLES, LOCK, METRICS})
 # A run's own files are opened without following symbolic links (where the OS can).
@@ -79,7 +81,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 class RunError(Failure):
     """A run folder or one of its files that cannot be used; one line for the user."""
-
 
 
 # ------------------------------------------------------------------------------- reading
@@ -338,16 +339,17 @@ _RUN_FILES = (SETTINGS, RUN, METRICS, SUMMARY, FAILED, LAST, BEST, FINAL)
 
 def clear(folder: Path) -> None:
     """Delete what a run writes in ``folder`` (``train --force``), under its lock: the run's
-    own files, its sample grids and its temporaries; anything else in the folder stays."""
+    own files, its sample grids, its calibration folds and its temporaries; anything else in
+    the folder stays."""
     import shutil
 
     folder = Path(folder)
     for name in _RUN_FILES:
         with contextlib.suppress(FileNotFoundError):
             (folder / name).unlink()
-    samples = folder / SAMPLES
-    if samples.is_dir() and not samples.is_symlink():
-        shutil.rmtree(samples)
+    for sub in (SAMPLES, FOLDS):
+        if (folder / sub).is_dir() and not (folder / sub).is_symlink():
+            shutil.rmtree(folder / sub)
     for entry in folder.iterdir():
         if _is_temporary(entry.name) and any(entry.name.startswith(f".{n}.") for n in _RUN_FILES):
             if entry.is_dir() and not entry.is_symlink():
@@ -362,6 +364,8 @@ def clear(folder: Path) -> None:
 # test figures summary.json reports; for the robust recipe the averaged weights the study
 # measured) unless ``--model best`` asks for the epoch best on val.
 RUN_MODELS = ("final", "best")
+
+
 def resolve_run(name_or_path: str) -> Path:
     """A training run given by name (under the data dir) or by folder path."""
     candidate = Path(name_or_path).expanduser()

@@ -115,6 +115,20 @@ def _logits_and_features(
     return (joined.cpu().numpy() if cpu else joined), torch.cat(features).numpy()
 
 
+def class_logits(net: torch.nn.Module, images_u8: torch.Tensor, classes: int) -> np.ndarray:
+    """The class logits (N, K) of a classifier on uint8 images, fp32 NumPy (eval mode)."""
+    return _logits_and_features(net, images_u8, classes)[0]
+
+
+def with_temperature(
+    stats: tuple[dict[str, torch.Tensor], dict[str, Any]], temperature: float, how: dict
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``stats`` (:func:`model_statistics`) with another temperature, fitted as ``how`` says
+    (its metadata, e.g. ``{"split": "cross-fit", "folds": 5, "images": 40}``)."""
+    tensors = {**stats[0], "temperature": torch.tensor(temperature, dtype=torch.float32)}
+    return tensors, {**stats[1], "temperature": how}
+
+
 def model_statistics(
     method, nets, data, val: SplitOutputs | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

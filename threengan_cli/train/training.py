@@ -44,7 +44,7 @@ from threengan_cli.core.settings import TrainSettings
 from threengan_cli.data.images import GridUnavailable, grid_maker, grid_png
 from threengan_cli.data.training_data import DataError, PoolNotFound, batch_order
 from threengan_cli.model.networks import from_model_range, to_model_range
-from threengan_cli.train import runlock, runs
+from threengan_cli.train import crossfit, runlock, runs
 from threengan_cli.train.accel import (
     GPU_TURNS,
     GpuTurns,
@@ -72,7 +72,7 @@ from threengan_cli.train.runstate import (
     weights_of,
     write_pending_best,
 )
-from threengan_cli.train.scoring import model_statistics, score_split
+from threengan_cli.train.scoring import model_statistics, score_split, with_temperature
 
 RUN_FORMAT_VERSION = 1
 SAMPLE_GRID = 64
@@ -292,6 +292,8 @@ def _train(
         raise InputNotFound(str(exc)) from None
     except DataError as exc:
         raise TrainingError(str(exc)) from None
+    if settings.calibration_folds:
+        crossfit.check(settings, loop.data)  # before the run folder is touched
     if resume:
         restore(loop)
     else:
@@ -358,6 +360,14 @@ def _train(
     used = prediction_nets(loop)  # once, for the final evaluation and the last checkpoint
     outputs = final_outputs(loop, used)
     stats = model_statistics(loop.method, used, loop.data, val=outputs["val"])
+    if settings.calibration_folds and stats is not None:
+        # After the final model is complete: the folds change nothing of it but its temperature.
+        def train_fold(dataset, cfg, fold_dir, fold_resume, fold_emit):
+            return _train(device, dataset, cfg, fold_dir, fold_resume, fold_emit, options, turns)
+
+        fit = loop.meta["fit"]
+        temperature, how = crossfit.cross_fit(run_dir, settings, loop.data, train_fold, emit, fit)
+        stats = with_temperature(stats, temperature, how)
     summary = finish(loop, used, stats, outputs)
     save_last(loop, settings.epochs, 0, used=used, stats=stats, finished=True)
     emit(RunFinished(summary))
