@@ -122,7 +122,7 @@ def test_the_score_joins_the_scaled_feature_and_pixel_scores(combine):
 
 
 def test_statistics_of_threengan_0_2_keep_their_score(stats_ckpt, tmp_path):
-    """Checkpoints fitted before threengan 0.3: the last map's 2x2 blocks and the pixel
+    """Checkpoints fitted before the first-stage detector: the last map's 2x2 blocks and the pixel
     Gaussian joined by the larger score, with metadata that names neither; both engines and
     the ONNX graph score them as they did."""
     from threengan_cli.model import checkpoints

@@ -12,10 +12,10 @@ and gives
 
     probabilities   float32 (N, K): softmax(logits / temperature), the model's calibration
     ood_score       float32 (N,): the out-of-distribution score (``ood``: the first
-                    stage's map averaged over 4x4 blocks, or before threengan 0.3 the last
+                    stage's map averaged over 4x4 blocks, or for older models the last
                     map over 2x2 blocks, centred, projected, mean of squares; where the
                     model has a pixel Gaussian, the sum of that and the image's 4x4 blocks'
-                    score, each over its scale, before 0.3 the larger); only for a model
+                    score, each over its scale, for older models the larger); only for a model
                     with statistics
     evidence        float32 (N, K, 4, 4): each position's evidence for each class
                     (:mod:`infer.heatmap`), which ``classify --heatmaps`` draws

@@ -2,12 +2,14 @@
 and the temperature that calibrates the model's probabilities. NumPy only, shared by both
 classify engines and by training, which fits both at the end of a run.
 
-The score reads the classifier's own features: its last feature map (the input to its head,
-``width * 8`` channels at 4x4), averaged over 2x2 blocks of positions, so that it keeps
-roughly where in the chest a pattern lies (``4 * width * 8`` values; 2,048 at width 64). A
-Gaussian is fitted to the training images' features in their top principal directions (at
-most :data:`DIMS`, and at most half as many as there are images), with a little shrinkage
-toward equal variances so that rare directions do not dominate. The score is the squared
+The score reads the classifier's own features: its first stage (the first convolution,
+``width`` channels at 32x32 for 64-pixel images) averaged over 4x4 blocks of positions
+(1,024 values at width 64); models fitted before it read the last map (the input to its
+head, ``width * 8`` channels at 4x4) averaged over 2x2 blocks (2,048 values); both keep
+roughly where in the chest a pattern lies. A Gaussian is fitted to the training images'
+features in their top principal directions (at most :data:`DIMS`, and at most half as many
+as there are images), with a little shrinkage toward equal variances so that rare
+directions do not dominate. The score is the squared
 Mahalanobis distance to that Gaussian divided by the number of directions: about 1 for a
 typical training image, larger for one the model has not seen the like of. An image is
 flagged where its score exceeds a threshold: by default the 95th percentile of the val
@@ -16,8 +18,10 @@ split's scores, so that about 5% of images like the training ones are flagged.
 Chosen by measurement (docs/ood.md): on the bundled model, output-based scores (maximum
 softmax probability, energy) separated adult X-rays from the Kermany test images with an
 AUROC of 0.56 to 0.69; a kNN distance on pooled features reached 0.60 to 0.94, Mahalanobis
-on pooled features 0.94 to 0.99, and this one 0.960 and 0.992 on the two external-dev
-sources.
+on pooled features 0.94 to 0.99, and the last map's 0.960 and 0.992 on the two external-dev
+sources. On the models users train (200 labelled images, 2 or 30 epochs) the first stage
+held where the last map did not, and its score summed with the images' own 4x4 blocks'
+(:func:`pixel_features`) flagged 94% of the adult X-rays (docs/ood.md, issue 23).
 
 What a checkpoint stores (tensors under ``stats/``, checksummed like the weights):
 ``ood_mean`` (D,), ``ood_projection`` (D, d) — the whitening map, so that a score is
@@ -66,8 +70,8 @@ class ModelStats:
 
     def feature_inputs(self, first_map: np.ndarray | None, last_map: np.ndarray) -> np.ndarray:
         """What :meth:`scores` reads of the classifier, channels-last maps (B, h, w, C): the
-        first stage's 4x4 blocks (:func:`first_stage_features`) for a model fitted since
-        threengan 0.3, the last map's 2x2 blocks (:func:`pooled_features`) before."""
+        first stage's 4x4 blocks (:func:`first_stage_features`) for a model whose metadata
+        says ``layer: first``, else the last map's 2x2 blocks (:func:`pooled_features`)."""
         if self.layer == "first":
             return first_stage_features(first_map)
         return pooled_features(last_map)
@@ -76,7 +80,7 @@ class ModelStats:
         """Features (B, D) (:meth:`feature_inputs`) and the images' :func:`pixel_features`
         (B, 16) -> out-of-distribution scores (B,), float32. Where the model has a pixel
         Gaussian, each score is divided by its scale (the 95th percentile of its reference
-        images') and the two are summed (fitted since threengan 0.3: the evidence of both
+        images') and the two are summed (metadata ``combine: sum``: the evidence of both
         adds up) or, fitted before, the larger is kept.
 
         One product per image (a stack of (1, D) rows), so that an image's score never
@@ -96,8 +100,8 @@ class ModelStats:
 @dataclass(frozen=True)
 class PixelStats:
     """The images' own Gaussian: 4x4 blocks of pixels, in all 16 directions, and how its
-    score joins the features' (``combine``: ``sum``, or ``max`` for a model fitted before
-    threengan 0.3)."""
+    score joins the features' (``combine``: ``sum``, or ``max`` for a model fitted before the
+    first-stage detector)."""
 
     mean: np.ndarray  # (16,) float32
     projection: np.ndarray  # (16, 16) float32
@@ -132,7 +136,7 @@ def pixel_features(images_u8: np.ndarray) -> np.ndarray:
 
 
 FIRST_GRID = 4  # the first stage's map is averaged over 4x4 blocks of positions
-LAYER = "first"  # what training fits since threengan 0.3 (docs/ood.md)
+LAYER = "first"  # what training fits (docs/ood.md, issue 23)
 
 
 def first_stage_features(first_map: np.ndarray) -> np.ndarray:
@@ -287,8 +291,8 @@ def expected_shapes(meta: dict[str, Any], width: int) -> dict[str, tuple[int, ..
 
 def layout(meta: dict[str, Any]) -> tuple[str, str]:
     """Which map of the classifier a checkpoint's statistics read, and how the pixel score
-    joins theirs, from its metadata; a model fitted before threengan 0.3 says neither (the
-    last map, the larger score)."""
+    joins theirs, from its metadata; a model fitted before the first-stage detector says
+    neither (the last map, the larger score)."""
     fit = (meta.get(META_KEY) or {}).get("ood", {})
     fit = fit if isinstance(fit, dict) else {}
     layer, combine = fit.get("layer", "last"), fit.get("combine", "max")
