@@ -5,11 +5,13 @@ and a model without them still classifying."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 
 import numpy as np
 import pytest
+import torch
 from model_factory import familiar_images, make_checkpoint
 from typer.testing import CliRunner
 
@@ -91,11 +93,16 @@ def test_pixel_features_are_the_means_of_4x4_blocks_and_independent_of_the_batch
     np.testing.assert_array_equal(ood.pixel_features(many), one_by_one)
 
 
-def test_the_score_is_the_larger_of_the_scaled_feature_and_pixel_scores():
+@pytest.mark.parametrize("combine", ["sum", "max"])
+def test_the_score_joins_the_scaled_feature_and_pixel_scores(combine):
     rng = np.random.default_rng(6)
     features, pixels = rng.standard_normal((600, 8)), rng.random((600, 16))
-    tensors, info = ood.fit_ood(features[:500], features[500:], pixels=(pixels[:500], pixels[500:]))
+    fit = ood.fit_ood(
+        features[:500], features[500:], pixels=(pixels[:500], pixels[500:]), combine=combine
+    )
+    tensors, info = fit
     assert info["detector"] == "mahalanobis-pca+pixels" and info["pixels"]["dims"] == 16
+    assert info["combine"] == combine and info["layer"] == "first"
     stats = ood.from_arrays(
         {**tensors, "temperature": np.float32(1.0)}, {ood.META_KEY: {"ood": info}}
     )
@@ -104,13 +111,69 @@ def test_the_score_is_the_larger_of_the_scaled_feature_and_pixel_scores():
         tensors["ood_pixel_mean"], tensors["ood_pixel_projection"], pixels
     )
     scales = tensors["ood_scales"]
-    expected = np.maximum(f_score / scales[0], p_score / scales[1])
+    join = np.add if combine == "sum" else np.maximum
+    expected = join(f_score / scales[0], p_score / scales[1])
     np.testing.assert_allclose(stats.scores(features, pixels), expected, rtol=1e-6)
     # each scale is the 95th percentile of its val scores: the combined score flags about
     # 5% of val, and an image unlike the training ones in its pixels alone is flagged
     assert np.mean(stats.scores(features[500:], pixels[500:]) > stats.threshold) <= 0.06
     odd = pixels[500:510] + 2.0
     assert (stats.scores(features[500:510], odd) > stats.threshold).all()
+
+
+def test_statistics_of_threengan_0_2_keep_their_score(stats_ckpt, tmp_path):
+    """Checkpoints fitted before the first-stage detector: the last map's 2x2 blocks and the pixel
+    Gaussian joined by the larger score, with metadata that names neither; both engines and
+    the ONNX graph score them as they did."""
+    from threengan_cli.model import checkpoints
+
+    ckpt = checkpoints.load(stats_ckpt)
+    stats = dict(ckpt.group("stats"))
+    reference = numpy_engine.load(stats_ckpt)
+    fit, val = familiar_images(48, 32, seed=0), familiar_images(24, 32, seed=1)
+    feats = [ood.pooled_features(reference.last_map(x)) for x in (fit, val)]
+    pixels = (ood.pixel_features(fit), ood.pixel_features(val))
+    tensors, fitted = ood.fit_ood(*feats, pixels=pixels, combine="max", layer="last")
+    info = json.loads(json.dumps(ckpt.meta["stats"]))
+    info["ood"] = {k: v for k, v in fitted.items() if k not in ("combine", "layer")}
+    stats.update({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    nets = {name: ckpt.group(f"net/{name}") for name in ckpt.network_names}
+    old = tmp_path / "old.safetensors"
+    checkpoints.save(old, {**ckpt.meta, "stats": info}, nets, stats=stats)
+    images = np.random.default_rng(9).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    model = numpy_engine.load(old)
+    assert model.stats.pixels.combine == "max" and model.stats.layer == "last"
+    f_score = ood.gaussian_scores(
+        tensors["ood_mean"], tensors["ood_projection"], ood.pooled_features(model.last_map(images))
+    )
+    p_score = ood.gaussian_scores(
+        tensors["ood_pixel_mean"], tensors["ood_pixel_projection"], ood.pixel_features(images)
+    )
+    scales = tensors["ood_scales"]
+    expected = np.maximum(f_score / scales[0], p_score / scales[1])
+    engines = [model, load_model(old, device="cpu")]
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
+        from threengan_cli.infer import onnx_export
+
+        onnx_export.export(model, tmp_path / "old.onnx")
+        engines.append(onnx_export.load(tmp_path / "old.onnx"))
+    for engine in engines:
+        np.testing.assert_allclose(engine.outputs_of(images)[1], expected, rtol=1e-5)
+
+
+def test_new_statistics_read_the_first_stage_and_sum_the_scaled_scores(stats_ckpt):
+    model = numpy_engine.load(stats_ckpt)
+    assert model.stats.layer == "first" and model.stats.pixels.combine == "sum"
+    assert model.stats.mean.shape == (16 * 8,)  # 4x4 blocks of a width-4 model's 8 channels
+    images = np.random.default_rng(10).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    first, _ = model.body_maps(images)
+    assert first.shape == (5, 16, 16, 8)
+    blocks = first.reshape(5, 4, 4, 4, 4, 8).mean(axis=(2, 4)).reshape(5, -1)
+    stats, pixels = model.stats, model.stats.pixels
+    f_score = ood.gaussian_scores(stats.mean, stats.projection, blocks)
+    p_score = ood.gaussian_scores(pixels.mean, pixels.projection, ood.pixel_features(images))
+    expected = f_score / pixels.scales[0] + p_score / pixels.scales[1]
+    np.testing.assert_allclose(model.outputs_of(images)[1], expected, rtol=1e-5)
 
 
 def test_statistics_without_the_pixel_gaussian_still_load_and_score(stats_ckpt, tmp_path):
@@ -193,16 +256,20 @@ def test_tampered_statistics_fail_their_checksum_in_both_engines(stats_ckpt, tmp
         load_model(bad, device="cpu")
 
 
-def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("dims", 10**9, "dims"), ("combine", "mean", "combine"), ("layer", "middle", "layer")],
+)
+def test_damaged_statistics_metadata_is_one_line(stats_ckpt, tmp_path, key, value, message):
     from threengan_cli.model.modelfile import update_meta
 
     bad = tmp_path / "dims.safetensors"
     bad.write_bytes(stats_ckpt.read_bytes())
     meta_stats = json.loads(json.dumps(numpy_engine.load(stats_ckpt).stats.info))
-    meta_stats["ood"]["dims"] = 10**9
+    meta_stats["ood"][key] = value
     update_meta(bad, {"stats": meta_stats})
     for load in (numpy_engine.load, lambda p: load_model(p, device="cpu")):
-        with pytest.raises(ModelError, match="dims"):
+        with pytest.raises(ModelError, match=message):
             load(bad)
 
 
@@ -401,13 +468,33 @@ def test_a_run_without_val_says_it_is_uncalibrated_and_holds_out_its_threshold(t
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 2
     images = rng.integers(0, 120, (40, 32, 32), dtype=np.uint8)
-    np.savez(tmp_path / "noval.npz", train_images=images, train_labels=labels.reshape(-1, 1),
-             test_images=images[:8], test_labels=labels[:8].reshape(-1, 1))
+    np.savez(
+        tmp_path / "noval.npz",
+        train_images=images,
+        train_labels=labels.reshape(-1, 1),
+        test_images=images[:8],
+        test_labels=labels[:8].reshape(-1, 1),
+    )
     settings = PrepareSettings(image_size=32, min_val=0, val_fraction=0.0, workers=1)
     prepare(tmp_path / "noval.npz", tmp_path / "noval", settings)
-    args = ["train", str(tmp_path / "noval"), "--out", str(tmp_path / "run"), "--method",
-            "vanilla", "--recipe", "paper", "--width", "4", "--batch-size", "4", "--epochs",
-            "2", "--device", "cpu"]
+    args = [
+        "train",
+        str(tmp_path / "noval"),
+        "--out",
+        str(tmp_path / "run"),
+        "--method",
+        "vanilla",
+        "--recipe",
+        "paper",
+        "--width",
+        "4",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    ]
     done = runner.invoke(app, args)
     assert done.exit_code == 0, done.output
     line = done.stderr.splitlines()[-1]
@@ -435,7 +522,7 @@ def test_the_detector_is_fitted_on_the_whole_train_split_and_an_outside_pool(dat
         np.testing.assert_array_equal(data.detector_x.numpy(), expected)
     data = load_run_data(prepared, TrainSettings(size=12, unlabelled=str(pool)), cpu)
     assert len(data.detector_x) == len(whole) + 5
-    np.testing.assert_array_equal(data.detector_x[len(whole):].numpy(), data.unlabelled.numpy())
+    np.testing.assert_array_equal(data.detector_x[len(whole) :].numpy(), data.unlabelled.numpy())
 
 
 def test_without_val_the_threshold_comes_from_images_held_out_of_the_fit():
@@ -530,8 +617,12 @@ def test_evaluate_refuses_an_ood_threshold_classify_refuses(stats_ckpt, labelled
     done = runner.invoke(app, [*args, "--ood-threshold", bad])
     assert done.exit_code == 2 and done.stdout == ""
     assert "--ood-threshold" in done.stderr and "Traceback" not in done.stderr
-    assert _classify(str(labelled), "--checkpoint", str(stats_ckpt), "--ood-threshold", bad,
-                     "-r").exit_code == 2
+    assert (
+        _classify(
+            str(labelled), "--checkpoint", str(stats_ckpt), "--ood-threshold", bad, "-r"
+        ).exit_code
+        == 2
+    )
 
 
 def test_json_output_never_holds_nan_or_infinity():
@@ -540,8 +631,12 @@ def test_json_output_never_holds_nan_or_infinity():
     from threengan_cli.cli.views import strict_json
 
     data = {"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": (2.0, "x"), "e": None}
-    assert strict_json(data) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2.0, "x"],
-                                 "e": None}
+    assert strict_json(data) == {
+        "a": None,
+        "b": [1.5, None, {"c": None}],
+        "d": [2.0, "x"],
+        "e": None,
+    }
     json.dumps(strict_json(data), allow_nan=False)  # strict: raises on any left
 
 

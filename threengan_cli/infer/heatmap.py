@@ -75,9 +75,9 @@ def numpy_explained(model, images_u8: np.ndarray) -> tuple[np.ndarray, Any, np.n
     temperature = model.stats.temperature if model.stats is not None else 1.0
 
     def forward(chunk: np.ndarray) -> tuple:
-        x = model.last_map(chunk)
+        first, x = model.body_maps(chunk)
         pixels = model.stats.pixel_inputs(chunk) if model.stats is not None else None
-        logits, scores = model.head_outputs(x, pixels)
+        logits, scores = model.head_outputs(x, pixels, first)
         return logits, scores, positional_evidence(x, model.head[0], model.keep, temperature)
 
     logits, scores, maps = per_image(forward, images_u8)

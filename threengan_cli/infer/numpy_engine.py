@@ -86,33 +86,42 @@ class NumpyClassifier(engine.Engine):
         """uint8 images (B, H, W) -> all the head's logits (B, outputs), and the images'
         out-of-distribution scores (B,) where the model has statistics."""
         pixels = self.stats.pixel_inputs(images_u8) if self.stats is not None else None
-        return self.head_outputs(self.last_map(images_u8), pixels)
+        first, last = self.body_maps(images_u8)
+        return self.head_outputs(last, pixels, first)
 
     def last_map(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W) -> the body's last feature map (B, 4, 4, C), channels-last:
-        what the head and the out-of-distribution score read."""
+        what the head reads."""
+        return self.body_maps(images_u8)[1]
+
+    def body_maps(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (B, H, W) -> the body's first stage (B, H/2, W/2, C1) and its last
+        feature map (B, 4, 4, C), channels-last: what the head and the out-of-distribution
+        score read (:meth:`ood.ModelStats.feature_inputs`)."""
         scale, offset = np.float32(self.scale), np.float32(self.offset)
         x = images_u8.astype(np.float32)[..., None] * scale + offset
+        first = None
         for kernel, shift in self.layers:
             x = _conv(x, kernel, _K, stride=2, pad=1)
             if shift is not None:
                 x += shift
             np.maximum(x, x * np.float32(_LEAK), out=x)  # LeakyReLU, as the slope is < 1
-        return x
+            first = x if first is None else first
+        return first, x
 
     def head_outputs(
-        self, x: np.ndarray, pixels: np.ndarray | None = None
+        self, x: np.ndarray, pixels: np.ndarray | None = None, first: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The last feature map (B, 4, 4, C) and the images' pixel features (where the model
-        has a pixel Gaussian: :meth:`ood.ModelStats.pixel_inputs`) -> all the head's logits
-        (B, outputs), and the out-of-distribution scores (B,) where the model has
-        statistics."""
+        """The last feature map (B, 4, 4, C), the images' pixel features (where the model
+        has a pixel Gaussian: :meth:`ood.ModelStats.pixel_inputs`) and the first stage's map
+        (:meth:`body_maps`) -> all the head's logits (B, outputs), and the out-of-
+        distribution scores (B,) where the model has statistics."""
         kernel, bias = self.head
         logits = _conv(x, kernel, _K, stride=1, pad=0).reshape(x.shape[0], -1)
         stats = self.stats
         scores = None
         if stats is not None:
-            scores = stats.scores(ood.pooled_features(x), pixels)
+            scores = stats.scores(stats.feature_inputs(first, x), pixels)
         return (logits if bias is None else logits + bias), scores
 
 

@@ -11,10 +11,12 @@ exporter, only the ``onnx`` package; running it needs only ``onnxruntime``
 and gives
 
     probabilities   float32 (N, K): softmax(logits / temperature), the model's calibration
-    ood_score       float32 (N,): the out-of-distribution score (``ood``: the last feature
-                    map averaged over 2x2 blocks, centred, projected, mean of squares; where
-                    the model has a pixel Gaussian, the larger of that and the image's 4x4
-                    blocks' score, each over its scale); only for a model with statistics
+    ood_score       float32 (N,): the out-of-distribution score (``ood``: the first
+                    stage's map averaged over 4x4 blocks, or for older models the last
+                    map over 2x2 blocks, centred, projected, mean of squares; where the
+                    model has a pixel Gaussian, the sum of that and the image's 4x4 blocks'
+                    score, each over its scale, for older models the larger); only for a model
+                    with statistics
     evidence        float32 (N, K, 4, 4): each position's evidence for each class
                     (:mod:`infer.heatmap`), which ``classify --heatmaps`` draws
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from threengan_cli import __version__
 from threengan_cli.core import fileio
-from threengan_cli.infer import engine
+from threengan_cli.infer import engine, ood
 from threengan_cli.infer.numpy_engine import NumpyClassifier
 from threengan_cli.model import modelfile
 
@@ -83,6 +85,7 @@ def build(model: NumpyClassifier):
     x = node("Add", [x, const("offset", np.float32(model.offset))], "shifted")
     x = node("Unsqueeze", [x, const("channel_axis", np.array([1], np.int64))], "x0")  # N,1,S,S
     channels = 1
+    first = None
     for i, (kernel, shift) in enumerate(model.layers):
         w = _weight(kernel, channels)
         channels = w.shape[0]
@@ -91,6 +94,7 @@ def build(model: NumpyClassifier):
             inputs.append(const(f"conv{i}.bias", shift.astype(np.float32)))
         x = node("Conv", inputs, f"conv{i}", kernel_shape=[_K, _K], strides=[2, 2], pads=[1] * 4)
         x = node("LeakyRelu", [x], f"act{i}", alpha=0.2)  # (N, C_i, S/2^(i+1), S/2^(i+1))
+        first = first or x
     last = x  # (N, C, 4, 4)
     head_kernel, bias = model.head
     head = _weight(head_kernel, channels)  # (outputs, C, 4, 4)
@@ -110,7 +114,11 @@ def build(model: NumpyClassifier):
     node("Softmax", [logits], "probabilities", axis=1)
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])]
     if model.stats is not None:
-        f = node("AveragePool", [last], "blocks", kernel_shape=[2, 2], strides=[2, 2])
+        if model.stats.layer == "first":  # the first stage's 4x4 blocks (ood.py)
+            k = [side // 2 // ood.FIRST_GRID] * 2
+            f = node("AveragePool", [first], "blocks", kernel_shape=k, strides=k)
+        else:
+            f = node("AveragePool", [last], "blocks", kernel_shape=[2, 2], strides=[2, 2])
         f = node("Transpose", [f], "blocks_last", perm=[0, 2, 3, 1])  # (row, column, channel)
         f = node("Reshape", [f, const("rows", np.array([0, -1], np.int64))], "features")
         f = node("Sub", [f, const("ood_mean", model.stats.mean)], "centred")
@@ -119,7 +127,7 @@ def build(model: NumpyClassifier):
         pixels = model.stats.pixels
         if pixels is None:
             node("ReduceMean", [z], "ood_score", axes=[1], keepdims=0)
-        else:  # the larger of the feature and the pixel score, each over its scale
+        else:  # the sum (or the larger) of the feature and the pixel score, each scaled
             feature = node("ReduceMean", [z], "feature_score", axes=[1], keepdims=0)
             # the image's 4x4 blocks of pixels in [0, 1] (ood.pixel_features), row-major
             p = node("Unsqueeze", ["pixels", const("p_axis", np.array([1], np.int64))], "p0")
@@ -133,7 +141,7 @@ def build(model: NumpyClassifier):
             pixel = node("ReduceMean", [p], "pixel_score", axes=[1], keepdims=0)
             a = node("Div", [feature, const("feature_scale", pixels.scales[0])], "feature_scaled")
             b = node("Div", [pixel, const("pixel_scale", pixels.scales[1])], "pixel_scaled")
-            node("Max", [a, b], "ood_score")
+            node("Sum" if pixels.combine == "sum" else "Max", [a, b], "ood_score")
         outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"]))
     # Evidence: each position's terms of the class logits, centred over the classes and
     # divided by the temperature: linear in the map, so one Einsum with centred weights.

@@ -80,12 +80,13 @@ class Model(engine.Engine):
         images = torch.from_numpy(np.ascontiguousarray(images_u8))
         with torch.inference_mode():
             x = to_model_range(images.to(self.device), self.normalisation or None)
-            logits, features = self.nets[self.classifier].logits_and_features(x)
+            layer = self.stats.layer if self.stats is not None else "last"
+            logits, features = self.nets[self.classifier].logits_and_features(x, layer)
             probs = engine.probabilities(logits[:, : self.logits].float().cpu(), self.stats)
             if self.stats is None:
                 return probs, None
             if self.unadapted is not None:
-                _, features = self.unadapted.logits_and_features(x)
+                _, features = self.unadapted.logits_and_features(x, layer)
             features = features.cpu().numpy()
         # The score's products run image by image in NumPy, as in the NumPy engine, so that
         # an image's score never depends on its batch. The images' pixel features (where
@@ -189,5 +190,3 @@ def load_model(checkpoint: Path | None = None, device: str = "auto") -> Model:
         logits=spec.logits,
         normalisation={"scale": spec.scale, "offset": spec.offset},
     )
-
-

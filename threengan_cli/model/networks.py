@@ -182,12 +182,19 @@ class _Headed(nn.Module):
         h = self.body(x)  # (B, width*8, 4, 4)
         return self.head(h).flatten(1)  # (B, outputs)
 
-    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits (B, outputs) and what the out-of-distribution score reads (``ood``): the
-        last feature map averaged over 2x2 blocks of positions, in (row, column, channel)
-        order, (B, 4 * width * 8)."""
-        h = self.body(x)  # (B, width*8, 4, 4)
-        blocks = nn.functional.avg_pool2d(h.float(), 2)  # (B, width*8, 2, 2)
+    def logits_and_features(
+        self, x: torch.Tensor, layer: str = "last"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits (B, outputs) and what the out-of-distribution score reads (``ood``), in
+        (row, column, channel) order: the last feature map averaged over 2x2 blocks of
+        positions (B, 4 * width * 8), or with ``layer="first"`` the first stage (the first
+        convolution and its LeakyReLU) averaged over 4x4 blocks (B, 16 * its channels)."""
+        first = self.body.layers[:2](x)  # (B, C1, S/2, S/2)
+        h = self.body.layers[2:](first)  # (B, width*8, 4, 4)
+        if layer == "first":
+            blocks = nn.functional.avg_pool2d(first.float(), first.shape[-1] // 4)
+        else:
+            blocks = nn.functional.avg_pool2d(h.float(), 2)  # (B, width*8, 2, 2)
         return self.head(h).flatten(1), blocks.permute(0, 2, 3, 1).flatten(1)
 
 

@@ -104,7 +104,8 @@ def _logits_and_features(
     net.eval()
     logits, features = [], []
     for start in range(0, len(images_u8), batch_size):
-        out, feat = net.logits_and_features(to_model_range(images_u8[start : start + batch_size]))
+        x = to_model_range(images_u8[start : start + batch_size])
+        out, feat = net.logits_and_features(x, ood.LAYER)
         logits.append(out[:, :classes].float())
         features.append(feat.float().cpu())
     net.train(was_training)
