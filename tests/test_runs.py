@@ -424,3 +424,21 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(dataset, tmp_path):
     result = runner.invoke(app, ["train", str(dataset), "--out", str(blocker / "run"), *TINY])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("error: creating") and result.output.count("\n") == 1
+
+
+def test_a_run_written_before_a_setting_existed_is_the_same_run_at_its_default(tmp_path):
+    """settings.json of a run made before calibration_folds (or another later setting)
+    existed lacks it; the same command must find it the same run, not another."""
+    import json
+
+    from threengan_cli.core.settings import TrainSettings
+
+    asked = TrainSettings(size=20, epochs=2).model_dump(mode="json")
+    saved = {k: v for k, v in asked.items() if k not in ("calibration_folds", "generated_teacher")}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / runs.SETTINGS).write_text(json.dumps(saved))
+    (folder / runs.RUN).write_text(json.dumps({"dataset": str(tmp_path / "data")}))
+    assert runs.difference(folder, asked, tmp_path / "data") is None
+    other = {**asked, "calibration_folds": 5}
+    assert runs.difference(folder, other, tmp_path / "data").key == "calibration_folds"

@@ -29,7 +29,7 @@ from typing import Any
 
 from threengan_cli.core import paths
 from threengan_cli.core.errors import Failure
-from threengan_cli.core.settings import with_stored_recipe
+from threengan_cli.core.settings import TrainSettings, with_stored_recipe
 from threengan_cli.model.modelfile import (
     BEST,
     FINAL,
@@ -255,7 +255,21 @@ def identity(folder: Path) -> tuple[dict[str, Any], str | None]:
     if not isinstance(saved, dict) or not isinstance(meta, dict):
         raise RunError(f"{folder}: {SETTINGS} and {RUN} must hold JSON objects")
     dataset = meta.get("dataset")
-    return with_stored_recipe(saved), dataset if isinstance(dataset, str) else None
+    return _with_later_defaults(with_stored_recipe(saved)), (
+        dataset if isinstance(dataset, str) else None
+    )
+
+
+def _with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with the settings added after it was written, at their defaults: it
+    was trained as they are (a new setting's default keeps what training did before it), so
+    the same command finds it the same run."""
+    later = {
+        name: field.default
+        for name, field in TrainSettings.model_fields.items()
+        if name not in saved and not field.is_required()
+    }
+    return {**later, **saved}
 
 
 def difference(folder: Path, asked: dict[str, Any], dataset: Path) -> Difference | None:
