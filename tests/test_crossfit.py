@@ -87,7 +87,7 @@ def test_force_clears_a_runs_calibration_folds(tmp_path):
 
 
 def test_the_done_line_says_the_probabilities_are_calibrated_by_cross_fitting(tmp_path):
-    from threengan_cli.cli.train import _train_done_line
+    from threengan_cli.train.runs import done_line
 
     summary = {
         "epochs": 2,
@@ -96,9 +96,9 @@ def test_the_done_line_says_the_probabilities_are_calibrated_by_cross_fitting(tm
         "test": {"n": 4, "accuracy": 0.5, "auc": 0.5},
         "stats": {"temperature": 1.7, "temperature_split": crossfit.SPLIT},
     }
-    assert "calibrated by cross-fitting" in _train_done_line(summary, tmp_path)
+    assert "calibrated by cross-fitting" in done_line(summary, tmp_path)
     summary["stats"]["temperature_split"] = None
-    assert "uncalibrated (temperature 1)" in _train_done_line(summary, tmp_path)
+    assert "uncalibrated (temperature 1)" in done_line(summary, tmp_path)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

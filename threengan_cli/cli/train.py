@@ -38,7 +38,7 @@ from threengan_cli.train.events import CHECKPOINT_EVERY_S
 def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, quiet: bool):
     """A finished run asked for no more epochs than it has: its summary, exit 0 (so a CI job
     can run the same line twice). Otherwise return, and training continues."""
-    from threengan_cli.train import plan
+    from threengan_cli.train import plan, runs
 
     summary, problem = plan.finished(run_dir, epochs)
     if problem is not None and not quiet:
@@ -54,7 +54,7 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
     if as_json:
         print_json(summary)
     elif not quiet:
-        note(_train_done_line(summary, run_dir))
+        note(runs.done_line(summary, run_dir))
     raise typer.Exit(EXIT_OK)
 
 
@@ -70,47 +70,6 @@ def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, for
     run_dir = plan.run_dir_for(dataset, cfg, *where)
     again = plan.again(run_dir, cfg, dataset_dir, force, lambda d: lock_or_exit(held, d))
     return cfg, dataset_dir, run_dir, again
-
-
-def _metric(metrics: dict, key: str) -> str:
-    value = metrics.get(key)
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _train_done_line(summary: dict, run_dir: Path) -> str:
-    """The test metrics of the model ``--run`` loads (the final one, which summary.json's
-    ``test`` reports), and best.safetensors' accuracy beside them where that is another
-    epoch."""
-    from threengan_cli.train import runs
-
-    test = summary.get("test") or {}
-    where = f"summary in {run_dir / runs.SUMMARY}"
-    if not test.get("n"):
-        return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
-    best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
-    best = summary.get("test_of_best_on_val") or {}
-    if not (summary.get("val") or {}).get("n"):
-        crossfit = (summary.get("stats") or {}).get("temperature_split") == "cross-fit"
-        probs = "calibrated by cross-fitting" if crossfit else "uncalibrated (temperature 1)"
-        whose, other = (
-            f"epoch {epochs}; no val split: no epoch chosen on val, probabilities {probs}, "
-            "ood threshold from images held out of its fit",
-            "",
-        )
-    elif best_epoch is None or best_epoch == epochs:
-        whose, other = f"epoch {epochs}, also the best on val", ""
-    else:
-        whose = f"epoch {epochs}"
-        other = (
-            f"; best on val, epoch {best_epoch} (--model best): test accuracy "
-            f"{_metric(best, 'accuracy')}"
-        )
-    return (
-        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(test, 'accuracy')}, "
-        f"AUC {_metric(test, 'auc')}, sensitivity {_metric(test, 'sensitivity')}, "
-        f"specificity {_metric(test, 'specificity')} of the final model, the one --run loads "
-        f"({whose}){other} ({where})"
-    )
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
@@ -202,7 +161,7 @@ def train(
       threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
     from threengan_cli.core.settings import TrainSettings
-    from threengan_cli.train import plan
+    from threengan_cli.train import plan, runs
 
     flags = flags_of(TrainSettings, locals())
     if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
@@ -237,7 +196,7 @@ def train(
     if as_json:
         print_json(summary)
     elif not quiet:
-        note(_train_done_line(summary, run_dir))
+        note(runs.done_line(summary, run_dir))
 
 
 def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, quiet: bool):

@@ -62,6 +62,7 @@ __all__ = [
     "difference",
     "identity",
     "finished_summary",
+    "done_line",
     "model_file",
     "init_file",
     "resolve_run",
@@ -440,3 +441,42 @@ def init_file(source: str) -> Path:
     if path.is_file() or path.suffix == ".safetensors":
         return model_file(checkpoint=path)
     return model_file(run=source)
+
+
+def _metric(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def done_line(summary: dict, run_dir: Path) -> str:
+    """The test metrics of the model ``--run`` loads (the final one, which summary.json's
+    ``test`` reports), and best.safetensors' accuracy beside them where that is another
+    epoch: the line ``train`` ends with."""
+    test = summary.get("test") or {}
+    where = f"summary in {run_dir / SUMMARY}"
+    if not test.get("n"):
+        return f"done in {summary['elapsed_s']:.0f}s: no test split ({where})"
+    best_epoch, epochs = summary.get("best_epoch_on_val"), summary["epochs"]
+    best = summary.get("test_of_best_on_val") or {}
+    if not (summary.get("val") or {}).get("n"):
+        crossfit = (summary.get("stats") or {}).get("temperature_split") == "cross-fit"
+        probs = "calibrated by cross-fitting" if crossfit else "uncalibrated (temperature 1)"
+        whose, other = (
+            f"epoch {epochs}; no val split: no epoch chosen on val, probabilities {probs}, "
+            "ood threshold from images held out of its fit",
+            "",
+        )
+    elif best_epoch is None or best_epoch == epochs:
+        whose, other = f"epoch {epochs}, also the best on val", ""
+    else:
+        whose = f"epoch {epochs}"
+        other = (
+            f"; best on val, epoch {best_epoch} (--model best): test accuracy "
+            f"{_metric(best, 'accuracy')}"
+        )
+    return (
+        f"done in {summary['elapsed_s']:.0f}s: test accuracy {_metric(test, 'accuracy')}, "
+        f"AUC {_metric(test, 'auc')}, sensitivity {_metric(test, 'sensitivity')}, "
+        f"specificity {_metric(test, 'specificity')} of the final model, the one --run loads "
+        f"({whose}){other} ({where})"
+    )
