@@ -142,14 +142,18 @@ def test_ctrl_c_while_sort_into_copies_exits_130_and_leaves_no_half_copied_file(
 
     folder, out = _images(tmp_path / "in", 6), tmp_path / "sorted"
     # The copy writes half the file, then waits: the signal lands inside it, as it would
-    # inside a long copy.
+    # inside a long copy. It waits in short steps, as a long copy is many chunked system
+    # calls: Linux may deliver the signal to another thread of the process (the decode
+    # pool's), and Python runs its handler in the main thread only between two steps; one
+    # 60 s sleep would hold it off for 60 s (CI saw that twice under load).
     driver = (
         "import shutil, sys, time\n"
         "def slow(src, dst, *args, **kwargs):\n"
         "    with open(src, 'rb') as f, open(dst, 'wb') as g:\n"
         "        data = f.read()\n"
         "        g.write(data[: len(data) // 2]); g.flush()\n"
-        "        time.sleep(60)\n"
+        "        for _ in range(600):\n"
+        "            time.sleep(0.1)\n"
         "        g.write(data[len(data) // 2 :])\n"
         "    return dst\n"
         "shutil.copyfile = slow\n"
