@@ -144,10 +144,13 @@ def test_ctrl_c_while_sort_into_copies_exits_130_and_leaves_no_half_copied_file(
     # The copy writes half the file, then waits: the signal lands inside it, as it would
     # inside a long copy. It waits in short steps, as a long copy is many chunked system
     # calls: Linux may deliver the signal to another thread of the process (the decode
-    # pool's), and Python runs its handler in the main thread only between two steps; one
-    # 60 s sleep would hold it off for 60 s (CI saw that twice under load).
+    # pool's), and Python runs its handler in the main thread only between two steps.
+    # SIGINT is set to Python's handler first, as a terminal's foreground job has it: a job
+    # started in the background by a shell without job control (`cmd &` in a script, as a CI
+    # runner may start pytest) inherits SIGINT ignored, and Python then installs none.
     driver = (
-        "import shutil, sys, time\n"
+        "import shutil, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def slow(src, dst, *args, **kwargs):\n"
         "    with open(src, 'rb') as f, open(dst, 'wb') as g:\n"
         "        data = f.read()\n"
