@@ -36,9 +36,20 @@ from threengan_cli.core.settings import TrainSettings
 from threengan_cli.data import images
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.data.training_data import load_run_data
+from threengan_cli.data.walk import image_files
 from threengan_cli.infer import numpy_engine, ood
 from threengan_cli.metrics import roc_auc
 from threengan_cli.model import modelfile
+
+
+def external_pixels(folder: Path, size: int, fit: str) -> dict[str, np.ndarray]:
+    """Each source folder under ``folder`` (external-dev's) -> its images at the model's size,
+    decoded as classify decodes them, found by the project's one folder walker. The other
+    ood scripts (ood_fitsets, ood_components) read the sources through this too."""
+    return {
+        source.name: np.stack([images.load_image(f, size, fit) for f in image_files(str(source))])
+        for source in sorted(p for p in folder.iterdir() if p.is_dir())
+    }
 
 
 def activations(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -153,10 +164,7 @@ def main() -> None:
         "val": data.val_x.numpy(),
         "test": data.test_x.numpy(),
     }
-    for source in sorted(p for p in args.external.iterdir() if p.is_dir()):
-        files = sorted(f for f in source.rglob("*") if images.is_image_file(f))
-        size, fit = model.image_size, model.fit
-        pixels[source.name] = np.stack([images.load_image(f, size, fit) for f in files])
+    pixels.update(external_pixels(args.external, model.image_size, model.fit))
     acts = {name: activations(model, p) for name, p in pixels.items()}
     for name, p in pixels.items():
         d = discriminator_logits(model.path, p)

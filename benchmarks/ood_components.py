@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from ood_compare import external_pixels  # a script beside this one
 
-from threengan_cli.data import images
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.infer import numpy_engine, ood
 from threengan_cli.metrics import roc_auc
@@ -57,10 +57,8 @@ def build_cache(dataset: Path, checkpoint: Path, external: Path, cache: Path) ->
     model = numpy_engine.load(checkpoint)
     prepared = load_prepared(dataset)
     sets = {name: prepared.subset(name)[0] for name in SPLITS}
-    for source in sorted(p for p in external.iterdir() if p.is_dir()):
-        files = sorted(f for f in source.rglob("*") if images.is_image_file(f))
-        size, fit = model.image_size, model.fit
-        sets[f"ext_{source.name}"] = np.stack([images.load_image(f, size, fit) for f in files])
+    for name, pixels in external_pixels(external, model.image_size, model.fit).items():
+        sets[f"ext_{name}"] = pixels
     arrays = {}
     for name, pixels in sets.items():
         arrays[f"{name}/pixels"] = pixels

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ood_compare import external_pixels  # a script beside this one
 
 from threengan_cli.core.settings import TrainSettings
-from threengan_cli.data import images
 from threengan_cli.data.datasets import load_prepared
 from threengan_cli.data.training_data import load_run_data
 from threengan_cli.infer import numpy_engine, ood
@@ -68,10 +68,7 @@ def main() -> None:
         "val": data.val_x.numpy(),
         "test": data.test_x.numpy(),
     }
-    for source in sorted(p for p in args.external.iterdir() if p.is_dir()):
-        files = sorted(f for f in source.rglob("*") if images.is_image_file(f))
-        size, fit = model.image_size, model.fit
-        pixels[source.name] = np.stack([images.load_image(f, size, fit) for f in files])
+    pixels.update(external_pixels(args.external, model.image_size, model.fit))
     feats = {k: blocks(model, v) for k, v in pixels.items()}
     grids = {k: ood.pixel_features(v) for k, v in pixels.items()}
     shipped_t, shipped_info = ood.fit_ood(
