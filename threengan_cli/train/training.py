@@ -370,5 +370,7 @@ def _train(
         stats = with_temperature(stats, temperature, how)
     summary = finish(loop, used, stats, outputs)
     save_last(loop, settings.epochs, 0, used=used, stats=stats, finished=True)
+    if settings.calibration_folds:
+        crossfit.remove_folds(run_dir)  # spent: their temperature is in the final model
     emit(RunFinished(summary))
     return summary
