@@ -24,7 +24,9 @@ and logit interpolation). ``--method vanilla --out OTHER`` gives the same withou
 
 Each (variant, seed, half) is a ``threengan train`` run in ``OUT/runs/<variant>-s<seed>-pool<H>``
 with its settings in ``OUT/configs/<run>.toml``, then ``threengan evaluate --json`` on the
-held-out half: the final model (``last.safetensors``) and the best on val (``--run``). A run
+held-out half: the final model (``last.safetensors``) and the best on val (``--run``) at
+threshold 0.5, and the final model at the threshold ``evaluate --threshold-from val`` chooses on
+the source's val split (the pool moves the operating point; the site is not looked at). A run
 with its ``eval.json`` is skipped, so the script resumes where it stopped; a run stopped
 midway is resumed by ``train --resume``. ``OUT/report.md`` and ``OUT/results.json``: per
 variant the mean of each metric, and the paired differences with ``none`` and ``pool``
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -95,15 +98,38 @@ def _pick(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in METRICS}
 
 
+def _at_val_threshold(cli, args, run_dir: Path, held_out: Path, log: Path) -> dict[str, Any]:
+    """The final model scored on ``held_out`` at the threshold ``evaluate --threshold-from
+    val`` chooses on the source's val split (its default rule), as a user would: on a copy
+    of the checkpoint, which stores it, deleted after."""
+    copy = run_dir / "val-threshold.safetensors"
+    shutil.copyfile(run_dir / "last.safetensors", copy)
+    try:
+        model = ["--checkpoint", str(copy)]
+        chosen = _evaluate(
+            cli, Path(args.source), [*model, "--split", "val", "--threshold-from", "val"], log
+        )
+        scored = _evaluate(cli, held_out, model, log)
+    finally:
+        copy.unlink(missing_ok=True)
+    assert scored["threshold_source"] == "model", scored["threshold_source"]
+    return {**_pick(scored), "threshold": chosen["threshold"]}
+
+
 def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) -> dict[str, Any]:
     name = f"{variant}-s{seed}-pool{half}"
     run_dir = args.out / "runs" / name
     done_file = run_dir / "eval.json"
-    if done_file.is_file():
-        return json.loads(done_file.read_text())
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = args.out / "site"
     held_out = work / f"heldout-{site.other(half)}"
+    if done_file.is_file():
+        record = json.loads(done_file.read_text())
+        if "final_val_threshold" not in record:  # scored before this view existed
+            log = args.out / "logs" / f"{name}.log"
+            record["final_val_threshold"] = _at_val_threshold(cli, args, run_dir, held_out, log)
+            done_file.write_text(json.dumps(record, indent=2) + "\n")
+        return record
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     pool = work / f"pool-{half}"
     extra = VARIANTS[variant]
     config = args.out / "configs" / f"{name}.toml"
@@ -142,6 +168,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         "train_seconds": round(seconds, 1),
         "final": _pick(final),
         "best_on_val": _pick(best),
+        "final_val_threshold": _at_val_threshold(cli, args, run_dir, held_out, log),
     }
     done_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -168,7 +195,12 @@ def report(summary: dict[str, Any], args, records, split_sizes) -> str:
         f"split by patient: {split_sizes}. {len(records)} runs.",
         "",
     ]
-    for model, title in (("final", "final model"), ("best_on_val", "best on val")):
+    titles = {
+        "final": "final model",
+        "best_on_val": "best on val",
+        "final_val_threshold": "final model, threshold chosen on the source's val split",
+    }
+    for model, title in titles.items():
         lines += [
             f"## {title}",
             "",
@@ -219,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="robust")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU: 4-10)")
-    parser.add_argument("--report-only", action="store_true", help="tabulate what has finished")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="tabulate what has finished (scoring a finished run's missing views; no training)",
+    )
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -258,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         for seed, half, variant in jobs:
             done = args.out / "runs" / f"{variant}-s{seed}-pool{half}" / "eval.json"
-            if done.is_file():
-                records.append(json.loads(done.read_text()))
+            if done.is_file():  # scored already; one_run adds a view it lacks, trains nothing
+                records.append(one_run(args, variant, seed, half, splits[half], cli))
         _write(args, records, variants, split_sizes)
         return 0
     lock = threading.Lock()

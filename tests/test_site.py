@@ -141,6 +141,15 @@ def test_the_summary_pairs_runs_by_seed_and_half():
     assert "none - pool" not in found["paired"]["final"]
 
 
+def test_a_record_scored_before_a_view_existed_is_left_out_of_that_views_figures():
+    records = [_record("none", 1, "A", 0.80), _record("pool", 1, "A", 0.85)]
+    records[0]["final_val_threshold"] = {"accuracy": 0.82, "auc": 0.9}
+    found = site.summarise(records, ["none", "pool"], ("accuracy", "auc"))
+    assert found["means"]["final_val_threshold"]["none"]["accuracy"]["n"] == 1
+    assert found["means"]["final_val_threshold"]["pool"]["accuracy"]["n"] == 0
+    assert found["paired"]["final_val_threshold"]["pool - none"]["accuracy"]["pairs"] == 0
+
+
 def _study_script():
     import importlib.util
     from pathlib import Path
@@ -177,6 +186,9 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
         settings = json.loads((out / "runs" / f"{variant}-s3-poolA" / "settings.json").read_text())
         assert settings["unlabelled"] == pool and settings["seed"] == 3
     assert 0.0 <= runs["pool"]["final"]["accuracy"] <= 1.0
+    # Also scored at the threshold chosen on the source's val split, on a copy deleted after.
+    assert 0.0 < runs["pool"]["final_val_threshold"]["threshold"] < 1.0
+    assert not list(out.glob("runs/*/val-threshold.safetensors"))
     assert results["summary"]["paired"]["final"]["pool - none"]["accuracy"]["pairs"] == 1
     assert "pool - none" in (out / "report.md").read_text()
     model = out / "runs" / "pool-s3-poolA" / "last.safetensors"

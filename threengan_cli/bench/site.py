@@ -122,22 +122,29 @@ def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: boo
     return dest
 
 
+# How each run's model is scored on the held-out half: the final model at threshold 0.5, the
+# best-on-val checkpoint at 0.5, and the final model at the threshold that evaluate's default
+# rule (Youden) chooses on the source's val split: the site is never looked at.
+MODELS = ("final", "best_on_val", "final_val_threshold")
+
+
 def summarise(
     records: list[dict[str, Any]], variants: list[str], metrics: tuple[str, ...]
 ) -> dict[str, Any]:
-    """Per model (``final``, ``best_on_val``): each variant's mean of each metric over its
-    runs, and each variant's paired differences of accuracy and AUC with ``none`` and with
-    ``pool``, paired by (seed, pool half), with their 95% t-intervals."""
+    """Per model (:data:`MODELS`): each variant's mean of each metric over its runs, and each
+    variant's paired differences of accuracy and AUC with ``none`` and with ``pool``, paired
+    by (seed, pool half), with their 95% t-intervals. A record without a model's scores
+    (written before that model was scored) is left out of that model's figures."""
 
     def by_key(variant: str, model: str, metric: str) -> dict[tuple, float]:
         return {
             (r["seed"], r["pool_half"]): r[model][metric]
             for r in records
-            if r["variant"] == variant and r[model].get(metric) is not None
+            if r["variant"] == variant and (r.get(model) or {}).get(metric) is not None
         }
 
     out: dict[str, Any] = {"means": {}, "paired": {}}
-    for model in ("final", "best_on_val"):
+    for model in MODELS:
         for v in variants:
             out["means"].setdefault(model, {})[v] = {
                 m: mean_std(by_key(v, model, m).values()) for m in metrics
