@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from threengan_cli.bench.grid import BenchmarkSettings
 from threengan_cli.cli import helptext
 from threengan_cli.cli.app import app
-from threengan_cli.core import config, paths, settings
+from threengan_cli.core import config, paths
 
 runner = CliRunner()
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "4", "--device", "cpu"]
@@ -52,7 +52,7 @@ def test_an_unknown_config_section_is_named(tmp_path):
 # --------------------------------------------------------------------------- help defaults
 @pytest.mark.parametrize(
     "section, model",
-    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+    [*config.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
 )
 def test_help_defaults_equal_the_settings_models_defaults(section, model):
     for name, field in model.model_fields.items():
@@ -63,7 +63,7 @@ def test_help_defaults_equal_the_settings_models_defaults(section, model):
 
 @pytest.mark.parametrize(
     "section, model",
-    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+    [*config.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
 )
 def test_option_help_is_the_settings_fields_description(section, model):
     """Options are declared once: the help ``--help`` shows is the field's description, read
@@ -162,6 +162,41 @@ def test_classify_reads_its_format_from_the_config(ckpt, tmp_path):
     assert json.loads(result.stdout.splitlines()[0])["path"] == str(good)
 
 
+def test_classify_takes_sort_into_and_output_from_the_config_and_flags_override_them(
+    ckpt, tmp_path
+):
+    from image_factory import save
+
+    good = save(tmp_path / "in" / "good.png", seed=1, size=(40, 40))
+    toml = tmp_path / "c.toml"
+    sorted_dir, results = tmp_path / "sorted", tmp_path / "results.csv"
+    toml.write_text(
+        f'[classify]\nsort_into = "{sorted_dir}"\noutput = "{results}"\nlink = true\n'
+        'adapt = "none"\nshard = "1/1"\nood_folder = false\n'
+    )
+    m = ["--checkpoint", ckpt, "--config", toml]
+    done = run("classify", good, *m)
+    assert done.exit_code == 0, done.output
+    assert done.stdout == "" and results.read_text().startswith("path,label")
+    placed = list(sorted_dir.rglob("*.png"))
+    assert len(placed) == 1 and placed[0].parent.parent == sorted_dir
+    other_dir, other = tmp_path / "elsewhere", tmp_path / "flag.jsonl"
+    flagged = run("classify", good, *m, "--sort-into", other_dir, "-o", other)
+    assert flagged.exit_code == 0, flagged.output
+    assert len(list(other_dir.rglob("*.png"))) == 1 and json.loads(other.read_text())["path"]
+    assert len(list(sorted_dir.rglob("*.png"))) == 1  # left as the first run made it
+
+
+def test_a_bad_classify_option_in_the_config_is_a_usage_error_naming_it(ckpt, tmp_path):
+    (tmp_path / "c.toml").write_text('[classify]\nshard = "4/3"\n')
+    result = run("classify", "x.png", "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
+    assert result.exit_code == 2
+    assert "classify.shard: must be I/N with 1 <= I <= N" in result.stderr
+    (tmp_path / "c.toml").write_text("[classify]\nlink = true\n")
+    result = run("classify", "x.png", "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
+    assert result.exit_code == 2 and "--link goes with --sort-into" in result.stderr
+
+
 # ---------------------------------------------------------------------------------- train
 @pytest.mark.slow
 def test_train_refuses_an_existing_run_name_with_other_settings(dataset):
@@ -252,7 +287,7 @@ def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
     block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
     toml = tmp_path / "c.toml"
     toml.write_text(block)
-    for section in settings.SECTIONS:
+    for section in config.SECTIONS:
         config.resolve(section, toml)
     values = dict(config.read_config(toml)["benchmark"])
     grid.resolve_settings(values.pop("profile"), **values)

@@ -62,13 +62,13 @@ def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, A
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli.bench import benchmark as bench
     from threengan_cli.core import paths
-    from threengan_cli.infer import classify
+    from threengan_cli.core.use_settings import parse_shard
     from threengan_cli.train import events
 
     try:
-        shard_ij = classify.parse_shard(shard) if shard is not None else (1, 1)
+        shard_ij = parse_shard(shard) if shard is not None else (1, 1)
     except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(f"--shard {exc} (got {shard!r})", EXIT_USAGE)
     dataset_dir = prepared_or_exit(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
     warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.helptext import help_of
+from threengan_cli.cli.helptext import description_of, help_of
 from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE, Failure
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
@@ -34,8 +34,10 @@ def flag(*names: str, help: str) -> Any:
 
 def setting(section: str, field: str, *names: str, **options: Any) -> Any:
     """The option that sets ``field`` of the ``section``'s settings: declared once, as that
-    field, whose description is its help (with its default: ``helptext.help_of``)."""
-    return typer.Option(*names, help=help_of(section, field), **options)
+    field, whose description is its help, with its default (``helptext.help_of``) unless
+    ``show_default`` is given: then typer shows the parameter's default, or none."""
+    text = description_of if "show_default" in options else help_of
+    return typer.Option(*names, help=text(section, field), **options)
 
 
 def config_opt(section: str) -> Any:
@@ -96,11 +98,15 @@ def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
         fail(views.os_failure(exc, f"creating {folder}"))
 
 
-def flags_of(model: Any, given: dict[str, Any]) -> dict[str, Any]:
+def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None):
     """The options among a command's parameters (its ``locals()``) that set a field of the
     settings ``model``: an option named as a field is that field's flag, so none is listed
-    twice."""
-    return {k: v for k, v in given.items() if k in model.model_fields}
+    twice. With ``ctx``, one left at a default that typer shows is left out too: a flag not
+    given never overrides the --config file."""
+    flags = {k: v for k, v in given.items() if k in model.model_fields}
+    if ctx is None:
+        return flags
+    return {k: v for k, v in flags.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
 
 
 def settings_of(section: str, config: Path | None, **flags: Any):

@@ -20,8 +20,9 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _MODELS = {
     "prepare": ("core/settings.py", "PrepareSettings"),
     "train": ("core/settings.py", "TrainSettings"),
-    "classify": ("core/settings.py", "ClassifySettings"),
-    "generate": ("core/settings.py", "GenerateSettings"),
+    "classify": ("core/use_settings.py", "ClassifySettings"),
+    "evaluate": ("core/use_settings.py", "EvaluateSettings"),
+    "generate": ("core/use_settings.py", "GenerateSettings"),
     "benchmark": ("bench/grid.py", "BenchmarkSettings"),
 }
 _MISSING = object()

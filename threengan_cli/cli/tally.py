@@ -43,10 +43,10 @@ class Tally:
         self.first_skipped = self.first_skipped or path
 
 
-def report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, quiet) -> None:
+def report_or_exit(tally, cfg, inputs, ood_value, quiet) -> None:
     """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
     inputs could not be, 4 under --fail-on-ood when an image was flagged."""
-    counts = tally.counts
+    counts, shard_ij, output, sort_into = tally.counts, cfg.shard, cfg.output, cfg.sort_into
     if counts["inputs"] == 0 and cfg.allow_empty:
         if not quiet:
             where = f" ({output} holds no rows)" if output is not None else ""
