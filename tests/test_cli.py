@@ -187,6 +187,18 @@ def test_classify_takes_sort_into_and_output_from_the_config_and_flags_override_
     assert len(list(sorted_dir.rglob("*.png"))) == 1  # left as the first run made it
 
 
+def test_a_flag_left_at_its_shown_default_does_not_override_the_config(ckpt, tmp_path):
+    """--adapt shows its default (none) in --help; not given, the file's bn stands."""
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    (tmp_path / "c.toml").write_text('[classify]\nadapt = "bn"\n')
+    m = ["--checkpoint", ckpt, "--config", tmp_path / "c.toml", "-f", "csv"]
+    adapted = run("classify", good, *m)
+    assert adapted.exit_code == 2 and "at least 32" in adapted.stderr  # bn, on one image
+    assert run("classify", good, *m, "--adapt", "none").exit_code == 0
+
+
 def test_a_bad_classify_option_in_the_config_is_a_usage_error_naming_it(ckpt, tmp_path):
     (tmp_path / "c.toml").write_text('[classify]\nshard = "4/3"\n')
     result = run("classify", "x.png", "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
