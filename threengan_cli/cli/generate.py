@@ -17,12 +17,13 @@ from threengan_cli.cli.common import (
     config_opt,
     fail,
     flag,
+    flags_of,
     model_of,
     setting,
     settings_of,
 )
 from threengan_cli.cli.views import err, note, print_json
-from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_INTERRUPT
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -32,30 +33,12 @@ def generate(
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     count: Annotated[int | None, setting("generate", "count")] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Folder for gen_00000.png ...; must not exist or be empty "
-            "\\[default: ./generated, unless only --grid is given].",
-            file_okay=False,
-        ),
-    ] = None,
+    out: Annotated[Path | None, setting("generate", "out", file_okay=False)] = None,
     grid: Annotated[
-        Path | None,
-        typer.Option(
-            "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
-        ),
+        Path | None, setting("generate", "grid", dir_okay=False, show_default=False)
     ] = None,
     seed: Annotated[int | None, setting("generate", "seed")] = None,
-    label: Annotated[
-        bool,
-        flag(
-            "--label",
-            help="Label each image with the classifier: one sub-folder per "
-            "class, uncertain/ below --tau, and labels.csv.",
-        ),
-    ] = False,
+    label: Annotated[bool | None, setting("generate", "label", "--label")] = None,
     tau: Annotated[float | None, setting("generate", "tau")] = None,
     device: Annotated[str | None, setting("generate", "device")] = None,
     force: Annotated[
@@ -91,14 +74,11 @@ def generate(
 
       threengan generate --run my-run --count 1000 --label --out labelled
     """
-    cfg = settings_of("generate", config, count=count, seed=seed, tau=tau, device=device)
-    if out_dir is None and grid is None:
-        out_dir = Path("generated")
-    if label and out_dir is None:
-        fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
-
+    from threengan_cli.core.use_settings import GenerateSettings
     from threengan_cli.infer.generate import generate as run_generate
 
+    cfg = settings_of("generate", config, **flags_of(GenerateSettings, locals()))
+    out_dir = cfg.folder
     model = model_of(checkpoint, run, cfg.device, which_model)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
     try:
@@ -108,8 +88,8 @@ def generate(
                 cfg.count,
                 cfg.seed,
                 out_dir,
-                grid,
-                label=label,
+                cfg.grid,
+                label=cfg.label,
                 tau=cfg.tau,
                 on_progress=view.update,
                 force=force,
@@ -118,7 +98,7 @@ def generate(
         note("interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPT) from None
     except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
-        fail(views.os_failure(exc, f"writing {out_dir or grid}"))
+        fail(views.os_failure(exc, f"writing {out_dir or cfg.grid}"))
     if as_json:
         print_json(result.as_dict())
     elif not quiet:
