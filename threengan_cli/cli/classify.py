@@ -6,6 +6,7 @@ Registered on the app by ``app``; exit codes in ``core/errors``.
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -31,55 +32,6 @@ from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 from threengan_cli.infer.gate import gate_name
 from threengan_cli.infer.output import choose_format
-
-
-def _classify_stream(inputs, model, cfg, fmt: str, tally, view, extra) -> None:
-    """Classify ``inputs`` into --output (complete or not at all) or stdout."""
-    from threengan_cli.core import fileio
-    from threengan_cli.infer.classify import Decision
-    from threengan_cli.infer.classify import classify as run_classify
-    from threengan_cli.infer.output import RowWriter
-
-    sorter, visuals = extra["sorter"], extra["visuals"]
-
-    def consume(stream) -> None:
-        columns = visuals.columns if visuals is not None else ()
-        writer = RowWriter(fmt, stream, model, extra["header"], columns)
-        writer.begin()
-        rows = run_classify(
-            inputs,
-            visuals.model if visuals is not None else model,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            decision=Decision(cfg.threshold, extra["header"]["ood_threshold"]),
-            recursive=cfg.recursive,
-            stdin=extra["stdin"],
-            shard=cfg.shard,
-            # what this run writes into is never classified: --sort-into's and --heatmaps' folders
-            exclude=[f for f in (sorter and sorter.folder, visuals and visuals.folder) if f],
-            on_skip=tally.skip,
-            on_total=(lambda n: view.update(0, n)) if extra["counted"] else None,
-            allow_empty=cfg.allow_empty,
-        )
-        for row in rows:
-            writer.write(row, **(visuals.add(row) if visuals is not None else {}))
-            tally.add(row)
-            if row.ok and sorter is not None:
-                try:
-                    sorter(row)
-                except OSError as exc:
-                    fail(f"cannot sort {row.path} into {sorter.folder}: {exc}")
-            view.update(tally.counts["inputs"])
-        writer.end({**tally.counts, "labels": tally.per_label})
-        if visuals is not None:
-            visuals.finish()  # before the results are renamed into place: both or neither
-
-    if cfg.output is not None:
-        with fileio.atomic_file(cfg.output, "w") as fh:
-            consume(fh)
-    else:
-        consume(sys.stdout)
-        sys.stdout.flush()
 
 
 def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin) -> list[str]:
@@ -162,22 +114,27 @@ def _decision_thresholds(model, cfg, quiet: bool):
     return cfg, header
 
 
-def _classify_or_exit(inputs, model, cfg, fmt: str, tally, extra, quiet: bool) -> None:
-    """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
-    went away or a full disk ends the command with its exit code."""
-    from threengan_cli.core.fileio import writes_in_place  # a device or FIFO keeps what it got
+def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, **outputs):
+    """Stream the rows behind a progress bar into --output (complete or not at all) or
+    stdout, and to ``outputs`` (the sorter, visuals, stdin's paths); an interrupt, a damaged
+    model, a reader that went away or a full disk ends the command with its exit code."""
+    from threengan_cli.core.fileio import atomic_file, writes_in_place
+    from threengan_cli.infer.batch import classify_into
     from threengan_cli.infer.heatmap import VisualsError
 
     output = cfg.output
-    whole = output is not None and not writes_in_place(output)
+    whole = output is not None and not writes_in_place(output)  # a device or FIFO keeps it
     kept = f"; nothing written to {output}" if whole else ""
     live = not quiet and err.is_terminal
     # Counted up front only for a bar (a terminal), and never stdin's stream of paths.
     counted = live and ("-" not in inputs or cfg.shard is not None)
     try:
-        with progress.BarView(live, "classifying", counted=counted) as view:
-            stream_extra = {**extra, "counted": counted}
-            _classify_stream(inputs, model, cfg, fmt, tally, view, stream_extra)
+        with progress.BarView(live, "classifying", counted=counted) as view, ExitStack() as out:
+            stream = sys.stdout if output is None else out.enter_context(atomic_file(output, "w"))
+            on_total = (lambda n: view.update(0, n)) if counted else None
+            args = (stream, inputs, model, cfg, fmt, header, tally)
+            classify_into(*args, **outputs, on_total=on_total, on_progress=view.update)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
@@ -334,6 +291,6 @@ def classify(
     cfg, header = _decision_thresholds(model, cfg, quiet)
     tally = Tally(listing=not quiet and fmt != "table", classes=list(model.classes))
     visuals = _visuals_or_exit(model, cfg, header)
-    extra = {"header": header, "sorter": sorter, "stdin": stdin, "visuals": visuals}
-    _classify_or_exit(inputs, model, cfg, fmt, tally, extra, quiet)
+    outputs = {"sorter": sorter, "visuals": visuals, "stdin": stdin}
+    _classify_or_exit(inputs, model, cfg, fmt, header, tally, quiet, **outputs)
     report_or_exit(tally, cfg, inputs, header["ood_threshold"], quiet)

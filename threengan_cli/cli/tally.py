@@ -10,37 +10,21 @@ from threengan_cli.cli import views
 from threengan_cli.cli.common import MAX_LISTED, fail
 from threengan_cli.cli.views import note, warn
 from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
-from threengan_cli.infer import gate
+from threengan_cli.infer import batch, gate
 
 
-class Tally:
-    """Counts rows as they stream past, lists the first unreadable inputs on stderr, and
-    counts the files folder scans passed over (names that are not image names)."""
+class Tally(batch.Tally):
+    """The batch's counts, listing the first unreadable inputs on stderr as they come."""
 
     def __init__(self, listing: bool, classes: list[str]):
-        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
-        self.per_label = dict.fromkeys(classes, 0)
+        super().__init__(classes)
         self.listing, self.listed = listing, 0
-        self.first_error: str | None = None
-        self.first_skipped: str | None = None
 
     def add(self, row) -> None:
-        self.counts["inputs"] += 1
-        if row.ok:
-            self.counts["classified"] += 1
-            self.per_label[row.label] += 1
-            self.counts["ood"] += bool(row.ood)
-            return
-        self.counts["errors"] += 1
-        if self.first_error is None:
-            self.first_error = f"{row.path}: {row.error}"
-        if self.listing and self.listed < MAX_LISTED:
+        super().add(row)
+        if not row.ok and self.listing and self.listed < MAX_LISTED:
             warn(f"{row.path}: {row.error}")
             self.listed += 1
-
-    def skip(self, path: str) -> None:
-        self.counts["skipped"] += 1
-        self.first_skipped = self.first_skipped or path
 
 
 def report_or_exit(tally, cfg, inputs, ood_value, quiet) -> None:
