@@ -75,6 +75,25 @@ def test_option_help_is_the_settings_fields_description(section, model):
         assert helptext.description_of(section, name) == field.description, f"{section}.{name}"
 
 
+def test_no_command_s_help_imports_numpy_or_the_settings_models():
+    """--help reads each option's help from the settings source (helptext), never from the
+    models: an import of numpy or of the settings modules there costs every --help."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from threengan_cli.cli.app import app\n"
+        "import typer\n"
+        "names = list(typer.main.get_command(app).commands)\n"
+        "for name in names:\n"
+        "    assert CliRunner().invoke(app, [name, '--help']).exit_code == 0, name\n"
+        "loaded = [m for m in ('numpy', 'threengan_cli.core.settings',\n"
+        "          'threengan_cli.core.use_settings') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_help_shows_the_models_default():
     result = run("train", "--help")
     assert "[default: 100]" in result.stdout  # --epochs, from TrainSettings

@@ -27,7 +27,7 @@ from threengan_cli.cli.common import (
 )
 from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.inputs import inputs_or_exit, stdin_paths
-from threengan_cli.cli.tally import Tally, report_or_exit
+from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 from threengan_cli.infer.gate import gate_name
@@ -289,8 +289,11 @@ def classify(
         inputs = _adapt_bn(inputs, model, cfg, quiet, stdin)
         stdin = None
     cfg, header = _decision_thresholds(model, cfg, quiet)
-    tally = Tally(listing=not quiet and fmt != "table", classes=list(model.classes))
+    from threengan_cli.infer.batch import Tally
+
+    listing = Listing(on=not quiet and fmt != "table")
+    tally = Tally(list(model.classes), on_error=listing)
     visuals = _visuals_or_exit(model, cfg, header)
     outputs = {"sorter": sorter, "visuals": visuals, "stdin": stdin}
     _classify_or_exit(inputs, model, cfg, fmt, header, tally, quiet, **outputs)
-    report_or_exit(tally, cfg, inputs, header["ood_threshold"], quiet)
+    report_or_exit(tally, listing, cfg, inputs, header["ood_threshold"], quiet)

@@ -10,24 +10,22 @@ from threengan_cli.cli import views
 from threengan_cli.cli.common import MAX_LISTED, fail
 from threengan_cli.cli.views import note, warn
 from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
-from threengan_cli.infer import batch, gate
+from threengan_cli.infer import gate
 
 
-class Tally(batch.Tally):
-    """The batch's counts, listing the first unreadable inputs on stderr as they come."""
+class Listing:
+    """The first unreadable inputs, listed on stderr as they come; none unless ``on``."""
 
-    def __init__(self, listing: bool, classes: list[str]):
-        super().__init__(classes)
-        self.listing, self.listed = listing, 0
+    def __init__(self, on: bool):
+        self.on, self.listed = on, 0
 
-    def add(self, row) -> None:
-        super().add(row)
-        if not row.ok and self.listing and self.listed < MAX_LISTED:
+    def __call__(self, row) -> None:
+        if self.on and self.listed < MAX_LISTED:
             warn(f"{row.path}: {row.error}")
             self.listed += 1
 
 
-def report_or_exit(tally, cfg, inputs, ood_value, quiet) -> None:
+def report_or_exit(tally, listing: Listing, cfg, inputs, ood_value, quiet) -> None:
     """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
     inputs could not be, 4 under --fail-on-ood when an image was flagged."""
     counts, shard_ij, output, sort_into = tally.counts, cfg.shard, cfg.output, cfg.sort_into
@@ -71,8 +69,8 @@ def report_or_exit(tally, cfg, inputs, ood_value, quiet) -> None:
             )
     if counts["errors"]:
         if not quiet:
-            if tally.listing and tally.listed < counts["errors"]:
-                warn(f"... and {counts['errors'] - tally.listed} more")
+            if listing.on and listing.listed < counts["errors"]:
+                warn(f"... and {counts['errors'] - listing.listed} more")
             warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
     tripped = gate.breach(cfg, counts["ood"], counts["classified"])

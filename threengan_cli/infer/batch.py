@@ -21,13 +21,15 @@ class SortError(Failure):
 
 class Tally:
     """Counts rows as they stream past (per label, unreadable, flagged), and the files folder
-    scans passed over (names that are not image names)."""
+    scans passed over (names that are not image names); ``on_error(row)`` hears of each
+    unreadable input as it comes."""
 
-    def __init__(self, classes: list[str]):
+    def __init__(self, classes: list[str], on_error: Callable[[Row], None] | None = None):
         self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
         self.per_label = dict.fromkeys(classes, 0)
         self.first_error: str | None = None
         self.first_skipped: str | None = None
+        self.on_error = on_error
 
     def add(self, row: Row) -> None:
         self.counts["inputs"] += 1
@@ -39,6 +41,8 @@ class Tally:
         self.counts["errors"] += 1
         if self.first_error is None:
             self.first_error = f"{row.path}: {row.error}"
+        if self.on_error is not None:
+            self.on_error(row)
 
     def skip(self, path: str) -> None:
         self.counts["skipped"] += 1
