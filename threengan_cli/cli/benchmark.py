@@ -8,7 +8,7 @@ Registered on the app by ``app``, as a group of two commands.
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -38,25 +38,6 @@ def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
         return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
     except ValueError:
         fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
-
-
-def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, Any]):
-    """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
-    from threengan_cli.bench import grid
-    from threengan_cli.cli.helptext import default_of
-    from threengan_cli.core.config import SettingsError, read_config
-
-    try:
-        values = dict(read_config(config).get("benchmark", {}))
-        values.update({k: v for k, v in flags.items() if v is not None})
-        in_file = values.pop("profile", None)
-        chosen = profile or in_file or default_of("benchmark", "profile")
-        for key in ("methods", "sizes"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return grid.resolve_settings(chosen, **values)
-    except (SettingsError, ValueError) as exc:
-        fail(str(exc), EXIT_USAGE)
 
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
@@ -175,16 +156,16 @@ def run(
 
       threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
     """
-    from threengan_cli.bench.grid import BenchmarkSettings
+    from threengan_cli.bench import grid
 
-    flags = flags_of(BenchmarkSettings, locals())
+    flags = flags_of(grid.BenchmarkSettings, locals())
     flags.update(
         methods=_comma_list(methods, "--methods"),
         sizes=_comma_list(sizes, "--sizes", int),
         recipes=_comma_list(recipe, "--recipe"),
     )
     flags.pop("profile")
-    cfg = _bench_settings(config, profile, flags)
+    cfg = grid.resolve_config(config, profile, **flags)
     results, target = _bench_run(dataset, cfg, shard, out_dir, parallel, quiet)
     _report(results, target, as_json, quiet)
 
