@@ -219,6 +219,10 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------- runs
+def _not_pruned(name: str, why: str) -> None:
+    views.error(f"cannot prune {name}: {why}")
+
+
 def runs(
     names: Annotated[
         list[str] | None,
@@ -254,9 +258,7 @@ def runs(
 
       threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
     """
-    from threengan_cli.model.modelfile import CheckpointError
-    from threengan_cli.train import runlist, runlock
-    from threengan_cli.train import runs as run_folder  # this command is named runs
+    from threengan_cli.train import runlist
 
     found = runlist.list_runs()
     if names:
@@ -267,18 +269,7 @@ def runs(
         found = [r for r in found if r.name in names]
     pruned, busy = [], []
     if prune_last:
-        for run in found:
-            try:
-                done = runlist.prune_last(run)
-            except runlock.RunLocked as exc:  # another process writes it: never pruned
-                views.error(f"cannot prune {run.name}: {exc}")
-                busy.append(run.name)
-                continue
-            except (OSError, CheckpointError, run_folder.RunError) as exc:
-                fail(f"cannot prune {run.name}: {exc}")
-            if done is not None:
-                pruned.append(done)
-        found = [runlist.read_run_info(Path(r.path), r.name) for r in found]
+        found, pruned, busy = runlist.prune_finished(found, on_busy=_not_pruned)
     if as_json:
         rows = [r.to_dict() for r in found]
         print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)

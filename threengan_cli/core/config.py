@@ -35,7 +35,7 @@ SECTIONS: dict[str, type[Section]] = {
     "generate": GenerateSettings,
 }
 # A config file may also hold a [benchmark] table. Its model, grid.BenchmarkSettings, lives
-# beside the profiles that fill its required fields (grid.resolve_settings and resolve_config build it).
+# beside the profiles that fill its required fields (grid.resolve_config builds it).
 SECTION_NAMES = (*SECTIONS, "benchmark")
 
 
