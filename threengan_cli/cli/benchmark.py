@@ -22,7 +22,6 @@ from threengan_cli.cli.common import (
     flags_of,
     interrupt_code,
     lock_or_exit,
-    prepared_or_exit,
     setting,
     warn_bf16_unmeasured,
 )
@@ -50,7 +49,7 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
         shard_ij = parse_shard(shard) if shard is not None else (1, 1)
     except ValueError as exc:
         fail(f"--shard {exc} (got {shard!r})", EXIT_USAGE)
-    dataset_dir = prepared_or_exit(dataset)
+    dataset_dir = paths.prepared_dataset(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
     warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"

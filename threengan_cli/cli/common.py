@@ -17,7 +17,7 @@ import typer
 
 from threengan_cli.cli import views
 from threengan_cli.cli.helptext import description_of, help_of
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE, Failure
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
 # importing typer does not load rich; every command module imports this one first.
@@ -166,19 +166,6 @@ def classifier_of(
     from threengan_cli.train import runs
 
     return numpy_engine.load(runs.model_file(checkpoint, run, which))
-
-
-def prepared_or_exit(dataset: str) -> Path:
-    from threengan_cli.core import paths
-
-    dataset_dir = paths.resolve_dataset(dataset)
-    if not (dataset_dir / "manifest.json").is_file():
-        fail(
-            f"no prepared dataset {dataset!r} (looked in {dataset_dir}); "
-            "run `threengan prepare SOURCE --name NAME` first",
-            EXIT_USAGE,
-        )
-    return dataset_dir
 
 
 def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:

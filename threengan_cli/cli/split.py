@@ -12,14 +12,9 @@ from typing import Annotated
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.common import (
-    EXIT_INTERRUPT,
-    EXIT_USAGE,
-    JsonOpt,
-    QuietOpt,
-    fail,
-)
+from threengan_cli.cli.common import JsonOpt, QuietOpt, fail
 from threengan_cli.cli.views import note, print_json
+from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 
 
 def split(
@@ -89,10 +84,7 @@ def split(
         raise typer.Exit(EXIT_INTERRUPT) from None
     except OSError as exc:
         fail(views.os_failure(exc, f"writing {out}"))
-    counts = {
-        group: {label: made.counts.get((group, label), 0) for label in made.classes}
-        for group in engine.GROUPS
-    }
+    counts = made.per_group()
     if as_json:
         print_json({"out": str(out), "patients": len(made.patients), "seed": seed, **counts})
     elif not quiet:
