@@ -168,7 +168,7 @@ def classify(
     fmt: Annotated[str | None, setting("classify", "format", "--format", "-f")] = None,
     output: Annotated[
         Path | None,
-        setting("classify", "output", "--output", "-o", dir_okay=False, show_default=False),
+        setting("classify", "output", "--output", "-o", dir_okay=False),
     ] = None,
     batch_size: Annotated[int | None, setting("classify", "batch_size")] = None,
     workers: Annotated[int | None, setting("classify", "workers")] = None,
@@ -191,7 +191,6 @@ def classify(
             "--sort-into",
             file_okay=False,
             metavar="DIR",
-            show_default=False,
         ),
     ] = None,
     ood_folder: Annotated[
@@ -200,21 +199,15 @@ def classify(
     ] = default_of("classify", "ood_folder"),
     link: Annotated[bool | None, setting("classify", "link", "--link")] = None,
     examples: Annotated[bool | None, setting("classify", "examples", "--examples")] = None,
-    shard: Annotated[
-        str | None, setting("classify", "shard", metavar="I/N", show_default=False)
-    ] = None,
+    shard: Annotated[str | None, setting("classify", "shard", metavar="I/N")] = None,
     allow_empty: Annotated[bool | None, setting("classify", "allow_empty", "--allow-empty")] = None,
     heatmaps: Annotated[
         Path | None,
-        setting(
-            "classify", "heatmaps", "--heatmaps", file_okay=False, metavar="DIR", show_default=False
-        ),
+        setting("classify", "heatmaps", "--heatmaps", file_okay=False, metavar="DIR"),
     ] = None,
     report: Annotated[
         Path | None,
-        setting(
-            "classify", "report", "--report", dir_okay=False, metavar="FILE", show_default=False
-        ),
+        setting("classify", "report", "--report", dir_okay=False, metavar="FILE"),
     ] = None,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,

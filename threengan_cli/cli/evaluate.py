@@ -140,9 +140,7 @@ def evaluate(
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     threshold: Annotated[float | None, setting("evaluate", "threshold")] = None,
-    threshold_from: Annotated[
-        str | None, setting("evaluate", "threshold_from", show_default=False)
-    ] = None,
+    threshold_from: Annotated[str | None, setting("evaluate", "threshold_from")] = None,
     threshold_rule: Annotated[
         str, setting("evaluate", "threshold_rule", show_default=True)
     ] = default_of("evaluate", "threshold_rule"),
@@ -161,7 +159,7 @@ def evaluate(
     ood_threshold: Annotated[float | None, setting("evaluate", "ood_threshold", min=0.0)] = None,
     plot: Annotated[
         Path | None,
-        setting("evaluate", "plot", file_okay=False, metavar="DIR", show_default=False),
+        setting("evaluate", "plot", file_okay=False, metavar="DIR"),
     ] = None,
     config: config_opt("evaluate") = None,
     as_json: JsonOpt = False,

@@ -34,9 +34,7 @@ def generate(
     checkpoint: CheckpointOpt = None,
     count: Annotated[int | None, setting("generate", "count")] = None,
     out: Annotated[Path | None, setting("generate", "out", file_okay=False)] = None,
-    grid: Annotated[
-        Path | None, setting("generate", "grid", dir_okay=False, show_default=False)
-    ] = None,
+    grid: Annotated[Path | None, setting("generate", "grid", dir_okay=False)] = None,
     seed: Annotated[int | None, setting("generate", "seed")] = None,
     label: Annotated[bool | None, setting("generate", "label", "--label")] = None,
     tau: Annotated[float | None, setting("generate", "tau")] = None,

@@ -81,7 +81,7 @@ class ClassifySettings(Section):
         ge=0.0,
         le=1.0,
         description="Exit 4 only when more than this share (0 to 1) of the classified images is "
-        "flagged: about 5% of X-rays like the training ones are, by design.",
+        "flagged: about 5% of X-rays like the training ones are, by design. \\[default: none]",
     )
     device: str = Field(
         "auto",
