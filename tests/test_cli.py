@@ -206,6 +206,27 @@ def test_classify_takes_sort_into_and_output_from_the_config_and_flags_override_
     assert len(list(sorted_dir.rglob("*.png"))) == 1  # left as the first run made it
 
 
+@pytest.mark.parametrize(
+    "line, said",
+    [
+        ('sort_into = "{file}"', "classify.sort_into: is a file: give a folder"),
+        ('output = "{folder}"', "classify.output: is a folder: give a file"),
+        ('sort_into = ""', "classify.sort_into: must be a path"),
+        ("report = 5", "classify.report: must be a path"),
+    ],
+)
+def test_a_config_path_is_checked_as_its_flag_is(ckpt, tmp_path, line, said):
+    """typer refuses a file for --sort-into, a folder for --output; so does the settings
+    model for a file's value, before anything is classified or sorted."""
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    toml = tmp_path / "c.toml"
+    toml.write_text("[classify]\n" + line.format(file=good, folder=tmp_path) + "\n")
+    result = run("classify", good, "--checkpoint", ckpt, "--config", toml)
+    assert result.exit_code == 2 and said in result.stderr and result.stdout == ""
+
+
 def test_a_flag_left_at_its_shown_default_does_not_override_the_config(ckpt, tmp_path):
     """--adapt shows its default (none) in --help; not given, the file's bn stands."""
     from image_factory import save

@@ -13,7 +13,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from threengan_cli.core.settings import Section
 
@@ -21,13 +28,31 @@ ThresholdRule = Literal["youden", "balanced-accuracy"]
 Engine = Literal["numpy", "torch"]
 
 
-def _path(value: Any) -> Any:
-    """A path in a settings file is a string; a flag's is a Path already."""
-    return Path(value) if isinstance(value, str) else value
+def _path(value: Any) -> Path:
+    """A path in a settings file is a string (validated strictly, a Path field would take
+    none); a flag's is a Path already."""
+    if isinstance(value, str) and value.strip():
+        return Path(value)
+    if not isinstance(value, Path):
+        raise ValueError("must be a path: a file or folder name")
+    return value
 
 
-# A file's values are validated strictly (core/config), where a Path field takes no string.
-FilePath = Annotated[Path, BeforeValidator(_path)]
+def _not_a_folder(path: Path) -> Path:
+    """What typer checks of a file option's value, for a settings file's too."""
+    if path.is_dir():
+        raise ValueError("is a folder: give a file")
+    return path
+
+
+def _not_a_file(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError("is a file: give a folder")
+    return path
+
+
+FilePath = Annotated[Path, BeforeValidator(_path), AfterValidator(_not_a_folder)]
+FolderPath = Annotated[Path, BeforeValidator(_path), AfterValidator(_not_a_file)]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -98,7 +123,7 @@ class ClassifySettings(Section):
         description="bn: first recompute the classifier's BatchNorm statistics on these images "
         "(no labels used; transductive; needs 32 or more images; uses the torch engine).",
     )
-    sort_into: FilePath | None = Field(
+    sort_into: FolderPath | None = Field(
         None,
         description="Also copy each classified input into DIR/<label>/; a rerun replaces what it "
         "wrote, and folder scans leave DIR out.",
@@ -130,7 +155,7 @@ class ClassifySettings(Section):
         "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its header). A "
         "path that does not exist is still an error.",
     )
-    heatmaps: FilePath | None = Field(
+    heatmaps: FolderPath | None = Field(
         None,
         description="Also write, per classified image, a PNG of it with the classifier's evidence "
         "for its label overlaid into DIR, named in a heatmap column (numpy or onnx engine).",
@@ -190,7 +215,7 @@ class EvaluateSettings(Section):
         description="Flag images whose out-of-distribution score is above this \\[default: the "
         "model's own, which flags 5% of its val split].",
     )
-    plot: FilePath | None = Field(
+    plot: FolderPath | None = Field(
         None,
         description="Write roc.png, confusion.png, reliability.png and (for a model with "
         "out-of-distribution statistics) ood_scores.png to this folder (needs the plot extra).",
@@ -205,7 +230,7 @@ class EvaluateSettings(Section):
 
 class GenerateSettings(Section):
     count: int = Field(64, ge=1, le=1_000_000, description="Images to make.")
-    out: FilePath | None = Field(
+    out: FolderPath | None = Field(
         None,
         description="Folder for gen_00000.png ...; must not exist or be empty "
         "\\[default: ./generated, unless only --grid is given].",
