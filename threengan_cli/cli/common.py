@@ -98,7 +98,7 @@ def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
         fail(views.os_failure(exc, f"creating {folder}"))
 
 
-def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None):
+def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None) -> dict[str, Any]:
     """The options among a command's parameters (its ``locals()``) that set a field of the
     settings ``model``: an option named as a field is that field's flag, so none is listed
     twice. With ``ctx``, one left at a default that typer shows is left out too: a flag not
