@@ -213,7 +213,11 @@ class BenchmarkSettings(BaseModel):
         description="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
         "against C), 3ngan-pairkl (per-pair KL).",
     )
-    recipes: tuple[Recipe, ...] = ("paper",)
+    recipes: tuple[Recipe, ...] = Field(
+        ("paper",),
+        description="Comma list of recipes, each a cell of its own: paper, robust. "
+        "\\[default: the profile's; study: paper,robust; others: paper]",
+    )
 
     @field_validator("methods")
     @classmethod

@@ -97,13 +97,7 @@ def run(
     seed: Annotated[int | None, setting("benchmark", "seed")] = None,
     device: Annotated[str | None, setting("benchmark", "device")] = None,
     precision: Annotated[str | None, setting("benchmark", "precision")] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of recipes, each a cell of its own: paper, robust. "
-            "\\[default: the profile's; study: paper,robust; others: paper]"
-        ),
-    ] = None,
+    recipe: Annotated[str | None, setting("benchmark", "recipes", "--recipe")] = None,
     ablate: Annotated[bool | None, setting("benchmark", "ablate", "--ablate")] = None,
     parallel: Annotated[
         int | None,
