@@ -30,7 +30,7 @@ from threengan_cli.cli.inputs import inputs_or_exit, stdin_paths
 from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
-from threengan_cli.infer.gate import gate_name
+from threengan_cli.infer.gate import check_judged
 from threengan_cli.infer.output import choose_format
 
 
@@ -60,14 +60,7 @@ def _model_and_sorter(checkpoint, run, which, cfg):
     engine_name = "torch" if cfg.adapt == "bn" else cfg.engine
     model = classifier_of(checkpoint, run, cfg.device, engine_name, which)
     model.require_classifier()
-    gate = gate_name(cfg)
-    if gate is not None and getattr(model, "stats", None) is None:
-        fail(
-            f"{gate} cannot be judged: model {model.model_id} has no out-of-distribution "
-            "statistics (trained before threengan 0.2); fit them with "
-            "tools/add_model_statistics.py, or drop the option",
-            EXIT_USAGE,
-        )
+    check_judged(cfg, model)
     sorter = None
     if cfg.sort_into is not None:
         try:

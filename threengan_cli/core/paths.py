@@ -74,6 +74,17 @@ def resolve_dataset(name_or_path: str) -> Path:
     return candidate
 
 
+def dataset_dir_for(source: Path, name: str | None, out_dir: Path | None) -> Path:
+    """Where ``prepare`` writes: ``--out``, else ``--name`` (or the source's name) under the
+    data dir; a UsageError for a name that cannot be one."""
+    if out_dir is not None:
+        return out_dir
+    try:
+        return datasets_dir() / check_name(name or source.stem)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (choose one with --name)") from None
+
+
 def prepared_dataset(name_or_path: str) -> Path:
     """The folder of the prepared dataset ``name_or_path``; a UsageError where there is none."""
     folder = resolve_dataset(name_or_path)
