@@ -18,6 +18,7 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
+    ends_cleanly,
     fail,
     flags_of,
     interrupt_code,
@@ -191,12 +192,9 @@ def merge(
     """
     from threengan_cli.bench.merge import merge as join
 
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held, ends_cleanly(f"writing {out_dir}"):
         lock_or_exit(held, out_dir, "benchmark folder")
-        try:
-            results = join(dirs, out_dir)
-        except OSError as exc:
-            fail(views.os_failure(exc, f"writing {out_dir}"))
+        results = join(dirs, out_dir)
     _report(results, out_dir, as_json, quiet, results.get("missing") or [])
 
 

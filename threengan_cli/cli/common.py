@@ -8,8 +8,9 @@ so no command module imports the app that registers it.
 
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -70,6 +71,24 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One clear line on stderr, then a documented exit code; never a traceback."""
     views.error(message)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def ends_cleanly(doing: str | None = None, interrupted: str | None = None) -> Iterator[None]:
+    """An OSError while ``doing`` ("writing OUT") ends the command with its one line, exit 1;
+    Ctrl+C says ``interrupted`` ("interrupted; OUT was not written"), exit 130. Without
+    either, that error goes on to the app's own last guard."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        views.note(interrupted)
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except OSError as exc:
+        if doing is None:
+            raise
+        fail(views.os_failure(exc, doing))
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:

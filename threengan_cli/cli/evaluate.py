@@ -19,6 +19,7 @@ from threengan_cli.cli.common import (
     RunOpt,
     classifier_of,
     config_opt,
+    ends_cleanly,
     fail,
     flag,
     flags_of,
@@ -28,7 +29,7 @@ from threengan_cli.cli.common import (
 )
 from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_PARTIAL, EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -206,11 +207,8 @@ def evaluate(
     cfg = settings_of("evaluate", config, **flags_of(EvaluateSettings, locals(), ctx))
     _plot_needs_matplotlib(cfg.plot)
     model = _model_or_exit(ctx, checkpoint, run, which_model, cfg)
-    try:
+    with ends_cleanly(interrupted="interrupted; nothing was stored"):
         result = ev.score(data, model, cfg)
-    except KeyboardInterrupt:
-        note("interrupted; nothing was stored")
-        raise typer.Exit(EXIT_INTERRUPT) from None
     if result.chosen is not None:
         _store_threshold(model, result, cfg.threshold_rule, quiet)
     _show_or_exit(result, model, cfg.ood_threshold, cfg.plot, as_json, quiet)

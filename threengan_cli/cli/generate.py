@@ -5,9 +5,7 @@
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from threengan_cli.cli import progress, views
+from threengan_cli.cli import progress
 from threengan_cli.cli.common import (
     CheckpointOpt,
     JsonOpt,
@@ -15,7 +13,7 @@ from threengan_cli.cli.common import (
     QuietOpt,
     RunOpt,
     config_opt,
-    fail,
+    ends_cleanly,
     flag,
     flags_of,
     model_of,
@@ -23,7 +21,6 @@ from threengan_cli.cli.common import (
     settings_of,
 )
 from threengan_cli.cli.views import err, note, print_json
-from threengan_cli.core.errors import EXIT_INTERRUPT
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -79,24 +76,21 @@ def generate(
     out_dir = cfg.folder
     model = model_of(checkpoint, run, cfg.device, which_model)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
-    try:
-        with progress.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
-            result = run_generate(
-                model,
-                cfg.count,
-                cfg.seed,
-                out_dir,
-                cfg.grid,
-                label=cfg.label,
-                tau=cfg.tau,
-                on_progress=view.update,
-                force=force,
-            )
-    except KeyboardInterrupt:
-        note("interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
-        fail(views.os_failure(exc, f"writing {out_dir or cfg.grid}"))
+    live = not quiet and err.is_terminal
+    # a full disk or an unwritable --out: nothing half-written stays
+    stopped = ends_cleanly(f"writing {out_dir or cfg.grid}", "interrupted; nothing was written")
+    with stopped, progress.BarView(live, "generating", total=total) as view:
+        result = run_generate(
+            model,
+            cfg.count,
+            cfg.seed,
+            out_dir,
+            cfg.grid,
+            label=cfg.label,
+            tau=cfg.tau,
+            on_progress=view.update,
+            force=force,
+        )
     if as_json:
         print_json(result.as_dict())
     elif not quiet:

@@ -14,7 +14,7 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
-    fail,
+    ends_cleanly,
     flag,
     setting,
     settings_of,
@@ -132,11 +132,9 @@ def prepare(
         class_names=class_names,
     )
     target = paths.dataset_dir_for(source, name, out_dir)
-    try:
-        with progress.BarView(not quiet and err.is_terminal, "decoding", counted=True) as view:
-            report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
-    except OSError as exc:
-        fail(views.os_failure(exc, f"preparing {target}"))
+    live = not quiet and err.is_terminal
+    with ends_cleanly(f"preparing {target}"), progress.BarView(live, "decoding", counted=True) as v:
+        report = run_prepare(source, target, cfg, force=force, on_progress=v.update)
 
     if report.up_to_date:
         if as_json:
