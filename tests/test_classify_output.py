@@ -15,8 +15,9 @@ from model_factory import make_checkpoint, write_image
 from typer.testing import CliRunner
 
 from threengan_cli.cli.app import app
+from threengan_cli.core.use_settings import parse_shard
 from threengan_cli.infer import numpy_engine
-from threengan_cli.infer.classify import Decision, classify, parse_shard
+from threengan_cli.infer.classify import Decision, classify
 from threengan_cli.infer.engine import exact
 from threengan_cli.infer.torch_engine import load_model
 
@@ -90,7 +91,7 @@ def test_bad_shard_is_a_usage_error(tmp_path, ckpt):
     image = str(write_image(tmp_path / "a.png"))
     for bad in ("0/3", "4/3", "x", "1/0", "2", "a/b"):
         assert _cli(image, "--checkpoint", str(ckpt), "--shard", bad).exit_code == 2
-        with pytest.raises(ValueError, match="--shard must be I/N with 1 <= I <= N"):
+        with pytest.raises(ValueError, match="must be I/N with 1 <= I <= N"):
             parse_shard(bad)
     assert parse_shard(" 2 / 5 ") == (2, 5)
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from threengan_cli.bench.grid import BenchmarkSettings
 from threengan_cli.cli import helptext
 from threengan_cli.cli.app import app
-from threengan_cli.core import config, paths, settings
+from threengan_cli.core import config, paths
 
 runner = CliRunner()
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "4", "--device", "cpu"]
@@ -52,7 +52,7 @@ def test_an_unknown_config_section_is_named(tmp_path):
 # --------------------------------------------------------------------------- help defaults
 @pytest.mark.parametrize(
     "section, model",
-    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+    [*config.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
 )
 def test_help_defaults_equal_the_settings_models_defaults(section, model):
     for name, field in model.model_fields.items():
@@ -63,7 +63,7 @@ def test_help_defaults_equal_the_settings_models_defaults(section, model):
 
 @pytest.mark.parametrize(
     "section, model",
-    [*settings.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
+    [*config.SECTIONS.items(), ("benchmark", BenchmarkSettings)],
 )
 def test_option_help_is_the_settings_fields_description(section, model):
     """Options are declared once: the help ``--help`` shows is the field's description, read
@@ -73,6 +73,25 @@ def test_option_help_is_the_settings_fields_description(section, model):
     for name in described:
         field = model.model_fields[name]
         assert helptext.description_of(section, name) == field.description, f"{section}.{name}"
+
+
+def test_no_command_s_help_imports_numpy_or_the_settings_models():
+    """--help reads each option's help from the settings source (helptext), never from the
+    models: an import of numpy or of the settings modules there costs every --help."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from threengan_cli.cli.app import app\n"
+        "import typer\n"
+        "names = list(typer.main.get_command(app).commands)\n"
+        "for name in names:\n"
+        "    assert CliRunner().invoke(app, [name, '--help']).exit_code == 0, name\n"
+        "loaded = [m for m in ('numpy', 'threengan_cli.core.settings',\n"
+        "          'threengan_cli.core.use_settings') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_help_shows_the_models_default():
@@ -160,6 +179,74 @@ def test_classify_reads_its_format_from_the_config(ckpt, tmp_path):
     result = run("classify", good, "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[0])["path"] == str(good)
+
+
+def test_classify_takes_sort_into_and_output_from_the_config_and_flags_override_them(
+    ckpt, tmp_path
+):
+    from image_factory import save
+
+    good = save(tmp_path / "in" / "good.png", seed=1, size=(40, 40))
+    toml = tmp_path / "c.toml"
+    sorted_dir, results = tmp_path / "sorted", tmp_path / "results.csv"
+    toml.write_text(
+        f'[classify]\nsort_into = "{sorted_dir}"\noutput = "{results}"\nlink = true\n'
+        'adapt = "none"\nshard = "1/1"\nood_folder = false\n'
+    )
+    m = ["--checkpoint", ckpt, "--config", toml]
+    done = run("classify", good, *m)
+    assert done.exit_code == 0, done.output
+    assert done.stdout == "" and results.read_text().startswith("path,label")
+    placed = list(sorted_dir.rglob("*.png"))
+    assert len(placed) == 1 and placed[0].parent.parent == sorted_dir
+    other_dir, other = tmp_path / "elsewhere", tmp_path / "flag.jsonl"
+    flagged = run("classify", good, *m, "--sort-into", other_dir, "-o", other)
+    assert flagged.exit_code == 0, flagged.output
+    assert len(list(other_dir.rglob("*.png"))) == 1 and json.loads(other.read_text())["path"]
+    assert len(list(sorted_dir.rglob("*.png"))) == 1  # left as the first run made it
+
+
+@pytest.mark.parametrize(
+    "line, said",
+    [
+        ('sort_into = "{file}"', "classify.sort_into: is a file: give a folder"),
+        ('output = "{folder}"', "classify.output: is a folder: give a file"),
+        ('sort_into = ""', "classify.sort_into: must be a path"),
+        ("report = 5", "classify.report: must be a path"),
+    ],
+)
+def test_a_config_path_is_checked_as_its_flag_is(ckpt, tmp_path, line, said):
+    """typer refuses a file for --sort-into, a folder for --output; so does the settings
+    model for a file's value, before anything is classified or sorted."""
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    toml = tmp_path / "c.toml"
+    toml.write_text("[classify]\n" + line.format(file=good, folder=tmp_path) + "\n")
+    result = run("classify", good, "--checkpoint", ckpt, "--config", toml)
+    assert result.exit_code == 2 and said in result.stderr and result.stdout == ""
+
+
+def test_a_flag_left_at_its_shown_default_does_not_override_the_config(ckpt, tmp_path):
+    """--adapt shows its default (none) in --help; not given, the file's bn stands."""
+    from image_factory import save
+
+    good = save(tmp_path / "good.png", seed=1, size=(40, 40))
+    (tmp_path / "c.toml").write_text('[classify]\nadapt = "bn"\n')
+    m = ["--checkpoint", ckpt, "--config", tmp_path / "c.toml", "-f", "csv"]
+    adapted = run("classify", good, *m)
+    assert adapted.exit_code == 2 and "at least 32" in adapted.stderr  # bn, on one image
+    assert run("classify", good, *m, "--adapt", "none").exit_code == 0
+
+
+def test_a_bad_classify_option_in_the_config_is_a_usage_error_naming_it(ckpt, tmp_path):
+    (tmp_path / "c.toml").write_text('[classify]\nshard = "4/3"\n')
+    result = run("classify", "x.png", "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
+    assert result.exit_code == 2
+    assert "classify.shard: must be I/N with 1 <= I <= N" in result.stderr
+    (tmp_path / "c.toml").write_text("[classify]\nlink = true\n")
+    result = run("classify", "x.png", "--checkpoint", ckpt, "--config", tmp_path / "c.toml")
+    assert result.exit_code == 2 and "--link goes with --sort-into" in result.stderr
 
 
 # ---------------------------------------------------------------------------------- train
@@ -252,7 +339,7 @@ def test_the_guides_settings_file_is_valid_for_every_command(tmp_path):
     block = re.search(r"## Settings files.*?```toml\n(.*?)```", guide, re.S)[1]
     toml = tmp_path / "c.toml"
     toml.write_text(block)
-    for section in settings.SECTIONS:
+    for section in config.SECTIONS:
         config.resolve(section, toml)
     values = dict(config.read_config(toml)["benchmark"])
     grid.resolve_settings(values.pop("profile"), **values)

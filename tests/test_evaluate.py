@@ -187,6 +187,20 @@ def test_threshold_from_val_is_stored_and_classify_uses_it(tmp_path, tree, model
     assert again["threshold"] == chosen["value"] and again["threshold_source"] == "model"
 
 
+def test_evaluate_reads_its_config_table_and_flags_override_it(tmp_path, tree, model_file):
+    toml = tmp_path / "e.toml"
+    toml.write_text('[evaluate]\nsplit = "val"\nthreshold = 0.3\nworkers = 1\n')
+    m = ["--checkpoint", str(model_file), "--config", str(toml), "--json"]
+    from_file = json.loads(_eval(str(tree), *m).stdout)
+    assert from_file["threshold"] == 0.3 and from_file["threshold_source"] == "given"
+    assert from_file["n"] == 2 * 4  # the val split's images (4 a class), not test's
+    flagged = json.loads(_eval(str(tree), *m, "--split", "test", "--threshold", "0.6").stdout)
+    assert flagged["threshold"] == 0.6 and flagged["n"] == 2 * 6
+    toml.write_text('[evaluate]\nthreshold_rule = "median"\n')
+    refused = _eval(str(tree), *m)
+    assert refused.exit_code == 2 and "evaluate.threshold_rule: must be one of" in refused.stderr
+
+
 def test_threshold_from_val_refuses_the_bundled_model_and_non_prepared_data(tree, model_file):
     bundled = _eval(str(tree), "--threshold-from", "val")
     assert bundled.exit_code == 2 and "--checkpoint" in bundled.stderr

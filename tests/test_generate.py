@@ -139,6 +139,21 @@ def test_cli_generate_json_and_files(tmp_path, ckpt):
     assert (out / "labels.csv").is_file() and (tmp_path / "g.png").is_file()
 
 
+def test_cli_generate_takes_out_grid_and_label_from_the_config(tmp_path, ckpt):
+    toml = tmp_path / "g.toml"
+    toml.write_text(
+        f'[generate]\ncount = 3\nout = "{tmp_path / "synth"}"\nlabel = true\n'
+        f'grid = "{tmp_path / "g.png"}"\ntau = 0.0\n'
+    )
+    m = ["generate", "--checkpoint", str(ckpt), "--config", str(toml), "--json"]
+    result = runner.invoke(app, m)
+    assert result.exit_code == 0, result.stderr
+    assert sum(json.loads(result.stdout)["labels"].values()) == 3
+    assert (tmp_path / "synth" / "labels.csv").is_file() and (tmp_path / "g.png").is_file()
+    other = runner.invoke(app, [*m, "--out", str(tmp_path / "other")])  # the flag wins
+    assert other.exit_code == 0 and (tmp_path / "other" / "labels.csv").is_file()
+
+
 def test_cli_generate_exit_codes(tmp_path, ckpt, monkeypatch):
     def run(*args: str):
         return runner.invoke(app, ["generate", "--checkpoint", str(ckpt), *args])

@@ -100,3 +100,27 @@ def test_bad_sources_and_patterns_are_one_line_errors(tmp_path):
     _one_line_error(_split(source, out, "--patient-pattern", "\\d+"), 2, "needs a group")
     _one_line_error(_split(source, out, "--patient-pattern", "(x)"), 1, "no patient id in its name")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "stop, code, words",
+    [
+        (KeyboardInterrupt(), 130, "interrupted; {out} was not written"),
+        (OSError(28, "No space left on device"), 1, "writing {out} failed: No space left"),
+    ],
+)
+def test_a_split_stopped_while_writing_says_so_in_one_line(
+    tmp_path, monkeypatch, stop, code, words
+):
+    """Ctrl+C and a full disk end the command as every command ends on them (exit 130 with
+    what was not written, exit 1 with the OS error), never with a traceback."""
+    from threengan_cli.data import split as engine
+
+    def write(out, made):
+        raise stop
+
+    monkeypatch.setattr(engine, "write", write)
+    source, out = _nih_source(tmp_path / "src"), tmp_path / "out"
+    done = _split(source, out, "--labelled", 3, "--unlabelled", 4)
+    assert done.exit_code == code and words.format(out=out) in done.stderr
+    assert "Traceback" not in done.output and len(done.stderr.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -212,7 +213,11 @@ class BenchmarkSettings(BaseModel):
         description="Add 3N-GAN ablations: 3ngan-nokl (no KL term), 3ngan-nogc (G not trained "
         "against C), 3ngan-pairkl (per-pair KL).",
     )
-    recipes: tuple[Recipe, ...] = ("paper",)
+    recipes: tuple[Recipe, ...] = Field(
+        ("paper",),
+        description="Comma list of recipes, each a cell of its own: paper, robust. "
+        "\\[default: the profile's; study: paper,robust; others: paper]",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -265,6 +270,25 @@ def resolve_settings(profile: str = "quick", **flags: Any) -> BenchmarkSettings:
         ) from None
     grid(cfg)  # the per-run TrainSettings validate device, precision and ranges
     return cfg
+
+
+def resolve_config(path: Path | None, profile: str | None = None, **flags: Any):
+    """The grid a ``benchmark`` command asks for: the profile's values, then the settings
+    file's [benchmark] table, then the flags that are not None. The profile is the one
+    given, else the file's, else the default. Raises SettingsError with a one-line message."""
+    values = dict(config.read_config(path).get("benchmark", {}))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    in_file = values.pop("profile", None)
+    chosen = profile or in_file or BenchmarkSettings.model_fields["profile"].default
+    for key in ("methods", "sizes"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    try:
+        return resolve_settings(chosen, **values)
+    except ValueError as exc:  # a grid that trains nothing (grid)
+        if isinstance(exc, config.SettingsError):
+            raise
+        raise config.SettingsError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- grid

@@ -8,7 +8,7 @@ Registered on the app by ``app``, as a group of two commands.
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -18,11 +18,11 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
+    ends_cleanly,
     fail,
     flags_of,
     interrupt_code,
     lock_or_exit,
-    prepared_or_exit,
     setting,
     warn_bf16_unmeasured,
 )
@@ -40,36 +40,17 @@ def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
         fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
 
 
-def _bench_settings(config: Path | None, profile: str | None, flags: dict[str, Any]):
-    """The grid: the profile's values, then the file's [benchmark] table, then the flags."""
-    from threengan_cli.bench import grid
-    from threengan_cli.cli.helptext import default_of
-    from threengan_cli.core.config import SettingsError, read_config
-
-    try:
-        values = dict(read_config(config).get("benchmark", {}))
-        values.update({k: v for k, v in flags.items() if v is not None})
-        in_file = values.pop("profile", None)
-        chosen = profile or in_file or default_of("benchmark", "profile")
-        for key in ("methods", "sizes"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return grid.resolve_settings(chosen, **values)
-    except (SettingsError, ValueError) as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli.bench import benchmark as bench
     from threengan_cli.core import paths
-    from threengan_cli.infer import classify
+    from threengan_cli.core.use_settings import parse_shard
     from threengan_cli.train import events
 
     try:
-        shard_ij = classify.parse_shard(shard) if shard is not None else (1, 1)
+        shard_ij = parse_shard(shard) if shard is not None else (1, 1)
     except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    dataset_dir = prepared_or_exit(dataset)
+        fail(f"--shard {exc} (got {shard!r})", EXIT_USAGE)
+    dataset_dir = paths.prepared_dataset(dataset)
     target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
     warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
@@ -117,13 +98,7 @@ def run(
     seed: Annotated[int | None, setting("benchmark", "seed")] = None,
     device: Annotated[str | None, setting("benchmark", "device")] = None,
     precision: Annotated[str | None, setting("benchmark", "precision")] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of recipes, each a cell of its own: paper, robust. "
-            "\\[default: the profile's; study: paper,robust; others: paper]"
-        ),
-    ] = None,
+    recipe: Annotated[str | None, setting("benchmark", "recipes", "--recipe")] = None,
     ablate: Annotated[bool | None, setting("benchmark", "ablate", "--ablate")] = None,
     parallel: Annotated[
         int | None,
@@ -175,16 +150,16 @@ def run(
 
       threengan benchmark kermany --methods 3ngan --sizes 200 --ablate --epochs 20
     """
-    from threengan_cli.bench.grid import BenchmarkSettings
+    from threengan_cli.bench import grid
 
-    flags = flags_of(BenchmarkSettings, locals())
+    flags = flags_of(grid.BenchmarkSettings, locals())
     flags.update(
         methods=_comma_list(methods, "--methods"),
         sizes=_comma_list(sizes, "--sizes", int),
         recipes=_comma_list(recipe, "--recipe"),
     )
     flags.pop("profile")
-    cfg = _bench_settings(config, profile, flags)
+    cfg = grid.resolve_config(config, profile, **flags)
     results, target = _bench_run(dataset, cfg, shard, out_dir, parallel, quiet)
     _report(results, target, as_json, quiet)
 
@@ -217,12 +192,9 @@ def merge(
     """
     from threengan_cli.bench.merge import merge as join
 
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held, ends_cleanly(f"writing {out_dir}"):
         lock_or_exit(held, out_dir, "benchmark folder")
-        try:
-            results = join(dirs, out_dir)
-        except OSError as exc:
-            fail(views.os_failure(exc, f"writing {out_dir}"))
+        results = join(dirs, out_dir)
     _report(results, out_dir, as_json, quiet, results.get("missing") or [])
 
 

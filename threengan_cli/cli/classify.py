@@ -6,6 +6,7 @@ Registered on the app by ``app``; exit codes in ``core/errors``.
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -20,74 +21,27 @@ from threengan_cli.cli.common import (
     classifier_of,
     config_opt,
     fail,
-    flag,
+    flags_of,
     setting,
     settings_of,
 )
-from threengan_cli.cli.inputs import check_flags, inputs_or_exit, stdin_paths
-from threengan_cli.cli.tally import Tally, report_or_exit
+from threengan_cli.cli.helptext import default_of
+from threengan_cli.cli.inputs import inputs_or_exit, stdin_paths
+from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note
 from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
-from threengan_cli.infer.gate import gate_name
+from threengan_cli.infer.gate import check_judged
 from threengan_cli.infer.output import choose_format
 
 
-def _classify_stream(inputs, model, cfg, fmt: str, output: Path | None, tally, view, extra) -> None:
-    """Classify ``inputs`` into ``output`` (complete or not at all) or stdout."""
-    from threengan_cli.core import fileio
-    from threengan_cli.infer.classify import Decision
-    from threengan_cli.infer.classify import classify as run_classify
-    from threengan_cli.infer.output import RowWriter
-
-    sorter, visuals = extra["sorter"], extra["visuals"]
-
-    def consume(stream) -> None:
-        columns = visuals.columns if visuals is not None else ()
-        writer = RowWriter(fmt, stream, model, extra["header"], columns)
-        writer.begin()
-        rows = run_classify(
-            inputs,
-            visuals.model if visuals is not None else model,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            decision=Decision(cfg.threshold, extra["header"]["ood_threshold"]),
-            recursive=cfg.recursive,
-            stdin=extra["stdin"],
-            shard=extra["shard"],
-            # what this run writes into is never classified: --sort-into's and --heatmaps' folders
-            exclude=[f for f in (sorter and sorter.folder, visuals and visuals.folder) if f],
-            on_skip=tally.skip,
-            on_total=(lambda n: view.update(0, n)) if extra["counted"] else None,
-            allow_empty=cfg.allow_empty,
-        )
-        for row in rows:
-            writer.write(row, **(visuals.add(row) if visuals is not None else {}))
-            tally.add(row)
-            if row.ok and sorter is not None:
-                try:
-                    sorter(row)
-                except OSError as exc:
-                    fail(f"cannot sort {row.path} into {sorter.folder}: {exc}")
-            view.update(tally.counts["inputs"])
-        writer.end({**tally.counts, "labels": tally.per_label})
-        if visuals is not None:
-            visuals.finish()  # before the results are renamed into place: both or neither
-
-    if output is not None:
-        with fileio.atomic_file(output, "w") as fh:
-            consume(fh)
-    else:
-        consume(sys.stdout)
-        sys.stdout.flush()
-
-
-def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> list[str]:
+def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin) -> list[str]:
     """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
     stdin's paths read once (both passes need them)."""
     from threengan_cli.infer.classify import adapt_bn
 
     if stdin is not None:
         inputs = [p for p in inputs if p != "-"] + [line.strip() for line in stdin if line.strip()]
+    exclude = [cfg.sort_into] if cfg.sort_into is not None else []
     adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude)
     if not quiet:
         note(
@@ -97,41 +51,34 @@ def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin, exclude) -> lis
     return inputs
 
 
-def _model_and_sorter(checkpoint, run, which, cfg, adapt: str, sort_into, link, ood_folder):
+def _model_and_sorter(checkpoint, run, which, cfg):
     """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
     --sort-into folders, or ``None``. An ood gate that this model cannot judge (no
     statistics) is refused before anything is classified."""
     from threengan_cli.infer.sorting import Sorter
 
-    engine_name = "torch" if adapt == "bn" else cfg.engine
+    engine_name = "torch" if cfg.adapt == "bn" else cfg.engine
     model = classifier_of(checkpoint, run, cfg.device, engine_name, which)
     model.require_classifier()
-    gate = gate_name(cfg)
-    if gate is not None and getattr(model, "stats", None) is None:
-        fail(
-            f"{gate} cannot be judged: model {model.model_id} has no out-of-distribution "
-            "statistics (trained before threengan 0.2); fit them with "
-            "tools/add_model_statistics.py, or drop the option",
-            EXIT_USAGE,
-        )
+    check_judged(cfg, model)
     sorter = None
-    if sort_into is not None:
+    if cfg.sort_into is not None:
         try:
-            sorter = Sorter(sort_into, model.classes, link=link, ood_folder=ood_folder)
+            sorter = Sorter(cfg.sort_into, model.classes, link=cfg.link, ood_folder=cfg.ood_folder)
         except ValueError as exc:
             fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
     return model, sorter
 
 
-def _visuals_or_exit(model, heatmaps: Path | None, report: Path | None, header: dict):
+def _visuals_or_exit(model, cfg, header: dict):
     """What --heatmaps and --report add to the run, or ``None`` without either."""
-    if heatmaps is None and report is None:
+    if cfg.heatmaps is None and cfg.report is None:
         return None
     from threengan_cli.infer.heatmap import Visuals, VisualsError
 
     info = {"model": model.model_id, "method": model.method, "engine": model.device, **header}
     try:
-        return Visuals(model, heatmaps, report, info)
+        return Visuals(model, cfg.heatmaps, cfg.report, info)
     except VisualsError as exc:
         fail(str(exc), EXIT_USAGE)
 
@@ -160,21 +107,27 @@ def _decision_thresholds(model, cfg, quiet: bool):
     return cfg, header
 
 
-def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet: bool) -> None:
-    """Stream the rows behind a progress bar; an interrupt, a damaged model, a reader that
-    went away or a full disk ends the command with its exit code."""
-    from threengan_cli.core.fileio import writes_in_place  # a device or FIFO keeps what it got
+def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, **outputs):
+    """Stream the rows behind a progress bar into --output (complete or not at all) or
+    stdout, and to ``outputs`` (the sorter, visuals, stdin's paths); an interrupt, a damaged
+    model, a reader that went away or a full disk ends the command with its exit code."""
+    from threengan_cli.core.fileio import atomic_file, writes_in_place
+    from threengan_cli.infer.batch import classify_into
     from threengan_cli.infer.heatmap import VisualsError
 
-    whole = output is not None and not writes_in_place(output)
+    output = cfg.output
+    whole = output is not None and not writes_in_place(output)  # a device or FIFO keeps it
     kept = f"; nothing written to {output}" if whole else ""
     live = not quiet and err.is_terminal
     # Counted up front only for a bar (a terminal), and never stdin's stream of paths.
-    counted = live and ("-" not in inputs or extra["shard"] is not None)
+    counted = live and ("-" not in inputs or cfg.shard is not None)
     try:
-        with progress.BarView(live, "classifying", counted=counted) as view:
-            stream_extra = {**extra, "counted": counted}
-            _classify_stream(inputs, model, cfg, fmt, output, tally, view, stream_extra)
+        with progress.BarView(live, "classifying", counted=counted) as view, ExitStack() as out:
+            stream = sys.stdout if output is None else out.enter_context(atomic_file(output, "w"))
+            on_total = (lambda n: view.update(0, n)) if counted else None
+            args = (stream, inputs, model, cfg, fmt, header, tally)
+            classify_into(*args, **outputs, on_total=on_total, on_progress=view.update)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         note(f"interrupted after {tally.counts['inputs']} inputs{kept}")
         raise typer.Exit(EXIT_INTERRUPT) from None
@@ -191,6 +144,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, output, tally, extra, quiet:
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
 def classify(
+    ctx: typer.Context,
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
@@ -204,105 +158,49 @@ def classify(
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     recursive: Annotated[bool | None, setting("classify", "recursive", "--recursive", "-r")] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            "-f",
-            help="table, csv, json or jsonl \\[default: from --output's suffix; else the "
-            "--config file's format; else table on a terminal, csv when piped or when --output "
-            "is a device or FIFO].",
-        ),
-    ] = None,
+    fmt: Annotated[str | None, setting("classify", "format", "--format", "-f")] = None,
     output: Annotated[
         Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="Write the results to this file (complete or not at all) instead of stdout.",
-            dir_okay=False,
-        ),
+        setting("classify", "output", "--output", "-o", dir_okay=False),
     ] = None,
     batch_size: Annotated[int | None, setting("classify", "batch_size")] = None,
     workers: Annotated[int | None, setting("classify", "workers")] = None,
     threshold: Annotated[float | None, setting("classify", "threshold")] = None,
     ood_threshold: Annotated[float | None, setting("classify", "ood_threshold")] = None,
-    fail_on_ood: Annotated[bool, setting("classify", "fail_on_ood", "--fail-on-ood")] = False,
+    fail_on_ood: Annotated[bool | None, setting("classify", "fail_on_ood", "--fail-on-ood")] = None,
     max_ood_share: Annotated[
         float | None, setting("classify", "max_ood_share", metavar="F")
     ] = None,
     device: Annotated[str | None, setting("classify", "device")] = None,
     engine: Annotated[str | None, setting("classify", "engine")] = None,
-    adapt: Annotated[
-        str,
-        typer.Option(
-            help="bn: first recompute the classifier's BatchNorm statistics on these images "
-            "(no labels used; transductive; needs 32 or more images; uses the torch engine)."
-        ),
-    ] = "none",
+    adapt: Annotated[str, setting("classify", "adapt", show_default=True)] = default_of(
+        "classify", "adapt"
+    ),
     sort_into: Annotated[
         Path | None,
-        typer.Option(
+        setting(
+            "classify",
+            "sort_into",
             "--sort-into",
-            help="Also copy each classified input into DIR/<label>/; a rerun replaces what it "
-            "wrote, and folder scans leave DIR out.",
             file_okay=False,
             metavar="DIR",
         ),
     ] = None,
     ood_folder: Annotated[
         bool,
-        typer.Option(
-            "--ood-folder/--no-ood-folder",
-            help="With --sort-into: put flagged images into DIR/ood/ (their labels are not "
-            "reliable) rather than under their labels.",
-        ),
-    ] = True,
-    link: Annotated[
-        bool,
-        flag(
-            "--link",
-            help="With --sort-into: hard-link instead of copying (a symbolic link where the "
-            "file system refuses hard links).",
-        ),
-    ] = False,
-    examples: Annotated[
-        bool,
-        flag(
-            "--examples",
-            help="Also classify the 8 example X-rays shipped with threengan (Kermany et al., "
-            "CC BY 4.0; `threengan info` shows where).",
-        ),
-    ] = False,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            help="I/N: classify only the I-th of N contiguous slices of the expanded input "
-            "list (a SLURM array task, a Kubernetes job); the shards' outputs concatenated "
-            "in order equal one unsharded run.",
-            metavar="I/N",
-        ),
-    ] = None,
-    allow_empty: Annotated[bool, setting("classify", "allow_empty", "--allow-empty")] = False,
+        setting("classify", "ood_folder", "--ood-folder/--no-ood-folder", show_default=True),
+    ] = default_of("classify", "ood_folder"),
+    link: Annotated[bool | None, setting("classify", "link", "--link")] = None,
+    examples: Annotated[bool | None, setting("classify", "examples", "--examples")] = None,
+    shard: Annotated[str | None, setting("classify", "shard", metavar="I/N")] = None,
+    allow_empty: Annotated[bool | None, setting("classify", "allow_empty", "--allow-empty")] = None,
     heatmaps: Annotated[
         Path | None,
-        typer.Option(
-            "--heatmaps",
-            help="Also write, per classified image, a PNG of it with the classifier's evidence "
-            "for its label overlaid into DIR, named in a heatmap column (numpy or onnx engine).",
-            file_okay=False,
-            metavar="DIR",
-        ),
+        setting("classify", "heatmaps", "--heatmaps", file_okay=False, metavar="DIR"),
     ] = None,
     report: Annotated[
         Path | None,
-        typer.Option(
-            "--report",
-            help="Also write one self-contained HTML page for the batch: counts, histograms "
-            "and a grid of thumbnails, sortable and filterable (works offline).",
-            dir_okay=False,
-            metavar="FILE",
-        ),
+        setting("classify", "report", "--report", dir_okay=False, metavar="FILE"),
     ] = None,
     config: config_opt("classify") = None,
     quiet: QuietOpt = False,
@@ -365,36 +263,23 @@ def classify(
 
       threengan classify inbox/ --sort-into sorted/ --link
     """
-    inputs = inputs_or_exit(inputs, examples)
-    cfg = settings_of(
-        "classify",
-        config,
-        batch_size=batch_size,
-        workers=workers,
-        threshold=threshold,
-        device=device,
-        engine=engine,
-        recursive=recursive,
-        format=fmt,
-        ood_threshold=ood_threshold,
-        fail_on_ood=fail_on_ood or None,
-        allow_empty=allow_empty or None,
-        max_ood_share=max_ood_share,
-    )
-    fmt = choose_format(fmt, cfg.format, output, sys.stdout.isatty())
-    shard_ij = check_flags(inputs, link, sort_into, shard, adapt)
+    from threengan_cli.core.use_settings import ClassifySettings
+
+    flags = flags_of(ClassifySettings, locals(), ctx) | {"format": fmt}
+    cfg = settings_of("classify", config, **flags)
+    inputs = inputs_or_exit(inputs, cfg.examples)
+    fmt = choose_format(fmt, cfg.format, cfg.output, sys.stdout.isatty())
     stdin = stdin_paths(inputs, cfg.allow_empty)
-    model, sorter = _model_and_sorter(
-        checkpoint, run, which_model, cfg, adapt, sort_into, link, ood_folder
-    )
-    if adapt == "bn":
-        exclude = [sort_into] if sort_into is not None else []
-        inputs = _adapt_bn(inputs, model, cfg, quiet, stdin, exclude)
+    model, sorter = _model_and_sorter(checkpoint, run, which_model, cfg)
+    if cfg.adapt == "bn":
+        inputs = _adapt_bn(inputs, model, cfg, quiet, stdin)
         stdin = None
     cfg, header = _decision_thresholds(model, cfg, quiet)
-    tally = Tally(listing=not quiet and fmt != "table", classes=list(model.classes))
-    visuals = _visuals_or_exit(model, heatmaps, report, header)
-    extra = {"header": header, "shard": shard_ij, "sorter": sorter, "stdin": stdin}
-    extra["visuals"] = visuals
-    _classify_or_exit(inputs, model, cfg, fmt, output, tally, extra, quiet)
-    report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, header["ood_threshold"], quiet)
+    from threengan_cli.infer.batch import Tally
+
+    listing = Listing(on=not quiet and fmt != "table")
+    tally = Tally(list(model.classes), on_error=listing)
+    visuals = _visuals_or_exit(model, cfg, header)
+    outputs = {"sorter": sorter, "visuals": visuals, "stdin": stdin}
+    _classify_or_exit(inputs, model, cfg, fmt, header, tally, quiet, **outputs)
+    report_or_exit(tally, listing, cfg, inputs, header["ood_threshold"], quiet)

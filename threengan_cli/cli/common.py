@@ -8,16 +8,17 @@ so no command module imports the app that registers it.
 
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.helptext import help_of
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_USAGE, Failure
+from threengan_cli.cli.helptext import description_of, help_of
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
 # importing typer does not load rich; every command module imports this one first.
@@ -34,8 +35,10 @@ def flag(*names: str, help: str) -> Any:
 
 def setting(section: str, field: str, *names: str, **options: Any) -> Any:
     """The option that sets ``field`` of the ``section``'s settings: declared once, as that
-    field, whose description is its help (with its default: ``helptext.help_of``)."""
-    return typer.Option(*names, help=help_of(section, field), **options)
+    field, whose description is its help, with its default (``helptext.help_of``) unless
+    ``show_default`` is given: then typer shows the parameter's default, or none."""
+    text = description_of if "show_default" in options else help_of
+    return typer.Option(*names, help=text(section, field), **options)
 
 
 def config_opt(section: str) -> Any:
@@ -70,6 +73,24 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def ends_cleanly(doing: str | None = None, interrupted: str | None = None) -> Iterator[None]:
+    """An OSError while ``doing`` ("writing OUT") ends the command with its one line, exit 1;
+    Ctrl+C says ``interrupted`` ("interrupted; OUT was not written"), exit 130. Without
+    either, that error goes on to the app's own last guard."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        views.note(interrupted)
+        raise typer.Exit(EXIT_INTERRUPT) from None
+    except OSError as exc:
+        if doing is None:
+            raise
+        fail(views.os_failure(exc, doing))
+
+
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
     """``command``, ending on an engine's :class:`Failure` with its one line and its exit
     code: the one place errors become exit codes (the app registers every command so)."""
@@ -96,11 +117,15 @@ def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
         fail(views.os_failure(exc, f"creating {folder}"))
 
 
-def flags_of(model: Any, given: dict[str, Any]) -> dict[str, Any]:
+def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None) -> dict[str, Any]:
     """The options among a command's parameters (its ``locals()``) that set a field of the
     settings ``model``: an option named as a field is that field's flag, so none is listed
-    twice."""
-    return {k: v for k, v in given.items() if k in model.model_fields}
+    twice. With ``ctx``, one left at a default that typer shows is left out too: a flag not
+    given never overrides the --config file."""
+    flags = {k: v for k, v in given.items() if k in model.model_fields}
+    if ctx is None:
+        return flags
+    return {k: v for k, v in flags.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
 
 
 def settings_of(section: str, config: Path | None, **flags: Any):
@@ -160,19 +185,6 @@ def classifier_of(
     from threengan_cli.train import runs
 
     return numpy_engine.load(runs.model_file(checkpoint, run, which))
-
-
-def prepared_or_exit(dataset: str) -> Path:
-    from threengan_cli.core import paths
-
-    dataset_dir = paths.resolve_dataset(dataset)
-    if not (dataset_dir / "manifest.json").is_file():
-        fail(
-            f"no prepared dataset {dataset!r} (looked in {dataset_dir}); "
-            "run `threengan prepare SOURCE --name NAME` first",
-            EXIT_USAGE,
-        )
-    return dataset_dir
 
 
 def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:

@@ -18,20 +18,22 @@ from threengan_cli.cli.common import (
     QuietOpt,
     RunOpt,
     classifier_of,
+    config_opt,
+    ends_cleanly,
     fail,
     flag,
+    flags_of,
     lock_or_exit,
+    setting,
+    settings_of,
 )
+from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, EXIT_PARTIAL, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_PARTIAL, EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------- evaluate
-def _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold):
-    """Usage errors of evaluate's options, before any model or data is read."""
-    from threengan_cli.infer import evaluate as ev
-
-    ev.check_options(split, threshold, threshold_from, threshold_rule, engine, ood_threshold)
+def _plot_needs_matplotlib(plot: Path | None) -> None:
     if plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -56,63 +58,27 @@ def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None, w
         lock_or_exit(ctx, folder)
 
 
-def _model_or_exit(ctx, checkpoint, run, which, device: str, engine: str, threshold_from):
+def _model_or_exit(ctx, checkpoint, run, which, cfg):
     """The classifier to score; under --threshold-from its run locked and its file checked
     writable before any work, since the chosen threshold is stored in it."""
     from threengan_cli.model.modelfile import check_writable
 
-    if threshold_from is not None:  # it writes the checkpoint: one writer per run
+    if cfg.threshold_from is not None:  # it writes the checkpoint: one writer per run
         _lock_run_of(ctx, checkpoint, run, which)
-    model = classifier_of(checkpoint, run, device, engine, which)
+    model = classifier_of(checkpoint, run, cfg.device, cfg.engine, which)
     model.require_classifier()
-    if threshold_from is not None:  # before the work: the threshold is stored in it
+    if cfg.threshold_from is not None:  # before the work: the threshold is stored in it
         check_writable(model.path)
     return model
 
 
-def _chosen_on_val(ev, data: str, data_set, model, rule: str, batch_size, workers, quiet):
-    """--threshold-from val: the threshold ``rule`` picks on the prepared dataset's val split
-    (a usage error for other DATA)."""
-    if data_set.kind != "prepared":
-        fail(
-            "--threshold-from val needs a prepared dataset as DATA (its val split "
-            "chooses the threshold)",
-            EXIT_USAGE,
-        )
-    if data_set.split == "val" and not quiet:
-        warn("the threshold is chosen and scored on the same val split: optimistic")
-    return ev.threshold_on_val(data, model, rule, batch_size, workers)
-
-
-def _score_or_exit(
-    data, split, model, threshold, threshold_from, rule, ood_threshold, batch_size, workers,
-    quiet,
-):
-    """The evaluation of DATA at the threshold to use, and the threshold chosen on val
-    (``None`` unless --threshold-from chose one)."""
-    from threengan_cli.infer import evaluate as ev
-
-    try:
-        data_set = ev.read_labelled(data, split, model)
-        chosen = None
-        if threshold is None and threshold_from is not None:
-            chosen = _chosen_on_val(ev, data, data_set, model, rule, batch_size, workers, quiet)
-            used, source = chosen["value"], "chosen"
-        else:
-            used, source, _ = model.decision_threshold(threshold)
-        ood_value = model.ood_threshold(ood_threshold)[0]
-        result = ev.evaluate(
-            data_set, model, used, source, batch_size, workers, chosen, ood_value
-        )
-    except KeyboardInterrupt:
-        note("interrupted; nothing was stored")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    return result, chosen
-
-
-def _store_threshold(model, chosen: dict, rule: str, quiet: bool) -> None:
+def _store_threshold(model, result, rule: str, quiet: bool) -> None:
+    """The threshold --threshold-from chose, stored in the model."""
     from threengan_cli.model.modelfile import CheckpointError, update_meta
 
+    chosen = result.chosen
+    if result.data.split == "val" and not quiet:
+        warn("the threshold is chosen and scored on the same val split: optimistic")
     try:
         update_meta(model.path, {"threshold": chosen})
     except (OSError, CheckpointError) as exc:
@@ -170,63 +136,33 @@ def evaluate(
             show_default=False,
         ),
     ],
-    split: Annotated[
-        str | None,
-        typer.Option(
-            help="train, val or test, of a prepared dataset or of split data \\[default: test]."
-        ),
-    ] = None,
+    split: Annotated[str | None, setting("evaluate", "split")] = None,
     run: RunOpt = None,
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Two classes: call the second (pneumonia) from this probability on "
-            "\\[default: the model's stored threshold, else 0.5].",
-        ),
-    ] = None,
-    threshold_from: Annotated[
-        str | None,
-        typer.Option(
-            help="val: choose the threshold on the prepared dataset's val split by "
-            "--threshold-rule, store it in the checkpoint (classify then uses it), and "
-            "evaluate with it.",
-        ),
-    ] = None,
+    threshold: Annotated[float | None, setting("evaluate", "threshold")] = None,
+    threshold_from: Annotated[str | None, setting("evaluate", "threshold_from")] = None,
     threshold_rule: Annotated[
-        str,
-        typer.Option(
-            help="youden (sensitivity + specificity - 1) or balanced-accuracy; for two "
-            "classes both choose the same threshold.",
-        ),
-    ] = "youden",
+        str, setting("evaluate", "threshold_rule", show_default=True)
+    ] = default_of("evaluate", "threshold_rule"),
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Images per forward pass and per decoding job.")
-    ] = 64,
-    workers: Annotated[int, typer.Option(min=0, help="Decoding processes; 0 = all cores.")] = 0,
-    device: Annotated[
-        str, typer.Option(help="auto or cpu (NumPy engine, as classify), cuda, cuda:N or mps.")
-    ] = "auto",
-    engine: Annotated[str, typer.Option(help="On the CPU: numpy or torch, as classify.")] = "numpy",
-    ood_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Flag images whose out-of-distribution score is above this \\[default: the "
-            "model's own, which flags 5% of its val split].",
-            min=0.0,
-        ),
-    ] = None,
+        int, setting("evaluate", "batch_size", min=1, show_default=True)
+    ] = default_of("evaluate", "batch_size"),
+    workers: Annotated[int, setting("evaluate", "workers", min=0, show_default=True)] = default_of(
+        "evaluate", "workers"
+    ),
+    device: Annotated[str, setting("evaluate", "device", show_default=True)] = default_of(
+        "evaluate", "device"
+    ),
+    engine: Annotated[str, setting("evaluate", "engine", show_default=True)] = default_of(
+        "evaluate", "engine"
+    ),
+    ood_threshold: Annotated[float | None, setting("evaluate", "ood_threshold", min=0.0)] = None,
     plot: Annotated[
         Path | None,
-        typer.Option(
-            help="Write roc.png, confusion.png, reliability.png and (for a model with "
-            "out-of-distribution statistics) ood_scores.png to this folder (needs the plot "
-            "extra).",
-            file_okay=False,
-            metavar="DIR",
-        ),
+        setting("evaluate", "plot", file_okay=False, metavar="DIR"),
     ] = None,
+    config: config_opt("evaluate") = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -265,18 +201,24 @@ def evaluate(
 
       threengan evaluate labels.csv --checkpoint model.safetensors --threshold 0.7
     """
-    _check_flags(split, threshold, threshold_from, threshold_rule, engine, plot, ood_threshold)
-    model = _model_or_exit(ctx, checkpoint, run, which_model, device, engine, threshold_from)
-    result, chosen = _score_or_exit(
-        data, split, model, threshold, threshold_from, threshold_rule, ood_threshold,
-        batch_size, workers, quiet,
-    )
-    if chosen is not None:
-        _store_threshold(model, chosen, threshold_rule, quiet)
-    _show_or_exit(result, model, ood_threshold, plot, as_json, quiet)
+    from threengan_cli.core.use_settings import EvaluateSettings
+    from threengan_cli.infer import evaluate as ev
+
+    cfg = settings_of("evaluate", config, **flags_of(EvaluateSettings, locals(), ctx))
+    _plot_needs_matplotlib(cfg.plot)
+    model = _model_or_exit(ctx, checkpoint, run, which_model, cfg)
+    with ends_cleanly(interrupted="interrupted; nothing was stored"):
+        result = ev.score(data, model, cfg)
+    if result.chosen is not None:
+        _store_threshold(model, result, cfg.threshold_rule, quiet)
+    _show_or_exit(result, model, cfg.ood_threshold, cfg.plot, as_json, quiet)
 
 
 # --------------------------------------------------------------------------------------- runs
+def _not_pruned(name: str, why: str) -> None:
+    views.error(f"cannot prune {name}: {why}")
+
+
 def runs(
     names: Annotated[
         list[str] | None,
@@ -312,9 +254,7 @@ def runs(
 
       threengan runs --prune-last   [dim]# free ~100 MB per finished 3ngan run[/]
     """
-    from threengan_cli.model.modelfile import CheckpointError
-    from threengan_cli.train import runlist, runlock
-    from threengan_cli.train import runs as run_folder  # this command is named runs
+    from threengan_cli.train import runlist
 
     found = runlist.list_runs()
     if names:
@@ -325,18 +265,7 @@ def runs(
         found = [r for r in found if r.name in names]
     pruned, busy = [], []
     if prune_last:
-        for run in found:
-            try:
-                done = runlist.prune_last(run)
-            except runlock.RunLocked as exc:  # another process writes it: never pruned
-                views.error(f"cannot prune {run.name}: {exc}")
-                busy.append(run.name)
-                continue
-            except (OSError, CheckpointError, run_folder.RunError) as exc:
-                fail(f"cannot prune {run.name}: {exc}")
-            if done is not None:
-                pruned.append(done)
-        found = [runlist.read_run_info(Path(r.path), r.name) for r in found]
+        found, pruned, busy = runlist.prune_finished(found, on_busy=_not_pruned)
     if as_json:
         rows = [r.to_dict() for r in found]
         print_json({"runs": rows, "pruned": [vars(p) for p in pruned]} if prune_last else rows)

@@ -5,9 +5,7 @@
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from threengan_cli.cli import progress, views
+from threengan_cli.cli import progress
 from threengan_cli.cli.common import (
     CheckpointOpt,
     JsonOpt,
@@ -15,14 +13,14 @@ from threengan_cli.cli.common import (
     QuietOpt,
     RunOpt,
     config_opt,
-    fail,
+    ends_cleanly,
     flag,
+    flags_of,
     model_of,
     setting,
     settings_of,
 )
 from threengan_cli.cli.views import err, note, print_json
-from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -32,30 +30,10 @@ def generate(
     which_model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     count: Annotated[int | None, setting("generate", "count")] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Folder for gen_00000.png ...; must not exist or be empty "
-            "\\[default: ./generated, unless only --grid is given].",
-            file_okay=False,
-        ),
-    ] = None,
-    grid: Annotated[
-        Path | None,
-        typer.Option(
-            "--grid", help="Also write a PNG grid of the first (up to 64) images.", dir_okay=False
-        ),
-    ] = None,
+    out: Annotated[Path | None, setting("generate", "out", file_okay=False)] = None,
+    grid: Annotated[Path | None, setting("generate", "grid", dir_okay=False)] = None,
     seed: Annotated[int | None, setting("generate", "seed")] = None,
-    label: Annotated[
-        bool,
-        flag(
-            "--label",
-            help="Label each image with the classifier: one sub-folder per "
-            "class, uncertain/ below --tau, and labels.csv.",
-        ),
-    ] = False,
+    label: Annotated[bool | None, setting("generate", "label", "--label")] = None,
     tau: Annotated[float | None, setting("generate", "tau")] = None,
     device: Annotated[str | None, setting("generate", "device")] = None,
     force: Annotated[
@@ -91,34 +69,28 @@ def generate(
 
       threengan generate --run my-run --count 1000 --label --out labelled
     """
-    cfg = settings_of("generate", config, count=count, seed=seed, tau=tau, device=device)
-    if out_dir is None and grid is None:
-        out_dir = Path("generated")
-    if label and out_dir is None:
-        fail("--label sorts images into folders: give --out DIR as well", EXIT_USAGE)
-
+    from threengan_cli.core.use_settings import GenerateSettings
     from threengan_cli.infer.generate import generate as run_generate
 
+    cfg = settings_of("generate", config, **flags_of(GenerateSettings, locals()))
+    out_dir = cfg.folder
     model = model_of(checkpoint, run, cfg.device, which_model)
     total = cfg.count if out_dir is not None else min(cfg.count, 64)
-    try:
-        with progress.BarView(not quiet and err.is_terminal, "generating", total=total) as view:
-            result = run_generate(
-                model,
-                cfg.count,
-                cfg.seed,
-                out_dir,
-                grid,
-                label=label,
-                tau=cfg.tau,
-                on_progress=view.update,
-                force=force,
-            )
-    except KeyboardInterrupt:
-        note("interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    except OSError as exc:  # a full disk or an unwritable --out: nothing half-written stays
-        fail(views.os_failure(exc, f"writing {out_dir or grid}"))
+    live = not quiet and err.is_terminal
+    # a full disk or an unwritable --out: nothing half-written stays
+    stopped = ends_cleanly(f"writing {out_dir or cfg.grid}", "interrupted; nothing was written")
+    with stopped, progress.BarView(live, "generating", total=total) as view:
+        result = run_generate(
+            model,
+            cfg.count,
+            cfg.seed,
+            out_dir,
+            cfg.grid,
+            label=cfg.label,
+            tau=cfg.tau,
+            on_progress=view.update,
+            force=force,
+        )
     if as_json:
         print_json(result.as_dict())
     elif not quiet:

@@ -20,8 +20,9 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _MODELS = {
     "prepare": ("core/settings.py", "PrepareSettings"),
     "train": ("core/settings.py", "TrainSettings"),
-    "classify": ("core/settings.py", "ClassifySettings"),
-    "generate": ("core/settings.py", "GenerateSettings"),
+    "classify": ("core/use_settings.py", "ClassifySettings"),
+    "evaluate": ("core/use_settings.py", "EvaluateSettings"),
+    "generate": ("core/use_settings.py", "GenerateSettings"),
     "benchmark": ("bench/grid.py", "BenchmarkSettings"),
 }
 _MISSING = object()
@@ -98,9 +99,10 @@ def description_of(section: str, field: str) -> str:
 
 def help_of(section: str, field: str) -> str:
     """The help of the option that sets ``field``: its description, then its default, unless
-    the description names its own or the option is a flag that is off unless given."""
+    the description names its own, or the option is a flag that is off unless given, or one
+    that is not set unless given (a default of None)."""
     text = description_of(section, field)
     value = _fields(*_MODELS[section])[0].get(field, _MISSING)
-    if "\\[default" in text or value is False or value is _MISSING:
+    if "\\[default" in text or value is False or value is None or value is _MISSING:
         return text
     return f"{text} {shown(section, field)}"

@@ -1,5 +1,5 @@
 """What classify is asked to read, checked before any model is loaded: the PATHs (or the
-shipped examples), stdin's first path, and the options that go together."""
+shipped examples) and stdin's first path."""
 
 # No ``from __future__ import annotations``: as in the other command modules.
 
@@ -26,8 +26,8 @@ def stdin_paths(inputs: list[str], allow_empty: bool):
 
 
 def inputs_or_exit(inputs: list[str] | None, examples: bool) -> list[str]:
-    """The PATHs given, with the shipped example X-rays under --examples; none is a usage
-    error."""
+    """The PATHs given, with the shipped example X-rays under --examples; none, or ``-``
+    twice, is a usage error."""
     if examples:
         from threengan_cli.core.paths import example_images
 
@@ -41,23 +41,6 @@ def inputs_or_exit(inputs: list[str] | None, examples: bool) -> list[str]:
             "from stdin",
             EXIT_USAGE,
         )
-    return inputs
-
-
-def check_flags(inputs: list[str], link: bool, sort_into, shard: str | None, adapt: str):
-    """Usage errors of the options, before stdin or the model is read; the shard (i, n) or
-    ``None``."""
     if inputs.count("-") > 1:
         fail("- (paths from stdin) may be given once", EXIT_USAGE)
-    if link and sort_into is None:
-        fail("--link goes with --sort-into DIR", EXIT_USAGE)
-
-    from threengan_cli.infer.classify import parse_shard
-
-    try:
-        shard_ij = parse_shard(shard) if shard is not None else None
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    if adapt not in ("none", "bn"):
-        fail(f"--adapt must be none or bn (got {adapt!r})", EXIT_USAGE)
-    return shard_ij
+    return inputs

@@ -14,27 +14,15 @@ from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
     config_opt,
-    fail,
+    ends_cleanly,
     flag,
     setting,
     settings_of,
 )
 from threengan_cli.cli.views import err, note, print_json, warn
-from threengan_cli.core.errors import EXIT_USAGE
 
 
 # ------------------------------------------------------------------------------------ prepare
-def _prepare_target(source: Path, name: str | None, out_dir: Path | None) -> Path:
-    from threengan_cli.core import paths
-
-    if out_dir is not None:
-        return out_dir
-    try:
-        return paths.datasets_dir() / paths.check_name(name or source.stem)
-    except ValueError as exc:
-        fail(f"{exc} (choose one with --name)", EXIT_USAGE)
-
-
 def _prepare_notes(report, quiet: bool) -> None:
     """What prepare did besides the table: skipped files, empty splits, val, duplicates."""
     for path, reason in report.label_conflicts[:MAX_LISTED]:
@@ -127,6 +115,7 @@ def prepare(
 
       threengan prepare labels.csv --out ./prepared/xr --force
     """
+    from threengan_cli.core import paths
     from threengan_cli.data.prepare import prepare as run_prepare
 
     cfg = settings_of(
@@ -142,12 +131,10 @@ def prepare(
         strict=strict,
         class_names=class_names,
     )
-    target = _prepare_target(source, name, out_dir)
-    try:
-        with progress.BarView(not quiet and err.is_terminal, "decoding", counted=True) as view:
-            report = run_prepare(source, target, cfg, force=force, on_progress=view.update)
-    except OSError as exc:
-        fail(views.os_failure(exc, f"preparing {target}"))
+    target = paths.dataset_dir_for(source, name, out_dir)
+    live = not quiet and err.is_terminal
+    with ends_cleanly(f"preparing {target}"), progress.BarView(live, "decoding", counted=True) as v:
+        report = run_prepare(source, target, cfg, force=force, on_progress=v.update)
 
     if report.up_to_date:
         if as_json:
@@ -186,8 +173,3 @@ def datasets(as_json: JsonOpt = False) -> None:
         note("no prepared datasets yet: run `threengan prepare SOURCE`")
     else:
         views.datasets_table(found)
-
-
-
-# The long commands live in their own modules (each under 600 lines); they are registered
-# here, in pipeline order, which is the order of the help.

@@ -11,15 +11,9 @@ from typing import Annotated
 
 import typer
 
-from threengan_cli.cli import views
-from threengan_cli.cli.common import (
-    EXIT_INTERRUPT,
-    EXIT_USAGE,
-    JsonOpt,
-    QuietOpt,
-    fail,
-)
+from threengan_cli.cli.common import JsonOpt, QuietOpt, ends_cleanly, fail
 from threengan_cli.cli.views import note, print_json
+from threengan_cli.core.errors import EXIT_USAGE
 
 
 def split(
@@ -81,18 +75,10 @@ def split(
 
     if out.exists() or out.is_symlink():
         fail(f"{out} exists already: give a new folder", EXIT_USAGE)
-    try:
+    with ends_cleanly(f"writing {out}", f"interrupted; {out} was not written"):
         made = engine.plan(source, labelled, unlabelled, seed, patient_pattern)
         engine.write(out, made)
-    except KeyboardInterrupt:
-        note(f"interrupted; {out} was not written")
-        raise typer.Exit(EXIT_INTERRUPT) from None
-    except OSError as exc:
-        fail(views.os_failure(exc, f"writing {out}"))
-    counts = {
-        group: {label: made.counts.get((group, label), 0) for label in made.classes}
-        for group in engine.GROUPS
-    }
+    counts = made.per_group()
     if as_json:
         print_json({"out": str(out), "patients": len(made.patients), "seed": seed, **counts})
     elif not quiet:

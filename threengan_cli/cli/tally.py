@@ -13,40 +13,22 @@ from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
 from threengan_cli.infer import gate
 
 
-class Tally:
-    """Counts rows as they stream past, lists the first unreadable inputs on stderr, and
-    counts the files folder scans passed over (names that are not image names)."""
+class Listing:
+    """The first unreadable inputs, listed on stderr as they come; none unless ``on``."""
 
-    def __init__(self, listing: bool, classes: list[str]):
-        self.counts = {"inputs": 0, "classified": 0, "errors": 0, "skipped": 0, "ood": 0}
-        self.per_label = dict.fromkeys(classes, 0)
-        self.listing, self.listed = listing, 0
-        self.first_error: str | None = None
-        self.first_skipped: str | None = None
+    def __init__(self, on: bool):
+        self.on, self.listed = on, 0
 
-    def add(self, row) -> None:
-        self.counts["inputs"] += 1
-        if row.ok:
-            self.counts["classified"] += 1
-            self.per_label[row.label] += 1
-            self.counts["ood"] += bool(row.ood)
-            return
-        self.counts["errors"] += 1
-        if self.first_error is None:
-            self.first_error = f"{row.path}: {row.error}"
-        if self.listing and self.listed < MAX_LISTED:
+    def __call__(self, row) -> None:
+        if self.on and self.listed < MAX_LISTED:
             warn(f"{row.path}: {row.error}")
             self.listed += 1
 
-    def skip(self, path: str) -> None:
-        self.counts["skipped"] += 1
-        self.first_skipped = self.first_skipped or path
 
-
-def report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, quiet) -> None:
+def report_or_exit(tally, listing: Listing, cfg, inputs, ood_value, quiet) -> None:
     """What was classified, on stderr, and the exit code: 1 when nothing was, 3 when some
     inputs could not be, 4 under --fail-on-ood when an image was flagged."""
-    counts = tally.counts
+    counts, shard_ij, output, sort_into = tally.counts, cfg.shard, cfg.output, cfg.sort_into
     if counts["inputs"] == 0 and cfg.allow_empty:
         if not quiet:
             where = f" ({output} holds no rows)" if output is not None else ""
@@ -87,8 +69,8 @@ def report_or_exit(tally, cfg, inputs, shard_ij, output, sort_into, ood_value, q
             )
     if counts["errors"]:
         if not quiet:
-            if tally.listing and tally.listed < counts["errors"]:
-                warn(f"... and {counts['errors'] - tally.listed} more")
+            if listing.on and listing.listed < counts["errors"]:
+                warn(f"... and {counts['errors'] - listing.listed} more")
             warn(f"{counts['errors']} inputs could not be classified (see the error column)")
         raise typer.Exit(EXIT_PARTIAL)
     tripped = gate.breach(cfg, counts["ood"], counts["classified"])

@@ -22,7 +22,6 @@ from threengan_cli.cli.common import (
     flags_of,
     interrupt_code,
     lock_or_exit,
-    prepared_or_exit,
     setting,
     settings_of,
     warn_bf16_unmeasured,
@@ -61,12 +60,13 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
 def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, force: bool, held):
     """(settings, dataset folder, run folder, resume) of a new run, its folder locked into
     ``held`` (train/plan decides)."""
+    from threengan_cli.core import paths
     from threengan_cli.train import plan
 
     if dataset is None:
         fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
     cfg = settings_of("train", config, **flags)
-    dataset_dir = prepared_or_exit(dataset)
+    dataset_dir = paths.prepared_dataset(dataset)
     run_dir = plan.run_dir_for(dataset, cfg, *where)
     again = plan.again(run_dir, cfg, dataset_dir, force, lambda d: lock_or_exit(held, d))
     return cfg, dataset_dir, run_dir, again

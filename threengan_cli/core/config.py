@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from threengan_cli.core.errors import UsageError
-from threengan_cli.core.settings import SECTIONS
+from threengan_cli.core.settings import PrepareSettings, Section, TrainSettings
+from threengan_cli.core.use_settings import ClassifySettings, EvaluateSettings, GenerateSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,8 +25,17 @@ else:  # Python 3.10: the same parser, published as tomli before it joined the s
     import tomli as tomllib
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
+# The sections a config file's tables name, each with its model (cli/helptext._MODELS says
+# where each is written, for --help).
+SECTIONS: dict[str, type[Section]] = {
+    "prepare": PrepareSettings,
+    "train": TrainSettings,
+    "classify": ClassifySettings,
+    "evaluate": EvaluateSettings,
+    "generate": GenerateSettings,
+}
 # A config file may also hold a [benchmark] table. Its model, grid.BenchmarkSettings, lives
-# beside the profiles that fill its required fields (grid.resolve_settings builds it).
+# beside the profiles that fill its required fields (grid.resolve_config builds it).
 SECTION_NAMES = (*SECTIONS, "benchmark")
 
 

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from threengan_cli.core.errors import UsageError
+
 ENV_HOME = "THREENGAN_HOME"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # A class name that becomes a folder: letters and digits of any script, then also space,
@@ -70,6 +72,28 @@ def resolve_dataset(name_or_path: str) -> Path:
     if _NAME.match(name_or_path):
         return datasets_dir() / name_or_path
     return candidate
+
+
+def dataset_dir_for(source: Path, name: str | None, out_dir: Path | None) -> Path:
+    """Where ``prepare`` writes: ``--out``, else ``--name`` (or the source's name) under the
+    data dir; a UsageError for a name that cannot be one."""
+    if out_dir is not None:
+        return out_dir
+    try:
+        return datasets_dir() / check_name(name or source.stem)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (choose one with --name)") from None
+
+
+def prepared_dataset(name_or_path: str) -> Path:
+    """The folder of the prepared dataset ``name_or_path``; a UsageError where there is none."""
+    folder = resolve_dataset(name_or_path)
+    if not (folder / "manifest.json").is_file():
+        raise UsageError(
+            f"no prepared dataset {name_or_path!r} (looked in {folder}); "
+            "run `threengan prepare SOURCE --name NAME` first"
+        )
+    return folder
 
 
 DEFAULT_MODEL = "default.safetensors"

@@ -1,4 +1,6 @@
 """Validated settings: one frozen pydantic model per command section, the one list of options.
+Here the sections that make a dataset and a model (prepare, train), written into what they
+make; those of the commands that use a model are in ``core/use_settings``.
 
 Each field is an option: its description is the option's help (``cli/helptext`` reads it, and
 the default, from this source), its constraints what it allows. ``core/config`` reads a TOML
@@ -30,11 +32,13 @@ Norm = Literal["own", "labelled"]
 PreciseBNImages = Literal["labelled", "unlabelled"]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A command's settings: frozen, and a key it does not know is an error."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PrepareSettings(_Section):
+class PrepareSettings(Section):
     image_size: int = Field(
         64, ge=8, le=1024,
         description="Side of the square images, px: a power of two (8, 16, 32, 64, ...), the "
@@ -155,7 +159,7 @@ def with_stored_recipe(values: dict[str, Any]) -> dict[str, Any]:
     return {"recipe": "paper", **values}
 
 
-class TrainSettings(_Section):
+class TrainSettings(Section):
     # inf passes ``ge=0`` (a weight of inf turns the first loss into nan), nan passes nothing
     # that compares, so neither is a number a training setting can take.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -355,64 +359,3 @@ class TrainSettings(_Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
-
-
-class ClassifySettings(_Section):
-    batch_size: int = Field(
-        64, ge=1, le=65536, description="Images per forward pass and per decoding job."
-    )
-    workers: int = Field(0, ge=0, le=512, description="Decoding processes; 0 = all cores.")
-    threshold: float = Field(
-        0.5, gt=0.0, lt=1.0,
-        description="Two classes: the second (pneumonia) when its probability is at least this.",
-    )
-    device: str = Field(
-        "auto",
-        description="auto or cpu: the CPU (decoding dominates at 64 px); cuda, cuda:N or mps: "
-        "torch on that device.",
-    )
-    engine: Literal["numpy", "torch"] = Field(
-        "numpy",
-        description="On the CPU: numpy starts in under a second (no torch import); torch starts "
-        "3-4 s later and classifies long lists about 18% faster.",
-    )
-    recursive: bool = Field(False, description="Look in sub-folders of folders too.")
-    format: Literal["table", "csv", "json", "jsonl"] | None = Field(
-        None, description="output format; none: from the output's suffix, else by terminal"
-    )
-    ood_threshold: float | None = Field(
-        None, gt=0.0, lt=1e6,
-        description="Flag an image (ood = true) when its out-of-distribution score is above this "
-        "\\[default: the model's own, which flags 5% of its val split].",
-    )
-    fail_on_ood: bool = Field(
-        False, description="Exit 4 when any image is flagged as unlike the model's training X-rays."
-    )
-    allow_empty: bool = Field(
-        False,
-        description="Inputs without a single image file (an empty folder, a pattern that matches "
-        "nothing, nothing on stdin) are a success: exit 0 and no rows (a CSV gets its header). A "
-        "path that does not exist is still an error.",
-    )
-    max_ood_share: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="Exit 4 only when more than this share (0 to 1) of the classified images is "
-        "flagged: about 5% of X-rays like the training ones are, by design.",
-    )
-
-
-class GenerateSettings(_Section):
-    count: int = Field(64, ge=1, le=1_000_000, description="Images to make.")
-    seed: int = Field(0, ge=0, description="Same seed, same images.")
-    tau: float = Field(
-        0.9, ge=0.0, le=1.0, description="With --label: least top probability to count as labelled."
-    )
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
-
-
-SECTIONS: dict[str, type[_Section]] = {
-    "prepare": PrepareSettings,
-    "train": TrainSettings,
-    "classify": ClassifySettings,
-    "generate": GenerateSettings,
-}

@@ -60,6 +60,10 @@ class Split:
     groups: dict[str, str]  # patient id -> group
     counts: dict[tuple[str, str], int]  # (group, class) -> images
 
+    def per_group(self) -> dict[str, dict[str, int]]:
+        """Images per class of each group, every group and class named (0 where none)."""
+        return {g: {c: self.counts.get((g, c), 0) for c in self.classes} for g in GROUPS}
+
 
 def compile_pattern(pattern: str | None) -> re.Pattern | None:
     """The ``--patient-pattern`` regex, checked: it compiles and has a group to read."""

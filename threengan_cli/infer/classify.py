@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -216,14 +215,6 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 1 <= I <= N; anything else is a ValueError."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise ValueError(f"--shard must be I/N with 1 <= I <= N, e.g. 2/8 (got {text!r})")
-    return int(match[1]), int(match[2])
 
 
 def shard_of(items: Iterable[Item], shard: tuple[int, int]) -> list[Item]:

@@ -164,7 +164,7 @@ class Engine:
         model or default) and a note for stderr: a given one (flag or --config) wins; else
         the one ``evaluate --threshold-from`` stored in the model; else classify's default. A
         damaged stored one is an error (exit 1), unless a given one overrides it."""
-        from threengan_cli.core.settings import ClassifySettings
+        from threengan_cli.core.use_settings import ClassifySettings
 
         if given is not None:
             return given, "given", ""

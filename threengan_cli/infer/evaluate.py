@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,10 +28,9 @@ from threengan_cli.infer import classify
 from threengan_cli.infer.engine import exact
 
 if TYPE_CHECKING:
+    from threengan_cli.core.use_settings import EvaluateSettings, ThresholdRule
     from threengan_cli.infer.classify import Classifier
 
-Rule = Literal["youden", "balanced-accuracy"]
-RULES: tuple[str, ...] = ("youden", "balanced-accuracy")
 _BATCH = 64
 
 
@@ -46,44 +45,33 @@ class UnknownClass(EvaluateError):
 
 
 class BadOption(EvaluateError):
-    """An option value evaluate cannot take (exit 2), found before any model or data is read."""
+    """An option that does not fit the data asked for (exit 2)."""
 
     exit_code = EXIT_USAGE
 
 
-def check_options(
-    split: str | None,
-    threshold: float | None,
-    threshold_from: str | None,
-    rule: str,
-    engine: str,
-    ood_threshold: float | None,
-) -> None:
-    """Refuse option values evaluate cannot take, before any model or data is read."""
-    from threengan_cli.core.config import SettingsError, resolve
-
-    if split is not None and split not in ("train", "val", "test"):
-        raise BadOption(f"--split must be train, val or test (got {split!r})")
-    if threshold_from not in (None, "val"):
-        raise BadOption(f"--threshold-from takes val (got {threshold_from!r})")
-    if rule not in RULES:
-        raise BadOption(f"--threshold-rule must be one of {', '.join(RULES)}")
-    if threshold_from is not None and threshold is not None:
-        raise BadOption("give either --threshold or --threshold-from, not both")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise BadOption(f"--threshold must lie strictly between 0 and 1 (got {threshold})")
-    if ood_threshold is not None:  # the range classify takes: one owner, its settings
-        try:
-            resolve("classify", None, ood_threshold=ood_threshold)
-        except SettingsError as exc:
-            detail = str(exc).split(": ", 1)[-1]
-            raise BadOption(f"--ood-threshold {ood_threshold}: {detail}") from None
-    if engine not in ("numpy", "torch"):
-        raise BadOption(f"--engine must be numpy or torch (got {engine!r})")
+def score(data: str, model: Classifier, cfg: EvaluateSettings) -> Evaluation:
+    """DATA (its ``cfg.split``) scored at the threshold to use: the one given, else under
+    ``threshold_from`` the one chosen on the prepared dataset's val split (``.chosen``, for
+    the caller to store in the model), else the model's own."""
+    data_set = read_labelled(data, cfg.split, model)
+    chosen = None
+    if cfg.threshold_from is not None:
+        if data_set.kind != "prepared":
+            raise BadOption(
+                "--threshold-from val needs a prepared dataset as DATA (its val split "
+                "chooses the threshold)"
+            )
+        chosen = threshold_on_val(data, model, cfg.threshold_rule, cfg.batch_size, cfg.workers)
+        used, source = chosen["value"], "chosen"
+    else:
+        used, source, _ = model.decision_threshold(cfg.threshold)
+    ood_value = model.ood_threshold(cfg.ood_threshold)[0]
+    return evaluate(data_set, model, used, source, cfg.batch_size, cfg.workers, chosen, ood_value)
 
 
 def threshold_on_val(
-    data: str, model: Classifier, rule: str, batch_size: int, workers: int
+    data: str, model: Classifier, rule: ThresholdRule, batch_size: int, workers: int
 ) -> dict[str, Any]:
     """The threshold ``rule`` picks on the val split of the prepared dataset ``data``
     (``--threshold-from val``), with how it was chosen."""
@@ -338,7 +326,7 @@ def _counts_at_thresholds(
 
 
 def choose_threshold(
-    labels: np.ndarray, probs: np.ndarray, rule: Rule = "youden", positive: int = 1
+    labels: np.ndarray, probs: np.ndarray, rule: ThresholdRule = "youden", positive: int = 1
 ) -> dict[str, Any]:
     """The threshold that maximises ``rule`` on these labels, among the scores themselves.
 

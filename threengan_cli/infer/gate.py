@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from threengan_cli.core.errors import UsageError
+
 
 def gate_name(cfg: Any) -> str | None:
     """The ood gate asked for (--fail-on-ood or --max-ood-share), as the user named it."""
@@ -12,6 +14,18 @@ def gate_name(cfg: Any) -> str | None:
     if cfg.max_ood_share is not None:
         return f"--max-ood-share {cfg.max_ood_share}"
     return None
+
+
+def check_judged(cfg: Any, model: Any) -> None:
+    """A gate asked for needs the model's out-of-distribution statistics: a UsageError,
+    before anything is classified, for a model without them."""
+    gate = gate_name(cfg)
+    if gate is not None and getattr(model, "stats", None) is None:
+        raise UsageError(
+            f"{gate} cannot be judged: model {model.model_id} has no out-of-distribution "
+            "statistics (trained before threengan 0.2); fit them with "
+            "tools/add_model_statistics.py, or drop the option"
+        )
 
 
 def breach(cfg: Any, flagged: int, classified: int) -> str | None:

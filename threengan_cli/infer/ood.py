@@ -40,7 +40,7 @@ DIMS = 256  # principal directions kept at most
 SHRINK = 0.01  # share of the mean variance added to every direction's variance
 QUANTILE = 0.95  # of the val split's scores: the default threshold flags 5% of val
 META_KEY = "stats"  # the metadata entry describing it
-MAX_THRESHOLD = 1e6  # the range of classify's --ood-threshold (settings.ClassifySettings)
+MAX_THRESHOLD = 1e6  # the range of classify's --ood-threshold (use_settings.ClassifySettings)
 
 
 class StatsError(ValueError):

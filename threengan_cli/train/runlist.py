@@ -26,11 +26,13 @@ working. Only extending the run (``train --resume --epochs``) needs what was del
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from threengan_cli.core import paths
+from threengan_cli.core.errors import Failure
 from threengan_cli.model import modelfile
 from threengan_cli.train import runlock, runs
 from threengan_cli.train.runs import BEST, FINAL, LAST, METRICS, RUN, SETTINGS
@@ -233,6 +235,27 @@ def prune_last(run: RunInfo) -> Pruned | None:
     run_dir = Path(run.path)
     with runlock.lock(run_dir):
         return _prune_locked(run_dir, run.name)
+
+
+def prune_finished(
+    found: list[RunInfo], on_busy: Callable[[str, str], None]
+) -> tuple[list[RunInfo], list[Pruned], list[str]]:
+    """:func:`prune_last` of each run: the runs read again, what was pruned, and the runs
+    left alone because another process writes them (``on_busy(name, why)`` hears of each
+    as it comes). Any other error stops with a Failure naming the run."""
+    pruned, busy = [], []
+    for run in found:
+        try:
+            done = prune_last(run)
+        except runlock.RunLocked as exc:  # another process writes it: never pruned
+            on_busy(run.name, str(exc))
+            busy.append(run.name)
+            continue
+        except (OSError, modelfile.CheckpointError, runs.RunError) as exc:
+            raise Failure(f"cannot prune {run.name}: {exc}") from None
+        if done is not None:
+            pruned.append(done)
+    return [read_run_info(Path(r.path), r.name) for r in found], pruned, busy
 
 
 def _prune_locked(run_dir: Path, name: str) -> Pruned | None:
