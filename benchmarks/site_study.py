@@ -24,9 +24,10 @@ and logit interpolation). ``--method vanilla --out OTHER`` gives the same withou
 
 Each (variant, seed, half) is a ``threengan train`` run in ``OUT/runs/<variant>-s<seed>-pool<H>``
 with its settings in ``OUT/configs/<run>.toml``, then ``threengan evaluate --json`` on the
-held-out half: the final model (``last.safetensors``) and the best on val (``--run``) at
-threshold 0.5, and the final model at the threshold ``evaluate --threshold-from val`` chooses on
-the source's val split (the pool moves the operating point; the site is not looked at). A run
+held-out half: the final model (``last.safetensors``) and the best on val (``--run R
+--model best``) at threshold 0.5, and the final model at the threshold ``evaluate
+--threshold-from val`` chooses on the source's val split (the pool moves the operating point;
+the site is not looked at). A run
 with its ``eval.json`` is skipped, so the script resumes where it stopped; a run stopped
 midway is resumed by ``train --resume``. ``OUT/report.md`` and ``OUT/results.json``: per
 variant the mean of each metric, and the paired differences with ``none`` and ``pool``
@@ -98,6 +99,11 @@ def _pick(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in METRICS}
 
 
+def _best(run_dir: Path) -> list[str]:
+    """The best-on-val checkpoint of a run: ``--run`` alone loads its final model."""
+    return ["--run", str(run_dir), "--model", "best"]
+
+
 def _at_val_threshold(cli, args, run_dir: Path, held_out: Path, log: Path) -> dict[str, Any]:
     """The final model scored on ``held_out`` at the threshold ``evaluate --threshold-from
     val`` chooses on the source's val split (its default rule), as a user would: on a copy
@@ -124,10 +130,13 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
     held_out = work / f"heldout-{site.other(half)}"
     if done_file.is_file():
         record = json.loads(done_file.read_text())
+        log = args.out / "logs" / f"{name}.log"
         if "final_val_threshold" not in record:  # scored before this view existed
-            log = args.out / "logs" / f"{name}.log"
             record["final_val_threshold"] = _at_val_threshold(cli, args, run_dir, held_out, log)
-            done_file.write_text(json.dumps(record, indent=2) + "\n")
+        if record.get("best_model") != "best":  # scored by --run alone: the final model
+            record["best_on_val"] = _pick(_evaluate(cli, held_out, _best(run_dir), log))
+            record["best_model"] = "best"
+        done_file.write_text(json.dumps(record, indent=2) + "\n")
         return record
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     pool = work / f"pool-{half}"
@@ -158,7 +167,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
             raise SystemExit(f"train {name} failed ({trained.returncode}); see {log}")
     seconds = time.time() - t0
     final = _evaluate(cli, held_out, ["--checkpoint", str(run_dir / "last.safetensors")], log)
-    best = _evaluate(cli, held_out, ["--run", str(run_dir)], log)
+    best = _evaluate(cli, held_out, _best(run_dir), log)
     record = {
         "variant": variant,
         "seed": seed,
@@ -168,6 +177,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         "train_seconds": round(seconds, 1),
         "final": _pick(final),
         "best_on_val": _pick(best),
+        "best_model": "best",
         "final_val_threshold": _at_val_threshold(cli, args, run_dir, held_out, log),
     }
     done_file.write_text(json.dumps(record, indent=2) + "\n")

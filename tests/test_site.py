@@ -189,6 +189,9 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
     # Also scored at the threshold chosen on the source's val split, on a copy deleted after.
     assert 0.0 < runs["pool"]["final_val_threshold"]["threshold"] < 1.0
     assert not list(out.glob("runs/*/val-threshold.safetensors"))
+    # "best on val" is best.safetensors: --run alone would load the final model again.
+    assert runs["pool"]["best_model"] == "best"
+    assert "--model best" in (out / "logs" / "pool-s3-poolA.log").read_text()
     assert results["summary"]["paired"]["final"]["pool - none"]["accuracy"]["pairs"] == 1
     assert "pool - none" in (out / "report.md").read_text()
     model = out / "runs" / "pool-s3-poolA" / "last.safetensors"
