@@ -27,11 +27,10 @@ with its settings in ``OUT/configs/<run>.toml``, then ``threengan evaluate --jso
 held-out half: the final model (``last.safetensors``) and the best on val (``--run R
 --model best``) at threshold 0.5, and the final model at the threshold ``evaluate
 --threshold-from val`` chooses on the source's val split (the pool moves the operating point;
-the site is not looked at). A run
-with its ``eval.json`` is skipped, so the script resumes where it stopped; a run stopped
-midway is resumed by ``train --resume``. ``OUT/report.md`` and ``OUT/results.json``: per
-variant the mean of each metric, and the paired differences with ``none`` and ``pool``
-(paired by seed x half) with their 95% t-intervals.
+the site is not looked at). A run with its ``eval.json`` is skipped, so the script resumes
+where it stopped; a run stopped midway is resumed by ``train --resume``. ``OUT/report.md``
+and ``OUT/results.json``: per variant the mean of each metric, and the paired differences
+with ``none`` and ``pool`` (paired by seed x half) with their 95% t-intervals.
 
 Nothing is chosen on the held-out half: the variants are fixed here, before any run.
 """
