@@ -130,12 +130,14 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
     if done_file.is_file():
         record = json.loads(done_file.read_text())
         log = args.out / "logs" / f"{name}.log"
+        before = dict(record)
         if "final_val_threshold" not in record:  # scored before this view existed
             record["final_val_threshold"] = _at_val_threshold(cli, args, run_dir, held_out, log)
         if record.get("best_model") != "best":  # scored by --run alone: the final model
             record["best_on_val"] = _pick(_evaluate(cli, held_out, _best(run_dir), log))
             record["best_model"] = "best"
-        done_file.write_text(json.dumps(record, indent=2) + "\n")
+        if record != before:  # a finished, fully scored run's file is left as it is
+            done_file.write_text(json.dumps(record, indent=2) + "\n")
         return record
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     pool = work / f"pool-{half}"
