@@ -95,6 +95,20 @@ def gradient_blocks(pixels: np.ndarray, grid: int) -> np.ndarray:
     return (sums.reshape(b, -1) / (255.0 * (h // grid) * (w // grid))).astype(np.float32)
 
 
+def intensity_histogram(pixels: np.ndarray, bins: int = 16) -> np.ndarray:
+    """Each image's share of pixels in ``bins`` equal intensity bins: its exposure and contrast."""
+    counts = [np.bincount(x.ravel() // (256 // bins), minlength=bins) for x in pixels]
+    return (np.stack(counts) / pixels[0].size).astype(np.float32)
+
+
+def intensity_quantiles(pixels: np.ndarray) -> np.ndarray:
+    """Each image's 2nd, 8th, ..., 98th intensity percentiles (17 values), in [0, 1]."""
+    levels = np.linspace(0.02, 0.98, 17)
+    return (np.quantile(pixels.reshape(len(pixels), -1), levels, axis=1).T / 255.0).astype(
+        np.float32
+    )
+
+
 def stage_blocks(blocks: np.ndarray, grid: int) -> np.ndarray:
     """Cached (B, 4, 4, C) blocks -> (B, grid * grid * C), averaged to ``grid``."""
     b, g, _, c = blocks.shape
@@ -132,19 +146,23 @@ class Components:
         self.memo: dict[tuple, dict[str, np.ndarray]] = {}
 
     def features(self, kind: str, name: str) -> np.ndarray:
-        """``kind``: ``pixG`` (pixels in GxG blocks), ``sS:G`` (stage S in GxG blocks),
-        ``sSstd`` (stage S's channel standard deviations), ``sS:G+std`` (both)."""
+        """``kind``: ``pixG`` (pixels in GxG blocks), ``pixstdG`` (their standard deviations),
+        ``gradG`` (sharpness in GxG blocks), ``hist`` / ``quant`` (the intensity histogram /
+        percentiles), ``sS:G`` (stage S in GxG blocks), ``sSstd`` (stage S's channel standard
+        deviations); ``a+b`` joins two kinds in one Gaussian."""
         c = self.cache
         if "+" in kind:
             return np.concatenate([self.features(k, name) for k in kind.split("+")], axis=1)
+        if kind == "hist":
+            return intensity_histogram(c[f"{name}/pixels"])
+        if kind == "quant":
+            return intensity_quantiles(c[f"{name}/pixels"])
         if kind.startswith("pixstd"):
             return pixel_block_std(c[f"{name}/pixels"], int(kind[6:]))
         if kind.startswith("grad"):
             return gradient_blocks(c[f"{name}/pixels"], int(kind[4:]))
         if kind.startswith("pix"):
             return pixel_blocks(c[f"{name}/pixels"], int(kind[3:]))
-        if "+" in kind:
-            return np.concatenate([self.features(k, name) for k in kind.split("+")], axis=1)
         if kind.endswith("std"):
             return c[f"{name}/{kind}"]
         stage, grid = kind.split(":")
@@ -222,6 +240,20 @@ CANDIDATES: list[tuple[str, list[tuple], str]] = [
     ("last 2x2 + pix4 + s1 1x1+std, sum", [("s4:2",), ("pix4",), ("s1:1+s1std",)], "sum"),
     ("last 2x2 + pix4 + s2 2x2, max", [("s4:2",), ("pix4",), ("s2:2",)], "max"),
     ("last 2x2 + pix4 + s2 2x2, sum", [("s4:2",), ("pix4",), ("s2:2",)], "sum"),
+    # Tried after the first stage was shipped: sharpness and exposure, and the first stage's
+    # own variants (docs/ood.md, "Tried since").
+    ("sharpness 4x4", [("grad4",)], "max"),
+    ("sharpness 8x8", [("grad8",)], "max"),
+    ("intensity histogram (16 bins)", [("hist",)], "max"),
+    ("intensity percentiles (17)", [("quant",)], "max"),
+    ("stage 1 4x4 + pixels 4x4 + sharpness 4x4, sum", [("s1:4",), ("pix4",), ("grad4",)], "sum"),
+    ("stage 1 4x4 + pixels and sharpness 4x4, sum", [("s1:4",), ("pix4+grad4",)], "sum"),
+    ("stage 1 4x4 + pixels 4x4 + histogram, sum", [("s1:4",), ("pix4",), ("hist",)], "sum"),
+    ("stage 1 4x4 + pixels 4x4 and percentiles, sum", [("s1:4",), ("pix4+quant",)], "sum"),
+    ("stage 1 4x4 + std + pixels 4x4, sum", [("s1:4+s1std",), ("pix4",)], "sum"),
+    ("stage 1 4x4 + stage 2 4x4 + pixels 4x4, sum", [("s1:4",), ("s2:4",), ("pix4",)], "sum"),
+    ("stage 1 4x4 (128 dirs) + pixels 4x4, sum", [("s1:4", 128), ("pix4",)], "sum"),
+    ("stage 1 4x4 (512 dirs) + pixels 4x4, sum", [("s1:4", 512), ("pix4",)], "sum"),
 ]
 
 
