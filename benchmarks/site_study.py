@@ -24,13 +24,16 @@ and logit interpolation). ``--method vanilla --out OTHER`` gives the same withou
 
 Each (variant, seed, half) is a ``threengan train`` run in ``OUT/runs/<variant>-s<seed>-pool<H>``
 with its settings in ``OUT/configs/<run>.toml``, then ``threengan evaluate --json`` on the
-held-out half: the final model (``last.safetensors``) and the best on val (``--run R
---model best``) at threshold 0.5, and the final model at the threshold ``evaluate
---threshold-from val`` chooses on the source's val split (the pool moves the operating point;
-the site is not looked at). A run with its ``eval.json`` is skipped, so the script resumes
-where it stopped; a run stopped midway is resumed by ``train --resume``. ``OUT/report.md``
-and ``OUT/results.json``: per variant the mean of each metric, and the paired differences
-with ``none`` and ``pool`` (paired by seed x half) with their 95% t-intervals.
+held-out half: the final model (``last.safetensors``) and the best on val (``--run R --model
+best``) at threshold 0.5, and the final model at the threshold ``evaluate --threshold-from val``
+chooses on the source's val split (the pool moves the operating point; the site is not looked
+at), and the final model with its probabilities reweighted to the site's class shares, estimated
+by EM from its probabilities on the pool half's images, their labels unused (label shift: the
+source is balanced, the site is not). A run with its ``eval.json`` is skipped, so the script
+resumes where it stopped; a run stopped midway is resumed by ``train --resume``.
+``OUT/report.md`` and ``OUT/results.json``: per variant the mean of each metric, the paired
+differences with ``none`` and ``pool`` (paired by seed x half) with their 95% t-intervals, and
+each way of scoring against the final model at 0.5 on the same runs.
 
 Nothing is chosen on the held-out half: the variants are fixed here, before any run.
 """
@@ -38,6 +41,8 @@ Nothing is chosen on the held-out half: the variants are fixed here, before any 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import shutil
@@ -49,7 +54,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from threengan_cli.bench import site
+from threengan_cli.metrics import roc_auc
 
 # The variants: train settings added to the run's (a TOML [train] section). "pool" is
 # `--unlabelled` as it is; each other pool variant adds one named option to it.
@@ -121,6 +129,45 @@ def _at_val_threshold(cli, args, run_dir: Path, held_out: Path, log: Path) -> di
     return {**_pick(scored), "threshold": chosen["threshold"]}
 
 
+def _classified(cli, folder: Path, model: Path, log: Path) -> tuple[list[str], list[dict]]:
+    """``classify --format csv`` of ``folder``: the class names and its readable rows."""
+    done = _run([*cli, "classify", str(folder), "--recursive", "--checkpoint", str(model),
+                 "--format", "csv", "-q"], log)  # fmt: skip
+    if done.returncode not in (0, 3):  # 3: some files unreadable, the rest classified
+        raise SystemExit(f"classify failed ({done.returncode}); see {log}")
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    classes = [c.removeprefix("p_") for c in rows[0] if c.startswith("p_")] if rows else []
+    return classes, [r for r in rows if not r["error"]]
+
+
+def _at_site_prior(cli, run_dir: Path, pool: Path, held_out: Path, log: Path) -> dict[str, Any]:
+    """The final model on ``held_out`` with its probabilities reweighted to the site's class
+    shares, estimated by EM (:func:`site.site_prior`) from its probabilities on the pool's
+    images, unlabelled (a run without a pool has the same folder beside it at deployment);
+    the labelled source is balanced (``--size`` draws N / K per class). The held-out labels
+    only score."""
+    model = run_dir / "last.safetensors"
+    classes, pool_rows = _classified(cli, pool, model, log)
+    _, rows = _classified(cli, held_out, model, log)
+
+    def probs(rs: list[dict]) -> np.ndarray:
+        return np.array([[float(r[f"p_{c}"]) for c in classes] for r in rs])
+
+    source = np.full(len(classes), 1.0 / len(classes))
+    prior = site.site_prior(probs(pool_rows), source)
+    p = site.reweighted(probs(rows), source, prior)
+    truth = np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
+    guess, positive = p.argmax(axis=1), len(classes) - 1  # PNEUMONIA: the last class
+    return {
+        "accuracy": float(np.mean(guess == truth)),
+        "auc": roc_auc(truth == positive, p[:, positive]),
+        "sensitivity": float(np.mean(guess[truth == positive] == positive)),
+        "specificity": float(np.mean(guess[truth != positive] != positive)),
+        "ood_flagged": float(np.mean([r["ood"] == "true" for r in rows])),
+        "site_prior": [round(float(x), 4) for x in prior],
+    }
+
+
 def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) -> dict[str, Any]:
     name = f"{variant}-s{seed}-pool{half}"
     run_dir = args.out / "runs" / name
@@ -133,6 +180,9 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         before = dict(record)
         if "final_val_threshold" not in record:  # scored before this view existed
             record["final_val_threshold"] = _at_val_threshold(cli, args, run_dir, held_out, log)
+        if "final_site_prior" not in record:
+            pool = work / f"pool-{half}"
+            record["final_site_prior"] = _at_site_prior(cli, run_dir, pool, held_out, log)
         if record.get("best_model") != "best":  # scored by --run alone: the final model
             record["best_on_val"] = _pick(_evaluate(cli, held_out, _best(run_dir), log))
             record["best_model"] = "best"
@@ -180,6 +230,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         "best_on_val": _pick(best),
         "best_model": "best",
         "final_val_threshold": _at_val_threshold(cli, args, run_dir, held_out, log),
+        "final_site_prior": _at_site_prior(cli, run_dir, pool, held_out, log),
     }
     done_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -210,6 +261,7 @@ def report(summary: dict[str, Any], args, records, split_sizes) -> str:
         "final": "final model",
         "best_on_val": "best on val",
         "final_val_threshold": "final model, threshold chosen on the source's val split",
+        "final_site_prior": "final model, reweighted to the class shares EM estimates on the pool",
     }
     for model, title in titles.items():
         lines += [
@@ -238,6 +290,15 @@ def report(summary: dict[str, Any], args, records, split_sizes) -> str:
                     f"| {pair} | {d['accuracy']['pairs']} | {_fmt(d['accuracy'], 100, 2)} "
                     f"| {_fmt(d['auc'], 1, 4)} |"
                 )
+        views = summary.get("views", {}).get(model, {})
+        if any(d["pairs"] for d in views.values()):
+            head = (
+                "| against the final model at 0.5, same runs | pairs | accuracy points [95% CI] |"
+            )
+            lines += ["", head, "| --- | ---: | ---: |"]
+            for v, d in views.items():
+                if d["pairs"]:
+                    lines.append(f"| {v} | {d['pairs']} | {_fmt(d, 100, 2)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pytest
 from image_factory import save
 
@@ -139,6 +140,13 @@ def test_the_summary_pairs_runs_by_seed_and_half():
     assert diff["ci95"] == pytest.approx(expected["ci95"])
     assert found["means"]["final"]["pool"]["accuracy"]["n"] == 3
     assert "none - pool" not in found["paired"]["final"]
+    # Each other view against the final model at 0.5, per variant, on the same runs.
+    records[0]["final_site_prior"] = {"accuracy": 0.83, "auc": 0.9}
+    records[1]["final_site_prior"] = {"accuracy": 0.69, "auc": 0.9}
+    view = site.summarise(records, ["none", "pool"], ("accuracy", "auc"))["views"]
+    assert view["final_site_prior"]["none"]["pairs"] == 2
+    assert view["final_site_prior"]["none"]["mean"] == pytest.approx(0.01)
+    assert view["final_site_prior"]["pool"]["pairs"] == 0
 
 
 def test_a_record_scored_before_a_view_existed_is_left_out_of_that_views_figures():
@@ -148,6 +156,43 @@ def test_a_record_scored_before_a_view_existed_is_left_out_of_that_views_figures
     assert found["means"]["final_val_threshold"]["none"]["accuracy"]["n"] == 1
     assert found["means"]["final_val_threshold"]["pool"]["accuracy"]["n"] == 0
     assert found["paired"]["final_val_threshold"]["pool - none"]["accuracy"]["pairs"] == 0
+
+
+def _calibrated_at_half(share: float, n: int = 20000, seed: int = 0):
+    """Labels drawn at ``share`` positives, and the exact probabilities of a model that
+    assumes half: x ~ N(+1, 1) for positives, N(-1, 1) for negatives, p = sigmoid(2x)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random(n) < share
+    x = rng.normal(np.where(truth, 1.0, -1.0), 1.0)
+    p = 1.0 / (1.0 + np.exp(-2.0 * x))
+    return truth, np.stack([1.0 - p, p], axis=1)
+
+
+def test_reweighting_to_the_source_shares_changes_nothing():
+    _, probs = _calibrated_at_half(0.7, n=50)
+    half = np.array([0.5, 0.5])
+    assert site.reweighted(probs, half, half) == pytest.approx(probs)
+    moved = site.reweighted(probs, half, np.array([0.3, 0.7]))
+    assert moved.sum(axis=1) == pytest.approx(np.ones(50))
+    assert (moved[:, 1] > probs[:, 1]).all()
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.7])
+def test_em_finds_the_class_shares_of_unlabelled_images(share):
+    _, probs = _calibrated_at_half(share)
+    found = site.site_prior(probs, np.array([0.5, 0.5]))
+    assert found[1] == pytest.approx(share, abs=0.02)
+    assert found.sum() == pytest.approx(1.0)
+
+
+def test_reweighting_to_the_estimated_shares_raises_accuracy_where_they_differ():
+    truth, probs = _calibrated_at_half(0.75, seed=1)
+    half = np.array([0.5, 0.5])
+    before = np.mean((probs[:, 1] > 0.5) == truth)
+    after = np.mean(
+        (site.reweighted(probs, half, site.site_prior(probs, half))[:, 1] > 0.5) == truth
+    )
+    assert after > before + 0.01
 
 
 def _study_script():
@@ -189,11 +234,16 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
     # Also scored at the threshold chosen on the source's val split, on a copy deleted after.
     assert 0.0 < runs["pool"]["final_val_threshold"]["threshold"] < 1.0
     assert not list(out.glob("runs/*/val-threshold.safetensors"))
+    # And reweighted to the class shares EM finds on the pool's images.
+    shares = runs["none"]["final_site_prior"]["site_prior"]
+    assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=1e-3)
+    assert 0.0 <= runs["none"]["final_site_prior"]["accuracy"] <= 1.0
     # "best on val" is best.safetensors: --run alone would load the final model again.
     assert runs["pool"]["best_model"] == "best"
     assert "--model best" in (out / "logs" / "pool-s3-poolA.log").read_text()
     assert results["summary"]["paired"]["final"]["pool - none"]["accuracy"]["pairs"] == 1
     assert "pool - none" in (out / "report.md").read_text()
+    assert "reweighted to the class shares" in (out / "report.md").read_text()
     model = out / "runs" / "pool-s3-poolA" / "last.safetensors"
     before = model.stat().st_mtime_ns
     assert study.main(args) == 0  # a second call finds every run done

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from threengan_cli.bench.report import mean_std
 from threengan_cli.core import fileio
 from threengan_cli.data import sources
@@ -125,16 +127,43 @@ def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: boo
 # How each run's model is scored on the held-out half: the final model at threshold 0.5, the
 # best-on-val checkpoint at 0.5, and the final model at the threshold that evaluate's default
 # rule (Youden) chooses on the source's val split: the site is never looked at.
-MODELS = ("final", "best_on_val", "final_val_threshold")
+# The fourth, "final_site_prior", is the final model with its probabilities reweighted to the
+# site's class shares, which :func:`site_prior` estimates from the pool's images (no labels).
+MODELS = ("final", "best_on_val", "final_val_threshold", "final_site_prior")
+
+
+def reweighted(probs: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Probabilities (n, K) of a model trained at class shares ``source`` as they are where
+    the shares are ``target``: each column times target / source, rows summed to 1 (Bayes'
+    rule under label shift: what an image looks like given its class does not change)."""
+    weighted = np.asarray(probs, dtype=np.float64) * (np.asarray(target) / np.asarray(source))
+    return weighted / weighted.sum(axis=1, keepdims=True)
+
+
+def site_prior(
+    probs: np.ndarray, source: np.ndarray, tol: float = 1e-8, max_iter: int = 1000
+) -> np.ndarray:
+    """The class shares of unlabelled images, by EM on a model's probabilities (Saerens,
+    Latinne and Decaestecker, Neural Computation 2002): start at ``source``, reweight every
+    image's probabilities to the current shares, take their mean as the next shares, until
+    they move less than ``tol``."""
+    shares = np.asarray(source, dtype=np.float64)
+    for _ in range(max_iter):
+        new = reweighted(probs, source, shares).mean(axis=0)
+        if np.abs(new - shares).max() < tol:
+            return new
+        shares = new
+    return shares
 
 
 def summarise(
     records: list[dict[str, Any]], variants: list[str], metrics: tuple[str, ...]
 ) -> dict[str, Any]:
     """Per model (:data:`MODELS`): each variant's mean of each metric over its runs, and each
-    variant's paired differences of accuracy and AUC with ``none`` and with ``pool``, paired
-    by (seed, pool half), with their 95% t-intervals. A record without a model's scores
-    (written before that model was scored) is left out of that model's figures."""
+    variant's paired differences of accuracy and AUC with ``none`` and with ``pool``, paired by
+    (seed, pool half), with their 95% t-intervals; and per variant, each other model's accuracy
+    less the final model's at 0.5 on the same runs (``views``). A record without a model's
+    scores (written before that model was scored) is left out of that model's figures."""
 
     def by_key(variant: str, model: str, metric: str) -> dict[tuple, float]:
         return {
@@ -143,7 +172,7 @@ def summarise(
             if r["variant"] == variant and (r.get(model) or {}).get(metric) is not None
         }
 
-    out: dict[str, Any] = {"means": {}, "paired": {}}
+    out: dict[str, Any] = {"means": {}, "paired": {}, "views": {}}
     for model in MODELS:
         for v in variants:
             out["means"].setdefault(model, {})[v] = {
@@ -163,4 +192,13 @@ def summarise(
                         "signed": True,
                     }
                 out["paired"].setdefault(model, {})[f"{v} - {base}"] = diffs
+    for model in MODELS[1:]:  # each other way of scoring against the final model at 0.5
+        for v in variants:
+            left, right = by_key(v, model, "accuracy"), by_key(v, "final", "accuracy")
+            common = sorted(set(left) & set(right))
+            out["views"].setdefault(model, {})[v] = {
+                **mean_std(left[k] - right[k] for k in common),
+                "pairs": len(common),
+                "signed": True,
+            }
     return out
