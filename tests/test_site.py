@@ -248,3 +248,29 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
     before = model.stat().st_mtime_ns
     assert study.main(args) == 0  # a second call finds every run done
     assert model.stat().st_mtime_ns == before
+
+
+def test_the_cross_method_tables_pair_the_same_variant_by_seed_and_half():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "site_tables.py"
+    spec = importlib.util.spec_from_file_location("site_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def metrics(accuracy):
+        return {"accuracy": accuracy, "auc": 0.9, "sensitivity": 0.8, "specificity": 0.7,
+                "ood_flagged": 0.05}  # fmt: skip
+
+    def record(variant, seed, half, accuracy):
+        return {"variant": variant, "seed": seed, "pool_half": half, "final": metrics(accuracy)}
+
+    studies = {
+        "3ngan": [record("none", 1, "A", 0.90), record("none", 1, "B", 0.80)],
+        "vanilla": [record("none", 1, "A", 0.85), record("none", 2, "A", 0.10)],
+    }
+    text = module.tables(studies)
+    # One pair (seed 1, half A): 90 - 85 = +5.00 points, the unpaired runs left out.
+    assert "| 3ngan − vanilla, none | 1 | +5.00 |" in text
+    assert "| 3ngan none | 2 | 85.00 [" in text
