@@ -5,8 +5,8 @@ One module per command (``prepare`` also holds ``datasets``, ``evaluate`` also `
 ``benchmark`` is a group of ``run`` and ``merge``); shared options live in ``common``, the exit
 codes in ``core/errors``. Rendering lives in ``views``; heavy libraries
 (torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
-stays instant. Help defaults are read from the settings models (``helptext``), never written
-here.
+stays instant. Help defaults are read from the settings models' source
+(``core/settings_source``), never written here.
 """
 
 # No ``from __future__ import annotations`` here, unlike the other modules: typer would then

@@ -20,12 +20,12 @@ from threengan_cli.cli.common import (
     RunOpt,
     classifier_of,
     config_opt,
+    default_of,
     fail,
     flags_of,
     setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.inputs import inputs_or_exit, stdin_paths
 from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note

@@ -17,8 +17,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.helptext import description_of, help_of
 from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure
+from threengan_cli.core.settings_source import literal_fields
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
 # importing typer does not load rich; every command module imports this one first.
@@ -26,6 +26,53 @@ views.defer_import("rich.markdown", "Markdown")
 views.defer_import("rich.traceback", "Traceback")
 
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
+# Section -> (module file, class name) of its settings model, whose source gives the options'
+# help and defaults (core/settings_source: --help never imports pydantic).
+_MODELS = {
+    "prepare": ("core/settings.py", "PrepareSettings"),
+    "train": ("core/settings.py", "TrainSettings"),
+    "classify": ("core/use_settings.py", "ClassifySettings"),
+    "evaluate": ("core/use_settings.py", "EvaluateSettings"),
+    "generate": ("core/use_settings.py", "GenerateSettings"),
+    "benchmark": ("bench/grid.py", "BenchmarkSettings"),
+}
+_MISSING = object()
+
+
+def default_of(section: str, field: str) -> Any:
+    """The default of ``field`` in the settings model of ``section``."""
+    value = literal_fields(*_MODELS[section])[0].get(field, _MISSING)
+    if value is _MISSING:
+        raise KeyError(f"{section}.{field} has no literal default")
+    return value
+
+
+def shown(section: str, field: str) -> str:
+    """``\\[default: X]`` for a help string (escaped for rich markup)."""
+    value = default_of(section, field)
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    return f"\\[default: {text}]"
+
+
+def description_of(section: str, field: str) -> str:
+    """The description of ``field`` in the settings model of ``section``: its option's help."""
+    return literal_fields(*_MODELS[section])[1][field]
+
+
+def help_of(section: str, field: str) -> str:
+    """The help of the option that sets ``field``: its description, then its default, unless
+    the description names its own, or the option is a flag that is off unless given, or one
+    that is not set unless given (a default of None)."""
+    text = description_of(section, field)
+    value = literal_fields(*_MODELS[section])[0].get(field, _MISSING)
+    if "\\[default" in text or value is False or value is None or value is _MISSING:
+        return text
+    return f"{text} {shown(section, field)}"
 
 
 def flag(*names: str, help: str) -> Any:
@@ -35,7 +82,7 @@ def flag(*names: str, help: str) -> Any:
 
 def setting(section: str, field: str, *names: str, **options: Any) -> Any:
     """The option that sets ``field`` of the ``section``'s settings: declared once, as that
-    field, whose description is its help, with its default (``helptext.help_of``) unless
+    field, whose description is its help, with its default (:func:`help_of`) unless
     ``show_default`` is given: then typer shows the parameter's default, or none."""
     text = description_of if "show_default" in options else help_of
     return typer.Option(*names, help=text(section, field), **options)

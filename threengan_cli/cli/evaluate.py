@@ -19,6 +19,7 @@ from threengan_cli.cli.common import (
     RunOpt,
     classifier_of,
     config_opt,
+    default_of,
     ends_cleanly,
     fail,
     flag,
@@ -27,7 +28,6 @@ from threengan_cli.cli.common import (
     setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_FAIL, EXIT_PARTIAL, EXIT_USAGE
 
@@ -92,6 +92,7 @@ def _store_threshold(model, result, rule: str, quiet: bool) -> None:
 
 def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool) -> None:
     """The scores (tables or JSON) and plots; exit 3 when some images could not be read."""
+    from threengan_cli.infer.ood import describe_fit
     from threengan_cli.infer.plots import write_plots
 
     made = []
@@ -107,7 +108,7 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
         which = f"{result.which_model}; " if result.which_model else ""
         fitted = ""
         if result.ood_fit is not None:
-            fitted = f"; ood detector fitted on {views.ood_fit_text(result.ood_fit, short=False)}"
+            fitted = f"; ood detector fitted on {describe_fit(result.ood_fit, short=False)}"
         note(
             f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"

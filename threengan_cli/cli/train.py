@@ -24,9 +24,9 @@ from threengan_cli.cli.common import (
     lock_or_exit,
     setting,
     settings_of,
+    shown,
     warn_bf16_unmeasured,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
 from threengan_cli.core.errors import EXIT_OK, EXIT_USAGE, Failure
 from threengan_cli.core.names import BUILT_IN
