@@ -219,19 +219,21 @@ def model_of(checkpoint: Path | None, run: str | None, device: str, which: str |
 def classifier_of(
     checkpoint: Path | None, run: str | None, device: str, engine: str, which: str | None = None
 ):
-    """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
-    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's.
-    A ``.onnx`` file (``threengan export``) runs on onnxruntime, whatever the engine."""
-    from threengan_cli.infer import onnx_export
-
-    if onnx_export.is_onnx(checkpoint):
-        return onnx_export.load(checkpoint)
-    if device not in ("auto", "cpu") or engine == "torch":
-        return model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
-    from threengan_cli.infer import numpy_engine
+    """The classifier to classify or score with (a model without one is refused). On the CPU
+    (``auto`` or ``cpu``) the NumPy one unless ``engine`` is torch: it never imports torch
+    (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's. A ``.onnx`` file
+    (``threengan export``) runs on onnxruntime, whatever the engine."""
+    from threengan_cli.infer import numpy_engine, onnx_export
     from threengan_cli.train import runs
 
-    return numpy_engine.load(runs.model_file(checkpoint, run, which))
+    if onnx_export.is_onnx(checkpoint):
+        model = onnx_export.load(checkpoint)
+    elif device not in ("auto", "cpu") or engine == "torch":
+        model = model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
+    else:
+        model = numpy_engine.load(runs.model_file(checkpoint, run, which))
+    model.require_classifier()
+    return model
 
 
 def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:

@@ -66,7 +66,6 @@ def _model_or_exit(ctx, checkpoint, run, which, cfg):
     if cfg.threshold_from is not None:  # it writes the checkpoint: one writer per run
         _lock_run_of(ctx, checkpoint, run, which)
     model = classifier_of(checkpoint, run, cfg.device, cfg.engine, which)
-    model.require_classifier()
     if cfg.threshold_from is not None:  # before the work: the threshold is stored in it
         check_writable(model.path)
     return model
