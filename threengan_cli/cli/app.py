@@ -39,7 +39,7 @@ from threengan_cli.cli.common import (
     interrupt_code,
 )
 from threengan_cli.cli.views import note, print_json
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, os_message
 
 
 def _plain_flags(params: list) -> list:
@@ -232,7 +232,7 @@ def main() -> None:
         sys.exit(EXIT_FAIL)
     except OSError as exc:  # a last guard: an OS error the command did not expect
         views.stdout_gone()
-        sys.stderr.write(f"error: {views.os_failure(exc, 'threengan')}\n")
+        sys.stderr.write(f"error: {os_message(exc, 'threengan')}\n")
         sys.exit(EXIT_FAIL)
 
 

@@ -28,7 +28,7 @@ from threengan_cli.cli.common import (
 )
 from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note
-from threengan_cli.core.errors import EXIT_INTERRUPT
+from threengan_cli.core.errors import EXIT_INTERRUPT, os_message
 from threengan_cli.infer.gate import check_judged
 from threengan_cli.infer.output import choose_format
 
@@ -82,7 +82,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, 
         if output is None:
             views.stdout_gone()
         where = output if output is not None else "stdout"
-        fail(views.os_failure(exc, f"writing the results to {where}") + kept)
+        fail(os_message(exc, f"writing the results to {where}") + kept)
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.

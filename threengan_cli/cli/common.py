@@ -17,7 +17,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure, os_message
 from threengan_cli.core.settings_source import literal_fields
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
@@ -135,7 +135,7 @@ def ends_cleanly(doing: str | None = None, interrupted: str | None = None) -> It
     except OSError as exc:
         if doing is None:
             raise
-        fail(views.os_failure(exc, doing))
+        fail(os_message(exc, doing))
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -161,7 +161,7 @@ def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
     try:
         enter(runlock.lock(folder, what))
     except OSError as exc:
-        fail(views.os_failure(exc, f"creating {folder}"))
+        fail(os_message(exc, f"creating {folder}"))
 
 
 def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None) -> dict[str, Any]:

@@ -6,14 +6,13 @@ Registered on the app by ``app``; exit codes in ``core/errors``.
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import contextlib
-import math
 from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from threengan_cli.cli import progress, views
+from threengan_cli.cli import progress
 from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
@@ -28,7 +27,7 @@ from threengan_cli.cli.common import (
     warn_bf16_unmeasured,
 )
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_OK, EXIT_USAGE, Failure
+from threengan_cli.core.errors import EXIT_OK, Failure, os_message
 from threengan_cli.core.names import BUILT_IN
 from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
@@ -146,14 +145,10 @@ def train(
       threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
     from threengan_cli.core.settings import TrainSettings
-    from threengan_cli.train import plan, runs
+    from threengan_cli.train import events, plan, runs
 
     flags = flags_of(TrainSettings, locals())
-    if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
-        fail(
-            f"--checkpoint-every takes seconds, a number 0 or more (got {checkpoint_every})",
-            EXIT_USAGE,
-        )
+    every_s = events.checkpoint_interval(checkpoint_every)
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     with held:
         cfg, dataset_dir, run_dir, again = plan.open_run(
@@ -164,7 +159,7 @@ def train(
             _finished_run_or_continue(run_dir, epochs, as_json, quiet)
             if resume is None and not quiet:
                 note(f"{run_dir} holds this run (same dataset and settings), unfinished")
-        summary = _train_locked(dataset_dir, cfg, run_dir, again, checkpoint_every, quiet)
+        summary = _train_locked(dataset_dir, cfg, run_dir, again, every_s, quiet)
     if summary.get("extended") and not quiet:
         note(f"extended the finished run to {cfg.epochs} epochs")
     if as_json:
@@ -186,7 +181,7 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
                 run_dir,
                 resume=resume,
                 on_event=view,
-                checkpoint_every_s=every_s or None,
+                checkpoint_every_s=every_s,
             )
     except events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
@@ -196,4 +191,4 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
             raise
         fail(str(exc))
     except OSError as exc:
-        fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
+        fail(os_message(exc, f"writing the run {run_dir}", resume=run_dir))

@@ -18,6 +18,8 @@ import sys
 import types
 from typing import Any, NoReturn
 
+from threengan_cli.core.errors import os_message
+
 
 def defer_import(module: str, *names: str) -> None:
     """Keep ``module`` from loading until one of ``names`` from it is used.
@@ -132,24 +134,6 @@ def note(message: str) -> None:
     err.print(esc(message), soft_wrap=True)
 
 
-def os_failure(exc: OSError, doing: str, resume: Any = None) -> str:
-    """One line for an OS error (full disk, read-only or missing folder...)."""
-    import errno
-
-    what = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-    hint = ""
-    if exc.errno == errno.ENOSPC:
-        hint = "; free some space"
-        if resume is not None:
-            hint += f", then continue with: threengan train --resume {resume}"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
-    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
-    return f"{doing} failed: {what}{where}{hint}"
-
-
 def stdout_gone() -> None:
     """Point stdout at /dev/null, so that nothing more (not even the flush at exit) is
     written to a pipe whose reader has gone or to a full disk."""
@@ -197,7 +181,7 @@ def print_json(data: Any) -> None:
         import typer
 
         stdout_gone()
-        error(os_failure(exc, "writing to stdout"))
+        error(os_message(exc, "writing to stdout"))
         raise typer.Exit(1) from None
 
 

@@ -23,3 +23,23 @@ class UsageError(Failure):
     """Input the command cannot take (a missing file, a bad option value): exit 2."""
 
     exit_code = EXIT_USAGE
+
+
+def os_message(exc: OSError, doing: str, resume: object = None) -> str:
+    """The one line an OS error while ``doing`` ("writing OUT") ends with, and what to do
+    about it (full disk, read-only or missing folder...); ``resume``: the run that
+    ``train --resume`` continues once there is space."""
+    import errno
+
+    what = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free some space"
+        if resume is not None:
+            hint += f", then continue with: threengan train --resume {resume}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
+    return f"{doing} failed: {what}{where}{hint}"
