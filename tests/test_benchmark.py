@@ -474,3 +474,13 @@ def test_a_benchmark_s_shard_and_folder_come_from_its_options(threengan_home, tm
         threengan_home / "benchmarks" / "kermany-quick"
     )
     assert benchmark.folder_for(prepared, "quick", tmp_path / "b") == tmp_path / "b"
+
+
+def test_grid_flags_take_comma_separated_lists():
+    from threengan_cli.core.errors import UsageError
+
+    assert grid.comma_list(None, "--sizes", int) is None
+    assert grid.comma_list(" 200, 500,,", "--sizes", int) == (200, 500)
+    assert grid.comma_list("3ngan,vanilla", "--methods") == ("3ngan", "vanilla")
+    with pytest.raises(UsageError, match=r"--sizes takes a comma-separated list \(got '2x0'\)"):
+        grid.comma_list("2x0", "--sizes", int)

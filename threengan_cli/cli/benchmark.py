@@ -27,17 +27,8 @@ from threengan_cli.cli.common import (
     warn_bf16_unmeasured,
 )
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE, os_message
+from threengan_cli.core.errors import EXIT_PARTIAL, os_message
 from threengan_cli.core.names import BUILT_IN
-
-
-def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
-    except ValueError:
-        fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
 
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
@@ -150,9 +141,9 @@ def run(
 
     flags = flags_of(grid.BenchmarkSettings, locals())
     flags.update(
-        methods=_comma_list(methods, "--methods"),
-        sizes=_comma_list(sizes, "--sizes", int),
-        recipes=_comma_list(recipe, "--recipe"),
+        methods=grid.comma_list(methods, "--methods"),
+        sizes=grid.comma_list(sizes, "--sizes", int),
+        recipes=grid.comma_list(recipe, "--recipe"),
     )
     flags.pop("profile")
     cfg = grid.resolve_config(config, profile, **flags)

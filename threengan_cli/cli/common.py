@@ -237,13 +237,11 @@ def classifier_of(
 
 
 def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
-    """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
-    (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
-    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
-        return
+    """bf16 on a CPU where it runs natively (``core/system.bf16_unmeasured``): a warning that
+    it was not measured faster here (``threengan info --measure`` times it)."""
     from threengan_cli.core import system
 
-    if system.cpu_bf16() and system.select_device(device).type == "cpu":
+    if not quiet and system.bf16_unmeasured(precision, device):
         views.warn(
             "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
             "on one CPU with native bf16, slower on others); `threengan info --measure` times "
