@@ -36,10 +36,9 @@ from threengan_cli.cli.common import (
     JsonOpt,
     flag,
     handled,
-    interrupt_code,
 )
 from threengan_cli.cli.views import note, print_json
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, os_message
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, interrupt_code, os_message
 
 
 def _plain_flags(params: list) -> list:

@@ -21,13 +21,12 @@ from threengan_cli.cli.common import (
     ends_cleanly,
     fail,
     flags_of,
-    interrupt_code,
     lock_or_exit,
     setting,
     warn_bf16_unmeasured,
 )
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_PARTIAL, os_message
+from threengan_cli.core.errors import EXIT_PARTIAL, interrupt_code, os_message
 from threengan_cli.core.names import BUILT_IN
 
 

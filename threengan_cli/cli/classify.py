@@ -33,23 +33,6 @@ from threengan_cli.infer.gate import check_judged
 from threengan_cli.infer.output import choose_format
 
 
-def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin) -> list[str]:
-    """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
-    stdin's paths read once (both passes need them)."""
-    from threengan_cli.infer.classify import adapt_bn
-
-    if stdin is not None:
-        inputs = [p for p in inputs if p != "-"] + [line.strip() for line in stdin if line.strip()]
-    exclude = [cfg.sort_into] if cfg.sort_into is not None else []
-    adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude)
-    if not quiet:
-        note(
-            f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
-            "(transductive, no labels used)"
-        )
-    return inputs
-
-
 def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, **outputs):
     """Stream the rows behind a progress bar into --output (complete or not at all) or
     stdout, and to ``outputs`` (the sorter, visuals, stdin's paths); an interrupt, a damaged
@@ -208,7 +191,7 @@ def classify(
     """
     from threengan_cli.core.use_settings import ClassifySettings
     from threengan_cli.infer import batch
-    from threengan_cli.infer.classify import inputs_of, stdin_paths
+    from threengan_cli.infer.classify import adapt_bn, inputs_of, stdin_paths
     from threengan_cli.infer.heatmap import visuals_for
     from threengan_cli.infer.sorting import sorter_for
 
@@ -221,9 +204,15 @@ def classify(
     model = classifier_of(checkpoint, run, cfg.device, engine, which_model)
     check_judged(cfg, model)
     sorter = sorter_for(cfg, model.classes)
-    if cfg.adapt == "bn":
-        inputs = _adapt_bn(inputs, model, cfg, quiet, stdin)
+    if cfg.adapt == "bn":  # stdin is read here: its paths join the inputs
+        exclude = [cfg.sort_into] if cfg.sort_into is not None else []
+        adapted, inputs = adapt_bn(inputs, model, cfg.workers, cfg.recursive, exclude, stdin)
         stdin = None
+        if not quiet:
+            note(
+                f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
+                "(transductive, no labels used)"
+            )
     cfg, header, said = batch.thresholds_of(model, cfg)
     if not quiet:
         which = f"{model.which}; " if model.which else ""

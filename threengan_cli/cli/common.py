@@ -108,12 +108,6 @@ QuietOpt = Annotated[
 ]
 
 
-def interrupt_code(signum: int | None) -> int:
-    """The exit code of a command stopped by signal ``signum``: 128 + its number, as shells
-    report it (SIGINT 130, SIGTERM 143); Ctrl+C's where it is not known."""
-    return 128 + int(signum) if signum else EXIT_INTERRUPT
-
-
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One clear line on stderr, then a documented exit code; never a traceback."""
     views.error(message)

@@ -20,14 +20,13 @@ from threengan_cli.cli.common import (
     fail,
     flag,
     flags_of,
-    interrupt_code,
     lock_or_exit,
     setting,
     shown,
     warn_bf16_unmeasured,
 )
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_OK, Failure, os_message
+from threengan_cli.core.errors import EXIT_OK, Failure, interrupt_code, os_message
 from threengan_cli.core.names import BUILT_IN
 from threengan_cli.train.events import CHECKPOINT_EVERY_S
 

@@ -12,6 +12,12 @@ EXIT_OOD = 4  # classify --fail-on-ood: some images look unlike the model's trai
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
+def interrupt_code(signum: int | None) -> int:
+    """The exit code of a command stopped by signal ``signum``: 128 + its number, as shells
+    report it (SIGINT 130, SIGTERM 143); Ctrl+C's where it is not known."""
+    return 128 + int(signum) if signum else EXIT_INTERRUPT
+
+
 class Failure(Exception):
     """Something the command could not do with good input (a damaged file, a full disk, a
     loss that became NaN): the message is one line meant for the user; exit 1."""

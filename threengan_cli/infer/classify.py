@@ -385,15 +385,21 @@ def adapt_bn(
     workers: int = 0,
     recursive: bool = False,
     exclude: Iterable[str | os.PathLike] = (),
-) -> int:
+    stdin: Iterable[str] | None = None,
+) -> tuple[int, list[str]]:
     """``classify --adapt bn``: recompute the classifier's BatchNorm statistics on the readable
     images among ``inputs`` (no labels are used: transductive, label-free adaptation to the
     images at hand), before they are classified. Needs the torch engine; returns how many
-    images the statistics came from: those that decoded, never the unreadable ones. Fewer
-    than :data:`ADAPT_MIN_IMAGES` is an :class:`AdaptError`."""
+    images the statistics came from (those that decoded, never the unreadable ones), and the
+    inputs with the paths of ``stdin`` (the stream ``-`` reads) read once in its place, since
+    classify reads them again. Fewer than :data:`ADAPT_MIN_IMAGES` is an :class:`AdaptError`."""
     import numpy as np
     import torch
 
+    if stdin is not None:
+        inputs = [p for p in inputs if p != STDIN] + [
+            line.strip() for line in stdin if line.strip()
+        ]
     if not hasattr(model, "adapt_bn"):
         raise AdaptError("--adapt bn needs the torch engine (--engine torch)")
     workers = workers or os.cpu_count() or 1
@@ -417,4 +423,4 @@ def adapt_bn(
             f"BatchNorm statistics from (got {len(images)})"
         )
     model.adapt_bn(torch.from_numpy(images))
-    return len(images)
+    return len(images), inputs
