@@ -40,11 +40,10 @@ def _model_or_exit(ctx, checkpoint, run, which, cfg):
     from threengan_cli.model.modelfile import check_writable
     from threengan_cli.train import runs
 
-    folder = None
     if cfg.threshold_from is not None:  # it writes the checkpoint: one writer per run
         folder = runs.run_of_model(checkpoint, run, which)
-    if folder is not None:
-        lock_or_exit(ctx, folder)
+        if folder is not None:
+            lock_or_exit(ctx, folder)
     model = classifier_of(checkpoint, run, cfg.device, cfg.engine, which)
     if cfg.threshold_from is not None:  # before the work: the threshold is stored in it
         check_writable(model.path)
