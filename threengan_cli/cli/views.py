@@ -195,14 +195,16 @@ def duration(seconds: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------- tables
-def _table(columns: tuple[str, ...] = (), right: Any = (), **options: Any):
-    """A rich table with ``columns`` (markup: escape what comes from the user), those in
-    ``right`` right-aligned."""
+def _table(columns: tuple[str, ...] = (), right: Any = None, **options: Any):
+    """A rich table with ``columns`` (markup: escape what comes from the user): the first
+    left-aligned and the others (numbers) right-aligned, or, where ``right`` names them,
+    those right-aligned."""
     from rich.table import Table
 
     table = Table(**options)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left")
+    for i, column in enumerate(columns):
+        at_right = i > 0 if right is None else column in right
+        table.add_column(column, justify="right" if at_right else "left")
     return table
 
 
@@ -238,7 +240,7 @@ def prepare_table(name: str, report, image_size: int) -> None:
     """One row per split, one column per class, with totals and patients."""
     columns = ("split", *map(esc, report.classes), "total", "patients")
     title = esc(f"{name}: {report.total} images, {image_size}px")
-    table = _table(columns, columns[1:], title=title)
+    table = _table(columns, title=title)
     for split, row in report.counts.items():
         table.add_row(
             esc(split),
@@ -288,14 +290,13 @@ def bench_tables(results: dict) -> None:
     columns = ("method", "N", "runs", "ours", "paper", "Δ pts", "best ep. on test", "Δ pts")
     first = _table(
         columns,
-        columns[1:],
         title=f"{esc(cfg['profile'])} profile: test accuracy %, final-epoch model, mean ± std",
         caption="best epoch on test selects on test: optimistic, shown for comparison only",
         box=box.SIMPLE_HEAD,
     )
     columns = ("method", "N", "bal. acc", "AUC", "sens.", "spec.", "F1", "wall s", "img/s")
     title = "other test metrics %, final-epoch model"
-    second = _table(columns, columns[1:], title=title, box=box.SIMPLE_HEAD)
+    second = _table(columns, title=title, box=box.SIMPLE_HEAD)
     for r in results["results"]:
         paper = f"{100 * r['paper_accuracy']:.2f}" if r["paper_accuracy"] is not None else "–"
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
@@ -336,7 +337,6 @@ def evaluation_tables(result) -> None:
         columns += (f"not flagged (n={unflagged['n']})",)
     scores = _table(
         columns,
-        columns[1:],
         title=esc(title),
         caption=esc(
             "[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
@@ -356,7 +356,7 @@ def evaluation_tables(result) -> None:
     out.print(scores)
     columns = ("true \\ predicted", *map(esc, result.classes), "images", "correct")
     title = "confusion (rows true, columns predicted)"
-    matrix = _table(columns, columns[1:], title=title, box=box.SIMPLE_HEAD)
+    matrix = _table(columns, title=title, box=box.SIMPLE_HEAD)
     for c, row in zip(result.classes, m["confusion"], strict=True):
         counts = result.per_class[c]
         matrix.add_row(
