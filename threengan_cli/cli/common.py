@@ -1,4 +1,5 @@
-"""What every command shares: the shared options, and the one place that turns an engine's
+"""What every command shares: the shared options, each setting's option built from its field
+(help and default read from the settings' source), and the one place that turns an engine's
 error into one line on stderr and its exit code (:func:`handled`; the codes are core/errors').
 
 ``app`` builds the app and registers the commands; ``classify``, ``evaluate``, ``train`` and
