@@ -459,3 +459,28 @@ def test_cli_merge_with_runs_missing_names_them_writes_the_rest_and_exits_3(smok
     assert "1 run(s) of the grid are in none of the merged folders" in result.stderr
     assert gone in result.stderr
     assert json.loads((tmp_path / "m" / "results.json").read_text())["missing"] == [gone]
+
+
+def test_a_benchmark_s_shard_and_folder_come_from_its_options(threengan_home, tmp_path):
+    from threengan_cli.core.errors import UsageError
+
+    assert benchmark.shard_given(None) == (1, 1)
+    assert benchmark.shard_given(" 3/10 ") == (3, 10)
+    for bad in ("3", "0/2", "3/2", "a/b"):
+        with pytest.raises(UsageError, match=f"--shard must be I/N .*got '{bad}'"):
+            benchmark.shard_given(bad)
+    prepared = tmp_path / "kermany"
+    assert benchmark.folder_for(prepared, "quick", None) == (
+        threengan_home / "benchmarks" / "kermany-quick"
+    )
+    assert benchmark.folder_for(prepared, "quick", tmp_path / "b") == tmp_path / "b"
+
+
+def test_grid_flags_take_comma_separated_lists():
+    from threengan_cli.core.errors import UsageError
+
+    assert grid.comma_list(None, "--sizes", int) is None
+    assert grid.comma_list(" 200, 500,,", "--sizes", int) == (200, 500)
+    assert grid.comma_list("3ngan,vanilla", "--methods") == ("3ngan", "vanilla")
+    with pytest.raises(UsageError, match=r"--sizes takes a comma-separated list \(got '2x0'\)"):
+        grid.comma_list("2x0", "--sizes", int)

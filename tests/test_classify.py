@@ -502,3 +502,61 @@ def test_classify_gives_its_bar_the_total_on_a_terminal(tmp_path, ckpt, monkeypa
     args = ["classify", str(root), "-r", "--checkpoint", str(ckpt), "-f", "csv", "--workers", "1"]
     assert runner.invoke(app, args).exit_code == 0
     assert seen[0] == (0, 4) and seen[-1][0] == 4
+
+
+# ------------------------------------------------------------ what a classify run is given
+def test_inputs_are_the_paths_and_the_examples_and_none_or_two_dashes_are_usage_errors():
+    from threengan_cli.core.errors import UsageError
+    from threengan_cli.core.paths import example_images
+    from threengan_cli.infer.classify import inputs_of
+
+    assert inputs_of(["a.png", "-"], examples=False) == ["a.png", "-"]
+    shipped = [str(p) for p in example_images()]
+    assert shipped and inputs_of(["a.png"], examples=True) == ["a.png", *shipped]
+    for given in (None, [], ["-", "x", "-"]):
+        with pytest.raises(UsageError):
+            inputs_of(given, examples=False)
+
+
+def test_stdin_is_read_up_to_its_first_path_before_any_model_is_loaded():
+    from threengan_cli.core.errors import UsageError
+    from threengan_cli.infer.classify import stdin_paths
+
+    assert stdin_paths(["a.png"], io.StringIO("b.png\n"), allow_empty=False) is None
+    stream = io.StringIO("\n  \n-\nb.png\nc.png\n")
+    assert list(stdin_paths(["-"], stream, allow_empty=False)) == ["b.png\n", "c.png\n"]
+    with pytest.raises(UsageError, match="no paths were given on stdin"):
+        stdin_paths(["-"], io.StringIO("\n  \n"), allow_empty=False)
+    assert list(stdin_paths(["-"], io.StringIO(""), allow_empty=True)) == []
+    assert list(stdin_paths(["-", "a.png"], io.StringIO(""), allow_empty=False)) == []
+
+
+def test_the_threshold_in_use_and_the_header_say_where_each_threshold_comes_from(model):
+    from threengan_cli.core.use_settings import ClassifySettings
+    from threengan_cli.infer.batch import thresholds_of
+
+    cfg, header, said = thresholds_of(model, ClassifySettings())
+    assert (cfg.threshold, header["threshold_source"]) == (0.5, "default")
+    assert said.startswith("threshold 0.5")
+    cfg, header, said = thresholds_of(model, ClassifySettings(threshold=0.7))
+    assert (cfg.threshold, header["threshold"], header["threshold_source"]) == (0.7, 0.7, "given")
+
+
+def test_a_batch_with_nothing_classified_is_a_failure_that_says_why():
+    from types import SimpleNamespace
+
+    from threengan_cli.core.errors import Failure
+    from threengan_cli.infer.batch import Tally
+
+    tally = Tally(["a", "b"])
+    with pytest.raises(Failure, match="shard 3/4 of the input list is empty"):
+        tally.check_classified(["x"], (3, 4))
+    with pytest.raises(Failure, match="no paths were given on stdin"):
+        tally.check_classified(["-"], None)
+    with pytest.raises(Failure, match="the inputs named no files"):
+        tally.check_classified(["x"], None)
+    tally.add(SimpleNamespace(ok=False, path="x.png", error="not an image"))
+    with pytest.raises(Failure, match=r"none of the 1 inputs .*\(x.png: not an image\)"):
+        tally.check_classified(["x.png"], None)
+    tally.add(SimpleNamespace(ok=True, label="a", ood=False))
+    tally.check_classified(["x.png", "y.png"], None)  # one classified: no failure

@@ -46,6 +46,19 @@ def test_sort_into_refuses_class_names_that_are_not_folder_names(tmp_path, bad):
     assert written == [tmp_path / "in" / "x.png"]  # nothing sorted, inside or outside
 
 
+def test_sort_into_s_folders_are_made_from_the_settings_or_refused_as_a_usage_error(tmp_path):
+    from threengan_cli.core.errors import UsageError
+    from threengan_cli.core.use_settings import ClassifySettings
+    from threengan_cli.infer.sorting import sorter_for
+
+    assert sorter_for(ClassifySettings(), ["a", "b"]) is None
+    cfg = ClassifySettings(sort_into=tmp_path / "s", link=True)
+    made = sorter_for(cfg, ["a", "b"])
+    assert (made.folder, made.link, made.classes) == (tmp_path / "s", True, ["a", "b"])
+    with pytest.raises(UsageError, match="--sort-into makes a folder per class: .*ood"):
+        sorter_for(cfg, ["a", "OOD"])
+
+
 def test_the_class_folder_rule_is_one_function_shared_by_classify_and_generate(tmp_path):
     from threengan_cli.core import paths
     from threengan_cli.infer import generate

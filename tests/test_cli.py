@@ -15,8 +15,8 @@ from image_factory import class_tree
 from typer.testing import CliRunner
 
 from threengan_cli.bench.grid import BenchmarkSettings
-from threengan_cli.cli import helptext
 from threengan_cli.cli.app import app
+from threengan_cli.cli.common import default_of, description_of
 from threengan_cli.core import config, paths
 
 runner = CliRunner()
@@ -58,7 +58,7 @@ def test_help_defaults_equal_the_settings_models_defaults(section, model):
     for name, field in model.model_fields.items():
         if field.is_required():
             continue
-        assert helptext.default_of(section, name) == field.default, f"{section}.{name}"
+        assert default_of(section, name) == field.default, f"{section}.{name}"
 
 
 @pytest.mark.parametrize(
@@ -72,12 +72,13 @@ def test_option_help_is_the_settings_fields_description(section, model):
     assert described
     for name in described:
         field = model.model_fields[name]
-        assert helptext.description_of(section, name) == field.description, f"{section}.{name}"
+        assert description_of(section, name) == field.description, f"{section}.{name}"
 
 
 def test_no_command_s_help_imports_numpy_or_the_settings_models():
-    """--help reads each option's help from the settings source (helptext), never from the
-    models: an import of numpy or of the settings modules there costs every --help."""
+    """--help reads each option's help from the settings source (core/settings_source),
+    never from the models: an import of numpy or of the settings modules there costs every
+    --help."""
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"

@@ -341,3 +341,25 @@ def test_evaluate_run_scores_the_model_whose_figures_the_run_reports(dataset, re
     assert scored["n"] == summary["test"]["n"]
     assert scored["accuracy"] == summary["test"]["accuracy"]
     assert scored["auc"] == pytest.approx(summary["test"]["auc"], abs=1e-6)
+
+
+def test_a_threshold_that_cannot_be_stored_is_a_failure_naming_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from threengan_cli.core.errors import Failure
+
+    missing = SimpleNamespace(path=tmp_path / "gone.safetensors")
+    with pytest.raises(Failure, match="cannot store the threshold in .*gone.safetensors"):
+        ev.store_threshold(missing, {"value": 0.4})
+
+
+def test_plots_without_matplotlib_are_a_failure_before_any_work(monkeypatch):
+    import sys
+
+    from threengan_cli.core.errors import EXIT_FAIL, Failure
+    from threengan_cli.infer.plots import require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    with pytest.raises(Failure, match=r"pip install 'threengan\[plot\]'") as raised:
+        require_matplotlib()
+    assert raised.value.exit_code == EXIT_FAIL

@@ -1,5 +1,7 @@
 """fileio: atomic files and folders get the umask's modes, and temporaries left by a killed
-writer are removed by the next write, never those of a writer still running."""
+writer are removed by the next write, never those of a writer still running; an OS error
+while writing is one line that says what to do, and a signal's exit code is 128 + its number
+(core/errors)."""
 
 from __future__ import annotations
 
@@ -260,3 +262,27 @@ def test_a_forced_folder_replace_never_moves_a_file_or_device_aside(tmp_path):
             pass
     assert target.read_text() == "a file, not a dataset"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_an_os_error_is_one_line_that_says_what_to_do():
+    import errno
+
+    from threengan_cli.core.errors import os_message
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/r/last.safetensors")
+    assert os_message(full, "writing the run /runs/r", resume="/runs/r") == (
+        "writing the run /runs/r failed: No space left on device (/runs/r/last.safetensors); "
+        "free some space, then continue with: threengan train --resume /runs/r"
+    )
+    denied = OSError(errno.EACCES, "Permission denied")
+    assert os_message(denied, "writing out").endswith(
+        "choose a writable place (--out, or THREENGAN_HOME for the data dir)"
+    )
+    assert os_message(OSError("odd"), "x") == "x failed: odd"
+
+
+def test_a_command_stopped_by_a_signal_exits_with_128_plus_its_number():
+    from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_TERMINATED, interrupt_code
+
+    assert interrupt_code(signal.SIGTERM) == EXIT_TERMINATED == 143
+    assert interrupt_code(signal.SIGINT) == interrupt_code(None) == EXIT_INTERRUPT == 130

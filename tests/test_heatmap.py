@@ -92,6 +92,22 @@ def test_maps_change_when_the_weights_are_randomised():
         assert abs(float(np.mean(correlations))) < 0.3, correlations
 
 
+def test_visuals_are_made_from_the_settings_and_an_engine_without_maps_is_a_usage_error(
+    tmp_path,
+):
+    from types import SimpleNamespace
+
+    from threengan_cli.core.errors import UsageError
+    from threengan_cli.core.use_settings import ClassifySettings
+    from threengan_cli.infer.heatmap import visuals_for
+
+    no_maps = SimpleNamespace(model_id="m", method="3ngan", device="cpu (torch)")
+    assert visuals_for(no_maps, ClassifySettings(), {}) is None
+    cfg = ClassifySettings(heatmaps=tmp_path / "maps")
+    with pytest.raises(UsageError, match="--heatmaps needs the numpy or onnx engine"):
+        visuals_for(no_maps, cfg, {})
+
+
 def test_heatmaps_add_a_column_and_leave_the_rows_as_they_were(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.safetensors", stats=True)
     folder = tmp_path / "in"

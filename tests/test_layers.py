@@ -16,7 +16,7 @@ MAX_LINES = 500
 # The CLI layer's size, a ratchet: 3,133 lines before the subpackages, the target 2,500. What
 # is left is mostly option declarations and help text (what typer reads); lower it as
 # engine work leaves cli/, never raise it without a reason in the commit.
-MAX_CLI_LINES = 2812
+MAX_CLI_LINES = 2497
 
 
 def _layer(module: str) -> int:

@@ -144,3 +144,17 @@ def test_export_refuses_an_unknown_format(tmp_path):
     assert result.exit_code == 2
     assert "--format must be one of onnx" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_an_export_without_onnx_or_that_cannot_be_written_is_a_failure(tmp_path, monkeypatch):
+    from threengan_cli.core.errors import Failure
+    from threengan_cli.infer import onnx_export
+
+    model = numpy_engine.load(make_checkpoint(tmp_path / "m.safetensors"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(Failure, match=r"cannot write .*a-file"):
+        onnx_export.export(model, tmp_path / "a-file" / "m.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import raises ImportError
+    with pytest.raises(Failure, match=r"needs the onnx package \(pip install"):
+        onnx_export.export(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

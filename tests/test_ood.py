@@ -646,6 +646,17 @@ def test_json_output_never_holds_nan_or_infinity():
     json.dumps(strict_json(data), allow_nan=False)  # strict: raises on any left
 
 
+def test_a_detector_s_fit_is_described_from_its_metadata():
+    fit = {"dims": 256, "fitted_on": {"images": 4683}, "threshold": {"split": "val"}}
+    assert ood.describe_fit(fit) == "4683 img, 256 dir"
+    fit["pixels"] = {"dims": 16}
+    assert ood.describe_fit(fit) == "4683 img, 256+16 dir"
+    assert ood.describe_fit(fit, short=False) == (
+        "4683 images, 256+16 directions (features + pixels), threshold on val"
+    )
+    assert ood.describe_fit(None) == ood.describe_fit({}) == "–"
+
+
 def test_evaluate_plots_a_reliability_diagram_and_the_scores(stats_ckpt, labelled, tmp_path):
     pytest.importorskip("matplotlib")
     args = ["evaluate", str(labelled), "--checkpoint", str(stats_ckpt), "--plot", str(tmp_path)]

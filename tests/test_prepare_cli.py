@@ -170,3 +170,19 @@ def test_real_kermany_download_prepares_with_its_known_properties(tmp_path):
     }
     assert by_split["val"] and not by_split["train"] & by_split["val"]
     assert ds.images.shape == (5830, 64, 64)
+
+
+def test_a_class_named_like_a_column_leaves_the_table_s_alignment_as_it_is(capsys):
+    from types import SimpleNamespace
+
+    from threengan_cli.cli import views
+
+    report = SimpleNamespace(
+        total=10,
+        classes=["split", "b"],
+        counts={"train": {"split": 3, "b": 4}, "test": {"split": 1, "b": 2}},
+        patients={"train": 2},
+    )
+    views.prepare_table("ds", report, 64)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "test" in line]
+    assert rows and rows[0].startswith("│ test  │")  # the split names stay left-aligned

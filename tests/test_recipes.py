@@ -352,3 +352,21 @@ def test_the_paper_recipe_is_the_bare_method_steps_and_nothing_more(dataset, tmp
         mine = net.state_dict()
         theirs = saved.group(f"net/{name}")
         assert all(torch.equal(mine[k].contiguous(), theirs[k]) for k in mine), name
+
+
+def test_adapt_bn_reads_stdin_s_paths_once_and_gives_them_back_as_inputs(tmp_path, ckpt):
+    import io
+
+    from PIL import Image
+
+    from threengan_cli.infer.classify import adapt_bn
+    from threengan_cli.infer.torch_engine import load_model
+
+    rng = np.random.default_rng(2)
+    listed = []
+    for i in range(34):
+        listed.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(listed[-1])
+    stdin = io.StringIO("".join(f"{p}\n" for p in listed[2:]) + "\n")
+    adapted, inputs = adapt_bn(["-", *listed[:2]], load_model(ckpt, "cpu"), 1, stdin=stdin)
+    assert (adapted, inputs) == (34, [*listed[:2], *listed[2:]])

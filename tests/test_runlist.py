@@ -284,3 +284,17 @@ def test_runs_train_and_evaluate_report_the_final_model_that_run_loads(
     final, best = json.loads(final.stdout), json.loads(best.stdout)
     assert final["which_model"] == "final, epoch 2" and final["model"].startswith("two/last.")
     assert best["which_model"] == "best on val, epoch 1" and best["model"].startswith("two/best.")
+
+
+def test_runs_listed_by_name_are_only_those_and_an_unknown_name_is_a_usage_error(
+    threengan_home,
+):
+    from threengan_cli.core.errors import UsageError
+
+    for name in ("a", "b", "c"):
+        (threengan_home / "runs" / name).mkdir(parents=True)
+        (threengan_home / "runs" / name / "run.json").write_text("{}\n")
+    assert [r.name for r in runlist.list_runs()] == ["a", "b", "c"]
+    assert [r.name for r in runlist.list_runs(names=["c", "a"])] == ["a", "c"]
+    with pytest.raises(UsageError, match="no run named d "):
+        runlist.list_runs(names=["a", "d"])

@@ -442,3 +442,33 @@ def test_a_run_written_before_a_setting_existed_is_the_same_run_at_its_default(t
     assert runs.difference(folder, asked, tmp_path / "data") is None
     other = {**asked, "calibration_folds": 5}
     assert runs.difference(folder, other, tmp_path / "data").key == "calibration_folds"
+
+
+def test_a_train_command_s_plan_is_a_new_run_or_the_run_resume_names(dataset, tmp_path):
+    from threengan_cli.core.errors import UsageError
+    from threengan_cli.train import plan
+
+    locked = []
+    flags = {"epochs": None, "size": 8, "width": 4}
+    with pytest.raises(UsageError, match="--force starts a run over"):
+        plan.open_run(None, "r", flags, None, (None, None), True, locked.append)
+    with pytest.raises(UsageError, match="give a prepared DATASET"):
+        plan.open_run(None, None, flags, None, (None, None), False, locked.append)
+    assert not locked  # refused before any folder is looked at
+    out = tmp_path / "run"
+    cfg, data, run_dir, again = plan.open_run(
+        str(dataset), None, flags, None, (None, out), False, locked.append
+    )
+    assert (cfg.size, cfg.width, data, run_dir, again, locked) == (8, 4, dataset, out, False, [out])
+    with pytest.raises(UsageError, match="only --epochs may be given"):
+        plan.open_run(None, str(out), flags, None, (None, None), False, locked.append)
+
+
+def test_the_run_of_a_model_is_found_from_the_options_that_name_it(tmp_path):
+    from model_factory import make_checkpoint, make_run
+
+    run_dir = make_run(tmp_path / "r")
+    assert runs.run_of_model(None, str(run_dir), None) == run_dir
+    assert runs.run_of_model(run_dir / "best.safetensors", None, None) == run_dir
+    assert runs.run_of_model(make_checkpoint(tmp_path / "m.safetensors"), None, None) is None
+    assert runs.run_of_model(tmp_path / "missing.safetensors", None, None) is None

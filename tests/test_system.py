@@ -87,3 +87,11 @@ def test_train_refuses_emulated_bf16_on_the_cpu(monkeypatch):
     monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2"})
     with pytest.raises(events.TrainingError, match="no native bf16"):
         accel.autocast_dtype("bf16", torch.device("cpu"))
+
+
+def test_bf16_is_unmeasured_only_on_a_cpu_that_runs_it_natively(monkeypatch):
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"avx512_bf16"})
+    assert system.bf16_unmeasured("bf16", "cpu") and system.bf16_unmeasured("bf16", "auto")
+    assert not system.bf16_unmeasured("fp32", "cpu")
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"avx2"})
+    assert not system.bf16_unmeasured("bf16", "cpu")  # emulated: training refuses it instead

@@ -416,3 +416,13 @@ def test_precise_bn_on_the_pool_fits_the_classifiers_statistics_on_the_pool():
 
     assert seen() == (70, -1.0)  # the labelled images, in the model's range
     assert seen(precise_bn_images="unlabelled") == (130, 1.0)  # the pool's
+
+
+def test_the_checkpoint_interval_is_seconds_0_or_more_and_0_means_every_epoch():
+    from threengan_cli.core.errors import UsageError
+
+    assert events.checkpoint_interval(60.0) == 60.0
+    assert events.checkpoint_interval(0) is None
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError, match="--checkpoint-every takes seconds"):
+            events.checkpoint_interval(bad)

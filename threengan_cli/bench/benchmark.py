@@ -42,8 +42,9 @@ from threengan_cli.bench.report import (
     swing,
     write_outputs,
 )
-from threengan_cli.core import fileio, system
-from threengan_cli.core.errors import Failure
+from threengan_cli.core import fileio, paths, system
+from threengan_cli.core.errors import Failure, UsageError
+from threengan_cli.core.use_settings import parse_shard
 from threengan_cli.train import runs
 
 # A run of the grid writes its checkpoints at most this often (and at its end): a killed
@@ -223,9 +224,7 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
         "repeat": int(match["repeat"]),
         "folder": str(run_dir),
     }
-    settings = (
-        read_json(run_dir / runs.SETTINGS) if (run_dir / runs.SETTINGS).is_file() else {}
-    )
+    settings = read_json(run_dir / runs.SETTINGS) if (run_dir / runs.SETTINGS).is_file() else {}
     run_meta = read_json(run_dir / runs.RUN) if (run_dir / runs.RUN).is_file() else {}
     record.update(seed=settings.get("seed"), settings=settings)
     record["versions"] = run_meta.get("versions")
@@ -289,6 +288,22 @@ def _manifest(cfg: BenchmarkSettings, dataset: Path, shard: tuple[int, int]) -> 
         )
         + "\n"
     )
+
+
+def shard_given(text: str | None) -> tuple[int, int]:
+    """``--shard I/N`` as (I, N); (1, 1), the whole grid, without it. Anything else is a
+    :class:`UsageError`."""
+    if text is None:
+        return (1, 1)
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise UsageError(f"--shard {exc} (got {text!r})") from None
+
+
+def folder_for(dataset: Path, profile: str, out: Path | None) -> Path:
+    """The benchmark folder: ``out`` (``--out``), else <data dir>/benchmarks/<dataset>-<profile>."""
+    return out or paths.home() / "benchmarks" / f"{dataset.name}-{profile}"
 
 
 def parallel_default(cfg: BenchmarkSettings) -> int:

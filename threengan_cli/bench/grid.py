@@ -5,6 +5,7 @@ initialisation differ between repeats and are shared between methods (paired com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from threengan_cli.bench.report import cell_of
 from threengan_cli.core import config
+from threengan_cli.core.errors import UsageError
 from threengan_cli.core.settings import Precision, Recipe, TrainSettings
 from threengan_cli.model.methods import METHODS
 
@@ -270,6 +272,18 @@ def resolve_settings(profile: str = "quick", **flags: Any) -> BenchmarkSettings:
         ) from None
     grid(cfg)  # the per-run TrainSettings validate device, precision and ranges
     return cfg
+
+
+def comma_list(text: str | None, flag: str, cast: Callable[[str], Any] = str) -> tuple | None:
+    """What ``--methods``, ``--sizes`` and ``--recipe`` take: a comma-separated list, as a
+    tuple of ``cast`` values; ``None`` where the flag is not given, a :class:`UsageError`
+    where a value is not a ``cast``."""
+    if text is None:
+        return None
+    try:
+        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes a comma-separated list (got {text!r})") from None
 
 
 def resolve_config(path: Path | None, profile: str | None = None, **flags: Any):

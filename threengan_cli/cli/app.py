@@ -5,8 +5,8 @@ One module per command (``prepare`` also holds ``datasets``, ``evaluate`` also `
 ``benchmark`` is a group of ``run`` and ``merge``); shared options live in ``common``, the exit
 codes in ``core/errors``. Rendering lives in ``views``; heavy libraries
 (torch, numpy, PIL, pydantic) are imported inside the commands so that ``threengan --help``
-stays instant. Help defaults are read from the settings models (``helptext``), never written
-here.
+stays instant. Help defaults are read from the settings models' source
+(``core/settings_source``), never written here.
 """
 
 # No ``from __future__ import annotations`` here, unlike the other modules: typer would then
@@ -36,10 +36,9 @@ from threengan_cli.cli.common import (
     JsonOpt,
     flag,
     handled,
-    interrupt_code,
 )
 from threengan_cli.cli.views import note, print_json
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, interrupt_code, os_message
 
 
 def _plain_flags(params: list) -> list:
@@ -232,7 +231,7 @@ def main() -> None:
         sys.exit(EXIT_FAIL)
     except OSError as exc:  # a last guard: an OS error the command did not expect
         views.stdout_gone()
-        sys.stderr.write(f"error: {views.os_failure(exc, 'threengan')}\n")
+        sys.stderr.write(f"error: {os_message(exc, 'threengan')}\n")
         sys.exit(EXIT_FAIL)
 
 

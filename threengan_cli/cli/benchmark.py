@@ -21,37 +21,23 @@ from threengan_cli.cli.common import (
     ends_cleanly,
     fail,
     flags_of,
-    interrupt_code,
     lock_or_exit,
     setting,
     warn_bf16_unmeasured,
 )
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_PARTIAL, interrupt_code, os_message
 from threengan_cli.core.names import BUILT_IN
-
-
-def _comma_list(text: str | None, flag: str, cast=str) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
-    except ValueError:
-        fail(f"{flag} takes a comma-separated list (got {text!r})", EXIT_USAGE)
 
 
 def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: bool):
     from threengan_cli.bench import benchmark as bench
     from threengan_cli.core import paths
-    from threengan_cli.core.use_settings import parse_shard
     from threengan_cli.train import events
 
-    try:
-        shard_ij = parse_shard(shard) if shard is not None else (1, 1)
-    except ValueError as exc:
-        fail(f"--shard {exc} (got {shard!r})", EXIT_USAGE)
+    shard_ij = bench.shard_given(shard)
     dataset_dir = paths.prepared_dataset(dataset)
-    target = out_dir or paths.home() / "benchmarks" / f"{dataset_dir.name}-{cfg.profile}"
+    target = bench.folder_for(dataset_dir, cfg.profile, out_dir)
     warn_bf16_unmeasured(cfg.precision, cfg.device, quiet)
     hint = f"finished runs are kept in {target}; run the same command again to resume"
     held = contextlib.ExitStack()
@@ -65,7 +51,7 @@ def _bench_run(dataset: str, cfg, shard: str | None, out_dir, parallel, quiet: b
         note(f"interrupted: {hint}")
         raise typer.Exit(interrupt_code(getattr(exc, "signum", None))) from None
     except OSError as exc:
-        fail(views.os_failure(exc, f"writing {target}") + f" ({hint})")
+        fail(os_message(exc, f"writing {target}") + f" ({hint})")
     if shard_ij[1] > 1 and not quiet:
         note(f"shard {shard}: join the shards with: threengan benchmark merge DIR... --out DIR")
     return results, target
@@ -154,9 +140,9 @@ def run(
 
     flags = flags_of(grid.BenchmarkSettings, locals())
     flags.update(
-        methods=_comma_list(methods, "--methods"),
-        sizes=_comma_list(sizes, "--sizes", int),
-        recipes=_comma_list(recipe, "--recipe"),
+        methods=grid.comma_list(methods, "--methods"),
+        sizes=grid.comma_list(sizes, "--sizes", int),
+        recipes=grid.comma_list(recipe, "--recipe"),
     )
     flags.pop("profile")
     cfg = grid.resolve_config(config, profile, **flags)

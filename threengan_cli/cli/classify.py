@@ -20,91 +20,17 @@ from threengan_cli.cli.common import (
     RunOpt,
     classifier_of,
     config_opt,
+    default_of,
     fail,
     flags_of,
     setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import default_of
-from threengan_cli.cli.inputs import inputs_or_exit, stdin_paths
 from threengan_cli.cli.tally import Listing, report_or_exit
 from threengan_cli.cli.views import err, note
-from threengan_cli.core.errors import EXIT_INTERRUPT, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_INTERRUPT, os_message
 from threengan_cli.infer.gate import check_judged
 from threengan_cli.infer.output import choose_format
-
-
-def _adapt_bn(inputs: list[str], model, cfg, quiet: bool, stdin) -> list[str]:
-    """Recompute the classifier's BatchNorm statistics on the inputs; the inputs, with
-    stdin's paths read once (both passes need them)."""
-    from threengan_cli.infer.classify import adapt_bn
-
-    if stdin is not None:
-        inputs = [p for p in inputs if p != "-"] + [line.strip() for line in stdin if line.strip()]
-    exclude = [cfg.sort_into] if cfg.sort_into is not None else []
-    adapted = adapt_bn(inputs, model, workers=cfg.workers, recursive=cfg.recursive, exclude=exclude)
-    if not quiet:
-        note(
-            f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
-            "(transductive, no labels used)"
-        )
-    return inputs
-
-
-def _model_and_sorter(checkpoint, run, which, cfg):
-    """The classifier (torch's for --adapt bn, which recomputes its statistics) and the
-    --sort-into folders, or ``None``. An ood gate that this model cannot judge (no
-    statistics) is refused before anything is classified."""
-    from threengan_cli.infer.sorting import Sorter
-
-    engine_name = "torch" if cfg.adapt == "bn" else cfg.engine
-    model = classifier_of(checkpoint, run, cfg.device, engine_name, which)
-    model.require_classifier()
-    check_judged(cfg, model)
-    sorter = None
-    if cfg.sort_into is not None:
-        try:
-            sorter = Sorter(cfg.sort_into, model.classes, link=cfg.link, ood_folder=cfg.ood_folder)
-        except ValueError as exc:
-            fail(f"--sort-into makes a folder per class: {exc}", EXIT_USAGE)
-    return model, sorter
-
-
-def _visuals_or_exit(model, cfg, header: dict):
-    """What --heatmaps and --report add to the run, or ``None`` without either."""
-    if cfg.heatmaps is None and cfg.report is None:
-        return None
-    from threengan_cli.infer.heatmap import Visuals, VisualsError
-
-    info = {"model": model.model_id, "method": model.method, "engine": model.device, **header}
-    try:
-        return Visuals(model, cfg.heatmaps, cfg.report, info)
-    except VisualsError as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
-def _decision_thresholds(model, cfg, quiet: bool):
-    """The settings with the threshold to use, and the output's header: both thresholds and
-    where they come from (said on stderr with the model)."""
-    given = cfg.threshold if "threshold" in cfg.model_fields_set else None
-    threshold_value, threshold_source, source_note = model.decision_threshold(given)
-    cfg = cfg.model_copy(update={"threshold": threshold_value})
-    ood_value, ood_source, ood_note = model.ood_threshold(cfg.ood_threshold)
-    if not quiet:
-        ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
-        which = f"{model.which}; " if model.which else ""
-        note(
-            f"model {model.model_id} ({which}{model.method}, {model.image_size}px, classes "
-            f"{', '.join(model.classes)}), threshold {cfg.threshold}{source_note}"
-            f"{ood_said}{ood_note}, device {model.device}"
-        )
-    header = {
-        "threshold": cfg.threshold,
-        "threshold_source": threshold_source,
-        "ood_threshold": ood_value,
-        "ood_threshold_source": ood_source,
-    }
-    return cfg, header
 
 
 def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, **outputs):
@@ -139,7 +65,7 @@ def _classify_or_exit(inputs, model, cfg, fmt: str, header, tally, quiet: bool, 
         if output is None:
             views.stdout_gone()
         where = output if output is not None else "stdout"
-        fail(views.os_failure(exc, f"writing the results to {where}") + kept)
+        fail(os_message(exc, f"writing the results to {where}") + kept)
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
@@ -264,22 +190,39 @@ def classify(
       threengan classify inbox/ --sort-into sorted/ --link
     """
     from threengan_cli.core.use_settings import ClassifySettings
+    from threengan_cli.infer import batch
+    from threengan_cli.infer.classify import adapt_bn, inputs_of, stdin_paths
+    from threengan_cli.infer.heatmap import visuals_for
+    from threengan_cli.infer.sorting import sorter_for
 
     flags = flags_of(ClassifySettings, locals(), ctx) | {"format": fmt}
     cfg = settings_of("classify", config, **flags)
-    inputs = inputs_or_exit(inputs, cfg.examples)
+    inputs = inputs_of(inputs, cfg.examples)
     fmt = choose_format(fmt, cfg.format, cfg.output, sys.stdout.isatty())
-    stdin = stdin_paths(inputs, cfg.allow_empty)
-    model, sorter = _model_and_sorter(checkpoint, run, which_model, cfg)
-    if cfg.adapt == "bn":
-        inputs = _adapt_bn(inputs, model, cfg, quiet, stdin)
+    stdin = stdin_paths(inputs, sys.stdin, cfg.allow_empty)
+    engine = "torch" if cfg.adapt == "bn" else cfg.engine  # --adapt bn recomputes torch's
+    model = classifier_of(checkpoint, run, cfg.device, engine, which_model)
+    check_judged(cfg, model)
+    sorter = sorter_for(cfg, model.classes)
+    if cfg.adapt == "bn":  # stdin is read here: its paths join the inputs
+        exclude = [cfg.sort_into] if cfg.sort_into is not None else []
+        adapted, inputs = adapt_bn(inputs, model, cfg.workers, cfg.recursive, exclude, stdin)
         stdin = None
-    cfg, header = _decision_thresholds(model, cfg, quiet)
-    from threengan_cli.infer.batch import Tally
-
+        if not quiet:
+            note(
+                f"adapted: BatchNorm statistics recomputed on {adapted} of these images "
+                "(transductive, no labels used)"
+            )
+    cfg, header, said = batch.thresholds_of(model, cfg)
+    if not quiet:
+        which = f"{model.which}; " if model.which else ""
+        note(
+            f"model {model.model_id} ({which}{model.method}, {model.image_size}px, classes "
+            f"{', '.join(model.classes)}), {said}, device {model.device}"
+        )
     listing = Listing(on=not quiet and fmt != "table")
-    tally = Tally(list(model.classes), on_error=listing)
-    visuals = _visuals_or_exit(model, cfg, header)
+    tally = batch.Tally(list(model.classes), on_error=listing)
+    visuals = visuals_for(model, cfg, header)
     outputs = {"sorter": sorter, "visuals": visuals, "stdin": stdin}
     _classify_or_exit(inputs, model, cfg, fmt, header, tally, quiet, **outputs)
     report_or_exit(tally, listing, cfg, inputs, header["ood_threshold"], quiet)

@@ -1,4 +1,5 @@
-"""What every command shares: the shared options, and the one place that turns an engine's
+"""What every command shares: the shared options, each setting's option built from its field
+(help and default read from the settings' source), and the one place that turns an engine's
 error into one line on stderr and its exit code (:func:`handled`; the codes are core/errors').
 
 ``app`` builds the app and registers the commands; ``classify``, ``evaluate``, ``train`` and
@@ -17,8 +18,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from threengan_cli.cli import views
-from threengan_cli.cli.helptext import description_of, help_of
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_INTERRUPT, Failure, os_message
+from threengan_cli.core.settings_source import literal_fields
 
 # Before typer's help renderer can import them (see views.defer_import for the measurement):
 # importing typer does not load rich; every command module imports this one first.
@@ -26,6 +27,53 @@ views.defer_import("rich.markdown", "Markdown")
 views.defer_import("rich.traceback", "Traceback")
 
 MAX_LISTED = 20  # skipped files / unreadable inputs listed one by one, then a count
+# Section -> (module file, class name) of its settings model, whose source gives the options'
+# help and defaults (core/settings_source: --help never imports pydantic).
+_MODELS = {
+    "prepare": ("core/settings.py", "PrepareSettings"),
+    "train": ("core/settings.py", "TrainSettings"),
+    "classify": ("core/use_settings.py", "ClassifySettings"),
+    "evaluate": ("core/use_settings.py", "EvaluateSettings"),
+    "generate": ("core/use_settings.py", "GenerateSettings"),
+    "benchmark": ("bench/grid.py", "BenchmarkSettings"),
+}
+_MISSING = object()
+
+
+def default_of(section: str, field: str) -> Any:
+    """The default of ``field`` in the settings model of ``section``."""
+    value = literal_fields(*_MODELS[section])[0].get(field, _MISSING)
+    if value is _MISSING:
+        raise KeyError(f"{section}.{field} has no literal default")
+    return value
+
+
+def shown(section: str, field: str) -> str:
+    """``\\[default: X]`` for a help string (escaped for rich markup)."""
+    value = default_of(section, field)
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    return f"\\[default: {text}]"
+
+
+def description_of(section: str, field: str) -> str:
+    """The description of ``field`` in the settings model of ``section``: its option's help."""
+    return literal_fields(*_MODELS[section])[1][field]
+
+
+def help_of(section: str, field: str) -> str:
+    """The help of the option that sets ``field``: its description, then its default, unless
+    the description names its own, or the option is a flag that is off unless given, or one
+    that is not set unless given (a default of None)."""
+    text = description_of(section, field)
+    value = literal_fields(*_MODELS[section])[0].get(field, _MISSING)
+    if "\\[default" in text or value is False or value is None or value is _MISSING:
+        return text
+    return f"{text} {shown(section, field)}"
 
 
 def flag(*names: str, help: str) -> Any:
@@ -35,7 +83,7 @@ def flag(*names: str, help: str) -> Any:
 
 def setting(section: str, field: str, *names: str, **options: Any) -> Any:
     """The option that sets ``field`` of the ``section``'s settings: declared once, as that
-    field, whose description is its help, with its default (``helptext.help_of``) unless
+    field, whose description is its help, with its default (:func:`help_of`) unless
     ``show_default`` is given: then typer shows the parameter's default, or none."""
     text = description_of if "show_default" in options else help_of
     return typer.Option(*names, help=text(section, field), **options)
@@ -61,12 +109,6 @@ QuietOpt = Annotated[
 ]
 
 
-def interrupt_code(signum: int | None) -> int:
-    """The exit code of a command stopped by signal ``signum``: 128 + its number, as shells
-    report it (SIGINT 130, SIGTERM 143); Ctrl+C's where it is not known."""
-    return 128 + int(signum) if signum else EXIT_INTERRUPT
-
-
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One clear line on stderr, then a documented exit code; never a traceback."""
     views.error(message)
@@ -88,7 +130,7 @@ def ends_cleanly(doing: str | None = None, interrupted: str | None = None) -> It
     except OSError as exc:
         if doing is None:
             raise
-        fail(views.os_failure(exc, doing))
+        fail(os_message(exc, doing))
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,7 +156,7 @@ def lock_or_exit(holder, folder: Path, what: str = "run") -> None:
     try:
         enter(runlock.lock(folder, what))
     except OSError as exc:
-        fail(views.os_failure(exc, f"creating {folder}"))
+        fail(os_message(exc, f"creating {folder}"))
 
 
 def flags_of(model: Any, given: dict[str, Any], ctx: typer.Context | None = None) -> dict[str, Any]:
@@ -172,29 +214,29 @@ def model_of(checkpoint: Path | None, run: str | None, device: str, which: str |
 def classifier_of(
     checkpoint: Path | None, run: str | None, device: str, engine: str, which: str | None = None
 ):
-    """On the CPU (``auto`` or ``cpu``) the NumPy classifier unless ``engine`` is torch: it
-    never imports torch (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's.
-    A ``.onnx`` file (``threengan export``) runs on onnxruntime, whatever the engine."""
-    from threengan_cli.infer import onnx_export
-
-    if onnx_export.is_onnx(checkpoint):
-        return onnx_export.load(checkpoint)
-    if device not in ("auto", "cpu") or engine == "torch":
-        return model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
-    from threengan_cli.infer import numpy_engine
+    """The classifier to classify or score with (a model without one is refused). On the CPU
+    (``auto`` or ``cpu``) the NumPy one unless ``engine`` is torch: it never imports torch
+    (3-4 s of start-up on a small CPU). On ``cuda``/``mps`` torch's. A ``.onnx`` file
+    (``threengan export``) runs on onnxruntime, whatever the engine."""
+    from threengan_cli.infer import numpy_engine, onnx_export
     from threengan_cli.train import runs
 
-    return numpy_engine.load(runs.model_file(checkpoint, run, which))
+    if onnx_export.is_onnx(checkpoint):
+        model = onnx_export.load(checkpoint)
+    elif device not in ("auto", "cpu") or engine == "torch":
+        model = model_of(checkpoint, run, "cpu" if device == "auto" else device, which)
+    else:
+        model = numpy_engine.load(runs.model_file(checkpoint, run, which))
+    model.require_classifier()
+    return model
 
 
 def warn_bf16_unmeasured(precision: str, device: str, quiet: bool) -> None:
-    """bf16 on a CPU where it runs natively: a warning that it was not measured faster here
-    (``threengan info --measure`` times it). Where it is emulated, training refuses it."""
-    if precision != "bf16" or quiet or device not in ("auto", "cpu"):
-        return
+    """bf16 on a CPU where it runs natively (``core/system.bf16_unmeasured``): a warning that
+    it was not measured faster here (``threengan info --measure`` times it)."""
     from threengan_cli.core import system
 
-    if system.cpu_bf16() and system.select_device(device).type == "cpu":
+    if not quiet and system.bf16_unmeasured(precision, device):
         views.warn(
             "--precision bf16 on a CPU: not known to be faster than fp32 here (it was faster "
             "on one CPU with native bf16, slower on others); `threengan info --measure` times "

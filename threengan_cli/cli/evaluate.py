@@ -19,79 +19,40 @@ from threengan_cli.cli.common import (
     RunOpt,
     classifier_of,
     config_opt,
+    default_of,
     ends_cleanly,
-    fail,
     flag,
     flags_of,
     lock_or_exit,
     setting,
     settings_of,
 )
-from threengan_cli.cli.helptext import default_of
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_FAIL, EXIT_PARTIAL, EXIT_USAGE
+from threengan_cli.core.errors import EXIT_FAIL, EXIT_PARTIAL
 
 
 # ----------------------------------------------------------------------------------- evaluate
-def _plot_needs_matplotlib(plot: Path | None) -> None:
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            # a missing extra is not a usage error: the same command works once it is there
-            fail("--plot needs matplotlib: pip install 'threengan[plot]'", EXIT_FAIL)
-
-
-def _lock_run_of(ctx: typer.Context, checkpoint: Path | None, run: str | None, which) -> None:
-    """Hold the writer lock of the run whose checkpoint ``evaluate --threshold-from`` will
-    write until the command ends (``ctx`` releases it): a training run that rewrote that file
-    meanwhile would lose the threshold, or the threshold would be of other weights."""
-    from threengan_cli.model.modelfile import ModelError
+def _model_or_exit(ctx, checkpoint, run, which, cfg):
+    """The classifier to score; under --threshold-from its run locked (until the command
+    ends: ``ctx`` releases it) and its file checked writable before any work, since the
+    chosen threshold is stored in it: a training run that rewrote that file meanwhile would
+    lose the threshold, or the threshold would be of other weights."""
+    from threengan_cli.model.modelfile import check_writable
     from threengan_cli.train import runs
 
-    try:
-        path = runs.model_file(checkpoint, run, which)
-    except ModelError:
-        return  # loading it says what is wrong
-    folder = runs.run_of(path)
-    if folder is not None:
-        lock_or_exit(ctx, folder)
-
-
-def _model_or_exit(ctx, checkpoint, run, which, cfg):
-    """The classifier to score; under --threshold-from its run locked and its file checked
-    writable before any work, since the chosen threshold is stored in it."""
-    from threengan_cli.model.modelfile import check_writable
-
     if cfg.threshold_from is not None:  # it writes the checkpoint: one writer per run
-        _lock_run_of(ctx, checkpoint, run, which)
+        folder = runs.run_of_model(checkpoint, run, which)
+        if folder is not None:
+            lock_or_exit(ctx, folder)
     model = classifier_of(checkpoint, run, cfg.device, cfg.engine, which)
-    model.require_classifier()
     if cfg.threshold_from is not None:  # before the work: the threshold is stored in it
         check_writable(model.path)
     return model
 
 
-def _store_threshold(model, result, rule: str, quiet: bool) -> None:
-    """The threshold --threshold-from chose, stored in the model."""
-    from threengan_cli.model.modelfile import CheckpointError, update_meta
-
-    chosen = result.chosen
-    if result.data.split == "val" and not quiet:
-        warn("the threshold is chosen and scored on the same val split: optimistic")
-    try:
-        update_meta(model.path, {"threshold": chosen})
-    except (OSError, CheckpointError) as exc:
-        fail(f"cannot store the threshold in {model.path}: {exc}")
-    if not quiet:
-        note(
-            f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
-            f"{rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
-        )
-
-
 def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool) -> None:
     """The scores (tables or JSON) and plots; exit 3 when some images could not be read."""
+    from threengan_cli.infer.ood import describe_fit
     from threengan_cli.infer.plots import write_plots
 
     made = []
@@ -107,7 +68,7 @@ def _show_or_exit(result, model, ood_threshold, plot, as_json: bool, quiet: bool
         which = f"{result.which_model}; " if result.which_model else ""
         fitted = ""
         if result.ood_fit is not None:
-            fitted = f"; ood detector fitted on {views.ood_fit_text(result.ood_fit, short=False)}"
+            fitted = f"; ood detector fitted on {describe_fit(result.ood_fit, short=False)}"
         note(
             f"model {result.model_id} ({which}{result.method}), threshold {result.threshold} "
             f"({where.get(result.threshold_source, 'default')}), {result.metrics['n']} images"
@@ -203,14 +164,24 @@ def evaluate(
     """
     from threengan_cli.core.use_settings import EvaluateSettings
     from threengan_cli.infer import evaluate as ev
+    from threengan_cli.infer.plots import require_matplotlib
 
     cfg = settings_of("evaluate", config, **flags_of(EvaluateSettings, locals(), ctx))
-    _plot_needs_matplotlib(cfg.plot)
+    if cfg.plot is not None:
+        require_matplotlib()
     model = _model_or_exit(ctx, checkpoint, run, which_model, cfg)
     with ends_cleanly(interrupted="interrupted; nothing was stored"):
         result = ev.score(data, model, cfg)
-    if result.chosen is not None:
-        _store_threshold(model, result, cfg.threshold_rule, quiet)
+    chosen = result.chosen
+    if chosen is not None:
+        if result.data.split == "val" and not quiet:
+            warn("the threshold is chosen and scored on the same val split: optimistic")
+        ev.store_threshold(model, chosen)
+        if not quiet:
+            note(
+                f"threshold {chosen['value']} chosen on {chosen['images']} val images by "
+                f"{cfg.threshold_rule} ({chosen['rule_value']:.4f}); stored in {model.path}"
+            )
     _show_or_exit(result, model, cfg.ood_threshold, cfg.plot, as_json, quiet)
 
 
@@ -256,13 +227,7 @@ def runs(
     """
     from threengan_cli.train import runlist
 
-    found = runlist.list_runs()
-    if names:
-        known = {r.name for r in found}
-        missing = [n for n in names if n not in known]
-        if missing:
-            fail(f"no run named {missing[0]} (see `threengan runs`)", EXIT_USAGE)
-        found = [r for r in found if r.name in names]
+    found = runlist.list_runs(names=names)
     pruned, busy = [], []
     if prune_last:
         found, pruned, busy = runlist.prune_finished(found, on_busy=_not_pruned)

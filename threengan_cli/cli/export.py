@@ -59,12 +59,7 @@ def export(
     if onnx_export.is_onnx(checkpoint):
         fail(f"{checkpoint} is already an ONNX model", EXIT_USAGE)
     model = numpy_engine.load(runs.model_file(checkpoint, run))
-    try:
-        size = onnx_export.export(model, output)
-    except ImportError:
-        fail("export to ONNX needs the onnx package (pip install 'threengan[onnx]')")
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror or exc}")
+    size = onnx_export.export(model, output)
     if not quiet:
         note(
             f"exported {model.model_id} ({model.method}, {model.image_size}px, classes "

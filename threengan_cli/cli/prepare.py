@@ -16,6 +16,7 @@ from threengan_cli.cli.common import (
     config_opt,
     ends_cleanly,
     flag,
+    flags_of,
     setting,
     settings_of,
 )
@@ -116,21 +117,10 @@ def prepare(
       threengan prepare labels.csv --out ./prepared/xr --force
     """
     from threengan_cli.core import paths
+    from threengan_cli.core.settings import PrepareSettings
     from threengan_cli.data.prepare import prepare as run_prepare
 
-    cfg = settings_of(
-        "prepare",
-        config,
-        image_size=image_size,
-        fit=fit,
-        val_fraction=val_fraction,
-        min_val=min_val,
-        seed=seed,
-        workers=workers,
-        patient_pattern=patient_pattern,
-        strict=strict,
-        class_names=class_names,
-    )
+    cfg = settings_of("prepare", config, **flags_of(PrepareSettings, locals()))
     target = paths.dataset_dir_for(source, name, out_dir)
     live = not quiet and err.is_terminal
     with ends_cleanly(f"preparing {target}"), progress.BarView(live, "decoding", counted=True) as v:

@@ -6,7 +6,6 @@ ood gate tripped)."""
 
 import typer
 
-from threengan_cli.cli import views
 from threengan_cli.cli.common import MAX_LISTED, fail
 from threengan_cli.cli.views import note, warn
 from threengan_cli.core.errors import EXIT_OOD, EXIT_PARTIAL
@@ -34,19 +33,7 @@ def report_or_exit(tally, listing: Listing, cfg, inputs, ood_value, quiet) -> No
             where = f" ({output} holds no rows)" if output is not None else ""
             note(f"nothing to classify: no image files in the inputs (--allow-empty){where}")
         return
-    if counts["inputs"] == 0:
-        if shard_ij is not None:
-            fail(
-                f"nothing to classify: shard {shard_ij[0]}/{shard_ij[1]} of the input list is "
-                "empty (fewer inputs than shards)"
-            )
-        fail(
-            "nothing to classify (no paths were given on stdin)"
-            if "-" in inputs
-            else "nothing to classify (the inputs named no files)"
-        )
-    if counts["classified"] == 0:
-        fail(f"none of the {counts['inputs']} inputs could be classified ({tally.first_error})")
+    tally.check_classified(inputs, shard_ij)
     if not quiet:
         where = f" -> {output}" if output is not None else ""
         note(f"classified {counts['classified']} of {counts['inputs']} inputs{where}")
@@ -75,5 +62,4 @@ def report_or_exit(tally, listing: Listing, cfg, inputs, ood_value, quiet) -> No
         raise typer.Exit(EXIT_PARTIAL)
     tripped = gate.breach(cfg, counts["ood"], counts["classified"])
     if tripped is not None:  # said at any verbosity: it sets the exit code
-        views.error(tripped)
-        raise typer.Exit(EXIT_OOD)
+        fail(tripped, EXIT_OOD)

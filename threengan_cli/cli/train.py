@@ -6,13 +6,13 @@ Registered on the app by ``app``; exit codes in ``core/errors``.
 # No ``from __future__ import annotations``: typer reads the annotations (see app.py).
 
 import contextlib
-import math
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from threengan_cli.cli import progress, views
+from threengan_cli.cli import progress
 from threengan_cli.cli.common import (
     JsonOpt,
     QuietOpt,
@@ -20,15 +20,13 @@ from threengan_cli.cli.common import (
     fail,
     flag,
     flags_of,
-    interrupt_code,
     lock_or_exit,
     setting,
-    settings_of,
+    shown,
     warn_bf16_unmeasured,
 )
-from threengan_cli.cli.helptext import shown
 from threengan_cli.cli.views import note, print_json, warn
-from threengan_cli.core.errors import EXIT_OK, EXIT_USAGE, Failure
+from threengan_cli.core.errors import EXIT_OK, Failure, interrupt_code, os_message
 from threengan_cli.core.names import BUILT_IN
 from threengan_cli.train.events import CHECKPOINT_EVERY_S
 
@@ -55,21 +53,6 @@ def _finished_run_or_continue(run_dir: Path, epochs: int | None, as_json: bool, 
     elif not quiet:
         note(runs.done_line(summary, run_dir))
     raise typer.Exit(EXIT_OK)
-
-
-def _new_run_plan(dataset: str | None, flags: dict[str, Any], config, where, force: bool, held):
-    """(settings, dataset folder, run folder, resume) of a new run, its folder locked into
-    ``held`` (train/plan decides)."""
-    from threengan_cli.core import paths
-    from threengan_cli.train import plan
-
-    if dataset is None:
-        fail("give a prepared DATASET to train on (see `threengan datasets`)", EXIT_USAGE)
-    cfg = settings_of("train", config, **flags)
-    dataset_dir = paths.prepared_dataset(dataset)
-    run_dir = plan.run_dir_for(dataset, cfg, *where)
-    again = plan.again(run_dir, cfg, dataset_dir, force, lambda d: lock_or_exit(held, d))
-    return cfg, dataset_dir, run_dir, again
 
 
 # Long only by its declared options and help text (what typer reads); the body is a few calls.
@@ -161,36 +144,21 @@ def train(
       threengan train mine --init default --unlabelled unlabelled/ --epochs 30
     """
     from threengan_cli.core.settings import TrainSettings
-    from threengan_cli.train import plan, runs
+    from threengan_cli.train import events, plan, runs
 
     flags = flags_of(TrainSettings, locals())
-    if not 0 <= checkpoint_every < math.inf:  # nan compares false: it would never checkpoint
-        fail(
-            f"--checkpoint-every takes seconds, a number 0 or more (got {checkpoint_every})",
-            EXIT_USAGE,
-        )
+    every_s = events.checkpoint_interval(checkpoint_every)
     held = contextlib.ExitStack()  # the run folder's writer lock, taken by the plan
     with held:
-        if resume is not None:
-            if force:
-                fail("--force starts a run over; --resume continues one: give one", EXIT_USAGE)
-            given_other = config is not None or dataset is not None
-            saved, dataset_dir, run_dir = plan.resume(
-                resume, flags, given_other, lambda d: lock_or_exit(held, d)
-            )
-            cfg = settings_of("train", None, **saved)
-            again = True
-            _finished_run_or_continue(run_dir, flags["epochs"], as_json, quiet)
-        else:
-            where = (name, out_dir)
-            cfg, dataset_dir, run_dir, again = _new_run_plan(
-                dataset, flags, config, where, force, held
-            )
-            if again:  # the same run: finished, say so and exit 0; else it resumes
-                _finished_run_or_continue(run_dir, None, as_json, quiet)
-                if not quiet:
-                    note(f"{run_dir} holds this run (same dataset and settings), unfinished")
-        summary = _train_locked(dataset_dir, cfg, run_dir, again, checkpoint_every, quiet)
+        cfg, dataset_dir, run_dir, again = plan.open_run(
+            dataset, resume, flags, config, (name, out_dir), force, partial(lock_or_exit, held)
+        )
+        if again:  # the same run: finished, say so and exit 0; else it resumes
+            epochs = flags["epochs"] if resume is not None else None
+            _finished_run_or_continue(run_dir, epochs, as_json, quiet)
+            if resume is None and not quiet:
+                note(f"{run_dir} holds this run (same dataset and settings), unfinished")
+        summary = _train_locked(dataset_dir, cfg, run_dir, again, every_s, quiet)
     if summary.get("extended") and not quiet:
         note(f"extended the finished run to {cfg.epochs} epochs")
     if as_json:
@@ -212,7 +180,7 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
                 run_dir,
                 resume=resume,
                 on_event=view,
-                checkpoint_every_s=every_s or None,
+                checkpoint_every_s=every_s,
             )
     except events.Interrupted as exc:
         note(f"interrupted: {exc}. Continue with: threengan train --resume {run_dir}")
@@ -222,4 +190,4 @@ def _train_locked(dataset_dir: Path, cfg, run_dir: Path, resume: bool, every_s, 
             raise
         fail(str(exc))
     except OSError as exc:
-        fail(views.os_failure(exc, f"writing the run {run_dir}", resume=run_dir))
+        fail(os_message(exc, f"writing the run {run_dir}", resume=run_dir))

@@ -18,6 +18,8 @@ import sys
 import types
 from typing import Any, NoReturn
 
+from threengan_cli.core.errors import os_message
+
 
 def defer_import(module: str, *names: str) -> None:
     """Keep ``module`` from loading until one of ``names`` from it is used.
@@ -132,24 +134,6 @@ def note(message: str) -> None:
     err.print(esc(message), soft_wrap=True)
 
 
-def os_failure(exc: OSError, doing: str, resume: Any = None) -> str:
-    """One line for an OS error (full disk, read-only or missing folder...)."""
-    import errno
-
-    what = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-    hint = ""
-    if exc.errno == errno.ENOSPC:
-        hint = "; free some space"
-        if resume is not None:
-            hint += f", then continue with: threengan train --resume {resume}"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "; choose a writable place (--out, or THREENGAN_HOME for the data dir)"
-    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        hint = "; a file stands where a folder is needed (--out, or THREENGAN_HOME)"
-    return f"{doing} failed: {what}{where}{hint}"
-
-
 def stdout_gone() -> None:
     """Point stdout at /dev/null, so that nothing more (not even the flush at exit) is
     written to a pipe whose reader has gone or to a full disk."""
@@ -197,7 +181,7 @@ def print_json(data: Any) -> None:
         import typer
 
         stdout_gone()
-        error(os_failure(exc, "writing to stdout"))
+        error(os_message(exc, "writing to stdout"))
         raise typer.Exit(1) from None
 
 
@@ -211,10 +195,17 @@ def duration(seconds: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------- tables
-def _plain_table(**options: Any):
+def _table(columns: tuple[str, ...] = (), right: Any = None, **options: Any):
+    """A rich table with ``columns`` (markup: escape what comes from the user): the first
+    left-aligned and the others (numbers) right-aligned, or, where ``right`` names them,
+    those right-aligned."""
     from rich.table import Table
 
-    return Table(**options)
+    table = Table(**options)
+    for i, column in enumerate(columns):
+        at_right = i > 0 if right is None else column in right
+        table.add_column(column, justify="right" if at_right else "left")
+    return table
 
 
 def print_whole(table: Any) -> None:
@@ -238,7 +229,7 @@ def print_whole(table: Any) -> None:
 
 
 def info_table(facts: dict[str, Any]) -> None:
-    table = _plain_table(show_header=False, box=None)
+    table = _table(show_header=False, box=None)
     for key, value in facts.items():
         shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
         table.add_row(f"[bold]{esc(key)}[/]", esc(shown))
@@ -247,12 +238,9 @@ def info_table(facts: dict[str, Any]) -> None:
 
 def prepare_table(name: str, report, image_size: int) -> None:
     """One row per split, one column per class, with totals and patients."""
-    table = _plain_table(title=esc(f"{name}: {report.total} images, {image_size}px"))
-    table.add_column("split")
-    for cls in report.classes:
-        table.add_column(esc(cls), justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("patients", justify="right")
+    columns = ("split", *map(esc, report.classes), "total", "patients")
+    title = esc(f"{name}: {report.total} images, {image_size}px")
+    table = _table(columns, title=title)
     for split, row in report.counts.items():
         table.add_row(
             esc(split),
@@ -264,9 +252,8 @@ def prepare_table(name: str, report, image_size: int) -> None:
 
 
 def datasets_table(found: list[dict[str, Any]]) -> None:
-    table = _plain_table()
-    for column in ("name", "images", "train", "val", "test", "size", "classes", "path"):
-        table.add_column(column, justify="right" if column in ("images", "size") else "left")
+    columns = ("name", "images", "train", "val", "test", "size", "classes", "path")
+    table = _table(columns, ("images", "size"))
     for d in found:
         if "error" in d:
             row = [esc(d["name"]), "", "", "", "", "", f"[red]{esc(d['error'])}[/]"]
@@ -300,16 +287,16 @@ def bench_tables(results: dict) -> None:
         std = f"±{100 * stat['std']:.1f}" if stat["std"] is not None else ""
         return f"{100 * stat['mean']:.1f}{std}"
 
-    first = _plain_table(
+    columns = ("method", "N", "runs", "ours", "paper", "Δ pts", "best ep. on test", "Δ pts")
+    first = _table(
+        columns,
         title=f"{esc(cfg['profile'])} profile: test accuracy %, final-epoch model, mean ± std",
         caption="best epoch on test selects on test: optimistic, shown for comparison only",
         box=box.SIMPLE_HEAD,
     )
-    for column in ("method", "N", "runs", "ours", "paper", "Δ pts", "best ep. on test", "Δ pts"):
-        first.add_column(column, justify="left" if column == "method" else "right")
-    second = _plain_table(title="other test metrics %, final-epoch model", box=box.SIMPLE_HEAD)
-    for column in ("method", "N", "bal. acc", "AUC", "sens.", "spec.", "F1", "wall s", "img/s"):
-        second.add_column(column, justify="left" if column == "method" else "right")
+    columns = ("method", "N", "bal. acc", "AUC", "sens.", "spec.", "F1", "wall s", "img/s")
+    title = "other test metrics %, final-epoch model"
+    second = _table(columns, title=title, box=box.SIMPLE_HEAD)
     for r in results["results"]:
         paper = f"{100 * r['paper_accuracy']:.2f}" if r["paper_accuracy"] is not None else "–"
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
@@ -339,13 +326,17 @@ def evaluation_tables(result) -> None:
     from pathlib import Path
 
     from rich import box
-    from rich.table import Table
 
     m = result.metrics
     split = f" ({result.data.split})" if result.data.split else ""
     which = f" ({result.which_model})" if result.which_model else ""
     title = f"{Path(result.data.source).name}{split}: {m['n']} images, {result.model_id}{which}"
-    scores = Table(
+    unflagged = result.unflagged
+    columns = ("metric", f"all (n={m['n']})")
+    if unflagged is not None:
+        columns += (f"not flagged (n={unflagged['n']})",)
+    scores = _table(
+        columns,
         title=esc(title),
         caption=esc(
             "[brackets]: 95% interval (Wilson for proportions, DeLong for the AUC, "
@@ -353,11 +344,6 @@ def evaluation_tables(result) -> None:
         ),
         box=box.SIMPLE_HEAD,
     )
-    scores.add_column("metric")
-    scores.add_column(f"all (n={m['n']})", justify="right")
-    unflagged = result.unflagged
-    if unflagged is not None:
-        scores.add_column(f"not flagged (n={unflagged['n']})", justify="right")
     keys = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1")
     for key in (*keys, "ece", "brier"):
         found = [m] + ([unflagged] if unflagged is not None else [])
@@ -368,12 +354,9 @@ def evaluation_tables(result) -> None:
         share = f"{result.flagged:.1%} [{lo:.1%}, {hi:.1%}] (score above {result.ood_threshold:g})"
         scores.add_row("flagged as unlike the training X-rays", share, *([""] if unflagged else []))
     out.print(scores)
-    matrix = Table(title="confusion (rows true, columns predicted)", box=box.SIMPLE_HEAD)
-    matrix.add_column("true \\ predicted")
-    for c in result.classes:
-        matrix.add_column(esc(c), justify="right")
-    matrix.add_column("images", justify="right")
-    matrix.add_column("correct", justify="right")
+    columns = ("true \\ predicted", *map(esc, result.classes), "images", "correct")
+    title = "confusion (rows true, columns predicted)"
+    matrix = _table(columns, title=title, box=box.SIMPLE_HEAD)
     for c, row in zip(result.classes, m["confusion"], strict=True):
         counts = result.per_class[c]
         matrix.add_row(
@@ -391,41 +374,23 @@ def _with_interval(value: float | None, interval: list[float] | None) -> str:
     return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def ood_fit_text(fit: dict | None, short: bool = True) -> str:
-    """How a detector was fitted: ``4683 img, 256+16 dir`` (features + pixels), or in
-    words; ``–`` where unknown."""
-    if not fit:
-        return "–"
-    images = (fit.get("fitted_on") or {}).get("images", "?")
-    pixels = (fit.get("pixels") or {}).get("dims")
-    dims = f"{fit.get('dims', '?')}" + (f"+{pixels}" if pixels else "")
-    if short:
-        return f"{images} img, {dims} dir"
-    threshold = (fit.get("threshold") or {}).get("split", "?")
-    return f"{images} images, {dims} directions (features + pixels), threshold on {threshold}"
-
-
 def runs_table(found) -> None:
     """``threengan runs``: one row per run. The accuracies are of the model ``--run`` loads
     (the final one); ``best on val`` is best.safetensors' test accuracy (its epoch)."""
     from rich import box
-    from rich.table import Table
 
+    from threengan_cli.infer.ood import describe_fit
     from threengan_cli.train.runlist import human_bytes
 
-    table = Table(
+    right = ("N", "epochs", "val acc", "test acc", "best on val", "size")
+    table = _table(
+        ("name", "method", "N", "epochs", "state", *right[2:5], "ood fit", "size"),
+        right,
         box=box.SIMPLE_HEAD,
         caption="val/test acc: of the final model, the one --run loads; best on val: test "
         "acc of best.safetensors (its epoch), --model best; ood fit: images and directions of "
         "its out-of-distribution detector (features + pixels)",
     )
-    columns = (
-        "name", "method", "N", "epochs", "state", "val acc", "test acc", "best on val",
-        "ood fit", "size",
-    )
-    for column in columns:
-        right = column in ("N", "epochs", "val acc", "test acc", "best on val", "size")
-        table.add_column(column, justify="right" if right else "left")
 
     def acc(value) -> str:
         return "–" if value is None else f"{value:.4f}"
@@ -441,7 +406,7 @@ def runs_table(found) -> None:
             acc(r.val_accuracy),
             acc(r.test_accuracy),
             acc(r.test_accuracy_best) + (epoch if r.test_accuracy_best is not None else ""),
-            ood_fit_text(r.ood_fit),
+            describe_fit(r.ood_fit),
             human_bytes(r.bytes),
         )
     print_whole(table)

@@ -25,7 +25,7 @@ else:  # Python 3.10: the same parser, published as tomli before it joined the s
     import tomli as tomllib
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a settings file is a few hundred bytes
-# The sections a config file's tables name, each with its model (cli/helptext._MODELS says
+# The sections a config file's tables name, each with its model (cli/common._MODELS says
 # where each is written, for --help).
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareSettings,

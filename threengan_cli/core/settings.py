@@ -2,7 +2,7 @@
 Here the sections that make a dataset and a model (prepare, train), written into what they
 make; those of the commands that use a model are in ``core/use_settings``.
 
-Each field is an option: its description is the option's help (``cli/helptext`` reads it, and
+Each field is an option: its description is the option's help (``cli/common`` reads it, and
 the default, from this source), its constraints what it allows. ``core/config`` reads a TOML
 file's tables and resolves flags over them into these models.
 """

@@ -68,6 +68,18 @@ def available_devices() -> list[str]:
     return devices
 
 
+def bf16_unmeasured(precision: str, device: str) -> bool:
+    """Whether training asks for bf16 on a CPU where it runs natively: not known to be
+    faster than fp32 there until ``info --measure`` times it. (Where it is emulated, training
+    refuses it.)"""
+    return (
+        precision == "bf16"
+        and device in ("auto", "cpu")
+        and cpu_bf16()
+        and select_device(device).type == "cpu"
+    )
+
+
 def select_device(name: str = "auto"):
     """The torch device for ``auto|cpu|cuda|cuda:N|mps``; a missing device is a ValueError."""
     import torch

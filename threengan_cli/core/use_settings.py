@@ -1,7 +1,7 @@
 """Settings of the commands that use a trained model: classify, evaluate and generate.
 
 As in ``core/settings`` (the sections that make datasets and models), each field is an
-option: its description is the option's help (``cli/helptext`` reads it, and the default,
+option: its description is the option's help (``cli/common`` reads it, and the default,
 from this source), its constraints what it allows; ``core/config`` resolves a TOML file's
 table and the flags into these models. None of them is written into a run or a model, so a
 field added here changes no stored identity.

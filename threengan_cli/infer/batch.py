@@ -48,6 +48,44 @@ class Tally:
         self.counts["skipped"] += 1
         self.first_skipped = self.first_skipped or path
 
+    def check_classified(self, inputs: list[str], shard: tuple[int, int] | None) -> None:
+        """A :class:`Failure` when no input was classified: none was listed (an empty
+        ``shard``, nothing on stdin, inputs that named no files) or none could be read."""
+        if self.counts["inputs"] == 0:
+            if shard is not None:
+                raise Failure(
+                    f"nothing to classify: shard {shard[0]}/{shard[1]} of the input list is "
+                    "empty (fewer inputs than shards)"
+                )
+            raise Failure(
+                "nothing to classify (no paths were given on stdin)"
+                if "-" in inputs
+                else "nothing to classify (the inputs named no files)"
+            )
+        if self.counts["classified"] == 0:
+            raise Failure(
+                f"none of the {self.counts['inputs']} inputs could be classified "
+                f"({self.first_error})"
+            )
+
+
+def thresholds_of(model: Any, cfg: Any) -> tuple[Any, dict[str, Any], str]:
+    """The classify settings ``cfg`` with the decision threshold in use (a given one, the
+    model's stored one, or the default: ``Engine.decision_threshold``), the output's header
+    (both thresholds and where they come from), and what stderr says of them."""
+    given = cfg.threshold if "threshold" in cfg.model_fields_set else None
+    value, source, source_note = model.decision_threshold(given)
+    ood_value, ood_source, ood_note = model.ood_threshold(cfg.ood_threshold)
+    header = {
+        "threshold": value,
+        "threshold_source": source,
+        "ood_threshold": ood_value,
+        "ood_threshold_source": ood_source,
+    }
+    ood_said = f", ood threshold {ood_value}" if ood_value is not None else ""
+    said = f"threshold {value}{source_note}{ood_said}{ood_note}"
+    return cfg.model_copy(update={"threshold": value}), header, said
+
 
 def classify_into(
     stream: IO[str],

@@ -28,6 +28,7 @@ shards' rows, concatenated in shard order, are exactly the rows of one unsharded
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import sys
 from collections import deque
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from threengan_cli import metrics
-from threengan_cli.core.errors import UsageError
+from threengan_cli.core.errors import Failure, UsageError
 from threengan_cli.data import images
 from threengan_cli.data.walk import identity, image_files
 from threengan_cli.data.workers import decode_pool
@@ -80,6 +81,41 @@ class Row:
 
 
 # ------------------------------------------------------------------------------- inputs
+def inputs_of(given: list[str] | None, examples: bool) -> list[str]:
+    """The PATHs given, with the shipped example X-rays under ``examples``; none, or ``-``
+    twice, is a :class:`UsageError` (checked before any model is loaded)."""
+    inputs = list(given or [])
+    if examples:
+        from threengan_cli.core.paths import example_images
+
+        shipped = [str(p) for p in example_images()]
+        if not shipped:
+            raise Failure("this installation has no example X-rays (threengan_cli/examples)")
+        inputs += shipped
+    if not inputs:
+        raise UsageError(
+            "give at least one PATH (a file, folder or glob), --examples, or - to read paths "
+            "from stdin"
+        )
+    if inputs.count(STDIN) > 1:
+        raise UsageError("- (paths from stdin) may be given once")
+    return inputs
+
+
+def stdin_paths(inputs: list[str], stream: Iterable[str], allow_empty: bool):
+    """``stream``'s lines (stdin), when ``-`` is among the inputs, read up to the first
+    path before any model is loaded: ``-`` alone with nothing on it is a :class:`UsageError`,
+    like no PATH, unless ``allow_empty``; ``None`` without ``-``."""
+    if STDIN not in inputs:
+        return None
+    for line in stream:
+        if line.strip() and line.rstrip("\r\n") != STDIN:
+            return itertools.chain([line], stream)
+    if inputs == [STDIN] and not allow_empty:
+        raise UsageError("no paths were given on stdin (one per line)")
+    return iter(())
+
+
 def expand(
     inputs: Iterable[str],
     recursive: bool = False,
@@ -349,15 +385,21 @@ def adapt_bn(
     workers: int = 0,
     recursive: bool = False,
     exclude: Iterable[str | os.PathLike] = (),
-) -> int:
+    stdin: Iterable[str] | None = None,
+) -> tuple[int, list[str]]:
     """``classify --adapt bn``: recompute the classifier's BatchNorm statistics on the readable
     images among ``inputs`` (no labels are used: transductive, label-free adaptation to the
     images at hand), before they are classified. Needs the torch engine; returns how many
-    images the statistics came from: those that decoded, never the unreadable ones. Fewer
-    than :data:`ADAPT_MIN_IMAGES` is an :class:`AdaptError`."""
+    images the statistics came from (those that decoded, never the unreadable ones), and the
+    inputs with the paths of ``stdin`` (the stream ``-`` reads) read once in its place, since
+    classify reads them again. Fewer than :data:`ADAPT_MIN_IMAGES` is an :class:`AdaptError`."""
     import numpy as np
     import torch
 
+    if stdin is not None:
+        inputs = [p for p in inputs if p != STDIN] + [
+            line.strip() for line in stdin if line.strip()
+        ]
     if not hasattr(model, "adapt_bn"):
         raise AdaptError("--adapt bn needs the torch engine (--engine torch)")
     workers = workers or os.cpu_count() or 1
@@ -381,4 +423,4 @@ def adapt_bn(
             f"BatchNorm statistics from (got {len(images)})"
         )
     model.adapt_bn(torch.from_numpy(images))
-    return len(images)
+    return len(images), inputs

@@ -70,6 +70,17 @@ def score(data: str, model: Classifier, cfg: EvaluateSettings) -> Evaluation:
     return evaluate(data_set, model, used, source, cfg.batch_size, cfg.workers, chosen, ood_value)
 
 
+def store_threshold(model: Classifier, chosen: dict[str, Any]) -> None:
+    """The threshold ``--threshold-from`` chose, stored in the model file's metadata, which
+    classify and evaluate then use; one that cannot be written is a :class:`Failure`."""
+    from threengan_cli.model.modelfile import CheckpointError, update_meta
+
+    try:
+        update_meta(model.path, {"threshold": chosen})
+    except (OSError, CheckpointError) as exc:
+        raise Failure(f"cannot store the threshold in {model.path}: {exc}") from None
+
+
 def threshold_on_val(
     data: str, model: Classifier, rule: ThresholdRule, batch_size: int, workers: int
 ) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from threengan_cli.core import fileio
-from threengan_cli.core.errors import Failure
+from threengan_cli.core.errors import Failure, UsageError
 from threengan_cli.infer import engine
 from threengan_cli.infer.blas import per_image
 
@@ -290,3 +290,16 @@ class Visuals:
             except OSError as exc:
                 why = exc.strerror or exc
                 raise VisualsError(f"cannot write the report {self.page.path}: {why}") from None
+
+
+def visuals_for(model, cfg: Any, header: dict[str, Any]) -> Visuals | None:
+    """What ``--heatmaps`` and ``--report`` add to a classify run (settings ``cfg``, the
+    output's ``header``), or ``None`` without either; one that cannot be made (this engine,
+    an unwritable folder) is a :class:`UsageError`, before anything is classified."""
+    if cfg.heatmaps is None and cfg.report is None:
+        return None
+    info = {"model": model.model_id, "method": model.method, "engine": model.device, **header}
+    try:
+        return Visuals(model, cfg.heatmaps, cfg.report, info)
+    except VisualsError as exc:
+        raise UsageError(str(exc)) from None

@@ -36,6 +36,7 @@ import numpy as np
 
 from threengan_cli import __version__
 from threengan_cli.core import fileio
+from threengan_cli.core.errors import Failure
 from threengan_cli.infer import engine, ood
 from threengan_cli.infer.numpy_engine import NumpyClassifier
 from threengan_cli.model import modelfile
@@ -198,9 +199,18 @@ def metadata(model: NumpyClassifier) -> dict[str, Any]:
 
 
 def export(model: NumpyClassifier, path: Path) -> int:
-    """Write the graph to ``path`` whole or not at all; returns its size in bytes."""
-    data = build(model).SerializeToString()
-    fileio.write_bytes(path, data)
+    """Write the graph to ``path`` whole or not at all; returns its size in bytes. Without
+    the onnx package, or where ``path`` cannot be written, a :class:`Failure`."""
+    try:
+        data = build(model).SerializeToString()
+    except ImportError:
+        raise Failure(
+            "export to ONNX needs the onnx package (pip install 'threengan[onnx]')"
+        ) from None
+    try:
+        fileio.write_bytes(path, data)
+    except OSError as exc:
+        raise Failure(f"cannot write {path}: {exc.strerror or exc}") from None
     return len(data)
 
 

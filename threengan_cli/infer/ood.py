@@ -341,3 +341,17 @@ def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> ModelSta
         pixels=pixels,
         layer=layout(meta)[0],
     )
+
+
+def describe_fit(fit: dict[str, Any] | None, short: bool = True) -> str:
+    """How a detector was fitted, from the ``info`` :func:`fit_ood` wrote: ``4683 img, 256+16
+    dir`` (features + pixels), or in words; ``–`` where unknown."""
+    if not fit:
+        return "–"
+    images = (fit.get("fitted_on") or {}).get("images", "?")
+    pixels = (fit.get("pixels") or {}).get("dims")
+    dims = f"{fit.get('dims', '?')}" + (f"+{pixels}" if pixels else "")
+    if short:
+        return f"{images} img, {dims} dir"
+    threshold = (fit.get("threshold") or {}).get("split", "?")
+    return f"{images} images, {dims} directions (features + pixels), threshold on {threshold}"

@@ -8,7 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from threengan_cli import metrics
+from threengan_cli.core.errors import Failure
 from threengan_cli.infer.evaluate import Evaluation
+
+
+def require_matplotlib() -> None:
+    """A :class:`Failure` (exit 1, not a usage error: the same command works once the extra
+    is there) where matplotlib is missing; said before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise Failure("--plot needs matplotlib: pip install 'threengan[plot]'") from None
 
 
 def write_plots(result: Evaluation, folder: Path) -> list[Path]:

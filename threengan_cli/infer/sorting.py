@@ -7,8 +7,10 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from threengan_cli.core import fileio, paths
+from threengan_cli.core.errors import UsageError
 from threengan_cli.infer.classify import Row
 
 OOD_FOLDER = "ood"  # --sort-into's folder of flagged images
@@ -93,6 +95,17 @@ class Sorter:
                 continue  # the input itself lies there: never removed
             if _same_file(source, earlier):
                 earlier.unlink()
+
+
+def sorter_for(cfg: Any, classes: Iterable[str]) -> Sorter | None:
+    """The ``--sort-into`` folders of the classify settings ``cfg``, or ``None``; class names
+    that cannot be folder names are a :class:`UsageError`, before anything is classified."""
+    if cfg.sort_into is None:
+        return None
+    try:
+        return Sorter(cfg.sort_into, classes, link=cfg.link, ood_folder=cfg.ood_folder)
+    except ValueError as exc:
+        raise UsageError(f"--sort-into makes a folder per class: {exc}") from None
 
 
 def _same_file(a: Path, b: Path) -> bool:

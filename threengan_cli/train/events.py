@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from threengan_cli.core.errors import EXIT_USAGE, Failure
+from threengan_cli.core.errors import EXIT_USAGE, Failure, UsageError
 
 # A run writes its resumable checkpoint at most this often (train and every benchmark run): a
 # width-64 robust run with an unlabelled pool writes 160 MB each time, and writing it after
 # every epoch cost the time in docs/performance.md ("Checkpoints on a time basis"). A kill -9
 # then loses at most this much training; Ctrl+C and SIGTERM still save where they stop.
 CHECKPOINT_EVERY_S = 60.0
+
+
+def checkpoint_interval(seconds: float) -> float | None:
+    """``--checkpoint-every`` as training takes it: ``None`` for 0 (after every epoch); a
+    negative, infinite or NaN number of seconds is a :class:`UsageError` (NaN compares false:
+    it would never checkpoint)."""
+    if not 0 <= seconds < math.inf:
+        raise UsageError(f"--checkpoint-every takes seconds, a number 0 or more (got {seconds})")
+    return seconds or None
 
 
 class TrainingError(Failure):

@@ -14,8 +14,36 @@ from pathlib import Path
 from typing import Any
 
 from threengan_cli.core import paths
+from threengan_cli.core.config import resolve
 from threengan_cli.core.errors import Failure, UsageError
 from threengan_cli.train import runs
+
+
+def open_run(
+    dataset: str | None,
+    resume_from: str | None,
+    flags: dict[str, Any],
+    config: Path | None,
+    where: tuple[str | None, Path | None],
+    force: bool,
+    lock: Callable[[Path], None],
+) -> tuple[Any, Path, Path, bool]:
+    """(settings, dataset folder, run folder, again) of a train command: the run ``--resume``
+    continues (:func:`resume`), or a new run of ``dataset`` with the ``flags`` over the
+    ``config`` file in the folder ``where`` (``--name``, ``--out``) names (:func:`again`).
+    ``again``: the folder holds this very run already, which the command continues."""
+    if resume_from is not None:
+        if force:
+            raise UsageError("--force starts a run over; --resume continues one: give one")
+        given_other = config is not None or dataset is not None
+        saved, dataset_dir, run_dir = resume(resume_from, flags, given_other, lock)
+        return resolve("train", None, **saved), dataset_dir, run_dir, True
+    if dataset is None:
+        raise UsageError("give a prepared DATASET to train on (see `threengan datasets`)")
+    cfg = resolve("train", config, **flags)
+    dataset_dir = paths.prepared_dataset(dataset)
+    run_dir = run_dir_for(dataset, cfg, *where)
+    return cfg, dataset_dir, run_dir, again(run_dir, cfg, dataset_dir, force, lock)
 
 
 def run_dir_for(dataset: str, cfg: Any, name: str | None, out_dir: Path | None) -> Path:

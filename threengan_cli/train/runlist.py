@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from threengan_cli.core import paths
-from threengan_cli.core.errors import Failure
+from threengan_cli.core.errors import Failure, UsageError
 from threengan_cli.model import modelfile
 from threengan_cli.train import runlock, runs
 from threengan_cli.train.runs import BEST, FINAL, LAST, METRICS, RUN, SETTINGS
@@ -223,8 +223,14 @@ def run_folders(home: Path | None = None) -> list[tuple[str, Path]]:
     return found
 
 
-def list_runs(home: Path | None = None) -> list[RunInfo]:
-    return [read_run_info(folder, name) for name, folder in run_folders(home)]
+def list_runs(home: Path | None = None, names: list[str] | None = None) -> list[RunInfo]:
+    """The runs in the data dir, or only those ``names`` (as listed: one that is not is a
+    :class:`UsageError`)."""
+    found = run_folders(home)
+    missing = [n for n in names or () if n not in {name for name, _ in found}]
+    if missing:
+        raise UsageError(f"no run named {missing[0]} (see `threengan runs`)")
+    return [read_run_info(folder, name) for name, folder in found if not names or name in names]
 
 
 def prune_last(run: RunInfo) -> Pruned | None:

@@ -34,6 +34,7 @@ from threengan_cli.model.modelfile import (
     BEST,
     FINAL,
     LAST,
+    ModelError,
     ModelNotFound,
     checked_file,
 )
@@ -336,6 +337,15 @@ def run_of(checkpoint: Path) -> Path | None:
     """The run folder a checkpoint file lies in (its ``run.json`` beside it), or ``None``."""
     folder = Path(checkpoint).parent
     return folder if (folder / RUN).is_file() else None
+
+
+def run_of_model(checkpoint: Path | None, run: str | None, which: str | None) -> Path | None:
+    """The run folder of the model file ``--checkpoint``, ``--run`` and ``--model`` name, or
+    ``None`` (a file of no run, or none: loading it says what is wrong)."""
+    try:
+        return run_of(model_file(checkpoint, run, which))
+    except ModelError:
+        return None
 
 
 def holds_run(folder: Path) -> bool:
