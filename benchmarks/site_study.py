@@ -236,16 +236,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
     return record
 
 
-def _fmt(stat: dict[str, Any], scale: float, digits: int) -> str:
-    """``mean [low, high]`` scaled; differences (``signed``) carry their sign."""
-    if stat["mean"] is None:
-        return "-"
-    sign = "+" if stat.get("signed") else ""
-    text = f"{stat['mean'] * scale:{sign}.{digits}f}"
-    if stat["ci95"] is not None:
-        lo, hi = (c * scale for c in stat["ci95"])
-        text += f" [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
-    return text
+_fmt = site.interval_text  # the tables' cells: mean [low, high]
 
 
 def report(summary: dict[str, Any], args, records, split_sizes) -> str:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from threengan_cli.bench import site
 from threengan_cli.bench.report import mean_std
 
 VIEWS = {  # the record key of each way of scoring, and its column title
@@ -29,14 +30,9 @@ VIEWS = {  # the record key of each way of scoring, and its column title
 
 
 def _cell(stat: dict[str, Any], scale: float, digits: int) -> str:
-    if stat["mean"] is None:
-        return "-"
-    sign = "+" if stat.get("signed") else ""
-    text = f"{stat['mean'] * scale:{sign}.{digits}f}"
-    if stat["ci95"] is not None:
-        lo, hi = (c * scale for c in stat["ci95"])
-        text += f" [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
-    return text.replace("-", "−") if sign else text
+    """:func:`site.interval_text`, differences with a minus sign, not a hyphen."""
+    text = site.interval_text(stat, scale, digits)
+    return text.replace("-", "−") if stat.get("signed") else text
 
 
 def _values(records: list[dict], view: str, metric: str) -> dict[tuple, float]:

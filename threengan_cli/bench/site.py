@@ -132,6 +132,19 @@ def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: boo
 MODELS = ("final", "best_on_val", "final_val_threshold", "final_site_prior")
 
 
+def interval_text(stat: dict[str, Any], scale: float, digits: int) -> str:
+    """A :func:`mean_std` result as ``mean [low, high]``, scaled; differences (``signed``)
+    carry their sign; ``-`` for no value."""
+    if stat["mean"] is None:
+        return "-"
+    sign = "+" if stat.get("signed") else ""
+    text = f"{stat['mean'] * scale:{sign}.{digits}f}"
+    if stat["ci95"] is not None:
+        lo, hi = (c * scale for c in stat["ci95"])
+        text += f" [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+    return text
+
+
 def reweighted(probs: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Probabilities (n, K) of a model trained at class shares ``source`` as they are where
     the shares are ``target``: each column times target / source, rows summed to 1 (Bayes'
