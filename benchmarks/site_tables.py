@@ -35,20 +35,6 @@ def _cell(stat: dict[str, Any], scale: float, digits: int) -> str:
     return text.replace("-", "−") if stat.get("signed") else text
 
 
-def _values(records: list[dict], view: str, metric: str) -> dict[tuple, float]:
-    """(seed, pool half) -> the metric, for the records that have this view."""
-    return {
-        (r["seed"], r["pool_half"]): r[view][metric]
-        for r in records
-        if (r.get(view) or {}).get(metric) is not None
-    }
-
-
-def _paired(left: dict[tuple, float], right: dict[tuple, float]) -> dict[str, Any]:
-    common = sorted(set(left) & set(right))
-    return {**mean_std(left[k] - right[k] for k in common), "pairs": len(common), "signed": True}
-
-
 def tables(studies: dict[str, list[dict]]) -> str:
     """``studies``: method -> its records. The Markdown tables."""
     groups = {
@@ -64,7 +50,7 @@ def tables(studies: dict[str, list[dict]]) -> str:
     for (method, variant), rs in groups.items():
 
         def mean(view: str, metric: str, rs=rs) -> dict[str, Any]:
-            return mean_std(_values(rs, view, metric).values())
+            return mean_std(site.by_run(rs, view, metric).values())
 
         lines.append(
             f"| {method} {variant} | {len(rs)} | {_cell(mean('final', 'accuracy'), 100, 2)} "
@@ -96,12 +82,15 @@ def tables(studies: dict[str, list[dict]]) -> str:
     ]
     for title, left, right in pairs:
         cells = [
-            _paired(
-                _values(groups[left], view, "accuracy"), _values(groups[right], view, "accuracy")
+            site.paired(
+                site.by_run(groups[left], view, "accuracy"),
+                site.by_run(groups[right], view, "accuracy"),
             )
             for view in VIEWS
         ]
-        auc = _paired(_values(groups[left], "final", "auc"), _values(groups[right], "final", "auc"))
+        auc = site.paired(
+            site.by_run(groups[left], "final", "auc"), site.by_run(groups[right], "final", "auc")
+        )
         lines.append(
             f"| {title} | {cells[0]['pairs']} | "
             + " | ".join(_cell(c, 100, 2) for c in cells)
@@ -115,8 +104,8 @@ def tables(studies: dict[str, list[dict]]) -> str:
         "| --- | ---: |" + " ---: |" * (len(VIEWS) - 1),
     ]
     for (method, variant), rs in groups.items():
-        final = _values(rs, "final", "accuracy")
-        cells = [_paired(_values(rs, view, "accuracy"), final) for view in list(VIEWS)[1:]]
+        final = site.by_run(rs, "final", "accuracy")
+        cells = [site.paired(site.by_run(rs, view, "accuracy"), final) for view in list(VIEWS)[1:]]
         lines.append(
             f"| {method} {variant} | {cells[0]['pairs']} | "
             + " | ".join(_cell(c, 100, 2) for c in cells)

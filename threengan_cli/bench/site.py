@@ -169,6 +169,23 @@ def site_prior(
     return shares
 
 
+def by_run(records: list[dict[str, Any]], model: str, metric: str) -> dict[tuple, float]:
+    """(seed, pool half) -> ``metric`` of ``model`` (a way of scoring), for the records that
+    have it: those written before that model was scored are left out."""
+    return {
+        (r["seed"], r["pool_half"]): r[model][metric]
+        for r in records
+        if (r.get(model) or {}).get(metric) is not None
+    }
+
+
+def paired(left: dict[tuple, float], right: dict[tuple, float]) -> dict[str, Any]:
+    """:func:`mean_std` of ``left - right`` over the runs both have (paired by seed and pool
+    half), with the number of pairs; a difference, so signed."""
+    common = sorted(set(left) & set(right))
+    return {**mean_std(left[k] - right[k] for k in common), "pairs": len(common), "signed": True}
+
+
 def summarise(
     records: list[dict[str, Any]], variants: list[str], metrics: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -177,41 +194,23 @@ def summarise(
     (seed, pool half), with their 95% t-intervals; and per variant, each other model's accuracy
     less the final model's at 0.5 on the same runs (``views``). A record without a model's
     scores (written before that model was scored) is left out of that model's figures."""
-
-    def by_key(variant: str, model: str, metric: str) -> dict[tuple, float]:
-        return {
-            (r["seed"], r["pool_half"]): r[model][metric]
-            for r in records
-            if r["variant"] == variant and (r.get(model) or {}).get(metric) is not None
-        }
-
+    of = {v: [r for r in records if r["variant"] == v] for v in variants}
     out: dict[str, Any] = {"means": {}, "paired": {}, "views": {}}
     for model in MODELS:
         for v in variants:
             out["means"].setdefault(model, {})[v] = {
-                m: mean_std(by_key(v, model, m).values()) for m in metrics
+                m: mean_std(by_run(of[v], model, m).values()) for m in metrics
             }
         for base in ("none", "pool"):
             for v in variants:
                 if v in (base, "none") or base not in variants:
                     continue
-                diffs = {}
-                for m in ("accuracy", "auc"):
-                    left, right = by_key(v, model, m), by_key(base, model, m)
-                    common = sorted(set(left) & set(right))
-                    diffs[m] = {
-                        **mean_std(left[k] - right[k] for k in common),
-                        "pairs": len(common),
-                        "signed": True,
-                    }
-                out["paired"].setdefault(model, {})[f"{v} - {base}"] = diffs
+                out["paired"].setdefault(model, {})[f"{v} - {base}"] = {
+                    m: paired(by_run(of[v], model, m), by_run(of[base], model, m))
+                    for m in ("accuracy", "auc")
+                }
     for model in MODELS[1:]:  # each other way of scoring against the final model at 0.5
         for v in variants:
-            left, right = by_key(v, model, "accuracy"), by_key(v, "final", "accuracy")
-            common = sorted(set(left) & set(right))
-            out["views"].setdefault(model, {})[v] = {
-                **mean_std(left[k] - right[k] for k in common),
-                "pairs": len(common),
-                "signed": True,
-            }
+            left, right = by_run(of[v], model, "accuracy"), by_run(of[v], "final", "accuracy")
+            out["views"].setdefault(model, {})[v] = paired(left, right)
     return out

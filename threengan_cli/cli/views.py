@@ -382,10 +382,10 @@ def runs_table(found) -> None:
     from threengan_cli.infer.ood import describe_fit
     from threengan_cli.train.runlist import human_bytes
 
-    right = ("N", "epochs", "val acc", "test acc", "best on val", "size")
+    columns = ("name", "method", "N", "epochs", "state", "val acc", "test acc", "best on val")
     table = _table(
-        ("name", "method", "N", "epochs", "state", *right[2:5], "ood fit", "size"),
-        right,
+        (*columns, "ood fit", "size"),
+        ("N", "epochs", "val acc", "test acc", "best on val", "size"),
         box=box.SIMPLE_HEAD,
         caption="val/test acc: of the final model, the one --run loads; best on val: test "
         "acc of best.safetensors (its epoch), --model best; ood fit: images and directions of "
