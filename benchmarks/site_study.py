@@ -29,8 +29,10 @@ best``) at threshold 0.5, and the final model at the threshold ``evaluate --thre
 chooses on the source's val split (the pool moves the operating point; the site is not looked
 at), and the final model with its probabilities reweighted to the site's class shares, estimated
 by EM from its probabilities on the pool half's images, their labels unused (label shift: the
-source is balanced, the site is not). A run with its ``eval.json`` is skipped, so the script
-resumes where it stopped; a run stopped midway is resumed by ``train --resume``.
+source is balanced, the site is not), and the final model with its BatchNorm statistics
+recomputed on the held-out X-rays (``classify --adapt bn``, labels unused; transductive). A
+run with its ``eval.json`` is skipped, so the script resumes where it stopped (a finished run
+gains a way of scoring it lacks); a run stopped midway is resumed by ``train --resume``.
 ``OUT/report.md`` and ``OUT/results.json``: per variant the mean of each metric, the paired
 differences with ``none`` and ``pool`` (paired by seed x half) with their 95% t-intervals, and
 each way of scoring against the final model at 0.5 on the same runs.
@@ -129,15 +131,36 @@ def _at_val_threshold(cli, args, run_dir: Path, held_out: Path, log: Path) -> di
     return {**_pick(scored), "threshold": chosen["threshold"]}
 
 
-def _classified(cli, folder: Path, model: Path, log: Path) -> tuple[list[str], list[dict]]:
-    """``classify --format csv`` of ``folder``: the class names and its readable rows."""
+def _classified(
+    cli, folder: Path, model: Path, log: Path, adapt: tuple[str, ...] = ()
+) -> tuple[list[str], list[dict]]:
+    """``classify --format csv`` of ``folder`` (with ``adapt``, e.g. ``("--adapt", "bn")``):
+    the class names and its readable rows."""
     done = _run([*cli, "classify", str(folder), "--recursive", "--checkpoint", str(model),
-                 "--format", "csv", "-q"], log)  # fmt: skip
+                 "--format", "csv", "-q", *adapt], log)  # fmt: skip
     if done.returncode not in (0, 3):  # 3: some files unreadable, the rest classified
         raise SystemExit(f"classify failed ({done.returncode}); see {log}")
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     classes = [c.removeprefix("p_") for c in rows[0] if c.startswith("p_")] if rows else []
     return classes, [r for r in rows if not r["error"]]
+
+
+def _probs(classes: list[str], rows: list[dict]) -> np.ndarray:
+    return np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+
+
+def _scored(classes: list[str], rows: list[dict], p: np.ndarray) -> dict[str, Any]:
+    """The table's metrics of probabilities ``p`` of classified ``rows`` (the held-out half's
+    folders are named by class; the labels only score), at the most probable class."""
+    truth = np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
+    guess, positive = p.argmax(axis=1), len(classes) - 1  # PNEUMONIA: the last class
+    return {
+        "accuracy": float(np.mean(guess == truth)),
+        "auc": roc_auc(truth == positive, p[:, positive]),
+        "sensitivity": float(np.mean(guess[truth == positive] == positive)),
+        "specificity": float(np.mean(guess[truth != positive] != positive)),
+        "ood_flagged": float(np.mean([r["ood"] == "true" for r in rows])),
+    }
 
 
 def _at_site_prior(cli, run_dir: Path, pool: Path, held_out: Path, log: Path) -> dict[str, Any]:
@@ -149,23 +172,19 @@ def _at_site_prior(cli, run_dir: Path, pool: Path, held_out: Path, log: Path) ->
     model = run_dir / "last.safetensors"
     classes, pool_rows = _classified(cli, pool, model, log)
     _, rows = _classified(cli, held_out, model, log)
-
-    def probs(rs: list[dict]) -> np.ndarray:
-        return np.array([[float(r[f"p_{c}"]) for c in classes] for r in rs])
-
     source = np.full(len(classes), 1.0 / len(classes))
-    prior = site.site_prior(probs(pool_rows), source)
-    p = site.reweighted(probs(rows), source, prior)
-    truth = np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
-    guess, positive = p.argmax(axis=1), len(classes) - 1  # PNEUMONIA: the last class
-    return {
-        "accuracy": float(np.mean(guess == truth)),
-        "auc": roc_auc(truth == positive, p[:, positive]),
-        "sensitivity": float(np.mean(guess[truth == positive] == positive)),
-        "specificity": float(np.mean(guess[truth != positive] != positive)),
-        "ood_flagged": float(np.mean([r["ood"] == "true" for r in rows])),
-        "site_prior": [round(float(x), 4) for x in prior],
-    }
+    prior = site.site_prior(_probs(classes, pool_rows), source)
+    p = site.reweighted(_probs(classes, rows), source, prior)
+    return {**_scored(classes, rows, p), "site_prior": [round(float(x), 4) for x in prior]}
+
+
+def _adapted_bn(cli, run_dir: Path, held_out: Path, log: Path) -> dict[str, Any]:
+    """The final model on ``held_out`` with its BatchNorm statistics recomputed on those
+    X-rays (``classify --adapt bn``: their labels unused; transductive, as a user who
+    classifies a site's folder can do), at 0.5."""
+    model = run_dir / "last.safetensors"
+    classes, rows = _classified(cli, held_out, model, log, ("--adapt", "bn"))
+    return _scored(classes, rows, _probs(classes, rows))
 
 
 def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) -> dict[str, Any]:
@@ -183,6 +202,8 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         if "final_site_prior" not in record:
             pool = work / f"pool-{half}"
             record["final_site_prior"] = _at_site_prior(cli, run_dir, pool, held_out, log)
+        if "final_adapted_bn" not in record:
+            record["final_adapted_bn"] = _adapted_bn(cli, run_dir, held_out, log)
         if record.get("best_model") != "best":  # scored by --run alone: the final model
             record["best_on_val"] = _pick(_evaluate(cli, held_out, _best(run_dir), log))
             record["best_model"] = "best"
@@ -231,6 +252,7 @@ def one_run(args, variant: str, seed: int, half: str, split: site.Split, cli) ->
         "best_model": "best",
         "final_val_threshold": _at_val_threshold(cli, args, run_dir, held_out, log),
         "final_site_prior": _at_site_prior(cli, run_dir, pool, held_out, log),
+        "final_adapted_bn": _adapted_bn(cli, run_dir, held_out, log),
     }
     done_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -253,6 +275,7 @@ def report(summary: dict[str, Any], args, records, split_sizes) -> str:
         "best_on_val": "best on val",
         "final_val_threshold": "final model, threshold chosen on the source's val split",
         "final_site_prior": "final model, reweighted to the class shares EM estimates on the pool",
+        "final_adapted_bn": "final model, BatchNorm of the held-out X-rays (transductive)",
     }
     for model, title in titles.items():
         lines += [

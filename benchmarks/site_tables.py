@@ -26,6 +26,7 @@ VIEWS = {  # the record key of each way of scoring, and its column title
     "final_val_threshold": "at the source-val threshold",
     "final_site_prior": "reweighted to the site's shares",
     "best_on_val": "best on val, 0.5",
+    "final_adapted_bn": "BatchNorm of the held-out X-rays, 0.5",
 }
 
 

@@ -213,10 +213,11 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
     import json
 
     root = tmp_path / "site"
-    for i in range(6):  # the tiny dataset's classes are "0" and "1"
+    for i in range(36):  # the tiny dataset's classes are "0" and "1"
         save(root / "0" / f"IM-{i:04d}-0001.png", seed=i, size=(32, 32))
         save(root / "1" / f"person{i}_bacteria_{i}.png", seed=100 + i, size=(32, 32))
     expected = site.split(site.site_files(root), "A")
+    assert len(expected.held_out) >= 32  # classify --adapt bn needs 32 or more
     out = tmp_path / "study"
     args = ["--source", str(dataset), "--site", str(root), "--out", str(out), "--size", "4",
             "--width", "4", "--epochs", "1", "--seeds", "3", "--halves", "A",
@@ -238,6 +239,9 @@ def test_the_study_trains_with_and_without_the_pool_scores_the_other_half_and_re
     shares = runs["none"]["final_site_prior"]["site_prior"]
     assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=1e-3)
     assert 0.0 <= runs["none"]["final_site_prior"]["accuracy"] <= 1.0
+    # And with BatchNorm statistics recomputed on the held-out X-rays (classify --adapt bn).
+    assert 0.0 <= runs["pool"]["final_adapted_bn"]["accuracy"] <= 1.0
+    assert "--adapt bn" in (out / "logs" / "none-s3-poolA.log").read_text()
     # "best on val" is best.safetensors: --run alone would load the final model again.
     assert runs["pool"]["best_model"] == "best"
     assert "--model best" in (out / "logs" / "pool-s3-poolA.log").read_text()

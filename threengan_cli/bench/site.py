@@ -129,7 +129,9 @@ def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: boo
 # rule (Youden) chooses on the source's val split: the site is never looked at.
 # The fourth, "final_site_prior", is the final model with its probabilities reweighted to the
 # site's class shares, which :func:`site_prior` estimates from the pool's images (no labels).
-MODELS = ("final", "best_on_val", "final_val_threshold", "final_site_prior")
+# The fifth, "final_adapted_bn", is the final model with its BatchNorm statistics recomputed on
+# the held-out X-rays (``classify --adapt bn``; transductive, labels unused).
+MODELS = ("final", "best_on_val", "final_val_threshold", "final_site_prior", "final_adapted_bn")
 
 
 def interval_text(stat: dict[str, Any], scale: float, digits: int) -> str:
