@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,19 @@ def test_link_folders_point_at_the_files_and_are_made_afresh(tmp_path):
     site.link_folder(files[:1], tmp_path / "held", by_class=True)
     assert len([p for p in tree.rglob("*") if p.is_symlink()]) == 1
     assert all(os.path.isfile(f.path) for f in files)  # the targets are untouched
+
+
+def test_link_folders_already_made_are_left_in_place(tmp_path, monkeypatch):
+    files = site.site_files(_site(tmp_path))
+    site.link_folder(files, tmp_path / "held", by_class=True)
+    made = []
+    real = Path.symlink_to
+    monkeypatch.setattr(Path, "symlink_to", lambda self, t: made.append(self) or real(self, t))
+    site.link_folder(files, tmp_path / "held", by_class=True)  # a second study, same links
+    assert made == []
+    site.link_folder(files[:2], tmp_path / "held", by_class=True)  # other links: afresh
+    assert len(made) == 2
+    assert len([p for p in (tmp_path / "held").rglob("*") if p.is_symlink()]) == 2
 
 
 def test_a_folder_without_class_folders_is_refused(tmp_path):

@@ -107,20 +107,29 @@ def split(files: list[SiteFile], pool_half: str, digest=fileio.sha256_of) -> Spl
 
 def link_folder(files: list[SiteFile], dest: str | os.PathLike, *, by_class: bool) -> Path:
     """A folder of symbolic links to ``files``: in class folders (``by_class``, for
-    ``evaluate``) or flat, labels dropped (for ``--unlabelled``). Made afresh each time."""
+    ``evaluate``) or flat, labels dropped (for ``--unlabelled``). Made afresh unless it holds
+    exactly these links already, so a second study on the same folder (``--halves B`` beside
+    ``--halves A``) leaves the first's links in place while it trains on them."""
     dest = Path(dest)
+    wanted = {}
+    for i, f in enumerate(files):
+        name = os.path.basename(f.path)
+        # flat: the class would show in the folder name; a number keeps names unique
+        wanted[Path(f.label, name) if by_class else Path(f"{i:05d}-{name}")] = f.path
     if dest.exists():
+        found = {
+            link.relative_to(dest): os.readlink(link)
+            for link in dest.rglob("*")
+            if link.is_symlink()
+        }
+        if found == wanted:
+            return dest
         for link in sorted(dest.rglob("*"), reverse=True):
             link.rmdir() if link.is_dir() and not link.is_symlink() else link.unlink()
     dest.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(files):
-        name = os.path.basename(f.path)
-        if by_class:
-            (dest / f.label).mkdir(exist_ok=True)
-            target = dest / f.label / name
-        else:  # the class would show in the folder name; a number keeps names unique
-            target = dest / f"{i:05d}-{name}"
-        target.symlink_to(f.path)
+    for relative, path in wanted.items():
+        (dest / relative).parent.mkdir(exist_ok=True)
+        (dest / relative).symlink_to(path)
     return dest
 
 
